@@ -1,0 +1,321 @@
+"""Reading Stable Diffusion checkpoints safely: safetensors (memory-mapped) and .ckpt pickles
+restricted to tensors and plain containers, the original key layout, and the model hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+MODEL_FILENAMES = ("model.safetensors", "model.ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(Exception):
+    """The file can't be used; ``str(exc)`` is one line naming the file and the reason."""
+
+
+@dataclass
+class Checkpoint:
+    """A state dict whose tensors are read on demand (safetensors) or memory-mapped (zip .ckpt)."""
+
+    path: Path
+    _tensors: dict | None = None  # .ckpt: name -> tensor (mmap-backed where possible)
+    _safe: object | None = None  # .safetensors: a safe_open handle
+
+    def keys(self) -> list[str]:
+        if self._safe is not None:
+            return list(self._safe.keys())
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._safe is not None:
+            return tuple(self._safe.get_slice(key).get_shape())
+        return tuple(self._tensors[key].shape)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if self._safe is not None:
+            return self._safe.get_tensor(key)
+        return self._tensors[key]
+
+    def close(self) -> None:
+        self._safe = None
+        self._tensors = None
+
+
+# --------------------------------------------------------------------------------------------
+# Opening
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a folder holding ``model.safetensors``/``model.ckpt`` (demo-model's layout)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder (give --model a .safetensors/.ckpt file or a model folder)")
+    if p.is_dir():
+        for name in MODEL_FILENAMES:
+            if (p / name).is_file():
+                return p / name
+        found = sorted(q.name for q in p.iterdir() if q.suffix in CHECKPOINT_SUFFIXES)
+        if (p / "unet").is_dir() or (p / "model_index.json").exists():
+            raise CheckpointError(
+                f"{p}: this is a diffusers-format folder; sdterm needs the original single-file checkpoint "
+                "(e.g. v1-5-pruned-emaonly.safetensors)"
+            )
+        hint = f" (it holds {', '.join(found[:3])}: pass that file)" if found else ""
+        raise CheckpointError(f"{p}: folder has no model.safetensors or model.ckpt{hint}")
+    return p
+
+
+def _sniff(path: Path) -> str:
+    """'safetensors', 'zip' (torch >= 1.6 .ckpt), 'pickle' (legacy torch.save) or 'unknown'."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol marker
+        return "pickle"
+    return "unknown"
+
+
+def _unsafe_reason(exc: Exception) -> str | None:
+    """What a weights_only unpickler refused, if that is why loading failed."""
+    text = str(exc)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it would import {m.group(1)}"
+    m = re.search(r"Unsupported operand (\d+)", text)
+    if m:
+        return f"it uses pickle opcode {m.group(1)}, which is not allowed"
+    if "Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError):
+        first = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")
+        return first or "it contains objects other than tensors and plain containers"
+    return None
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint for reading; never executes code from the file."""
+    p = resolve_model_path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot read ({exc.strerror})") from None
+    if size == 0:
+        raise CheckpointError(f"{p}: the file is empty")
+    try:
+        kind = _sniff(p)
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot read ({exc.strerror})") from None
+
+    if kind == "safetensors":
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(str(p), framework="pt", device="cpu")
+            handle.keys()
+        except Exception as exc:
+            raise CheckpointError(f"{p}: not a readable safetensors file ({_first_line(exc)}); is it truncated?") from None
+        return Checkpoint(p, _safe=handle)
+
+    if kind in ("zip", "pickle"):
+        if kind == "zip":
+            try:
+                with zipfile.ZipFile(p) as z:
+                    z.namelist()
+            except (zipfile.BadZipFile, OSError):
+                raise CheckpointError(f"{p}: the .ckpt archive is damaged or truncated") from None
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=kind == "zip")
+        except Exception as exc:
+            reason = _unsafe_reason(exc)
+            if reason:
+                raise CheckpointError(
+                    f"{p}: refused to load: {reason}; only tensors and plain containers are accepted "
+                    "(use a .safetensors version of this model)"
+                ) from None
+            raise CheckpointError(f"{p}: not a readable checkpoint ({_first_line(exc)}); is it truncated?") from None
+        return Checkpoint(p, _tensors=_flatten_state_dict(obj, p))
+
+    raise CheckpointError(f"{p}: not a checkpoint (neither safetensors nor a PyTorch .ckpt)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _flatten_state_dict(obj: object, p: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p}: holds a {type(obj).__name__}, not a state dict")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{p}: holds no tensors")
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------
+# What is this file?
+# --------------------------------------------------------------------------------------------
+
+
+def identify(ckpt: Checkpoint) -> str | None:
+    """Name what a checkpoint is when it is recognisably *not* an SD v1 text-to-image model."""
+    keys = ckpt.keys()
+    keyset = set(keys)
+
+    def has_prefix(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has_prefix("conditioner.embedders."):
+        return "an SDXL checkpoint"
+    if has_prefix("cond_stage_model.model.") or has_prefix("cond_stage_model.model.transformer"):
+        return "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder)"
+    first = UNET_PREFIX + "input_blocks.0.0.weight"
+    if first in keyset:
+        in_ch = ckpt.shape(first)[1]
+        if in_ch == 9:
+            return "an inpainting checkpoint (9 input channels)"
+        if in_ch == 8:
+            return "an instruct-pix2pix checkpoint (8 input channels)"
+    if has_prefix("lora_") or any(".lora_" in k or "lora_down" in k for k in keys[:200]):
+        return "a LoRA, not a full model"
+    if not has_prefix(UNET_PREFIX):
+        if has_prefix("down_blocks.") or has_prefix("unet.") or has_prefix("transformer_blocks."):
+            return "a diffusers-format file, not the original single-file layout"
+        if has_prefix("encoder.conv_in") or has_prefix("decoder.conv_in"):
+            return "a standalone VAE, not a full model"
+        return "not a Stable Diffusion checkpoint"
+    proj = UNET_PREFIX + "input_blocks.1.1.proj_in.weight"
+    if proj in keyset and len(ckpt.shape(proj)) == 2:
+        return "a Stable Diffusion 2.x checkpoint (linear transformer projections)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into modules
+# --------------------------------------------------------------------------------------------
+
+
+def load_module(
+    module: nn.Module,
+    ckpt: Checkpoint,
+    prefix: str,
+    dtype: torch.dtype,
+    *,
+    aliases: tuple[str, ...] = (),
+    ignore: tuple[str, ...] = (),
+) -> nn.Module:
+    """Fill ``module`` (built on the meta device) from ``ckpt[prefix + name]``, converting to ``dtype``.
+
+    Every parameter and persistent buffer must be present with the right shape; extra keys in the
+    checkpoint are ignored. Tensors are converted one at a time, so the source and the converted
+    model never both sit in memory in full. ``aliases`` are alternative prefixes tried in order.
+    """
+    expected = module.state_dict(keep_vars=True)
+    missing: list[str] = []
+    wrong: list[str] = []
+    loaded: dict[str, torch.Tensor] = {}
+    keyset = set(ckpt.keys())
+    for name, ref in expected.items():
+        if any(name.endswith(s) for s in ignore):
+            continue
+        key = next((pre + name for pre in (prefix, *aliases) if pre + name in keyset), None)
+        if key is None:
+            missing.append(prefix + name)
+            continue
+        shape = ckpt.shape(key)
+        if tuple(shape) != tuple(ref.shape):
+            wrong.append(f"{key} is {list(shape)}, expected {list(ref.shape)}")
+            continue
+        t = ckpt.tensor(key)
+        target = dtype if t.is_floating_point() else t.dtype
+        loaded[name] = t.to(target, copy=True).contiguous()
+    if missing or wrong:
+        what = identify(ckpt)
+        detail = f"missing {len(missing)} tensor(s), e.g. {missing[0]}" if missing else wrong[0]
+        if what:
+            raise CheckpointError(f"{ckpt.path}: this is {what}; sdterm runs Stable Diffusion v1 ({detail})")
+        raise CheckpointError(f"{ckpt.path}: does not match the SD v1 architecture: {detail}")
+    module.load_state_dict(loaded, strict=False, assign=True)
+    still_meta = [n for n, t in module.state_dict().items() if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{ckpt.path}: could not fill {still_meta[0]}")
+    return module.eval().requires_grad_(False)
+
+
+def iter_prefixed(ckpt: Checkpoint, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for key in ckpt.keys():
+        if key.startswith(prefix):
+            yield key, ckpt.tensor(key)
+
+
+# --------------------------------------------------------------------------------------------
+# Model hash (AUTOMATIC1111's: the first 10 hex digits of the file's sha256), remembered
+# --------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remembered_sha256(path: str | os.PathLike, memo_file: Path | None) -> str:
+    """sha256 of ``path``, read from ``memo_file`` when path, size and mtime are unchanged.
+
+    Any trouble with the memo (missing, corrupt, unwritable) only means hashing the file again.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    key = str(p)
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo: dict = {}
+    if memo_file is not None:
+        try:
+            memo = json.loads(memo_file.read_text())
+            if not isinstance(memo, dict):
+                memo = {}
+            entry = memo.get(key)
+            if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()):
+                digest = entry.get("sha256")
+                if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest):
+                    return digest
+        except (OSError, ValueError):
+            memo = {}
+    digest = file_sha256(p)
+    if memo_file is not None:
+        from ..fsutil import atomic_write_bytes
+
+        memo[key] = {**stamp, "sha256": digest}
+        try:
+            atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
+        except OSError:
+            pass
+    return digest
+
+
+def short_hash(sha256: str) -> str:
+    return sha256[:10]

@@ -1,0 +1,133 @@
+"""DDIM sampling (Song et al. 2020, "Denoising Diffusion Implicit Models") as pure functions.
+
+The sampler never sees the U-Net: it calls ``denoise(x, t) -> eps`` (a noise estimate), which a
+small guidance wrapper builds from the U-Net and the text embeddings (k-diffusion's shape).
+
+Symbols: ``alpha_t`` here is the paper's alpha_t, i.e. the *cumulative* product of (1 - beta)
+(diffusers' ``alphas_cumprod``); x_t the noisy latent; eps the predicted noise; x0 the predicted
+clean latent; sigma_t the noise scale of eq. (16), controlled by eta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..config import ScheduleConfig
+
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
+    """SD v1's "scaled linear" schedule: beta linear in sqrt, then alpha_t = prod_{s<=t} (1 - beta_s).
+
+    Computed in float64 and returned as float64 (1000,), as the original does before casting.
+    """
+    betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def ddim_timesteps(cfg: ScheduleConfig, steps: int) -> list[int]:
+    """The original "uniform" discretisation: every (T // steps)-th step plus the offset, descending.
+
+    For 50 steps: 981, 961, ..., 21, 1. Consecutive entries are ``stride`` apart, and the step
+    after the last one uses alpha_0 ("final alpha from the first step", as CompVis does).
+    """
+    stride = cfg.num_train_timesteps // steps
+    return [i * stride + cfg.steps_offset for i in range(steps)][::-1]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    timesteps: tuple[int, ...]
+    alpha: tuple[float, ...]
+    """alpha_t at each timestep (cumulative)."""
+    alpha_prev: tuple[float, ...]
+    """alpha at the next (less noisy) timestep; alpha_0 after the last."""
+
+    @classmethod
+    def make(cls, cfg: ScheduleConfig, steps: int) -> "Schedule":
+        ac = alphas_cumprod(cfg)
+        ts = ddim_timesteps(cfg, steps)
+        stride = cfg.num_train_timesteps // steps
+        alpha = [float(ac[t]) for t in ts]
+        alpha_prev = [float(ac[t - stride]) if t - stride >= 0 else float(ac[0]) for t in ts]
+        return cls(tuple(ts), tuple(alpha), tuple(alpha_prev))
+
+
+def ddim_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_t: float,
+    alpha_prev: float,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DDIM update x_t -> x_{t-1}, eq. (12) of the paper. All arithmetic in x_t's dtype."""
+    # 1. predicted x0 from the noise estimate: x0 = (x_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
+    x0 = (x_t - (1.0 - alpha_t) ** 0.5 * eps) / alpha_t**0.5
+    # 2. sigma_t, eq. (16): eta * sqrt((1 - alpha_prev) / (1 - alpha_t)) * sqrt(1 - alpha_t / alpha_prev)
+    sigma = eta * ((1.0 - alpha_prev) / (1.0 - alpha_t)) ** 0.5 * (1.0 - alpha_t / alpha_prev) ** 0.5
+    # 3. "direction pointing to x_t": sqrt(1 - alpha_prev - sigma^2) eps
+    direction = (1.0 - alpha_prev - sigma**2) ** 0.5 * eps
+    # 4. x_{t-1} = sqrt(alpha_prev) x0 + direction + sigma z
+    x_prev = alpha_prev**0.5 * x0 + direction
+    if sigma > 0:
+        if noise is None:
+            raise ValueError("eta > 0 needs a noise tensor")
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def sample(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    eta: float = 0.0,
+    noise: Callable[[], torch.Tensor] | None = None,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Run the whole DDIM trajectory from pure noise ``x`` (= x_T; DDIM needs no initial scaling).
+
+    ``noise()`` supplies z for eta > 0; ``on_step(i, t, x)`` is called after each step and may raise
+    to cancel.
+    """
+    for i, (t, a, a_prev) in enumerate(zip(schedule.timesteps, schedule.alpha, schedule.alpha_prev)):
+        eps = denoise(x, t)
+        z = noise() if (eta > 0 and noise is not None) else None
+        x = ddim_step(x, eps, a, a_prev, eta, z)
+        if on_step is not None:
+            on_step(i, t, x)
+    return x
+
+
+def guided(
+    unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    scale: float,
+) -> Denoiser:
+    """Classifier-free guidance: eps = eps_u + scale (eps_c - eps_u), both in one batch of two.
+
+    ``cond``/``uncond`` are (1, tokens, dim) and must have the same token count. With scale == 1
+    the unconditional pass is pointless and is skipped.
+    """
+    if scale == 1.0:
+
+        def denoise_cond(x: torch.Tensor, t: int) -> torch.Tensor:
+            ts = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            return unet(x, ts, cond).to(x.dtype)
+
+        return denoise_cond
+
+    context = torch.cat([uncond, cond])  # (2, tokens, dim): [unconditional, conditional]
+
+    def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
+        ts = torch.full((2,), t, device=x.device, dtype=torch.long)
+        eps_u, eps_c = unet(torch.cat([x, x]), ts, context).to(x.dtype).chunk(2)
+        return eps_u + scale * (eps_c - eps_u)
+
+    return denoise

@@ -1,0 +1,151 @@
+"""The tiny demo model (same architecture, random weights) and full-size random-weight modules.
+
+``write_demo_model(dir)`` writes ``model.safetensors`` in the original single-file key layout,
+``config.yaml`` and ``tokenizer/`` (a small byte-level BPE vocabulary that CLIPTokenizer loads),
+so the demo goes through exactly the loading code a real checkpoint does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, model_config_to_dict
+from ..fsutil import atomic_write_bytes
+from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .unet import UNetModel
+from .vae import VAEDecoder
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# A small corpus for the demo tokenizer's merges: enough to make common words single tokens.
+_CORPUS = """a photo of a red fox in the snow, a painting of a castle on a hill at sunset,
+portrait of an old man with a beard, highly detailed digital art, trending on artstation,
+a cat sitting on a chair by the window, landscape with mountains and a lake, city street at night
+with neon lights, the moon over the sea, a bowl of fruit, oil painting, watercolor, sharp focus"""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def demo_vocab(n_merges: int = 120) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-style vocabulary: 256 byte symbols, the same with ``</w>``, learned merges, specials."""
+    symbols = list(bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    words = Counter(_CORPUS.lower().replace(",", " ").split())
+    byte_map = bytes_to_unicode()
+    split = {w: [byte_map[b] for b in w.encode()] for w in words}
+    for w in split:
+        split[w][-1] += "</w>"
+    merges: list[str] = []
+    for _ in range(n_merges):
+        pairs: Counter = Counter()
+        for w, parts in split.items():
+            for a, b in zip(parts, parts[1:]):
+                pairs[a, b] += words[w]
+        if not pairs:
+            break
+        (a, b), _count = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        merges.append(f"{a} {b}")
+        vocab_list.append(a + b)
+        for w, parts in split.items():
+            out, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] == a and parts[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            split[w] = out
+    vocab_list += [BOS, EOS]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def write_tokenizer(folder: Path) -> int:
+    """Write vocab.json + merges.txt; returns the vocabulary size."""
+    vocab, merges = demo_vocab()
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode())
+    atomic_write_bytes(folder / "merges.txt", ("#version: 0.2\n" + "\n".join(merges) + "\n").encode())
+    return len(vocab)
+
+
+def demo_config(vocab_size: int) -> ModelConfig:
+    """Tiny, but every part of the SD v1 structure is there: levels with and without attention,
+    the middle transformer, skip connections, 8x VAE upsampling, a CLIP encoder."""
+    return ModelConfig(
+        name="sdterm-demo",
+        demo=True,
+        unet=UNetConfig(
+            model_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=2,
+            attention_resolutions=(1,),
+            num_heads=2,
+            transformer_depth=1,
+            context_dim=32,
+        ),
+        vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+        text=TextConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_positions=77
+        ),
+        schedule=ScheduleConfig(),
+    )
+
+
+def random_modules(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """(text encoder, U-Net, VAE decoder) with random weights; full size with ModelConfig()."""
+    from .text import build_text_encoder
+
+    torch.manual_seed(seed)
+    text = build_text_encoder(cfg.text, None, dtype)
+    unet = UNetModel(cfg.unet).to(dtype).eval().requires_grad_(False)
+    vae = VAEDecoder(cfg.vae).to(dtype).eval().requires_grad_(False)
+    # Random weights give the U-Net's zero-initialised-in-training layers real values; scale the
+    # output convs down so that sampling stays in a sane range, as a trained model does.
+    with torch.no_grad():
+        unet.out[2].weight.mul_(0.1)
+    return text, unet, vae
+
+
+def original_state_dict(text, unet, vae) -> dict[str, torch.Tensor]:
+    """The three modules' weights under the original single-file checkpoint keys."""
+    sd: dict[str, torch.Tensor] = {}
+    for prefix, module in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (TEXT_PREFIX, text)):
+        for k, v in module.state_dict().items():
+            if k.endswith("position_ids"):
+                continue
+            sd[prefix + k] = v.detach().contiguous()
+    return sd
+
+
+def write_demo_model(folder: str | Path, seed: int = 0) -> Path:
+    """Write the demo model folder; returns its path."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    vocab_size = write_tokenizer(folder / "tokenizer")
+    cfg = demo_config(vocab_size)
+    text, unet, vae = random_modules(cfg, torch.float32, seed)
+    sd = original_state_dict(text, unet, vae)
+    data = save(sd, metadata={"sdterm_demo": "random weights; images are noise"})
+    atomic_write_bytes(folder / "model.safetensors", data)
+    yaml = "# sdterm demo model: tiny SD v1 architecture, random weights (images are noise)\n"
+    yaml += OmegaConf.to_yaml(OmegaConf.create(model_config_to_dict(cfg)))
+    atomic_write_bytes(folder / "config.yaml", yaml.encode())
+    return folder

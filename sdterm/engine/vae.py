@@ -1,0 +1,133 @@
+"""The KL-f8 autoencoder's decoder, with names that mirror ``first_stage_model.*``.
+
+Only ``post_quant_conv`` and ``decoder`` are built: text-to-image never encodes, so the encoder
+(and ``quant_conv``) would be memory spent for nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VAEConfig
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """norm1-SiLU-conv1-norm2-SiLU-conv2 plus a shortcut (``nin_shortcut`` 1x1 when channels change)."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.norm1 = _norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = _norm(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        if in_ch != out_ch:
+            self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1)
+        else:
+            self.nin_shortcut = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return shortcut + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over pixels; q/k/v/proj_out are 1x1 convs in the checkpoint."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = _norm(ch)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.k = nn.Conv2d(ch, ch, 1)
+        self.v = nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:
+            return t.flatten(2).transpose(1, 2)[:, None]  # (b, c, h, w) -> (b, 1, h*w, c)
+
+        out = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
+        out = out[:, 0].transpose(1, 2).reshape(b, c, h, w)  # (b, 1, h*w, c) -> (b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Mid(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch)
+        self.attn_1 = AttnBlock(ch)
+        self.block_2 = ResnetBlock(ch, ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class UpLevel(nn.Module):
+    """``decoder.up.{i}``: ``block.{0..n}`` then, except at level 0, ``upsample``."""
+
+    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, upsample: bool):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(n_blocks))
+        self.upsample = Upsample(out_ch) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return x if self.upsample is None else self.upsample(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        top = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, top, 3, padding=1)
+        self.mid = Mid(top)
+        levels: list[UpLevel] = []
+        ch = top
+        for level in reversed(range(len(cfg.ch_mult))):
+            out = cfg.ch * cfg.ch_mult[level]
+            levels.insert(0, UpLevel(ch, out, cfg.num_res_blocks + 1, upsample=level != 0))
+            ch = out
+        self.up = nn.ModuleList(levels)  # up[0] is the full-resolution level, run last
+        self.norm_out = _norm(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))  # (b, 4, h, w) -> (b, 512, h, w)
+        for level in reversed(self.up):
+            h = level(h)  # each but the last doubles h and w
+        return self.conv_out(F.silu(self.norm_out(h)))  # (b, 128, 8h, 8w) -> (b, 3, 8h, 8w)
+
+
+class VAEDecoder(nn.Module):
+    """Scaled latents -> image in [-1, 1]. Keys: ``post_quant_conv.*`` and ``decoder.*``."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.scale_factor = cfg.scale_factor
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        dtype = self.post_quant_conv.weight.dtype
+        z = (latents / self.scale_factor).to(dtype)
+        return self.decoder(self.post_quant_conv(z))

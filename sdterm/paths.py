@@ -1,0 +1,37 @@
+"""Where sdterm keeps things (platformdirs), each overridable by an environment variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+APP = "sdterm"
+
+
+def _dir(env: str, kind: str) -> Path:
+    override = os.environ.get(env)
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(getattr(platformdirs, f"user_{kind}_dir")(APP, appauthor=False))
+
+
+def cache_dir() -> Path:
+    """Prompt embeddings, remembered model hashes: safe to delete. ``SDTERM_CACHE_DIR``."""
+    return _dir("SDTERM_CACHE_DIR", "cache")
+
+
+def data_dir() -> Path:
+    """Models, tokenizer files, history. ``SDTERM_DATA_DIR``."""
+    return _dir("SDTERM_DATA_DIR", "data")
+
+
+def config_dir() -> Path:
+    """The user's sdterm.yaml. ``SDTERM_CONFIG_DIR``."""
+    return _dir("SDTERM_CONFIG_DIR", "config")
+
+
+def default_outdir() -> Path:
+    """Where images go when no --outdir is given: ./outputs, beside where the user works."""
+    return Path(os.environ.get("SDTERM_OUTDIR", "outputs"))
