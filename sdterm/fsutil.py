@@ -5,25 +5,42 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+def write_temp(folder: Path, data: bytes, prefix: str, suffix: str = ".tmp") -> Path:
+    """Write ``data`` durably to a new temporary file in ``folder`` (created if needed).
 
-    Readers see the old file or the new one, never a torn one; a crash leaves at most a stray
-    ``.tmp`` file, which is never mistaken for the real one.
+    The name starts with a dot and ends in ``.tmp``, so it is never mistaken for a finished file;
+    on any failure the temporary file is removed and the error re-raised.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` through a temporary file in the same folder and a rename.
+
+    Readers see the old file or the new one, never a torn one.
+    """
+    tmp = write_temp(path.parent, data, prefix=f".{path.name}.")
+    try:
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -33,10 +50,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def exclusive_publish(tmp: Path, make_name, start: int, attempts: int = 10000) -> Path:
+def exclusive_publish(tmp: Path, make_name: Callable[[int], Path], start: int, attempts: int = 100000) -> Path:
     """Give the finished file ``tmp`` the first free name ``make_name(n)`` for n >= start.
 
-    ``os.link`` fails if the name exists, so two processes can never overwrite each other's image;
+    ``os.link`` fails if the name exists, so two processes can never overwrite each other's file;
     the temporary name is removed afterwards.
     """
     try:
@@ -53,7 +70,7 @@ def exclusive_publish(tmp: Path, make_name, start: int, attempts: int = 10000) -
                 except FileExistsError:
                     continue
             return final
-        raise FileExistsError(f"no free output name after {attempts} tries in {tmp.parent}")
+        raise FileExistsError(f"no free file name after {attempts} tries in {tmp.parent}")
     finally:
         try:
             os.unlink(tmp)

@@ -124,8 +124,10 @@ def random_modules(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: i
 
 def original_state_dict(text, unet, vae) -> dict[str, torch.Tensor]:
     """The three modules' weights under the original single-file checkpoint keys."""
+    from .text import clip_inner
+
     sd: dict[str, torch.Tensor] = {}
-    for prefix, module in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (TEXT_PREFIX, text)):
+    for prefix, module in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (TEXT_PREFIX + "text_model.", clip_inner(text))):
         for k, v in module.state_dict().items():
             if k.endswith("position_ids"):
                 continue

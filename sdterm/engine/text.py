@@ -144,17 +144,22 @@ def build_text_encoder(cfg: TextConfig, ckpt: Checkpoint | None, dtype: torch.dt
     return model
 
 
+def clip_inner(model) -> torch.nn.Module:
+    """The module holding embeddings/encoder/final_layer_norm (transformers 4 nests it as text_model)."""
+    return getattr(model, "text_model", model)
+
+
 def _load_clip(model, ckpt: Checkpoint, dtype: torch.dtype) -> None:
-    # Older checkpoints lack the "text_model." level; position_ids is a buffer some files carry.
-    keys = ckpt.keys()
-    nested = any(k.startswith(TEXT_PREFIX + "text_model.") for k in keys)
-    if nested:
-        load_module(model, ckpt, TEXT_PREFIX, dtype, ignore=("position_ids",))
-    else:
-        load_module(model.text_model, ckpt, TEXT_PREFIX, dtype, ignore=("position_ids",))
-    emb = model.text_model.embeddings
+    # SD v1 files store cond_stage_model.transformer.text_model.*; a few older ones lack "text_model.".
+    # position_ids is a buffer some files carry and some transformers versions persist: rebuilt below.
+    nested = TEXT_PREFIX + "text_model."
+    prefix = nested if any(k.startswith(nested) for k in ckpt.keys()) else TEXT_PREFIX
+    inner = clip_inner(model)
+    load_module(inner, ckpt, prefix, dtype, ignore=("position_ids",))
+    emb = inner.embeddings
     n = emb.position_embedding.weight.shape[0]
     emb.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)
+    model.eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -1,0 +1,252 @@
+"""Command line: ``sdterm generate``, ``sdterm demo-model`` (the app and the rest come in their own modules).
+
+Every failure the user can cause ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from .config import MAX_SEED, ConfigError, RenderRequest
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 130
+
+
+class UserError(Exception):
+    """A problem to report as one line."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def add_render_options(p: argparse.ArgumentParser) -> None:
+    """The parameter flags shared by ``generate`` and the app."""
+    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt (the unconditional text)")
+    p.add_argument("--seed", type=_positive_int, default=None, help=f"0..{MAX_SEED}; random when left out")
+    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--cfg", type=_number, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--width", type=_positive_int, default=512, help="multiple of 8 (default 512)")
+    p.add_argument("--height", type=_positive_int, default=512, help="multiple of 8 (default 512)")
+    p.add_argument("--eta", type=_number, default=0.0, help="DDIM eta, 0..1 (default 0: deterministic)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdterm",
+        description="Stable Diffusion v1 text-to-image for small GPUs, in the terminal.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="render one prompt to a PNG and print its path")
+    gen.add_argument("prompt", metavar="PROMPT")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="PATH", help="SD v1 checkpoint (.safetensors/.ckpt) or a model folder")
+    src.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="full-size SD v1 with random weights (for memory/speed measurements; images are noise)",
+    )
+    gen.add_argument("--config", metavar="YAML", help="architecture file (default: configs/sd-v1.yaml)")
+    add_render_options(gen)
+    gen.add_argument("--outdir", metavar="DIR", help="where to write images (default ./outputs)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with the path, seed and per-stage figures")
+
+    demo = sub.add_parser("demo-model", help="write a tiny random-weight model of the SD v1 architecture")
+    demo.add_argument("dir", metavar="DIR")
+    demo.add_argument("--seed", type=_positive_int, default=0, help="weight seed (default 0)")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def stage_line(s) -> str:
+    from .engine.events import STAGE_TITLES
+
+    head = f"{STAGE_TITLES[s.stage]:<12} load {s.load_seconds:6.2f}s  run {s.run_seconds:6.2f}s"
+    if s.peak_allocated is not None:
+        mem = f"peak alloc {_fmt_bytes(s.peak_allocated)}, reserved {_fmt_bytes(s.peak_reserved)}"
+    else:
+        mem = f"host RSS {_fmt_bytes(s.host_rss)}"
+    extra = f"  cache {s.cache}" if s.cache else ""
+    return f"{head}  {mem}{extra}"
+
+
+class StderrProgress:
+    """Renders engine events as short lines on stderr (steps only when stderr is a terminal)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, event) -> None:
+        from .engine.events import Notice, StageFinished, StepDone
+
+        if isinstance(event, Notice):
+            print(f"note: {event.message}", file=sys.stderr)
+        elif self.quiet:
+            return
+        elif isinstance(event, StepDone) and self.tty:
+            rate = event.step / event.elapsed if event.elapsed > 0 else 0.0
+            end = "\n" if event.step == event.total else ""
+            print(f"\r  step {event.step}/{event.total}  {rate:5.2f} it/s", end=end, file=sys.stderr, flush=True)
+        elif isinstance(event, StageFinished):
+            print("  " + stage_line(event.stats), file=sys.stderr)
+
+
+def _random_source(config: str | None):
+    from . import paths
+    from .config import default_config_path, load_model_config
+    from .engine.demo import write_tokenizer
+    from .engine.pipeline import ModelSource
+
+    cfg = load_model_config(config or default_config_path())
+    tok_dir = paths.cache_dir() / "random-weights-tokenizer"
+    if not (tok_dir / "vocab.json").is_file():
+        write_tokenizer(tok_dir)
+    return ModelSource(None, cfg, f"{cfg.name}-random", tok_dir)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import paths
+    from .engine.pipeline import Engine, open_model
+    from .output import png_bytes, save_png
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    req = RenderRequest(
+        prompt=args.prompt,
+        negative=args.negative,
+        seed=seed,
+        steps=args.steps,
+        cfg=args.cfg,
+        width=args.width,
+        height=args.height,
+        eta=args.eta,
+    ).validated()
+    if args.random_weights:
+        source = _random_source(args.config)
+    else:
+        source = open_model(args.model, config_path=args.config, data_dir=paths.data_dir())
+    engine = Engine(source, args.device, data_dir=paths.data_dir(), hash_memo=paths.cache_dir() / "model-hashes.json")
+    if args.seed is None and not args.json:
+        print(f"seed {seed}", file=sys.stderr)
+    result = engine.generate(req, emit=StderrProgress(quiet=args.json))
+    outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
+    data = png_bytes(result.image, req, result.model_name, result.model_hash, {"demo": result.demo})
+    try:
+        path = save_png(data, outdir, seed)
+    except OSError as exc:
+        rescue = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdterm-{seed}-{os.getpid()}.png"
+        try:
+            rescue.write_bytes(data)
+            kept = f"; the image was kept as {rescue}"
+        except OSError:
+            kept = ""
+        raise UserError(f"cannot write to {outdir} ({exc.strerror or exc}){kept}") from None
+    demo_note = "demo model (random weights): the image is noise"
+    if args.json:
+        out = {
+            "path": str(path),
+            "seed": seed,
+            "seconds": round(result.seconds, 4),
+            "model": result.model_name,
+            "model_hash": result.model_hash,
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "demo": result.demo,
+            "request": {k: getattr(req, k) for k in req.__dataclass_fields__},
+            "stages": [s.to_dict() for s in result.stages],
+            "notices": result.notices + ([demo_note] if result.demo else []),
+        }
+        print(json.dumps(out))
+    else:
+        if result.demo:
+            print(f"note: {demo_note}", file=sys.stderr)
+        print(path)
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from .engine.demo import write_demo_model
+
+    folder = Path(args.dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder")
+    try:
+        write_demo_model(folder, seed=args.seed)
+    except OSError as exc:
+        raise UserError(f"cannot write the demo model to {folder} ({exc.strerror or exc})") from None
+    print(folder)
+    print("demo model: tiny SD v1 architecture with random weights; its images are noise", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "demo-model": cmd_demo_model}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _quiet_libraries()
+    from .engine.checkpoint import CheckpointError
+    from .engine.pipeline import Cancelled
+    from .engine.text import PromptError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UserError, ConfigError, CheckpointError, PromptError) as exc:
+        print(f"sdterm: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (KeyboardInterrupt, Cancelled):
+        print("sdterm: cancelled; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except RuntimeError as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "out of memory" in msg.lower():
+            msg = "out of GPU memory: " + msg + " (try a smaller --width/--height or close other GPU programs)"
+        print(f"sdterm: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,1 @@
+"""The rendering engine: networks, checkpoint loading, sampling, placement. No UI imports here."""

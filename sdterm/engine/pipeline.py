@@ -1,0 +1,326 @@
+"""``Engine.generate(request, *, emit, cancelled)``: encode -> denoise -> decode, written once.
+
+The engine keeps each model in host memory after its first use; a stage moves its model to the
+device, runs, and gives the device memory back (staged residency). It reports through typed
+events and never prints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from ..config import ConfigError, ModelConfig, RenderRequest, default_config_path, load_model_config
+from . import ddim
+from .checkpoint import (
+    UNET_PREFIX,
+    VAE_PREFIX,
+    Checkpoint,
+    CheckpointError,
+    load_module,
+    open_checkpoint,
+    remembered_sha256,
+    resolve_model_path,
+    short_hash,
+)
+from .events import Emit, Notice, StageStats, StepDone, ignore
+from .placement import Placement, StageMeter, resolve_device, run_dtype
+from .text import PromptTokenizer, Tokens, build_text_encoder, encode, fetch_tokenizer, find_tokenizer
+from .unet import UNetModel
+from .vae import VAEDecoder
+
+
+class Cancelled(Exception):
+    """The render was cancelled; nothing was written."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a checkpoint file (or demo folder) and its architecture."""
+
+    checkpoint: Path | None
+    """None for random weights (measurements without a checkpoint)."""
+    config: ModelConfig
+    name: str
+    """What A1111 shows as ``Model:`` (the file name without extension, or the folder name)."""
+    tokenizer_dir: Path | None
+
+    @property
+    def demo(self) -> bool:
+        return self.config.demo or self.checkpoint is None
+
+
+def open_model(path: str | Path, *, config_path: str | Path | None = None, data_dir: Path | None = None) -> ModelSource:
+    """Resolve ``--model``: a checkpoint file, or a folder with model.safetensors + config.yaml.
+
+    The architecture comes from ``config_path``, else a ``config.yaml`` in the folder, else a
+    ``<name>.yaml`` beside the file, else configs/sd-v1.yaml.
+    """
+    ckpt = resolve_model_path(path)
+    given = Path(path).expanduser()
+    folder = given if given.is_dir() else None
+    if config_path is None:
+        for cand in ([folder / "config.yaml"] if folder else []) + [ckpt.with_suffix(".yaml")]:
+            if cand.is_file():
+                config_path = cand
+                break
+    cfg = load_model_config(config_path or default_config_path())
+    name = folder.name if folder else ckpt.stem
+    return ModelSource(ckpt, cfg, name, find_tokenizer(ckpt, data_dir))
+
+
+@dataclass
+class Result:
+    image: Image.Image
+    request: RenderRequest
+    seconds: float
+    stages: list[StageStats]
+    model_name: str
+    model_hash: str
+    demo: bool
+    latents: torch.Tensor = field(repr=False)
+    notices: list[str] = field(default_factory=list)
+
+
+def latents_noise(seed: int, width: int, height: int) -> tuple[torch.Tensor, torch.Generator]:
+    """The starting noise x_T, drawn on the CPU in fp32 so a seed means the same image on any device.
+
+    Returns the generator too: eta > 0 draws its per-step noise from it, also on the CPU.
+    """
+    gen = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((1, 4, height // 8, width // 8), generator=gen, dtype=torch.float32), gen
+
+
+def to_image(decoded: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) in [-1, 1] -> an RGB PIL image."""
+    x = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB")
+
+
+class Engine:
+    """Holds the models of one checkpoint on the host and renders requests on one device."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        device: str = "auto",
+        *,
+        data_dir: Path | None = None,
+        hash_memo: Path | None = None,
+        tokenizer_dir: Path | None = None,
+    ):
+        self.source = source
+        self.device = resolve_device(device)
+        self.dtype = run_dtype(self.device)
+        self.cfg = source.config
+        self.placement = Placement(self.device)
+        self.data_dir = data_dir
+        self.hash_memo = hash_memo
+        self._tokenizer_dir = tokenizer_dir or source.tokenizer_dir
+        self._tokenizer: PromptTokenizer | None = None
+        self._modules: dict[str, torch.nn.Module] = {}
+        self._ckpt: Checkpoint | None = None
+        self._sha256: str | None = None
+        # Stage order as data; the factories are attributes so tests can see whether one was called.
+        self.factories: dict[str, Callable[[], torch.nn.Module]] = {
+            "text": self._build_text,
+            "unet": self._build_unet,
+            "vae": self._build_vae,
+        }
+
+    # ---- models ------------------------------------------------------------------------------
+
+    def _checkpoint(self) -> Checkpoint:
+        if self._ckpt is None:
+            self._ckpt = open_checkpoint(self.source.checkpoint)
+        return self._ckpt
+
+    def _build_text(self) -> torch.nn.Module:
+        ckpt = None if self.source.checkpoint is None else self._checkpoint()
+        return build_text_encoder(self.cfg.text, ckpt, self.dtype)
+
+    def _build_unet(self) -> torch.nn.Module:
+        if self.source.checkpoint is None:
+            return UNetModel(self.cfg.unet).to(self.dtype).eval().requires_grad_(False)
+        with torch.device("meta"):
+            unet = UNetModel(self.cfg.unet)
+        return load_module(unet, self._checkpoint(), UNET_PREFIX, self.dtype)
+
+    def _build_vae(self) -> torch.nn.Module:
+        if self.source.checkpoint is None:
+            return VAEDecoder(self.cfg.vae).to(self.dtype).eval().requires_grad_(False)
+        with torch.device("meta"):
+            vae = VAEDecoder(self.cfg.vae)
+        return load_module(vae, self._checkpoint(), VAE_PREFIX, self.dtype)
+
+    def module(self, stage: str) -> torch.nn.Module:
+        """The stage's model in host memory, built from the checkpoint on first use."""
+        if stage not in self._modules:
+            self._modules[stage] = self.factories[stage]()
+            if self._ckpt is not None and len(self._modules) == len(self.factories):
+                self._ckpt.close()  # every model is built: release the file mapping
+                self._ckpt = None
+        return self._modules[stage]
+
+    def set_modules(self, text=None, unet=None, vae=None) -> None:
+        """Use already-built modules (e.g. full-size random weights) instead of the checkpoint."""
+        for stage, m in (("text", text), ("unet", unet), ("vae", vae)):
+            if m is not None:
+                self._modules[stage] = m.to(self.dtype).eval().requires_grad_(False)
+
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        if self._tokenizer is None:
+            folder = self._tokenizer_dir
+            if folder is None:
+                if self.data_dir is None:
+                    raise CheckpointError("no CLIP tokenizer found (set SDTERM_TOKENIZER to a folder with vocab.json and merges.txt)")
+                folder = fetch_tokenizer(self.data_dir)
+            self._tokenizer = PromptTokenizer(folder, self.cfg.text.max_positions)
+        return self._tokenizer
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            if self.source.checkpoint is None:
+                self._sha256 = "0" * 64
+            else:
+                self._sha256 = remembered_sha256(self.source.checkpoint, self.hash_memo)
+        return self._sha256
+
+    @property
+    def model_hash(self) -> str:
+        """AUTOMATIC1111's model hash: the first 10 hex digits of the file's sha256."""
+        return short_hash(self.sha256)
+
+    # ---- rendering ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: RenderRequest,
+        *,
+        emit: Emit = ignore,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Result:
+        req = request.validated()
+        started = time.perf_counter()
+        notices: list[str] = []
+
+        def notice(message: str, level: str = "info") -> None:
+            notices.append(message)
+            emit(Notice(message, level))
+
+        def check() -> None:
+            if cancelled():
+                raise Cancelled()
+
+        tok = self.tokenizer
+        pos, neg = tok(req.prompt), tok(req.negative)
+        if not req.prompt.strip():
+            notice("empty prompt: rendering unconditionally")
+        if len(pos.chunks) > 1:
+            notice(f"prompt is {pos.n_tokens} tokens: encoded as {len(pos.chunks)} chunks of {tok.chunk_tokens}")
+        check()
+
+        stages = []
+        cond, uncond, text_stats = self._text_stage(tok, pos, neg, emit)
+        stages.append(text_stats)
+        check()
+        latents, unet_stats = self._unet_stage(req, cond, uncond, emit, check)
+        stages.append(unet_stats)
+        check()
+        image, vae_stats = self._vae_stage(latents, emit, notice)
+        stages.append(vae_stats)
+        return Result(
+            image=image,
+            request=req,
+            seconds=time.perf_counter() - started,
+            stages=stages,
+            model_name=self.source.name,
+            model_hash=self.model_hash,
+            demo=self.source.demo,
+            latents=latents.cpu(),
+            notices=notices,
+        )
+
+    def _run_on_device(self, stage: str, emit: Emit, body):
+        """Build (first use) and upload the stage's model, run ``body(model, meter)``, give it back."""
+        meter = StageMeter(stage, self.device, emit)
+        model = self.module(stage)
+        self.placement.upload(model)
+        try:
+            meter.loaded()
+            with torch.inference_mode():
+                out = body(model, meter)
+        finally:
+            self.placement.offload(model)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return out, meter
+
+    def _text_stage(self, tok: PromptTokenizer, pos: Tokens, neg: Tokens, emit: Emit):
+        def body(encoder, _meter):
+            texts = [pos, neg]
+            n = max(len(pos.chunks), len(neg.chunks))
+            # Cond and uncond go through the U-Net in one batch, so they need the same token count:
+            # the shorter one is padded with the encoding of an empty chunk (as AUTOMATIC1111 does).
+            if len(pos.chunks) != len(neg.chunks):
+                texts.append(tok(""))
+            embs = [encode(encoder, t, self.device).to(self.dtype) for t in texts]
+            if len(texts) == 3:
+                empty = embs[2]
+                embs = [torch.cat([e, *[empty] * (n - len(t.chunks))], dim=1) for e, t in zip(embs[:2], texts[:2])]
+            return embs[0], embs[1]
+
+        (cond, uncond), meter = self._run_on_device("text", emit, body)
+        return cond, uncond, meter.finish()
+
+    def _unet_stage(self, req: RenderRequest, cond, uncond, emit: Emit, check):
+        x_t, gen = latents_noise(req.seed, req.width, req.height)
+        schedule = ddim.Schedule.make(self.cfg.schedule, req.steps)
+
+        def body(unet, _meter):
+            x = x_t.to(self.device)
+            denoise = ddim.guided(unet, cond.to(self.device), uncond.to(self.device), req.cfg)
+            t0 = time.perf_counter()
+
+            def on_step(i: int, t: int, _x: torch.Tensor) -> None:
+                check()
+                emit(StepDone(i + 1, req.steps, t, time.perf_counter() - t0))
+
+            def noise() -> torch.Tensor:
+                return torch.randn(x_t.shape, generator=gen, dtype=torch.float32).to(self.device)
+
+            return ddim.sample(denoise, x, schedule, eta=req.eta, noise=noise, on_step=on_step)
+
+        latents, meter = self._run_on_device("unet", emit, body)
+        return latents, meter.finish()
+
+    def _vae_stage(self, latents: torch.Tensor, emit: Emit, notice):
+        def body(vae, _meter):
+            z = latents.to(self.device)
+            decoded = vae(z)
+            if not torch.isfinite(decoded).all() and decoded.dtype != torch.float32:
+                # fp16 overflow gives NaN/inf (a black image): decode again in fp32.
+                notice("VAE output overflowed in fp16; decoded again in fp32", "warning")
+                decoded = vae.float()(z)
+            return to_image(decoded)
+
+        image, meter = self._run_on_device("vae", emit, body)
+        return image, meter.finish()
+
+
+__all__ = [
+    "Cancelled",
+    "ConfigError",
+    "Engine",
+    "ModelSource",
+    "Result",
+    "open_model",
+    "latents_noise",
+]
