@@ -153,6 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         source = open_model(args.model, config_path=args.config, data_dir=paths.data_dir())
     engine = Engine(source, args.device, data_dir=paths.data_dir(), hash_memo=paths.cache_dir() / "model-hashes.json")
+    engine.tokenizer  # a missing tokenizer is reported before any work starts
     if args.seed is None and not args.json:
         print(f"seed {seed}", file=sys.stderr)
     result = engine.generate(req, emit=StderrProgress(quiet=args.json))

@@ -47,6 +47,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel_tol: float = 
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The networks are tiny: one thread is fast, and immune to oversubscription when other
+    processes share the CPU (there, multi-threaded ops slowed these tests ~20x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cfg():
     return demo_config(vocab_size=1000)
@@ -54,7 +64,6 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def modules(cfg):
-    torch.set_grad_enabled(False)
     text, unet, vae = random_modules(cfg, torch.float32, seed=1234)
     return text, unet.eval(), vae.eval()
 
@@ -241,7 +250,8 @@ def test_unguided_trajectory_matches_diffusers(modules, diffusers_unet):
     steps = 5
     x_T = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(11))
     cond = torch.randn((1, 77, 32), generator=torch.Generator("cpu").manual_seed(12))
-    ours = ddim.sample(ddim.guided(unet, cond, torch.zeros_like(cond), 1.0), x_T.clone(), ddim.Schedule.make(ScheduleConfig(), steps))
+    denoise = ddim.guided(unet, cond, torch.zeros_like(cond), 1.0)
+    ours = ddim.sample(denoise, x_T.clone(), ddim.Schedule.make(ScheduleConfig(), steps))
 
     sched = diffusers_scheduler()
     sched.set_timesteps(steps)

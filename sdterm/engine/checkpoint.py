@@ -100,9 +100,13 @@ def _sniff(path: Path) -> str:
 def _unsafe_reason(exc: Exception) -> str | None:
     """What a weights_only unpickler refused, if that is why loading failed."""
     text = str(exc)
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    m = (
+        re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        or re.search(r"unsupported GLOBAL ([\w.]+)", text)
+        or re.search(r"Trying to call reduce for ([\w.]+)", text)
+    )
     if m:
-        return f"it would import {m.group(1)}"
+        return f"it would run {m.group(1)}"
     m = re.search(r"Unsupported operand (\d+)", text)
     if m:
         return f"it uses pickle opcode {m.group(1)}, which is not allowed"
@@ -217,46 +221,57 @@ def identify(ckpt: Checkpoint) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def load_module(
-    module: nn.Module,
-    ckpt: Checkpoint,
-    prefix: str,
-    dtype: torch.dtype,
-    *,
-    aliases: tuple[str, ...] = (),
-    ignore: tuple[str, ...] = (),
-) -> nn.Module:
-    """Fill ``module`` (built on the meta device) from ``ckpt[prefix + name]``, converting to ``dtype``.
-
-    Every parameter and persistent buffer must be present with the right shape; extra keys in the
-    checkpoint are ignored. Tensors are converted one at a time, so the source and the converted
-    model never both sit in memory in full. ``aliases`` are alternative prefixes tried in order.
-    """
-    expected = module.state_dict(keep_vars=True)
+def _match(module: nn.Module, ckpt: Checkpoint, prefix: str, ignore: tuple[str, ...]) -> dict[str, str]:
+    """Map each parameter/persistent buffer of ``module`` to its checkpoint key, or raise one line
+    saying what is missing or mis-shaped (and what the file is, where recognisable)."""
+    keyset = set(ckpt.keys())
+    found: dict[str, str] = {}
     missing: list[str] = []
     wrong: list[str] = []
-    loaded: dict[str, torch.Tensor] = {}
-    keyset = set(ckpt.keys())
-    for name, ref in expected.items():
-        if any(name.endswith(s) for s in ignore):
+    for name, ref in module.state_dict(keep_vars=True).items():
+        if name.endswith(ignore):
             continue
-        key = next((pre + name for pre in (prefix, *aliases) if pre + name in keyset), None)
-        if key is None:
-            missing.append(prefix + name)
-            continue
-        shape = ckpt.shape(key)
-        if tuple(shape) != tuple(ref.shape):
-            wrong.append(f"{key} is {list(shape)}, expected {list(ref.shape)}")
-            continue
-        t = ckpt.tensor(key)
-        target = dtype if t.is_floating_point() else t.dtype
-        loaded[name] = t.to(target, copy=True).contiguous()
+        key = prefix + name
+        if key not in keyset:
+            missing.append(key)
+        elif tuple(ckpt.shape(key)) != tuple(ref.shape):
+            wrong.append(f"{key} is {list(ckpt.shape(key))}, expected {list(ref.shape)}")
+        else:
+            found[name] = key
     if missing or wrong:
         what = identify(ckpt)
         detail = f"missing {len(missing)} tensor(s), e.g. {missing[0]}" if missing else wrong[0]
         if what:
             raise CheckpointError(f"{ckpt.path}: this is {what}; sdterm runs Stable Diffusion v1 ({detail})")
         raise CheckpointError(f"{ckpt.path}: does not match the SD v1 architecture: {detail}")
+    return found
+
+
+def verify_module(module: nn.Module, ckpt: Checkpoint, prefix: str, *, ignore: tuple[str, ...] = ()) -> None:
+    """Check (without reading any weights) that ``ckpt`` can fill ``module``; raises CheckpointError."""
+    _match(module, ckpt, prefix, ignore)
+
+
+def load_module(
+    module: nn.Module,
+    ckpt: Checkpoint,
+    prefix: str,
+    dtype: torch.dtype,
+    *,
+    ignore: tuple[str, ...] = (),
+) -> nn.Module:
+    """Fill ``module`` (built on the meta device) from ``ckpt[prefix + name]``, converting to ``dtype``.
+
+    Every parameter and persistent buffer must be present with the right shape; extra keys in the
+    checkpoint (EMA, encoder, optimizer) are ignored. Tensors are converted one at a time, so the
+    source and the converted model never both sit in memory in full.
+    """
+    loaded: dict[str, torch.Tensor] = {}
+    for name, key in _match(module, ckpt, prefix, ignore).items():
+        t = ckpt.tensor(key)
+        target = dtype if t.is_floating_point() else t.dtype
+        loaded[name] = t.to(target, copy=True).contiguous()
+        del t
     module.load_state_dict(loaded, strict=False, assign=True)
     still_meta = [n for n, t in module.state_dict().items() if t.is_meta]
     if still_meta:

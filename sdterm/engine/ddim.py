@@ -30,13 +30,17 @@ def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
 
 
 def ddim_timesteps(cfg: ScheduleConfig, steps: int) -> list[int]:
-    """The original "uniform" discretisation: every (T // steps)-th step plus the offset, descending.
+    """Evenly strided timesteps plus the offset, descending (diffusers' "leading" spacing).
 
-    For 50 steps: 981, 961, ..., 21, 1. Consecutive entries are ``stride`` apart, and the step
-    after the last one uses alpha_0 ("final alpha from the first step", as CompVis does).
+    For 50 steps: 981, 961, ..., 21, 1 -- the original CompVis list whenever ``steps`` divides
+    1000 (otherwise CompVis runs one extra step; sdterm runs exactly ``steps``). Consecutive entries
+    are ``stride`` apart, and the step after the last one uses alpha_0 ("final alpha from the first
+    step", as CompVis does). When the offset would push the top step past the schedule (1000
+    steps), it is dropped.
     """
     stride = cfg.num_train_timesteps // steps
-    return [i * stride + cfg.steps_offset for i in range(steps)][::-1]
+    offset = cfg.steps_offset if (steps - 1) * stride + cfg.steps_offset < cfg.num_train_timesteps else 0
+    return [i * stride + offset for i in range(steps)][::-1]
 
 
 @dataclass(frozen=True)

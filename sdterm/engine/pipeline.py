@@ -22,6 +22,8 @@ from .checkpoint import (
     VAE_PREFIX,
     Checkpoint,
     CheckpointError,
+    identify,
+    verify_module,
     load_module,
     open_checkpoint,
     remembered_sha256,
@@ -30,7 +32,15 @@ from .checkpoint import (
 )
 from .events import Emit, Notice, StageStats, StepDone, ignore
 from .placement import Placement, StageMeter, resolve_device, run_dtype
-from .text import PromptTokenizer, Tokens, build_text_encoder, encode, fetch_tokenizer, find_tokenizer
+from .text import (
+    PromptTokenizer,
+    Tokens,
+    build_text_encoder,
+    encode,
+    fetch_tokenizer,
+    find_tokenizer,
+    verify_text_encoder,
+)
 from .unet import UNetModel
 from .vae import VAEDecoder
 
@@ -132,6 +142,21 @@ class Engine:
             "unet": self._build_unet,
             "vae": self._build_vae,
         }
+        if source.checkpoint is not None:
+            self._verify()
+
+    def _verify(self) -> None:
+        """Fail now, with one line, if the file is unreadable, unsafe, another architecture or
+        incomplete: every tensor of all three models is checked by name and shape, none is read."""
+        ckpt = self._checkpoint()
+        what = identify(ckpt)
+        if what:
+            raise CheckpointError(f"{ckpt.path}: this is {what}; sdterm runs Stable Diffusion v1")
+        with torch.device("meta"):
+            unet, vae = UNetModel(self.cfg.unet), VAEDecoder(self.cfg.vae)
+        verify_module(unet, ckpt, UNET_PREFIX)
+        verify_module(vae, ckpt, VAE_PREFIX)
+        verify_text_encoder(self.cfg.text, ckpt)
 
     # ---- models ------------------------------------------------------------------------------
 

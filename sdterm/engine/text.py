@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import TextConfig
-from .checkpoint import TEXT_PREFIX, Checkpoint, CheckpointError, load_module
+from .checkpoint import TEXT_PREFIX, Checkpoint, CheckpointError, load_module, verify_module
 
 TOKENIZER_REPO = "openai/clip-vit-large-patch14"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -149,13 +149,25 @@ def clip_inner(model) -> torch.nn.Module:
     return getattr(model, "text_model", model)
 
 
-def _load_clip(model, ckpt: Checkpoint, dtype: torch.dtype) -> None:
+def _clip_prefix(ckpt: Checkpoint) -> str:
     # SD v1 files store cond_stage_model.transformer.text_model.*; a few older ones lack "text_model.".
-    # position_ids is a buffer some files carry and some transformers versions persist: rebuilt below.
     nested = TEXT_PREFIX + "text_model."
-    prefix = nested if any(k.startswith(nested) for k in ckpt.keys()) else TEXT_PREFIX
+    return nested if any(k.startswith(nested) for k in ckpt.keys()) else TEXT_PREFIX
+
+
+def verify_text_encoder(cfg: TextConfig, ckpt: Checkpoint) -> None:
+    """Check the checkpoint has every text-encoder tensor, without reading any."""
+    from transformers import CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel(clip_config(cfg))
+    verify_module(clip_inner(model), ckpt, _clip_prefix(ckpt), ignore=("position_ids",))
+
+
+def _load_clip(model, ckpt: Checkpoint, dtype: torch.dtype) -> None:
+    # position_ids is a buffer some files carry and some transformers versions persist: rebuilt below.
     inner = clip_inner(model)
-    load_module(inner, ckpt, prefix, dtype, ignore=("position_ids",))
+    load_module(inner, ckpt, _clip_prefix(ckpt), dtype, ignore=("position_ids",))
     emb = inner.embeddings
     n = emb.position_embedding.weight.shape[0]
     emb.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache/data/config dirs: nothing touches the user's real ones."""
+    base = tmp_path_factory.mktemp("dirs")
+    for var in ("SDTERM_CACHE_DIR", "SDTERM_DATA_DIR", "SDTERM_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(base / var.lower()))
+    monkeypatch.delenv("SDTERM_TOKENIZER", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """The tiny random-weight model, written by the product's own writer."""
+    from sdterm.engine.demo import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture(scope="session")
+def demo_engine(demo_model):
+    from sdterm.engine.pipeline import Engine, open_model
+
+    return Engine(open_model(demo_model), "cpu")
+
+
+def small_request(**kw):
+    from sdterm.config import RenderRequest
+
+    base = dict(prompt="a red fox", seed=1, steps=3, width=64, height=64)
+    base.update(kw)
+    return RenderRequest(**base)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``sdterm ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from sdterm.cli import main
+
+    def run(*args: str):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

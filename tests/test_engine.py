@@ -1,0 +1,141 @@
+"""The engine on the demo model: events, cancellation, prompts, full-size architecture."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sdterm.config import ConfigError, ModelConfig, RenderRequest
+from sdterm.engine.events import Notice, StageFinished, StageStarted, StepDone
+from sdterm.engine.pipeline import Cancelled
+
+from .conftest import small_request
+
+
+def test_full_size_unet_has_exact_parameter_count():
+    from sdterm.engine.unet import UNetModel
+    from sdterm.engine.vae import VAEDecoder
+
+    with torch.device("meta"):
+        unet = UNetModel(ModelConfig().unet)
+        vae = VAEDecoder(ModelConfig().vae)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    # Decoder only: no encoder, no quant_conv.
+    assert not any(k.startswith(("encoder.", "quant_conv.")) for k in vae.state_dict())
+
+
+def test_full_size_keys_match_the_original_layout():
+    """Spot-check names from sd-v1-4.ckpt / v1-5-pruned-emaonly.safetensors."""
+    from sdterm.engine.unet import UNetModel
+    from sdterm.engine.vae import VAEDecoder
+
+    with torch.device("meta"):
+        u = UNetModel(ModelConfig().unet).state_dict()
+        v = VAEDecoder(ModelConfig().vae).state_dict()
+    for key, shape in {
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+        "input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+        "middle_block.1.proj_in.weight": (1280, 1280, 1, 1),
+        "output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+        "output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+        "output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight": (2560, 320),
+        "out.2.weight": (4, 320, 3, 3),
+        "time_embed.2.weight": (1280, 1280),
+    }.items():
+        assert tuple(u[key].shape) == shape, key
+    for key, shape in {
+        "post_quant_conv.weight": (4, 4, 1, 1),
+        "decoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+        "decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+        "decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+        "decoder.conv_out.weight": (3, 128, 3, 3),
+    }.items():
+        assert tuple(v[key].shape) == shape, key
+
+
+def test_events_come_in_stage_order(demo_engine):
+    events = []
+    result = demo_engine.generate(small_request(steps=4), emit=events.append)
+    kinds = [(type(e).__name__, getattr(e, "stage", None) or getattr(getattr(e, "stats", None), "stage", None))
+             for e in events if isinstance(e, (StageStarted, StageFinished))]
+    assert kinds == [
+        ("StageStarted", "text"), ("StageStarted", "text"), ("StageFinished", "text"),
+        ("StageStarted", "unet"), ("StageStarted", "unet"), ("StageFinished", "unet"),
+        ("StageStarted", "vae"), ("StageStarted", "vae"), ("StageFinished", "vae"),
+    ]
+    steps = [e for e in events if isinstance(e, StepDone)]
+    assert [s.step for s in steps] == [1, 2, 3, 4] and all(s.total == 4 for s in steps)
+    assert [s.stage for s in result.stages] == ["text", "unet", "vae"]
+
+
+def test_cancel_stops_at_the_next_step(demo_engine):
+    seen = []
+
+    def emit(e):
+        if isinstance(e, StepDone):
+            seen.append(e.step)
+
+    with pytest.raises(Cancelled):
+        demo_engine.generate(small_request(steps=10), emit=emit, cancelled=lambda: len(seen) >= 2)
+    assert seen == [1, 2]
+    # The engine is still usable afterwards.
+    assert demo_engine.generate(small_request(steps=2)).image.size == (64, 64)
+
+
+def test_long_prompt_is_chunked_not_cut(demo_engine):
+    notices = []
+    words = " ".join(["castle"] * 60)
+    tok = demo_engine.tokenizer(words)
+    assert 75 < tok.n_tokens <= 150
+    assert len(tok.chunks) == 2 and all(len(c) == 77 for c in tok.chunks)
+    demo_engine.generate(small_request(prompt=words), emit=lambda e: isinstance(e, Notice) and notices.append(e.message))
+    assert any(f"{tok.n_tokens} tokens" in n and "2 chunks" in n for n in notices)
+    # The tail of the prompt changes the image: it was not cut off.
+    a = demo_engine.generate(small_request(prompt=words + " fox"))
+    b = demo_engine.generate(small_request(prompt=words + " sea"))
+    assert a.image.tobytes() != b.image.tobytes()
+
+
+def test_empty_prompt_and_unicode_render(demo_engine):
+    notices = []
+    r = demo_engine.generate(small_request(prompt=""), emit=lambda e: isinstance(e, Notice) and notices.append(e.message))
+    assert any("unconditionally" in n for n in notices) and r.image.size == (64, 64)
+    r = demo_engine.generate(small_request(prompt="Füchse ☃ 狐\x07\ttab", negative="ünïcode"))
+    assert r.image.size == (64, 64)
+
+
+def test_negative_prompt_and_eta_change_the_image_deterministically(demo_engine):
+    base = demo_engine.generate(small_request()).image.tobytes()
+    assert demo_engine.generate(small_request(negative="blurry")).image.tobytes() != base
+    e1 = demo_engine.generate(small_request(eta=1.0)).image.tobytes()
+    assert e1 != base
+    assert demo_engine.generate(small_request(eta=1.0)).image.tobytes() == e1
+
+
+def test_initial_noise_matches_the_documented_cpu_draw():
+    from sdterm.engine.pipeline import latents_noise
+
+    x, _ = latents_noise(42, 512, 768)
+    ref = torch.randn((1, 4, 96, 64), generator=torch.Generator("cpu").manual_seed(42))
+    assert torch.equal(x, ref)
+
+
+def test_request_validation_messages():
+    with pytest.raises(ConfigError, match="multiple of 8.*try 64 or 72"):
+        RenderRequest("x", width=70).validated()
+    with pytest.raises(ConfigError, match="cfg must be a finite number"):
+        RenderRequest("x", cfg=float("nan")).validated()
+
+
+def test_engine_imports_without_ui_or_omegaconf():
+    code = (
+        "import sys, sdterm.engine.pipeline, sdterm.engine.demo, sdterm.engine.checkpoint;"
+        "bad=[m for m in ('textual','rich','omegaconf') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
