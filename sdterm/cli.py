@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_render_options(gen)
     gen.add_argument("--outdir", metavar="DIR", help="where to write images (default ./outputs)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the path, seed and per-stage figures")
+    gen.add_argument("--no-cache", action="store_true", help="don't read or write the prompt-embedding cache")
+
+    cache = sub.add_parser("cache", help="the prompt-embedding cache: path, stats, clear, prune")
+    cache.add_argument("action", choices=("path", "stats", "clear", "prune"))
+    cache.add_argument("--json", action="store_true", help="stats as one JSON object")
 
     demo = sub.add_parser("demo-model", help="write a tiny random-weight model of the SD v1 architecture")
     demo.add_argument("dir", metavar="DIR")
@@ -82,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "-"
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def stage_line(s) -> str:
@@ -94,6 +101,8 @@ def stage_line(s) -> str:
     else:
         mem = f"host RSS {_fmt_bytes(s.host_rss)}"
     extra = f"  cache {s.cache}" if s.cache else ""
+    if s.skipped:
+        extra += " (encoder not loaded)"
     return f"{head}  {mem}{extra}"
 
 
@@ -132,6 +141,57 @@ def _random_source(config: str | None):
     return ModelSource(None, cfg, f"{cfg.name}-random", tok_dir)
 
 
+def open_cache(disabled: bool = False):
+    """The embedding cache as the user configured it, or None when disabled."""
+    from . import paths
+    from .config import load_user_config, parse_size
+    from .engine.embedding_cache import EmbeddingCache
+
+    settings = load_user_config(paths.user_config_file()).cache
+    if disabled or not settings.enabled:
+        return None
+    return EmbeddingCache(paths.embedding_cache_dir(settings.dir), parse_size(settings.max_size, "cache.max_size"))
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from . import paths
+    from .config import load_user_config
+    from .engine.embedding_cache import EmbeddingCache
+
+    settings = load_user_config(paths.user_config_file()).cache
+    cache = open_cache() or EmbeddingCache(paths.embedding_cache_dir(settings.dir))
+    if args.action == "path":
+        print(cache.folder)
+        return 0
+    try:
+        if args.action == "clear":
+            print(f"removed {cache.clear()} entries from {cache.folder}")
+            return 0
+        if args.action == "prune":
+            print(f"removed {cache.prune()} entries (unreadable, stale or over the cap) from {cache.folder}")
+            return 0
+    except OSError as exc:
+        raise UserError(f"cannot change {cache.folder} ({exc.strerror or exc})") from None
+    st = cache.stats()
+
+    def when(t: float | None) -> str | None:
+        return None if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+    if args.json:
+        print(json.dumps({"path": str(cache.folder), "entries": st.entries, "bytes": st.bytes,
+                          "max_bytes": cache.max_bytes, "oldest": when(st.oldest), "newest": when(st.newest)}))
+    else:
+        print(f"path     {cache.folder}")
+        print(f"entries  {st.entries}")
+        print(f"size     {_fmt_bytes(st.bytes)} of {_fmt_bytes(cache.max_bytes)}")
+        if st.entries:
+            print(f"oldest   {when(st.oldest)}")
+            print(f"newest   {when(st.newest)}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import paths
     from .engine.pipeline import Engine, open_model
@@ -152,7 +212,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         source = _random_source(args.config)
     else:
         source = open_model(args.model, config_path=args.config, data_dir=paths.data_dir())
-    engine = Engine(source, args.device, data_dir=paths.data_dir(), hash_memo=paths.cache_dir() / "model-hashes.json")
+    engine = Engine(
+        source,
+        args.device,
+        data_dir=paths.data_dir(),
+        hash_memo=paths.cache_dir() / "model-hashes.json",
+        cache=open_cache(args.no_cache),
+    )
     engine.tokenizer  # a missing tokenizer is reported before any work starts
     if args.seed is None and not args.json:
         print(f"seed {seed}", file=sys.stderr)
@@ -181,6 +247,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "dtype": str(engine.dtype).removeprefix("torch."),
             "demo": result.demo,
             "request": {k: getattr(req, k) for k in req.__dataclass_fields__},
+            "cache": result.stages[0].cache_texts,
             "stages": [s.to_dict() for s in result.stages],
             "notices": result.notices + ([demo_note] if result.demo else []),
         }
@@ -207,7 +274,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "demo-model": cmd_demo_model}
+COMMANDS = {"generate": cmd_generate, "demo-model": cmd_demo_model, "cache": cmd_cache}
 
 
 def _quiet_libraries() -> None:

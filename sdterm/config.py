@@ -253,3 +253,60 @@ def validate_request(req: RenderRequest) -> None:
         if side % 8:
             lower, upper = side - side % 8, side - side % 8 + 8
             raise ConfigError(f"{name} must be a multiple of 8, got {side} (try {lower} or {upper})")
+
+
+# --------------------------------------------------------------------------------------------
+# The user's settings file (sdterm.yaml in the platformdirs config dir)
+# --------------------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """'256M', '1.5G', '512MiB', '1000000' -> bytes (K/M/G decimal, Ki/Mi/Gi binary)."""
+    import re
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?)?B?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise ConfigError(f"{what} must be a size such as 256M or 1.5G, got {text!r}")
+        value = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
+    if value < 0:
+        raise ConfigError(f"{what} must not be negative, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    dir: str = ""
+    """Embedding cache folder; empty means the platformdirs cache dir (or SDTERM_CACHE_DIR)."""
+    max_size: str = "256M"
+    """Cap on the embedding cache; least recently used entries are evicted beyond it."""
+    enabled: bool = True
+    """False renders without the embedding cache."""
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    cache: CacheSettings = field(default_factory=CacheSettings)
+
+
+def load_user_config(path: Path) -> UserConfig:
+    """Read the user's sdterm.yaml; a missing file means defaults."""
+    if not path.is_file():
+        return UserConfig()
+    from omegaconf import OmegaConf
+
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: not a valid settings file ({first})") from None
+    try:
+        cfg = _build(UserConfig, raw or {}, "sdterm.yaml")
+        parse_size(cfg.cache.max_size, "cache.max_size")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg

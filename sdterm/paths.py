@@ -35,3 +35,15 @@ def config_dir() -> Path:
 def default_outdir() -> Path:
     """Where images go when no --outdir is given: ./outputs, beside where the user works."""
     return Path(os.environ.get("SDTERM_OUTDIR", "outputs"))
+
+
+def embedding_cache_dir(configured: str = "") -> Path:
+    """The prompt-embedding cache: SDTERM_CACHE_DIR/embeddings, else the configured folder, else
+    the platformdirs cache dir."""
+    if configured and not os.environ.get("SDTERM_CACHE_DIR"):
+        return Path(configured).expanduser()
+    return cache_dir() / "embeddings"
+
+
+def user_config_file() -> Path:
+    return config_dir() / "sdterm.yaml"

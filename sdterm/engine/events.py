@@ -32,7 +32,9 @@ class StageStats:
     host_rss: int
     """Resident set size of this process at the end of the stage (the figure that matters on CPU)."""
     cache: str | None = None
-    """'hit' or 'miss' for the text stage when an embedding cache is in use."""
+    """Text stage with an embedding cache: 'hit' (encoder not used), 'miss' or 'partial'."""
+    cache_texts: dict[str, str] | None = None
+    """Text stage: 'hit' or 'miss' for each text ('prompt', 'negative', 'padding')."""
     skipped: bool = False
     """The stage did no work on the device (e.g. every text came from the cache)."""
     note: str = ""

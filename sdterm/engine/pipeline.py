@@ -30,6 +30,7 @@ from .checkpoint import (
     resolve_model_path,
     short_hash,
 )
+from .embedding_cache import EmbeddingCache, cache_key
 from .events import Emit, Notice, StageStats, StepDone, ignore
 from .placement import Placement, StageMeter, resolve_device, run_dtype
 from .text import (
@@ -123,8 +124,12 @@ class Engine:
         data_dir: Path | None = None,
         hash_memo: Path | None = None,
         tokenizer_dir: Path | None = None,
+        cache: EmbeddingCache | None = None,
+        random_seed: int = 0,
     ):
         self.source = source
+        self.cache = cache
+        self.random_seed = random_seed
         self.device = resolve_device(device)
         self.dtype = run_dtype(self.device)
         self.cfg = source.config
@@ -165,20 +170,27 @@ class Engine:
             self._ckpt = open_checkpoint(self.source.checkpoint)
         return self._ckpt
 
+    def _random(self, build: Callable[[], torch.nn.Module], offset: int) -> torch.nn.Module:
+        """Random weights, reproducible per (seed, stage), without disturbing the global RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_seed * 3 + offset)
+            return build().to(self.dtype).eval().requires_grad_(False)
+
     def _build_text(self) -> torch.nn.Module:
-        ckpt = None if self.source.checkpoint is None else self._checkpoint()
-        return build_text_encoder(self.cfg.text, ckpt, self.dtype)
+        if self.source.checkpoint is None:
+            return self._random(lambda: build_text_encoder(self.cfg.text, None, torch.float32), 0)
+        return build_text_encoder(self.cfg.text, self._checkpoint(), self.dtype)
 
     def _build_unet(self) -> torch.nn.Module:
         if self.source.checkpoint is None:
-            return UNetModel(self.cfg.unet).to(self.dtype).eval().requires_grad_(False)
+            return self._random(lambda: UNetModel(self.cfg.unet), 1)
         with torch.device("meta"):
             unet = UNetModel(self.cfg.unet)
         return load_module(unet, self._checkpoint(), UNET_PREFIX, self.dtype)
 
     def _build_vae(self) -> torch.nn.Module:
         if self.source.checkpoint is None:
-            return VAEDecoder(self.cfg.vae).to(self.dtype).eval().requires_grad_(False)
+            return self._random(lambda: VAEDecoder(self.cfg.vae), 2)
         with torch.device("meta"):
             vae = VAEDecoder(self.cfg.vae)
         return load_module(vae, self._checkpoint(), VAE_PREFIX, self.dtype)
@@ -219,6 +231,14 @@ class Engine:
         return self._sha256
 
     @property
+    def encoder_id(self) -> str:
+        """Identity of the text-encoder weights: the checkpoint's sha256 (remembered per path, size
+        and mtime), or the architecture and seed for random weights."""
+        if self.source.checkpoint is None:
+            return f"random:{self.cfg.text}:{self.random_seed}"
+        return f"sha256:{self.sha256}"
+
+    @property
     def model_hash(self) -> str:
         """AUTOMATIC1111's model hash: the first 10 hex digits of the file's sha256."""
         return short_hash(self.sha256)
@@ -253,7 +273,11 @@ class Engine:
         check()
 
         stages = []
-        cond, uncond, text_stats = self._text_stage(tok, pos, neg, emit)
+        texts = {"prompt": (req.prompt, pos), "negative": (req.negative, neg)}
+        if len(pos.chunks) != len(neg.chunks):
+            texts["padding"] = ("", tok(""))
+        embs, text_stats = self._text_stage(texts, emit, notice)
+        cond, uncond = self._pair(embs)
         stages.append(text_stats)
         check()
         latents, unet_stats = self._unet_stage(req, cond, uncond, emit, check)
@@ -273,9 +297,9 @@ class Engine:
             notices=notices,
         )
 
-    def _run_on_device(self, stage: str, emit: Emit, body):
+    def _run_on_device(self, stage: str, emit: Emit, body, meter: StageMeter | None = None):
         """Build (first use) and upload the stage's model, run ``body(model, meter)``, give it back."""
-        meter = StageMeter(stage, self.device, emit)
+        meter = meter or StageMeter(stage, self.device, emit)
         model = self.module(stage)
         self.placement.upload(model)
         try:
@@ -288,22 +312,70 @@ class Engine:
                 torch.cuda.empty_cache()
         return out, meter
 
-    def _text_stage(self, tok: PromptTokenizer, pos: Tokens, neg: Tokens, emit: Emit):
-        def body(encoder, _meter):
-            texts = [pos, neg]
-            n = max(len(pos.chunks), len(neg.chunks))
-            # Cond and uncond go through the U-Net in one batch, so they need the same token count:
-            # the shorter one is padded with the encoding of an empty chunk (as AUTOMATIC1111 does).
-            if len(pos.chunks) != len(neg.chunks):
-                texts.append(tok(""))
-            embs = [encode(encoder, t, self.device).to(self.dtype) for t in texts]
-            if len(texts) == 3:
-                empty = embs[2]
-                embs = [torch.cat([e, *[empty] * (n - len(t.chunks))], dim=1) for e, t in zip(embs[:2], texts[:2])]
-            return embs[0], embs[1]
+    def _text_stage(self, texts: dict[str, tuple[str, Tokens]], emit: Emit, notice):
+        """Embeddings (fp16, (tokens, dim) on the host) for each role; the encoder is neither built
+        nor moved to the device when the cache has every text."""
+        tok = self.tokenizer
+        dim = self.cfg.text.hidden_size
+        embs: dict[str, torch.Tensor] = {}
+        status: dict[str, str] = {}
+        keys = {role: cache_key(self.encoder_id, tok.identity, text) for role, (text, _) in texts.items()}
+        if self.cache is not None:
+            for role in texts:
+                hit = self.cache.get(keys[role], dim)
+                status[role] = "hit" if hit is not None else "miss"
+                if hit is not None:
+                    embs[role] = hit
+        missing = [role for role in texts if role not in embs]
+        meter = StageMeter("text", self.device, emit)
+        if missing:
 
-        (cond, uncond), meter = self._run_on_device("text", emit, body)
-        return cond, uncond, meter.finish()
+            def body(encoder, _meter):
+                by_text: dict[str, torch.Tensor] = {}
+                for role in missing:
+                    text, tokens = texts[role]
+                    if text not in by_text:
+                        # Rounded to fp16 on a miss too: hit and miss feed the U-Net the same values.
+                        by_text[text] = encode(encoder, tokens, self.device)[0].to("cpu", torch.float16)
+                return {role: by_text[texts[role][0]] for role in missing}
+
+            fresh, meter = self._run_on_device("text", emit, body, meter)
+            embs.update(fresh)
+            self._store(fresh, {r: keys[r] for r in fresh}, {r: texts[r][0] for r in fresh}, notice)
+        else:
+            meter.loaded()
+        overall = None
+        if status:
+            overall = "hit" if not missing else ("miss" if len(missing) == len(texts) else "partial")
+        stats = meter.finish(cache=overall, cache_texts=status or None, skipped=not missing)
+        return embs, stats
+
+    def _store(self, embs: dict[str, torch.Tensor], keys: dict[str, str], texts: dict[str, str], notice) -> None:
+        if self.cache is None:
+            return
+        stored: set[str] = set()
+        for role, emb in embs.items():
+            if keys[role] in stored:
+                continue
+            stored.add(keys[role])
+            try:
+                self.cache.put(keys[role], emb, prompt=texts[role], model_hash=self.model_hash)
+            except OSError as exc:
+                notice(f"embedding cache unusable ({exc.strerror or exc}): rendering without it", "warning")
+                self.cache = None
+                return
+
+    def _pair(self, embs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, tokens, dim) cond and uncond in the run dtype, with the same token count: cond and
+        uncond share one U-Net batch, so the shorter is padded with the empty prompt's chunk (as
+        AUTOMATIC1111 does)."""
+        cond, uncond = embs["prompt"], embs["negative"]
+        n = max(cond.shape[0], uncond.shape[0])
+        if "padding" in embs:
+            pad = embs["padding"]
+            cond = torch.cat([cond, *[pad] * ((n - cond.shape[0]) // pad.shape[0])])
+            uncond = torch.cat([uncond, *[pad] * ((n - uncond.shape[0]) // pad.shape[0])])
+        return cond[None].to(self.dtype), uncond[None].to(self.dtype)
 
     def _unet_stage(self, req: RenderRequest, cond, uncond, emit: Emit, check):
         x_t, gen = latents_noise(req.seed, req.width, req.height)

@@ -106,7 +106,14 @@ class StageMeter:
         self.load_seconds += self._lap()
         self.emit(StageStarted(self.stage, "running"))
 
-    def finish(self, *, cache: str | None = None, skipped: bool = False, note: str = "") -> StageStats:
+    def finish(
+        self,
+        *,
+        cache: str | None = None,
+        cache_texts: dict[str, str] | None = None,
+        skipped: bool = False,
+        note: str = "",
+    ) -> StageStats:
         self.run_seconds += self._lap()
         if self.cuda:
             free, total = torch.cuda.mem_get_info(self.device)
@@ -128,6 +135,7 @@ class StageMeter:
             device_total=total,
             host_rss=host_rss(),
             cache=cache,
+            cache_texts=cache_texts,
             skipped=skipped,
             note=note,
         )

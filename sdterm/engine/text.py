@@ -7,6 +7,7 @@ axis, so nothing the user typed is cut off.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,11 @@ class PromptTokenizer:
             raise CheckpointError(f"{folder}: not a usable CLIP tokenizer ({type(exc).__name__})") from None
         self.folder = folder
         self.max_positions = max_positions
+        h = hashlib.sha256()
+        for name in TOKENIZER_FILES:
+            h.update((folder / name).read_bytes())
+        self.identity = f"clip-bpe:{h.hexdigest()}"
+        """Changes whenever the vocabulary or merges do (part of the embedding cache key)."""
         self.bos = self.tok.bos_token_id
         self.eos = self.tok.eos_token_id
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos

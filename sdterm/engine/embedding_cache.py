@@ -1,0 +1,193 @@
+"""The on-disk prompt-embedding cache: the text encoder runs once per model, tokenizer and text.
+
+Entries are safetensors files holding one fp16 ``embedding`` tensor of shape (tokens, dim) and
+metadata (format, key, prompt, model hash, time). Keys are sha256 over the format version, the
+text-encoder weights' identity, the tokenizer's identity and the exact text, so two models never
+share entries. Any read problem (missing, truncated, foreign, wrong shape) is a miss; writes go
+through a temporary file and a rename, so concurrent sdterm processes never see a torn entry.
+Recency is the file's mtime (touched on every hit); the least recently used go first when the
+folder outgrows its cap. Never a pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+SUFFIX = ".safetensors"
+DEFAULT_MAX_BYTES = 256 * 10**6
+STALE_TMP_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    entries: int
+    bytes: int
+    oldest: float | None
+    """mtime (last use) of the least recently used entry."""
+    newest: float | None
+
+
+def cache_key(encoder_id: str, tokenizer_id: str, text: str) -> str:
+    h = hashlib.sha256()
+    for part in (f"sdterm-embedding-v{FORMAT_VERSION}", encoder_id, tokenizer_id, text):
+        data = part.encode("utf-8", "surrogatepass")
+        h.update(struct.pack("<Q", len(data)))  # length-prefixed: no ambiguity between parts
+        h.update(data)
+    return h.hexdigest()
+
+
+def _read_header(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("truncated header")
+    return json.loads(data[8 : 8 + n])
+
+
+class EmbeddingCache:
+    def __init__(self, folder: Path, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}{SUFFIX}"
+
+    def _entries(self) -> list[tuple[Path, os.stat_result]]:
+        out = []
+        if not self.folder.is_dir():
+            return out
+        for sub in self.folder.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if f.name.endswith(SUFFIX) and not f.name.startswith("."):
+                    try:
+                        out.append((f, f.stat()))
+                    except OSError:
+                        pass
+        return out
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def get(self, key: str, dim: int | None = None, *, touch: bool = True) -> torch.Tensor | None:
+        """The stored fp16 (tokens, dim) embedding, or None. Bad entries are removed (a miss).
+        A hit marks the entry as recently used unless ``touch`` is false."""
+        path = self.path(key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        try:
+            from safetensors.torch import load
+
+            meta = _read_header(data).get("__metadata__") or {}
+            if meta.get("format") != str(FORMAT_VERSION) or meta.get("key") != key:
+                raise ValueError("foreign entry")
+            tensors = load(data)
+            emb = tensors["embedding"]
+            if set(tensors) != {"embedding"} or emb.dtype != torch.float16 or emb.dim() != 2:
+                raise ValueError("unexpected contents")
+            if dim is not None and emb.shape[1] != dim:
+                raise ValueError("wrong width")
+            if not torch.isfinite(emb).all():
+                raise ValueError("non-finite values")
+        except Exception:
+            self._discard(path)
+            return None
+        if touch:
+            try:
+                os.utime(path)  # recency for LRU eviction
+            except OSError:
+                pass
+        return emb
+
+    def _discard(self, path: Path) -> None:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def put(self, key: str, embedding: torch.Tensor, *, prompt: str, model_hash: str) -> Path:
+        """Store ``embedding`` (any float dtype; stored as fp16 (tokens, dim)). Raises OSError if the
+        folder is unwritable; the caller decides whether that matters."""
+        from safetensors.torch import save
+
+        from ..fsutil import atomic_write_bytes
+
+        emb = embedding.detach().reshape(-1, embedding.shape[-1]).to("cpu", torch.float16).contiguous()
+        meta = {
+            "format": str(FORMAT_VERSION),
+            "key": key,
+            "prompt": prompt,
+            "model_hash": model_hash,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        path = self.path(key)
+        atomic_write_bytes(path, save({"embedding": emb}, metadata=meta))
+        self.evict()
+        return path
+
+    # ---- housekeeping ------------------------------------------------------------------------
+
+    def evict(self, max_bytes: int | None = None) -> int:
+        """Delete least recently used entries until the total is within the cap; returns how many."""
+        cap = self.max_bytes if max_bytes is None else max_bytes
+        entries = self._entries()
+        total = sum(st.st_size for _, st in entries)
+        removed = 0
+        for path, st in sorted(entries, key=lambda e: (e[1].st_mtime_ns, e[0].name)):
+            if total <= cap:
+                break
+            self._discard(path)
+            total -= st.st_size
+            removed += 1
+        return removed
+
+    def prune(self) -> int:
+        """Remove unreadable entries and stale temporary files, then evict to the cap."""
+        removed = 0
+        if self.folder.is_dir():
+            now = time.time()
+            for sub in self.folder.iterdir():
+                if not sub.is_dir():
+                    continue
+                for f in sub.iterdir():
+                    try:
+                        if f.name.endswith(".tmp"):
+                            if now - f.stat().st_mtime > STALE_TMP_SECONDS:
+                                f.unlink()
+                                removed += 1
+                        elif f.name.endswith(SUFFIX):
+                            key = f.name[: -len(SUFFIX)]
+                            if self.get(key, touch=False) is None:
+                                removed += 1
+                    except OSError:
+                        pass
+        return removed + self.evict()
+
+    def clear(self) -> int:
+        removed = 0
+        for path, _ in self._entries():
+            self._discard(path)
+            removed += 1
+        return removed
+
+    def stats(self) -> CacheStats:
+        entries = self._entries()
+        times = [st.st_mtime for _, st in entries]
+        return CacheStats(
+            entries=len(entries),
+            bytes=sum(st.st_size for _, st in entries),
+            oldest=min(times) if times else None,
+            newest=max(times) if times else None,
+        )
