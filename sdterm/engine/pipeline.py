@@ -96,6 +96,8 @@ class Result:
     demo: bool
     latents: torch.Tensor = field(repr=False)
     notices: list[str] = field(default_factory=list)
+    plan: str = "staged"
+    """How the models were placed for this render (the planner's description)."""
 
 
 def latents_noise(seed: int, width: int, height: int) -> tuple[torch.Tensor, torch.Generator]:
