@@ -47,6 +47,12 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=_positive_int, default=512, help="multiple of 8 (default 512)")
     p.add_argument("--eta", type=_number, default=0.0, help="DDIM eta, 0..1 (default 0: deterministic)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
+    p.add_argument(
+        "--vram-budget",
+        metavar="SIZE",
+        default=None,
+        help="GPU memory sdterm may use, e.g. 1.5G or 900M (default: the free memory minus 512 MiB)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +198,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_budget(text: str | None) -> int | None:
+    from .config import parse_size
+
+    if text is None or str(text).lower() in ("", "none", "auto"):
+        return None
+    budget = parse_size(text, "--vram-budget")
+    if budget < 256 * 2**20:
+        raise ConfigError(f"--vram-budget must be at least 256M, got {text}")
+    return budget
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import paths
     from .engine.pipeline import Engine, open_model
@@ -218,6 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         data_dir=paths.data_dir(),
         hash_memo=paths.cache_dir() / "model-hashes.json",
         cache=open_cache(args.no_cache),
+        budget=parse_budget(args.vram_budget),
     )
     engine.tokenizer  # a missing tokenizer is reported before any work starts
     if args.seed is None and not args.json:
@@ -245,6 +263,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "model_hash": result.model_hash,
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
+            "plan": result.plan,
+            "vram_budget": engine.budget,
             "demo": result.demo,
             "request": {k: getattr(req, k) for k in req.__dataclass_fields__},
             "cache": result.stages[0].cache_texts,
@@ -293,12 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     _quiet_libraries()
     from .engine.checkpoint import CheckpointError
-    from .engine.pipeline import Cancelled
+    from .engine.pipeline import Cancelled, OutOfMemory
+    from .engine.planner import BudgetTooSmall
     from .engine.text import PromptError
 
     try:
         return COMMANDS[args.command](args)
-    except (UserError, ConfigError, CheckpointError, PromptError) as exc:
+    except (UserError, ConfigError, CheckpointError, PromptError, BudgetTooSmall, OutOfMemory) as exc:
         print(f"sdterm: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except (KeyboardInterrupt, Cancelled):

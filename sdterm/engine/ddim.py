@@ -93,13 +93,16 @@ def sample(
     eta: float = 0.0,
     noise: Callable[[], torch.Tensor] | None = None,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Run the whole DDIM trajectory from pure noise ``x`` (= x_T; DDIM needs no initial scaling).
+    """Run the DDIM trajectory from ``x`` (pure noise x_T when ``start`` is 0; DDIM needs no
+    initial scaling). ``start`` resumes after ``start`` completed steps (e.g. after a retry).
 
     ``noise()`` supplies z for eta > 0; ``on_step(i, t, x)`` is called after each step and may raise
     to cancel.
     """
-    for i, (t, a, a_prev) in enumerate(zip(schedule.timesteps, schedule.alpha, schedule.alpha_prev)):
+    steps = list(zip(schedule.timesteps, schedule.alpha, schedule.alpha_prev))
+    for i, (t, a, a_prev) in enumerate(steps[start:], start=start):
         eps = denoise(x, t)
         z = noise() if (eta > 0 and noise is not None) else None
         x = ddim_step(x, eps, a, a_prev, eta, z)
@@ -113,8 +116,11 @@ def guided(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     scale: float,
+    *,
+    split: bool = False,
 ) -> Denoiser:
-    """Classifier-free guidance: eps = eps_u + scale (eps_c - eps_u), both in one batch of two.
+    """Classifier-free guidance: eps = eps_u + scale (eps_c - eps_u), both in one batch of two
+    (or, with ``split``, two passes of one: half the activation memory, same result).
 
     ``cond``/``uncond`` are (1, tokens, dim) and must have the same token count. With scale == 1
     the unconditional pass is pointless and is skipped.
@@ -126,6 +132,16 @@ def guided(
             return unet(x, ts, cond).to(x.dtype)
 
         return denoise_cond
+
+    if split:
+
+        def denoise_split(x: torch.Tensor, t: int) -> torch.Tensor:
+            ts = torch.full((1,), t, device=x.device, dtype=torch.long)
+            eps_u = unet(x, ts, uncond).to(x.dtype)
+            eps_c = unet(x, ts, cond).to(x.dtype)
+            return eps_u + scale * (eps_c - eps_u)
+
+        return denoise_split
 
     context = torch.cat([uncond, cond])  # (2, tokens, dim): [unconditional, conditional]
 

@@ -7,6 +7,7 @@ events and never prints.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,10 @@ from .checkpoint import (
     short_hash,
 )
 from .embedding_cache import EmbeddingCache, cache_key
-from .events import Emit, Notice, StageStats, StepDone, ignore
-from .placement import Placement, StageMeter, resolve_device, run_dtype
+from .events import STAGE_TITLES, Emit, Notice, StageStats, StepDone, ignore
+from .placement import ALIGN, Placement, StageMeter, resolve_device, run_dtype
+from .planner import ModelSizes, Plan, cheaper, plan_render
+from .tiling import choose_tile, decode_latents, vae_activation_bytes
 from .text import (
     PromptTokenizer,
     Tokens,
@@ -44,6 +47,10 @@ from .text import (
 )
 from .unet import UNetModel
 from .vae import VAEDecoder
+
+
+DEFAULT_BUDGET_MARGIN = 512 * 2**20
+"""Without --vram-budget, leave this much of the device's free memory to others."""
 
 
 class Cancelled(Exception):
@@ -128,8 +135,15 @@ class Engine:
         tokenizer_dir: Path | None = None,
         cache: EmbeddingCache | None = None,
         random_seed: int = 0,
+        budget: int | None = None,
+        plan: Plan | None = None,
     ):
         self.source = source
+        self.budget = budget
+        """VRAM budget in bytes; None: the device's free memory minus a margin (no planning on CPU)."""
+        self.forced_plan = plan
+        """A fixed plan instead of the planner's choice (tests, experiments)."""
+        self._sizes: ModelSizes | None = None
         self.cache = cache
         self.random_seed = random_seed
         self.device = resolve_device(device)
@@ -245,6 +259,59 @@ class Engine:
         """AUTOMATIC1111's model hash: the first 10 hex digits of the file's sha256."""
         return short_hash(self.sha256)
 
+    # ---- planning ----------------------------------------------------------------------------
+
+    def set_budget(self, budget: int | None) -> None:
+        """Change the VRAM budget (None: the device's free memory minus a margin). Models leave
+        the device; the next render plans and uploads again."""
+        self.budget = budget
+        self.placement.offload_all()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def sizes(self) -> ModelSizes:
+        """Bytes of each model and U-Net unit in the run dtype (from meta-device modules)."""
+        if self._sizes is None:
+            from .text import clip_config
+
+            itemsize = torch.tensor([], dtype=self.dtype).element_size()
+
+            def nbytes(m: torch.nn.Module) -> int:
+                return sum(-(-t.numel() * itemsize // ALIGN) * ALIGN for t in m.parameters())
+
+            from transformers import CLIPTextModel
+
+            with torch.device("meta"):
+                unet, vae, text = UNetModel(self.cfg.unet), VAEDecoder(self.cfg.vae), CLIPTextModel(clip_config(self.cfg.text))
+            units = tuple((name, nbytes(m), level) for name, m, level in unet.units())
+            self._sizes = ModelSizes(nbytes(text), sum(b for _, b, _ in units), nbytes(vae), units)
+        return self._sizes
+
+    def effective_budget(self) -> int | None:
+        if self.budget is not None:
+            return self.budget
+        if self.device.type != "cuda":
+            return None
+        free, _total = torch.cuda.mem_get_info(self.device)
+        held = sum(self.placement.device_bytes(n) for n in self.placement.models)
+        return free + held - DEFAULT_BUDGET_MARGIN
+
+    def plan(self, req: RenderRequest, text_needed: bool = True) -> Plan:
+        budget = self.effective_budget()
+        if budget is None:
+            return Plan(None, text="host", unet="host", vae="host")
+        lat_h, lat_w = req.height // 8, req.width // 8
+        return plan_render(
+            self.sizes(),
+            budget,
+            req.width,
+            req.height,
+            vae_decode_bytes=lambda: vae_activation_bytes(self.cfg.vae, lat_h, lat_w, self.dtype),
+            vae_tile_for=lambda avail: choose_tile(self.cfg.vae, lat_h, lat_w, self.dtype, avail),
+            cfg_batch=1 if req.cfg == 1.0 else 2,
+            text_needed=text_needed,
+        )
+
     # ---- rendering ---------------------------------------------------------------------------
 
     def generate(
@@ -274,18 +341,30 @@ class Engine:
             notice(f"prompt is {pos.n_tokens} tokens: encoded as {len(pos.chunks)} chunks of {tok.chunk_tokens}")
         check()
 
-        stages = []
         texts = {"prompt": (req.prompt, pos), "negative": (req.negative, neg)}
         if len(pos.chunks) != len(neg.chunks):
             texts["padding"] = ("", tok(""))
-        embs, text_stats = self._text_stage(texts, emit, notice)
-        cond, uncond = self._pair(embs)
+        cached = self._cached(texts)
+        plan = self.forced_plan or self.plan(req, text_needed=len(cached) < len(texts))
+        # Whatever the plan doesn't keep resident leaves the device before the render starts.
+        for name, mode in (("text", plan.text), ("unet", plan.unet), ("vae", plan.vae)):
+            if mode != "resident":
+                self.placement.offload(name)
+
+        stages = []
+        embs, text_stats, plan = self._with_retry("text", plan, req, notice,
+                                                  lambda p: self._text_stage(texts, cached, p, emit, notice))
         stages.append(text_stats)
+        cond, uncond = self._pair(embs)
         check()
-        latents, unet_stats = self._unet_stage(req, cond, uncond, emit, check)
+        x_t, gen = latents_noise(req.seed, req.width, req.height)
+        progress = {"step": 0, "x": x_t, "gen": gen}
+        latents, unet_stats, plan = self._with_retry("unet", plan, req, notice,
+                                                     lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check))
         stages.append(unet_stats)
         check()
-        image, vae_stats = self._vae_stage(latents, emit, notice)
+        image, vae_stats, plan = self._with_retry("vae", plan, req, notice,
+                                                  lambda p: self._vae_stage(latents, p, emit, notice))
         stages.append(vae_stats)
         return Result(
             image=image,
@@ -297,71 +376,111 @@ class Engine:
             demo=self.source.demo,
             latents=latents.cpu(),
             notices=notices,
+            plan=plan.describe(self.sizes() if plan.unet != "host" else None),
         )
 
-    def _run_on_device(self, stage: str, emit: Emit, body, meter: StageMeter | None = None):
-        """Build (first use) and upload the stage's model, run ``body(model, meter)``, give it back."""
-        meter = meter or StageMeter(stage, self.device, emit)
+    def _with_retry(self, stage: str, plan: Plan, req: RenderRequest, notice, run):
+        """Run a stage; on out-of-memory free everything, take the planner's cheaper plan and run
+        the stage again (the U-Net resumes at the step it was on)."""
+        while True:
+            try:
+                out, stats = run(plan)
+                return out, stats, plan
+            except torch.cuda.OutOfMemoryError:
+                self.placement.offload_all()
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                new = cheaper(plan, stage, self.sizes(), req.width, req.height) if plan.unet != "host" else None
+                if new is None:
+                    raise OutOfMemory(
+                        f"out of GPU memory in the {STAGE_TITLES[stage]} stage even with the cheapest plan "
+                        f"({plan.describe(self.sizes())}); try a smaller size or close other GPU programs"
+                    ) from None
+                notice(f"out of GPU memory in the {STAGE_TITLES[stage]}: retrying with {new.describe(self.sizes())}", "warning")
+                plan = new
+
+    def _acquire(self, stage: str, mode: str) -> torch.nn.Module:
+        """The stage's model, built on first use and (unless running on the host) registered with
+        the placement and uploaded (or joined with its prefetch)."""
         model = self.module(stage)
-        self.placement.upload(model)
-        try:
-            meter.loaded()
-            with torch.inference_mode():
-                out = body(model, meter)
-        finally:
-            self.placement.offload(model)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        return out, meter
+        if mode != "host":
+            units = [m for _, m, _ in model.units()] if stage == "unet" else None
+            self.placement.register(stage, model, units)
+            if mode != "streamed":
+                self.placement.upload(stage)
+                self.placement.wait(stage)
+        return model
 
-    def _text_stage(self, texts: dict[str, tuple[str, Tokens]], emit: Emit, notice):
-        """Embeddings (fp16, (tokens, dim) on the host) for each role; the encoder is neither built
+    def _release(self, stage: str, mode: str) -> None:
+        if mode not in ("resident", "host"):
+            self.placement.offload(stage)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _cached(self, texts: dict[str, tuple[str, Tokens]]) -> dict[str, torch.Tensor]:
+        if self.cache is None:
+            return {}
+        tok, dim = self.tokenizer, self.cfg.text.hidden_size
+        found = {}
+        for role, (text, _) in texts.items():
+            hit = self.cache.get(cache_key(self.encoder_id, tok.identity, text), dim)
+            if hit is not None:
+                found[role] = hit
+        return found
+
+    def _text_stage(self, texts: dict[str, tuple[str, Tokens]], cached: dict[str, torch.Tensor], plan: Plan, emit: Emit, notice):
+        """Embeddings (fp16, (tokens, dim), on the host) for each role; the encoder is neither built
         nor moved to the device when the cache has every text."""
-        tok = self.tokenizer
-        dim = self.cfg.text.hidden_size
-        embs: dict[str, torch.Tensor] = {}
-        status: dict[str, str] = {}
-        keys = {role: cache_key(self.encoder_id, tok.identity, text) for role, (text, _) in texts.items()}
-        if self.cache is not None:
-            for role in texts:
-                hit = self.cache.get(keys[role], dim)
-                status[role] = "hit" if hit is not None else "miss"
-                if hit is not None:
-                    embs[role] = hit
-        missing = [role for role in texts if role not in embs]
         meter = StageMeter("text", self.device, emit)
+        embs = dict(cached)
+        missing = [role for role in texts if role not in embs]
         if missing:
-
-            def body(encoder, _meter):
+            encoder = self._acquire("text", plan.text)
+            if plan.prefetch_unet and plan.unet in ("staged", "resident"):
+                self._acquire_prefetch("unet")
+            meter.loaded()
+            try:
                 by_text: dict[str, torch.Tensor] = {}
-                for role in missing:
-                    text, tokens = texts[role]
-                    if text not in by_text:
-                        # Rounded to fp16 on a miss too: hit and miss feed the U-Net the same values.
-                        by_text[text] = encode(encoder, tokens, self.device)[0].to("cpu", torch.float16)
-                return {role: by_text[texts[role][0]] for role in missing}
-
-            fresh, meter = self._run_on_device("text", emit, body, meter)
+                with torch.inference_mode():
+                    for role in missing:
+                        text, tokens = texts[role]
+                        if text not in by_text:
+                            # Rounded to fp16 on a miss too: hit and miss feed the U-Net the same values.
+                            by_text[text] = encode(encoder, tokens, self.device)[0].to("cpu", torch.float16)
+            finally:
+                self._release("text", plan.text)
+            fresh = {role: by_text[texts[role][0]] for role in missing}
             embs.update(fresh)
-            self._store(fresh, {r: keys[r] for r in fresh}, {r: texts[r][0] for r in fresh}, notice)
+            self._store(fresh, texts, notice)
         else:
             meter.loaded()
+        status = None
+        if self.cache is not None:
+            status = {role: ("hit" if role in cached else "miss") for role in texts}
         overall = None
         if status:
             overall = "hit" if not missing else ("miss" if len(missing) == len(texts) else "partial")
-        stats = meter.finish(cache=overall, cache_texts=status or None, skipped=not missing)
-        return embs, stats
+        return embs, meter.finish(cache=overall, cache_texts=status, skipped=not missing, note=f"text {plan.text}")
 
-    def _store(self, embs: dict[str, torch.Tensor], keys: dict[str, str], texts: dict[str, str], notice) -> None:
+    def _acquire_prefetch(self, stage: str) -> None:
+        model = self.module(stage)
+        units = [m for _, m, _ in model.units()] if stage == "unet" else None
+        self.placement.register(stage, model, units)
+        self.placement.upload(stage, prefetch=True)
+
+    def _store(self, embs: dict[str, torch.Tensor], texts: dict[str, tuple[str, Tokens]], notice) -> None:
         if self.cache is None:
             return
         stored: set[str] = set()
         for role, emb in embs.items():
-            if keys[role] in stored:
+            text = texts[role][0]
+            key = cache_key(self.encoder_id, self.tokenizer.identity, text)
+            if key in stored:
                 continue
-            stored.add(keys[role])
+            stored.add(key)
             try:
-                self.cache.put(keys[role], emb, prompt=texts[role], model_hash=self.model_hash)
+                self.cache.put(key, emb, prompt=text, model_hash=self.model_hash)
             except OSError as exc:
                 notice(f"embedding cache unusable ({exc.strerror or exc}): rendering without it", "warning")
                 self.cache = None
@@ -379,43 +498,70 @@ class Engine:
             uncond = torch.cat([uncond, *[pad] * ((n - uncond.shape[0]) // pad.shape[0])])
         return cond[None].to(self.dtype), uncond[None].to(self.dtype)
 
-    def _unet_stage(self, req: RenderRequest, cond, uncond, emit: Emit, check):
-        x_t, gen = latents_noise(req.seed, req.width, req.height)
+    def _unet_stage(self, req: RenderRequest, cond, uncond, plan: Plan, progress: dict, emit: Emit, check):
+        x_t, gen = progress["x"], progress["gen"]
         schedule = ddim.Schedule.make(self.cfg.schedule, req.steps)
-
-        def body(unet, _meter):
+        meter = StageMeter("unet", self.device, emit)
+        unet = self._acquire("unet", plan.unet)
+        streamer = None
+        if plan.unet == "streamed":
+            modules = [m for _, m, _ in unet.units()]
+            streamer = self.placement.streamed("unet", modules, plan.resident_units, plan.ring_bytes)
+            streamer.__enter__()
+        try:
+            if plan.prefetch_vae and plan.vae != "host":
+                self._acquire_prefetch("vae")
+            meter.loaded()
             x = x_t.to(self.device)
-            denoise = ddim.guided(unet, cond.to(self.device), uncond.to(self.device), req.cfg)
+            denoise = ddim.guided(unet, cond.to(self.device), uncond.to(self.device), req.cfg, split=plan.split_cfg)
             t0 = time.perf_counter()
 
-            def on_step(i: int, t: int, _x: torch.Tensor) -> None:
+            def on_step(i: int, t: int, x_now: torch.Tensor) -> None:
+                progress["step"], progress["x"] = i + 1, x_now  # where a retry resumes
                 check()
                 emit(StepDone(i + 1, req.steps, t, time.perf_counter() - t0))
 
             def noise() -> torch.Tensor:
                 return torch.randn(x_t.shape, generator=gen, dtype=torch.float32).to(self.device)
 
-            return ddim.sample(denoise, x, schedule, eta=req.eta, noise=noise, on_step=on_step)
+            with torch.inference_mode():
+                latents = ddim.sample(denoise, x, schedule, eta=req.eta, noise=noise, on_step=on_step,
+                                      start=progress["step"])
+        finally:
+            if streamer is not None:
+                streamer.__exit__(None, None, None)
+            self._release("unet", plan.unet)
+        note = plan.describe(self.sizes()) if plan.unet != "host" else "cpu"
+        return latents, meter.finish(note=note)
 
-        latents, meter = self._run_on_device("unet", emit, body)
-        return latents, meter.finish()
+    def _vae_stage(self, latents: torch.Tensor, plan: Plan, emit: Emit, notice):
+        meter = StageMeter("vae", self.device, emit)
+        vae = self._acquire("vae", plan.vae)
+        try:
+            meter.loaded()
+            with torch.inference_mode():
+                z = latents.to(self.device)
+                decoded = decode_latents(vae, z, plan.vae_tile)
+                if not torch.isfinite(decoded).all() and decoded.dtype != torch.float32:
+                    # fp16 overflow gives NaN/inf (a black image): decode again in fp32.
+                    notice("VAE output overflowed in fp16; decoded again in fp32", "warning")
+                    decoded = decode_latents(vae.float(), z, plan.vae_tile)
+                image = to_image(decoded)
+        finally:
+            if vae.post_quant_conv.weight.dtype != self.dtype:  # the fp32 fallback replaced the device copy
+                self.placement.offload("vae")
+            self._release("vae", plan.vae)
+        tiled = f", tiled {plan.vae_tile * 8}px" if plan.vae_tile else ""
+        return image, meter.finish(note=f"vae {plan.vae}{tiled}")
 
-    def _vae_stage(self, latents: torch.Tensor, emit: Emit, notice):
-        def body(vae, _meter):
-            z = latents.to(self.device)
-            decoded = vae(z)
-            if not torch.isfinite(decoded).all() and decoded.dtype != torch.float32:
-                # fp16 overflow gives NaN/inf (a black image): decode again in fp32.
-                notice("VAE output overflowed in fp16; decoded again in fp32", "warning")
-                decoded = vae.float()(z)
-            return to_image(decoded)
 
-        image, meter = self._run_on_device("vae", emit, body)
-        return image, meter.finish()
+class OutOfMemory(RuntimeError):
+    """Out of device memory even with the cheapest plan; one line for the user."""
 
 
 __all__ = [
     "Cancelled",
+    "OutOfMemory",
     "ConfigError",
     "Engine",
     "ModelSource",

@@ -12,7 +12,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,31 +51,260 @@ def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
+ALIGN = 256
+"""Byte alignment of every tensor inside a packed unit (keeps kernels on their fast paths)."""
+
+
 @dataclass
+class _Slot:
+    owner: nn.Module
+    name: str
+    is_param: bool
+    shape: torch.Size
+    dtype: torch.dtype
+    offset: int
+    nbytes: int
+
+
+class Unit:
+    """Some modules' parameters and buffers packed into one flat byte buffer on the host (pinned
+    when the device is a GPU), so the unit moves to the device with a single copy."""
+
+    def __init__(self, modules: list[nn.Module], pin: bool):
+        slots: list[_Slot] = []
+        seen: set[int] = set()
+        offset = 0
+        for module in modules:
+            for owner in module.modules():
+                for name, t in list(owner._parameters.items()) + list(owner._buffers.items()):
+                    if t is None or id(t) in seen:
+                        continue
+                    seen.add(id(t))
+                    nbytes = t.numel() * t.element_size()
+                    slots.append(_Slot(owner, name, name in owner._parameters, t.shape, t.dtype, offset, nbytes))
+                    offset += -(-nbytes // ALIGN) * ALIGN
+        self.slots = slots
+        self.nbytes = max(offset, ALIGN)
+        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        for slot in slots:
+            src = self._get(slot)
+            self._view(self.host, 0, slot).copy_(src)
+            self._set(slot, self._view(self.host, 0, slot))  # the old tensor is freed here
+        self.device_buf: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+
+    @staticmethod
+    def _get(slot: _Slot) -> torch.Tensor:
+        table = slot.owner._parameters if slot.is_param else slot.owner._buffers
+        return table[slot.name].data
+
+    @staticmethod
+    def _set(slot: _Slot, view: torch.Tensor) -> None:
+        if slot.is_param:
+            slot.owner._parameters[slot.name].data = view
+        else:
+            slot.owner._buffers[slot.name] = view
+
+    @staticmethod
+    def _view(flat: torch.Tensor, start: int, slot: _Slot) -> torch.Tensor:
+        return flat[start + slot.offset : start + slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+
+    def bind(self, flat: torch.Tensor, start: int = 0) -> None:
+        """Point every tensor of the unit at its place in ``flat`` (host, device buffer or ring)."""
+        for slot in self.slots:
+            self._set(slot, self._view(flat, start, slot))
+
+
 class Placement:
-    """Moves modules between the host and the device, keeping the host copy as the source of truth."""
+    """Moves packed models between pinned host memory and the device.
 
-    device: torch.device
-    _host: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    ``register(name, module, units)`` packs a model once (units: the sub-modules that move
+    separately, for streaming; default one unit). ``upload`` (optionally on the side stream, as a
+    prefetch), ``offload`` and ``streamed`` execute what the planner decided.
+    """
 
-    def upload(self, module: nn.Module) -> nn.Module:
-        if self.device.type == "cpu" or id(module) in self._host:
-            return module
-        host = {}
-        for name, t in (*module.named_parameters(), *module.named_buffers()):
-            host[name] = t.data
-        self._host[id(module)] = host
-        return module.to(self.device, non_blocking=True)
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.models: dict[str, list[Unit]] = {}
 
-    def offload(self, module: nn.Module) -> None:
-        host = self._host.pop(id(module), None)
-        if host is None:
-            return
-        for name, t in (*module.named_parameters(), *module.named_buffers()):
-            t.data = host[name]
+    def register(self, name: str, module: nn.Module, units: list[nn.Module] | None = None) -> None:
+        if name not in self.models:
+            self.models[name] = [Unit([m], pin=self.cuda) for m in (units or [module])]
 
-    def on_device(self, module: nn.Module) -> bool:
-        return self.device.type == "cpu" or id(module) in self._host
+    def on_device(self, name: str) -> bool:
+        return all(u.device_buf is not None for u in self.models.get(name, []))
+
+    def device_bytes(self, name: str) -> int:
+        return sum(u.nbytes for u in self.models.get(name, []) if u.device_buf is not None)
+
+    def upload(self, name: str, *, prefetch: bool = False, units: list[int] | None = None) -> None:
+        """Copy the model (or some of its units) to the device. With ``prefetch`` the copy runs on
+        the side stream and overlaps whatever the compute stream is doing; ``wait`` joins it."""
+        for i, unit in enumerate(self.models[name]):
+            if (units is not None and i not in units) or unit.device_buf is not None:
+                continue
+            buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+            if prefetch and self.cuda:
+                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self.copy_stream):
+                    buf.copy_(unit.host, non_blocking=True)
+                    unit.ready = torch.cuda.Event()
+                    unit.ready.record(self.copy_stream)
+            else:
+                buf.copy_(unit.host, non_blocking=True)
+            unit.device_buf = buf
+            unit.bind(buf)
+
+    def wait(self, name: str) -> None:
+        """Make the compute stream wait for a prefetch of ``name`` (no CPU stall)."""
+        for unit in self.models.get(name, []):
+            if unit.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(unit.ready)
+                unit.ready = None
+
+    def offload(self, name: str) -> None:
+        """Back to the host copy; the device memory is released (no device-to-host copy: the
+        weights never change)."""
+        for unit in self.models.get(name, []):
+            if unit.device_buf is not None:
+                if self.cuda:
+                    unit.device_buf.record_stream(torch.cuda.current_stream(self.device))
+                unit.bind(unit.host)
+                unit.device_buf = None
+                unit.ready = None
+
+    def offload_all(self) -> None:
+        for name in self.models:
+            self.offload(name)
+
+    def streamed(self, name: str, modules: list[nn.Module], resident: frozenset[int], ring_bytes: int) -> "RingStreamer":
+        return RingStreamer(self, name, modules, resident, ring_bytes)
+
+
+class RingStreamer:
+    """Runs a model whose resident units stay on the device while the others flow through a ring
+    buffer: unit k+1, k+2, ... are copied on the side stream while unit k computes.
+
+    The ring is a FIFO of regions. A region is reused only after the compute stream has finished
+    the unit that occupied it (an event the copy stream waits on), so device memory never exceeds
+    resident units + ring, and neither stream ever blocks the CPU. Use as a context manager.
+    """
+
+    def __init__(self, placement: Placement, name: str, modules: list[nn.Module], resident: frozenset[int], ring_bytes: int):
+        self.p = placement
+        self.units = placement.models[name]
+        self.name = name
+        self.modules = modules
+        self.resident = resident
+        self.order = [i for i in range(len(self.units)) if i not in resident]
+        self.ring_bytes = max(ring_bytes, max((self.units[i].nbytes for i in self.order), default=0))
+        self.hooks: list = []
+        self.ring: torch.Tensor | None = None
+        self.fifo: list[list] = []  # [unit, start, end, ready_event, release_event | None]
+        self.next = 0  # index into self.order of the next unit to prefetch
+        self.copied_bytes = 0
+
+    def __enter__(self) -> "RingStreamer":
+        self.p.upload(self.name, units=list(self.resident))
+        if self.order:
+            self.ring = torch.empty(self.ring_bytes, dtype=torch.uint8, device=self.p.device)
+            if self.p.cuda:  # the ring's memory may have been used by earlier compute
+                self.p.copy_stream.wait_stream(torch.cuda.current_stream(self.p.device))
+            for i in self.order:
+                self.hooks.append(self.modules[i].register_forward_pre_hook(self._pre(i)))
+                self.hooks.append(self.modules[i].register_forward_hook(self._post(i)))
+            self._fill()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        for i in self.order:
+            self.units[i].bind(self.units[i].host)
+        if self.ring is not None and self.p.cuda:
+            self.ring.record_stream(torch.cuda.current_stream(self.p.device))
+        self.ring = None
+        self.fifo.clear()
+
+    # ---- the ring ----------------------------------------------------------------------------
+
+    def _place(self, size: int) -> tuple[int, object] | None:
+        """(start, event to wait for or None) for a region of ``size`` bytes, retiring computed
+        regions oldest first as needed; None while the ring is full of units not yet run."""
+        wait = None
+        while True:
+            if not self.fifo:
+                return 0, wait
+            tail, head = self.fifo[0][1], self.fifo[-1][2]
+            if self.fifo[-1][1] >= self.fifo[0][1]:  # occupied [tail, head): free [head, R) + [0, tail)
+                if head + size <= self.ring_bytes:
+                    return head, wait
+                if size <= tail:
+                    return 0, wait
+            elif head + size <= tail:  # wrapped: occupied [tail, R) + [0, head), free [head, tail)
+                return head, wait
+            oldest = self.fifo[0]
+            if oldest[4] is None:
+                return None
+            wait = oldest[4]  # compute events are ordered: the newest retired one covers the rest
+            self.fifo.pop(0)
+
+    def _fill(self) -> None:
+        """Prefetch upcoming streamed units (cyclically: the next step starts over) while room."""
+        while sum(1 for e in self.fifo if e[4] is None) < len(self.order):
+            idx = self.order[self.next % len(self.order)]
+            unit = self.units[idx]
+            placed = self._place(unit.nbytes)
+            if placed is None:
+                return
+            start, wait = placed
+            region = self.ring[start : start + unit.nbytes]
+            ready = None
+            if self.p.cuda:
+                stream = self.p.copy_stream
+                if wait is not None:
+                    stream.wait_event(wait)
+                with torch.cuda.stream(stream):
+                    region.copy_(unit.host, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+            else:
+                region.copy_(unit.host)
+            self.copied_bytes += unit.nbytes
+            self.fifo.append([idx, start, start + unit.nbytes, ready, None])
+            self.next += 1
+
+    def _entry(self, idx: int) -> list:
+        for entry in self.fifo:
+            if entry[0] == idx and entry[4] is None:
+                return entry
+        raise RuntimeError(f"streamed unit {idx} was not prefetched")
+
+    def _pre(self, idx: int):
+        def hook(_module, _args):
+            if not any(e[0] == idx and e[4] is None for e in self.fifo):
+                self._fill()
+            entry = self._entry(idx)
+            if entry[3] is not None:
+                torch.cuda.current_stream(self.p.device).wait_event(entry[3])
+            self.units[idx].bind(self.ring, entry[1])
+
+        return hook
+
+    def _post(self, idx: int):
+        def hook(_module, _args, _out):
+            entry = self._entry(idx)
+            done: object = True
+            if self.p.cuda:
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.p.device))
+            entry[4] = done
+            self._fill()
+
+        return hook
 
 
 class StageMeter:

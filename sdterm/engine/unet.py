@@ -96,6 +96,7 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         self.input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        levels_in = [0]  # resolution level of each block (0 = full latent resolution)
         skip_channels = [mc]
         ch, ds = mc, 1
         for level, mult in enumerate(cfg.channel_mult):
@@ -105,9 +106,11 @@ class UNetModel(nn.Module):
                 if ds in cfg.attention_resolutions:
                     layers.append(SpatialTransformer(ch, heads, depth, ctx))
                 self.input_blocks.append(TimestepBlock(layers))
+                levels_in.append(level)
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(TimestepBlock([Downsample(ch)]))
+                levels_in.append(level)
                 skip_channels.append(ch)
                 ds *= 2
 
@@ -116,8 +119,10 @@ class UNetModel(nn.Module):
         )
 
         self.output_blocks = nn.ModuleList()
+        levels_out = []
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
+                levels_out.append(level)
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
@@ -128,6 +133,20 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepBlock(layers))
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self._levels = (levels_in, len(cfg.channel_mult), levels_out)
+
+    def units(self) -> list[tuple[str, nn.Module, int]]:
+        """The layers in execution order, as (name, module, resolution level): what the planner
+        keeps resident or streams one by one. Every parameter belongs to exactly one unit."""
+        levels_in, deepest, levels_out = self._levels
+        out: list[tuple[str, nn.Module, int]] = [("time_embed", self.time_embed, 0)]
+        for i, block in enumerate(self.input_blocks):
+            out += [(f"input_blocks.{i}.{j}", layer, levels_in[i]) for j, layer in enumerate(block)]
+        out += [(f"middle_block.{j}", layer, deepest) for j, layer in enumerate(self.middle_block)]
+        for i, block in enumerate(self.output_blocks):
+            out += [(f"output_blocks.{i}.{j}", layer, levels_out[i]) for j, layer in enumerate(block)]
+        out.append(("out", self.out, 0))
+        return out
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """(b, 4, h, w), (b,), (b, tokens, context_dim) -> (b, 4, h, w) noise estimate."""

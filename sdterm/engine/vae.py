@@ -12,6 +12,13 @@ from torch import nn
 
 from ..config import VAEConfig
 
+ATTN_CHUNK_THRESHOLD = 4096
+"""Above this many pixel tokens (a 64x64 latent: a 512x512 image) the mid-block attention runs in
+query chunks, so that SDPA's math kernel never builds the whole (h*w)^2 score matrix."""
+ATTN_CHUNK_SCORES = 4096 * 4096
+"""Score-matrix elements per query chunk: rows = ATTN_CHUNK_SCORES // (h*w), at least 1 (64 MiB per
+score copy when the math kernel computes in fp32)."""
+
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
@@ -56,8 +63,23 @@ class AttnBlock(nn.Module):
         def tokens(t: torch.Tensor) -> torch.Tensor:
             return t.flatten(2).transpose(1, 2)[:, None]  # (b, c, h, w) -> (b, 1, h*w, c)
 
-        out = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
-        out = out[:, 0].transpose(1, 2).reshape(b, c, h, w)  # (b, 1, h*w, c) -> (b, c, h, w)
+        q, k, v = tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y))
+        del y
+        n = h * w
+        if n <= ATTN_CHUNK_THRESHOLD:
+            out = F.scaled_dot_product_attention(q, k, v)
+            out = out[:, 0].transpose(1, 2).reshape(b, c, h, w)  # (b, 1, h*w, c) -> (b, c, h, w)
+        else:
+            # Each output row softmax(q_i k^T / sqrt(c)) v needs only its own query, so query chunks
+            # give the same result while the math kernel holds rows x h*w scores, not (h*w)^2.
+            rows = max(1, ATTN_CHUNK_SCORES // n)
+            flat = x.new_empty(b, c, n)  # written through a (b, 1, h*w, c) view: no copy at the end
+            out_tokens = flat.transpose(1, 2)[:, None]  # (b, c, h*w) -> (b, 1, h*w, c)
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                out_tokens[:, :, start:stop] = F.scaled_dot_product_attention(q[:, :, start:stop], k, v)
+            out = flat.view(b, c, h, w)  # (b, c, h*w) -> (b, c, h, w)
+        del q, k, v
         return x + self.proj_out(out)
 
 

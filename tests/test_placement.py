@@ -1,0 +1,145 @@
+"""Executing plans: staged, streamed, split and tiled renders match the plain one; out-of-memory
+in any stage leads to a cheaper plan and a finished image. Runs on the CPU through the same code
+path the GPU uses (the 'device' buffers are then CPU tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from sdterm.engine.events import Notice
+from sdterm.engine.pipeline import Engine, open_model
+from sdterm.engine.placement import Placement, RingStreamer
+from sdterm.engine.planner import GiB, Plan
+
+from .conftest import small_request
+
+REQ = dict(width=64, height=48, steps=3, negative="blurry")
+
+
+def render(model, plan: Plan | None, **kw):
+    engine = Engine(open_model(model), "cpu", plan=plan)
+    return engine, engine.generate(small_request(**{**REQ, **kw}))
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.image).astype(int)
+
+
+@pytest.fixture(scope="module")
+def baseline(demo_model):
+    return render(demo_model, None)[1]
+
+
+def _unit_bytes(engine):
+    unet = engine.module("unet")
+    return [sum(p.numel() * p.element_size() for p in m.parameters()) for _, m, _ in unet.units()]
+
+
+def test_staged_and_resident_match_host(demo_model, baseline):
+    for plan in (
+        Plan(GiB, text="resident", unet="resident", vae="resident"),
+        Plan(GiB, prefetch_unet=True, prefetch_vae=True),
+    ):
+        engine, r = render(demo_model, plan)
+        assert np.array_equal(pixels(r), pixels(baseline)), plan
+        # Resident models stay on the 'device' after the render; staged ones don't.
+        assert engine.placement.on_device("unet") == (plan.unet == "resident")
+
+
+def test_streamed_matches_host_with_a_wrapping_ring(demo_model, baseline):
+    probe = Engine(open_model(demo_model), "cpu")
+    sizes = _unit_bytes(probe)
+    resident = frozenset(i for i, b in enumerate(sizes) if b == max(sizes))
+    ring = 2 * max(b for i, b in enumerate(sizes) if i not in resident)
+    plan = Plan(GiB, unet="streamed", resident_units=resident, ring_bytes=ring)
+    engine, r = render(demo_model, plan)
+    assert np.array_equal(pixels(r), pixels(baseline))
+    assert "streamed" in r.plan
+
+
+def test_ring_streamer_copies_every_streamed_unit_each_pass(demo_model):
+    engine = Engine(open_model(demo_model), "cpu")
+    unet = engine.module("unet")
+    modules = [m for _, m, _ in unet.units()]
+    placement = Placement(torch.device("cpu"))
+    placement.register("unet", unet, modules)
+    sizes = [u.nbytes for u in placement.models["unet"]]
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.inference_mode():
+        expected = unet(x, t, ctx)
+        with RingStreamer(placement, "unet", modules, frozenset({0}), 2 * max(sizes)) as s:
+            for _ in range(3):
+                assert torch.equal(unet(x, t, ctx), expected)
+            assert s.copied_bytes >= 3 * (sum(sizes) - sizes[0])
+    # Afterwards streamed units point at their host copy again; the resident one stays uploaded.
+    for i, unit in enumerate(placement.models["unet"]):
+        base = unit.device_buf if i == 0 else unit.host
+        assert (unit.device_buf is not None) == (i == 0)
+        for slot in unit.slots:
+            ptr = unit._get(slot).data_ptr()
+            assert base.data_ptr() <= ptr < base.data_ptr() + unit.nbytes
+
+
+def test_split_cfg_and_tiled_vae_are_close(demo_model, baseline):
+    _, split = render(demo_model, Plan(GiB, split_cfg=True))
+    assert np.abs(pixels(split) - pixels(baseline)).max() <= 1
+    _, whole = render(demo_model, None, width=256, height=192)
+    _, tiled = render(demo_model, Plan(GiB, vae_tile=24), width=256, height=192)
+    diff = np.abs(pixels(tiled) - pixels(whole))
+    assert diff.mean() < 8  # random weights; tiles only see local context in the mid attention
+
+
+@pytest.mark.parametrize("stage", ["text", "unet", "vae"])
+def test_out_of_memory_in_a_stage_retries_with_a_cheaper_plan(demo_model, baseline, stage):
+    engine = Engine(open_model(demo_model), "cpu", plan=Plan(GiB, text="resident", unet="resident", vae="resident"))
+    model = engine.module(stage)
+    original = model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == (2 if stage == "unet" else 1):  # the U-Net fails on its second step
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    model.forward = flaky
+    notices = []
+    steps = []
+    from sdterm.engine.events import StepDone
+
+    def emit(e):
+        if isinstance(e, Notice):
+            notices.append(e.message)
+        if isinstance(e, StepDone):
+            steps.append(e.step)
+
+    size = dict(width=256, height=192) if stage == "vae" else {}
+    r = engine.generate(small_request(**{**REQ, **size}), emit=emit)
+    assert any("out of GPU memory" in n and "retrying" in n for n in notices), notices
+    if stage == "unet":
+        assert steps == [1, 2, 3]  # resumed at the failed step: no step repeated or lost
+    if stage != "vae":
+        assert np.abs(pixels(r) - pixels(baseline)).max() <= 1
+    else:
+        assert r.image.size == (256, 192) and "tiled" in r.stages[2].note
+
+
+def test_oom_with_nothing_cheaper_is_one_clear_error(demo_model):
+    from sdterm.engine.pipeline import OutOfMemory
+
+    engine = Engine(open_model(demo_model), "cpu", plan=Plan(GiB, vae_tile=24))
+    vae = engine.module("vae")
+
+    def always(*a, **k):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    vae.forward = always
+    with pytest.raises(OutOfMemory, match="VAE decoder.*cheapest plan"):
+        engine.generate(small_request(**REQ))
+    # and the engine recovers for the next render
+    vae.forward = type(vae).forward.__get__(vae)
+    assert engine.generate(small_request(**REQ)).image.size == (64, 48)
