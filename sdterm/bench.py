@@ -279,6 +279,13 @@ class BenchReport:
             "sizes": [f"{w}x{h}" for w, h in o.sizes],
             "budgets": [b.bytes for b in o.budgets],
             "reference_modes": list(o.reference_modes),
+            "timing": {
+                "seconds_per_render": "median over the timed renders, each from request to image (synchronized)",
+                "sdterm_seconds_per_step": "U-Net stage run seconds / steps (its upload is load time, not run time)",
+                "diffusers_seconds_per_step": "end of the first step to end of the last / (steps - 1)",
+                "peaks": "max over the timed renders; sdterm per stage (counters reset at each stage), "
+                "diffusers over the whole render",
+            },
             "rows": [row.to_dict() for row in self.rows],
             "notes": self.notes,
         }
@@ -359,16 +366,15 @@ def release_device(engine) -> None:
 def make_engine(source, device: str, cache, budget: int | None, **kwargs):
     """``Engine(...)``, passing ``budget=`` only when there is one (engines before the VRAM budget
     take no such argument)."""
+    import inspect
+
     from .engine.pipeline import Engine
 
     if budget is not None:
+        if "budget" not in inspect.signature(Engine).parameters:
+            raise UserError("this sdterm's engine has no VRAM budget yet: use --budgets none")
         kwargs["budget"] = budget
-    try:
-        return Engine(source, device, cache=cache, **kwargs)
-    except TypeError as exc:
-        if budget is not None and "budget" in str(exc):
-            raise UserError("this sdterm's engine has no VRAM budget yet: use --budgets none") from None
-        raise
+    return Engine(source, device, cache=cache, **kwargs)
 
 
 def bench_sdterm(engine, opts: BenchOptions, log: Log = _no_log) -> list[Row]:

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=("path", "stats", "clear", "prune"))
     cache.add_argument("--json", action="store_true", help="stats as one JSON object")
 
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+
     demo = sub.add_parser("demo-model", help="write a tiny random-weight model of the SD v1 architecture")
     demo.add_argument("dir", metavar="DIR")
     demo.add_argument("--seed", type=_positive_int, default=0, help="weight seed (default 0)")
@@ -294,7 +298,13 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "demo-model": cmd_demo_model, "cache": cmd_cache}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import cmd_bench as run
+
+    return run(args)
+
+
+COMMANDS = {"generate": cmd_generate, "demo-model": cmd_demo_model, "cache": cmd_cache, "bench": cmd_bench}
 
 
 def _quiet_libraries() -> None:

@@ -259,11 +259,12 @@ def validate_request(req: RenderRequest) -> None:
 # The user's settings file (sdterm.yaml in the platformdirs config dir)
 # --------------------------------------------------------------------------------------------
 
-_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "KI": 2**10, "MI": 2**20, "GI": 2**30}
 
 
 def parse_size(text: str | int, what: str = "size") -> int:
-    """'256M', '1.5G', '512MiB', '1000000' -> bytes (K/M/G decimal, Ki/Mi/Gi binary)."""
+    """'256M', '1.5G', '512MiB', '1000000' -> bytes. K, M and G are binary (1G = 1 GiB), as GPU
+    memory is counted by nvidia-smi and torch."""
     import re
 
     if isinstance(text, int) and not isinstance(text, bool):
@@ -283,7 +284,7 @@ class CacheSettings:
     dir: str = ""
     """Embedding cache folder; empty means the platformdirs cache dir (or SDTERM_CACHE_DIR)."""
     max_size: str = "256M"
-    """Cap on the embedding cache; least recently used entries are evicted beyond it."""
+    """Cap on the embedding cache (256 MiB); least recently used entries are evicted beyond it."""
     enabled: bool = True
     """False renders without the embedding cache."""
 

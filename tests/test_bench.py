@@ -33,7 +33,7 @@ from sdterm.bench import (
     run_bench,
 )
 from sdterm.cli import UserError
-from sdterm.config import ConfigError
+from sdterm.config import ConfigError, parse_size
 from sdterm.engine.events import StageStats
 
 SMALL = ("--sizes", "64x64", "--steps", "2", "--repeats", "1", "--budgets", "none", "--device", "cpu")
@@ -100,7 +100,7 @@ def test_parse_sizes():
 
 def test_parse_budgets():
     got = parse_budgets("1G,1536M,none")
-    assert got == (Budget("1G", 10**9), Budget("1536M", 1536 * 10**6), Budget("none", None))
+    assert got == (Budget("1G", parse_size("1G")), Budget("1536M", parse_size("1536M")), Budget("none", None))
     assert parse_budgets("1GiB,1024Mi") == (Budget("1GiB", 2**30),)  # duplicates collapse
     for bad in ("1Q", "", "0", "-1G"):
         with pytest.raises(UserError, match="budget"):
@@ -230,10 +230,10 @@ def test_each_budget_is_set_before_its_renders():
     engine = FakeEngine()
     opts = BenchOptions(sizes=((64, 64),), budgets=parse_budgets("1G,none"), steps=4, repeats=3)
     rows = bench_sdterm(engine, opts)
-    assert engine.budgets == [10**9, None]
+    assert engine.budgets == [parse_size("1G"), None]
     assert engine.renders == 2 * (1 + 3)  # a warm-up and three timed renders per budget
     first, second = rows
-    assert first.plan == f"staged within {10**9}" and second.plan == "unet resident"
+    assert first.plan == f"staged within {parse_size('1G')}" and second.plan == "unet resident"
     assert first.seconds == [2.5, 3.5, 4.5] and first.seconds_per_render == 3.5
     assert first.seconds_per_step == pytest.approx(0.2)  # U-Net run seconds / steps
     assert first.peak_allocated == 1000 + 4  # max over stages and timed renders

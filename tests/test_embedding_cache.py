@@ -187,7 +187,7 @@ def test_cache_size_comes_from_user_config(tmp_path, run_cli):
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text("cache:\n  max_size: 1M\n")
     code, out, _ = run_cli("cache", "stats", "--json")
-    assert json.loads(out)["max_bytes"] == 10**6
+    assert json.loads(out)["max_bytes"] == 2**20
     cfg.write_text("cache:\n  max_size: lots\n")
     code, out, err = run_cli("cache", "stats")
     assert code == 1 and "max_size" in err and len(err.strip().splitlines()) == 1

@@ -243,7 +243,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        flat = tree_flatten((args, kwargs))[0]
+        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() == 0:
                 continue
@@ -304,7 +305,8 @@ def test_estimate_for_sd_v1_at_512():
     from sdterm.config import VAEConfig
 
     base = 768 * 512 * 512 * 2
-    assert vae_activation_bytes(VAEConfig(), 64, 64, torch.float16) == int(base * tiling.ACTIVATION_MARGIN) + tiling.WORKSPACE_BYTES
+    expected = int(base * tiling.ACTIVATION_MARGIN) + tiling.WORKSPACE_BYTES
+    assert vae_activation_bytes(VAEConfig(), 64, 64, torch.float16) == expected
 
 
 def test_choose_tile_shrinks_with_the_budget(cfg):

@@ -23,7 +23,7 @@ import torch
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
-DEFAULT_MAX_BYTES = 256 * 10**6
+DEFAULT_MAX_BYTES = 256 * 2**20
 STALE_TMP_SECONDS = 3600
 
 

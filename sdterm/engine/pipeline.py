@@ -288,10 +288,11 @@ class Engine:
         return self._sizes
 
     def effective_budget(self) -> int | None:
-        if self.budget is not None:
-            return self.budget
+        """The VRAM budget in force; None on the CPU, where nothing moves."""
         if self.device.type != "cuda":
             return None
+        if self.budget is not None:
+            return self.budget
         free, _total = torch.cuda.mem_get_info(self.device)
         held = sum(self.placement.device_bytes(n) for n in self.placement.models)
         return free + held - DEFAULT_BUDGET_MARGIN

@@ -32,6 +32,20 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def use_expandable_segments() -> None:
+    """Ask torch's caching allocator for expandable segments: freed blocks of different sizes
+    coalesce instead of fragmenting, so reserved memory stays close to allocated (what matters on
+    a 4 GB card). Harmless where unsupported; PYTORCH_CUDA_ALLOC_CONF set by the user wins."""
+    import os
+
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):
+        pass
+
+
 def run_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA, fp32 on the CPU (CPU half-precision convolutions are slow and inexact)."""
     return torch.float16 if device.type == "cuda" else torch.float32
@@ -126,6 +140,8 @@ class Placement:
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
+        if self.cuda:
+            use_expandable_segments()
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.models: dict[str, list[Unit]] = {}
 
