@@ -262,23 +262,27 @@ class LiveBytes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("h, w", [(8, 8), (16, 24), (40, 56)])
-def test_estimate_bounds_the_live_tensors_of_a_decode(cfg, vae, h, w, monkeypatch):
-    """The architecture walk counts the eager forward's live tensors almost exactly (measured
-    0.9992x: it leaves out GroupNorm's per-group statistics and the like); ACTIVATION_MARGIN
-    covers that. WORKSPACE_BYTES is for GPU scratch that no CPU run shows, so it is left out."""
+def test_estimate_counts_the_live_tensors_of_a_decode(cfg, vae, h, w, monkeypatch):
+    """The op-by-op count is exact for the eager CPU forward (measured 0.9992x: it leaves out
+    GroupNorm's per-group statistics and the like). The CPU has no cuDNN layout copies, and
+    WORKSPACE_BYTES is GPU scratch, so both are set to zero here; the default margin then makes
+    the estimate an upper bound."""
+    monkeypatch.setattr(tiling, "CONV_LAYOUT_COPIES", 0)
     monkeypatch.setattr(tiling, "WORKSPACE_BYTES", 0)
     z = latents(h, w)
     with torch.no_grad(), LiveBytes() as live:
         out = vae(z)
     del out
-    estimate = vae_activation_bytes(cfg.vae, h, w, torch.float32)
-    assert live.peak <= estimate <= 1.15 * live.peak, (live.peak, estimate)
+    assert live.peak <= vae_activation_bytes(cfg.vae, h, w, torch.float32) <= 1.1 * live.peak
+    monkeypatch.setattr(tiling, "ACTIVATION_MARGIN", 1.0)
+    count = vae_activation_bytes(cfg.vae, h, w, torch.float32)
+    assert abs(count / live.peak - 1) < 0.01, (count, live.peak)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_estimate_bounds_the_attention(monkeypatch, chunked):
-    """The mid-block term alone (SDPA's math kernel: q/k/v are transposed views, so the fused CPU
-    kernel declines them): measured 1.03-1.2x."""
+    """The mid-block term alone, in fp32 on the CPU (SDPA's math kernel: q/k/v are transposed
+    views, which the fused kernels decline): measured 1.08x unchunked, 1.2x in one-row chunks."""
     if chunked:
         monkeypatch.setattr(vae_module, "ATTN_CHUNK_THRESHOLD", 16)
         monkeypatch.setattr(vae_module, "ATTN_CHUNK_SCORES", 1000)
@@ -301,10 +305,11 @@ def test_estimate_grows_with_size(cfg):
 
 
 def test_estimate_for_sd_v1_at_512():
-    """SD v1 at 512x512 in fp16: the peak is level 0 (768 channel-copies at 512x512, 384 MiB)."""
+    """SD v1 at 512x512 in fp16: the peak is up.1's upsample conv, 1216 channel-pixels at 512x512
+    (608 MiB; an H200 measured 610 MiB)."""
     from sdterm.config import VAEConfig
 
-    base = 768 * 512 * 512 * 2
+    base = 1216 * 512 * 512 * 2
     expected = int(base * tiling.ACTIVATION_MARGIN) + tiling.WORKSPACE_BYTES
     assert vae_activation_bytes(VAEConfig(), 64, 64, torch.float16) == expected
 

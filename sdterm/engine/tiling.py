@@ -31,90 +31,113 @@ from .vae import VAEDecoder
 # Activation estimate
 # --------------------------------------------------------------------------------------------
 #
-# Counts follow the eager forward pass under no_grad: a tensor is alive while a Python name or
-# an argument in some frame still refers to it. Units are "copies" of one feature map (channels x
-# pixels of the stage in question). With C_i = ch * ch_mult[i] and level i at (h * 2^(L-1-i)) x
-# (w * 2^(L-1-i)) pixels (L = len(ch_mult); level 0 is the full 8h x 8w resolution):
+# The count follows the eager forward pass under no_grad, op by op: a tensor is alive while a
+# Python name or an argument in some frame still refers to it. Sizes are in "channel-pixels" at
+# the op's resolution p (channels x pixels; bytes = that x itemsize). C_i = ch * ch_mult[i]; level
+# i runs at p_i = h*w * 4^(L-1-i) pixels (L = len(ch_mult), so level 0 is the full 8h x 8w).
+# Every convolution also holds CONV_LAYOUT_COPIES * (in + out) scratch: cuDNN runs NCHW fp16/fp32
+# convolutions in NHWC and converts both sides.
 #
-#   ResnetBlock(Cin -> Cout) at p pixels:   p * max(RESNET_INPUT_COPIES * Cin,
-#                                                    Cin + RESNET_OUTPUT_COPIES * Cout)
-#       phase 1: x, norm1(x), silu(norm1(x)); phase 2: x, h, norm2(h), silu(norm2(h)) (then x, h,
-#       conv2 out, and later x, conv2 out, shortcut, sum).
-#   Upsample(C) from p to 4p pixels:        C * p + UPSAMPLE_OUTPUT_COPIES * C * 4p
-#       the input, the nearest-neighbour interpolated tensor and the conv output.
-#   Every block of a level after the first also pays for the level's input, which
-#   ``Decoder.forward`` keeps alive (``h = level(h)``) until the level returns.
-#   Mid attention at n = h*w tokens (C = top channels, conv_in's output held by Mid.forward):
-#       ATTN_TOKEN_COPIES * C * n * itemsize + ATTN_SCORE_COPIES * rows * n * ATTN_SCORE_ITEMSIZE
-#       (+ ATTN_UPCAST_COPIES * C * n * 4 for fp16/bf16), with rows = n, or ATTN_CHUNK_SCORES // n
-#       when n > ATTN_CHUNK_THRESHOLD (vae.py). The score term assumes SDPA's math kernel, which is
-#       what runs today: the transposed q/k/v views have a last-dim stride != 1, which every fused
-#       kernel rejects.
-#   Output: level 0's output, norm_out and silu (NORM_OUT_COPIES * C_0), plus the 3-channel image.
+#   ResnetBlock(Cin -> Cout), with the caller's extra live tensors H:
+#     norm1, silu:  H + 3 Cin                      (x, norm1(x), silu(norm1(x)))
+#     conv1:        H + 2 Cin + Cout + k (Cin + Cout)
+#     norm2, silu:  H + Cin + 3 Cout               (x, h, norm2(h), silu(...))
+#     conv2:        H + Cin + 3 Cout + 2 k Cout
+#     nin_shortcut: H + Cin + 2 Cout + k (Cin + Cout)   (only when Cin != Cout)
+#     the sum:      H + Cin + 3 Cout               (x, conv2 out, shortcut, sum)
+#   Decoder.forward keeps each level's input alive (``h = level(h)``) until the level returns: H for
+#   every block but the first, whose input it is.
+#   Upsample(C), p -> 4p: H + C p + (2 + 2k) C 4p  (input, interpolated, conv output, scratch)
+#   Output: 3 C_0 (level 0's output, norm_out, silu), then 2 C_0 + 3 + k (C_0 + 3) for conv_out.
+#   Mid attention at n = h*w tokens, C = C_(L-1), bytes:
+#     ATTN_TOKEN_COPIES C n itemsize                        (x, q, k, v, output, projection)
+#     + ATTN_UPCAST_COPIES C n 4                            (k, v in fp32; fp16/bf16 only)
+#     + ATTN_CHUNK_COPIES rows C 4 + ATTN_SCORE_COPIES rows n ATTN_SCORE_ITEMSIZE
+#     with rows = n, or ATTN_CHUNK_SCORES // n past ATTN_CHUNK_THRESHOLD tokens (vae.py). This is
+#     SDPA's math kernel, which is what runs: q/k/v are transposed views (last-dim stride != 1),
+#     which every fused kernel declines, and flash would need a head width <= 256 anyway.
 #
-# For SD v1 (ch 128, ch_mult 1 2 4 4) the peak is at level 0: its first block turns the 256-channel
-# upsampled input into 128 channels (3 * 256 copies), and its later blocks hold that input plus
-# 4 * 128: 768 channels x 8h x 8w, i.e. 384 MiB at 512x512 in fp16. The result is multiplied by
-# ACTIVATION_MARGIN and WORKSPACE_BYTES is added for what the count cannot see.
+# For SD v1 (ch 128, ch_mult 1 2 4 4) the peak is up.1's upsample conv: up.1's 512-channel input
+# (128 at full resolution), its 256-channel output (64), the interpolated tensor and the conv
+# output (256 each) and their NHWC copies (256 each): 1216 channel-pixels at 8h x 8w, 608 MiB at
+# 512x512 in fp16. Measured on an H200 (torch 2.11, cuDNN, fp16 and fp32, 64x64 to 160x160 latents):
+# max_memory_allocated agreed with this count within 1% (the first decode in a process adds ~32 MiB
+# of cuDNN/cuBLAS workspace). With the model in channels_last the scratch disappears (k = 0, 1.17x
+# fewer bytes) but the decode ran ~1.7x slower; with cuDNN disabled it took 3.9x the count.
 
-RESNET_INPUT_COPIES = 3
-"""Full-size copies of a ResnetBlock's input alive at once: x, norm1(x), silu(norm1(x))."""
-RESNET_OUTPUT_COPIES = 3
-"""Copies of a ResnetBlock's output width alive beside its input: h, norm2(h), silu(norm2(h))."""
-UPSAMPLE_OUTPUT_COPIES = 2
-"""Upsample tensors at the doubled resolution: the interpolated input and the conv output."""
-NORM_OUT_COPIES = 3
-"""Level 0's output, norm_out(h) and silu(...) before conv_out."""
+CONV_LAYOUT_COPIES = 1
+"""Extra copies of each convolution's input and output alive while it runs (cuDNN's NCHW <-> NHWC
+conversion; 0 on the CPU or for a channels_last model)."""
 ATTN_TOKEN_COPIES = 6
-"""Mid attention, in (top channels x h*w) units: x, q, k, v, the output buffer, one chunk/projection."""
+"""Mid attention tensors of (top channels x h*w) in the run dtype: x, q, k, v, output, projection."""
+ATTN_UPCAST_COPIES = 2
+"""fp32 copies of the whole k and v that the math kernel makes for fp16/bf16 inputs."""
+ATTN_CHUNK_COPIES = 3
+"""fp32 tensors of one query chunk in the math kernel: the (upcast) queries, scaled, the output."""
 ATTN_SCORE_COPIES = 2
 """Score matrices alive in SDPA's math kernel: q k^T and its softmax."""
 ATTN_SCORE_ITEMSIZE = 4
-"""Bytes per score: the math kernel computes fp16/bf16 attention in fp32 by default."""
-ATTN_UPCAST_COPIES = 3
-"""fp32 copies of k, v and the query chunk that the math kernel makes for fp16/bf16 inputs."""
-ACTIVATION_MARGIN = 1.10
-"""Multiplier for allocator rounding and fragmentation and for GroupNorm/conv scratch (calibrate)."""
-WORKSPACE_BYTES = 32 * 2**20
-"""Fixed extra bytes for convolution workspaces (cuDNN) and kernel scratch (calibrate)."""
+"""Bytes per score: the math kernel computes fp16/bf16 attention in fp32 (PyTorch's default)."""
+ACTIVATION_MARGIN = 1.05
+"""Multiplier over the count: allocator rounding and fragmentation, small tensors it leaves out."""
+WORKSPACE_BYTES = 64 * 2**20
+"""Fixed bytes on top: cuDNN/cuBLAS workspaces (measured ~32 MiB on the first decode of a process)."""
 
 
-def _resnet_copies(cin: int, cout: int) -> int:
-    return max(RESNET_INPUT_COPIES * cin, cin + RESNET_OUTPUT_COPIES * cout)
+def _resnet_peak(cin: int, cout: int, held: int, shortcut: bool) -> int:
+    """Peak channel-pixels of one ResnetBlock whose caller keeps ``held`` more alive."""
+    k = CONV_LAYOUT_COPIES
+    live = [
+        3 * cin,
+        2 * cin + cout + k * (cin + cout),
+        cin + 3 * cout + 2 * k * cout,
+        cin + 3 * cout,
+    ]
+    if shortcut:
+        live.append(cin + 2 * cout + k * (cin + cout))
+    return held + max(live)
 
 
 def _attention_bytes(channels: int, n: int, itemsize: int) -> int:
+    """Peak bytes inside the mid-block AttnBlock (its input included) for n tokens."""
     rows = n if n <= _vae.ATTN_CHUNK_THRESHOLD else min(n, max(1, _vae.ATTN_CHUNK_SCORES // n))
-    upcast = ATTN_UPCAST_COPIES * channels * n * ATTN_SCORE_ITEMSIZE if itemsize < ATTN_SCORE_ITEMSIZE else 0
-    return ATTN_TOKEN_COPIES * channels * n * itemsize + upcast + ATTN_SCORE_COPIES * rows * n * ATTN_SCORE_ITEMSIZE
+    upcast = ATTN_UPCAST_COPIES * channels * n * 4 if itemsize < 4 else 0
+    chunk = ATTN_CHUNK_COPIES * rows * channels * 4 + ATTN_SCORE_COPIES * rows * n * ATTN_SCORE_ITEMSIZE
+    return ATTN_TOKEN_COPIES * channels * n * itemsize + upcast + chunk
 
 
 def vae_activation_bytes(cfg: VAEConfig, lat_h: int, lat_w: int, dtype: torch.dtype) -> int:
     """Estimated peak activation bytes of one untiled ``VAEDecoder`` forward on a (1, 4, lat_h,
-    lat_w) latent under no_grad, weights not included (the formula is in this module's comments)."""
+    lat_w) latent under no_grad, weights not included; a batch of b needs b times the count.
+
+    The model and its measurement are in the comments above: ``ACTIVATION_MARGIN`` times the op
+    by op count, plus ``WORKSPACE_BYTES``.
+    """
     if lat_h < 1 or lat_w < 1:
         raise ValueError(f"latent size must be positive, got {lat_h}x{lat_w}")
     itemsize = torch.empty((), dtype=dtype).element_size()
+    k = CONV_LAYOUT_COPIES
     chans = [cfg.ch * m for m in cfg.ch_mult]
-    top = chans[-1]
+    top, z = chans[-1], cfg.z_channels
     p = lat_h * lat_w  # pixels at the current level
-    # post_quant_conv, conv_in and the mid block, at latent resolution; Mid.forward holds its input
-    peak = p * (2 * cfg.z_channels + top) * itemsize
-    peak = max(peak, p * _resnet_copies(top, top) * itemsize)
+    # post_quant_conv and conv_in; then the mid block, whose input (conv_in's output) Mid.forward holds
+    peak = p * (z + z + top + k * (z + top)) * itemsize
+    peak = max(peak, p * _resnet_peak(top, top, 0, False) * itemsize)
     peak = max(peak, p * top * itemsize + _attention_bytes(top, p, itemsize))
-    peak = max(peak, p * (top + _resnet_copies(top, top)) * itemsize)
+    peak = max(peak, p * _resnet_peak(top, top, top, False) * itemsize)
     ch_in = top
     for level in reversed(range(len(chans))):
         c = chans[level]
         held = ch_in * p  # the level's input, alive until the level returns
-        peak = max(peak, _resnet_copies(ch_in, c) * p * itemsize)  # block 0: its input is `held`
+        peak = max(peak, p * _resnet_peak(ch_in, c, 0, ch_in != c) * itemsize)
         if cfg.num_res_blocks > 0:
-            peak = max(peak, (held + _resnet_copies(c, c) * p) * itemsize)
+            peak = max(peak, (held + p * _resnet_peak(c, c, 0, False)) * itemsize)
         if level != 0:
-            peak = max(peak, (held + c * p + UPSAMPLE_OUTPUT_COPIES * c * 4 * p) * itemsize)
+            peak = max(peak, (held + c * p + (2 + 2 * k) * c * 4 * p) * itemsize)
             p *= 4
         ch_in = c
-    peak = max(peak, p * (NORM_OUT_COPIES * chans[0] + cfg.out_ch) * itemsize)
+    c0, out = chans[0], cfg.out_ch
+    peak = max(peak, p * max(3 * c0, 2 * c0 + out + k * (c0 + out)) * itemsize)
     return int(peak * ACTIVATION_MARGIN) + WORKSPACE_BYTES
 
 
