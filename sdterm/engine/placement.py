@@ -40,8 +40,12 @@ def use_expandable_segments() -> None:
 
     if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
         return
+    import warnings
+
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     except (AttributeError, RuntimeError):
         pass
 
