@@ -4,8 +4,6 @@ path the GPU uses (the 'device' buffers are then CPU tensors)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch

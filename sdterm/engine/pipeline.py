@@ -1,8 +1,9 @@
 """``Engine.generate(request, *, emit, cancelled)``: encode -> denoise -> decode, written once.
 
-The engine keeps each model in host memory after its first use; a stage moves its model to the
-device, runs, and gives the device memory back (staged residency). It reports through typed
-events and never prints.
+The engine keeps each model in host memory after its first use (see ``models.py``); for each
+render the planner decides where each model lives within the VRAM budget, and each stage runs
+under that plan (resident, staged, streamed), retrying with a cheaper plan on out-of-memory. It
+reports through typed events and never prints.
 """
 
 from __future__ import annotations
@@ -16,37 +17,15 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..config import ConfigError, ModelConfig, RenderRequest, default_config_path, load_model_config
+from ..config import ConfigError, RenderRequest
 from . import ddim
-from .checkpoint import (
-    UNET_PREFIX,
-    VAE_PREFIX,
-    Checkpoint,
-    CheckpointError,
-    identify,
-    verify_module,
-    load_module,
-    open_checkpoint,
-    remembered_sha256,
-    resolve_model_path,
-    short_hash,
-)
 from .embedding_cache import EmbeddingCache, cache_key
 from .events import STAGE_TITLES, Emit, Notice, StageStats, StepDone, ignore
-from .placement import ALIGN, Placement, StageMeter, resolve_device, run_dtype
-from .planner import ModelSizes, Plan, cheaper, plan_render
+from .models import Models, ModelSource, open_model
+from .placement import Placement, StageMeter, resolve_device, run_dtype
+from .planner import Plan, cheaper, plan_render
+from .text import Tokens, encode
 from .tiling import choose_tile, decode_latents, vae_activation_bytes
-from .text import (
-    PromptTokenizer,
-    Tokens,
-    build_text_encoder,
-    encode,
-    fetch_tokenizer,
-    find_tokenizer,
-    verify_text_encoder,
-)
-from .unet import UNetModel
-from .vae import VAEDecoder
 
 
 DEFAULT_BUDGET_MARGIN = 512 * 2**20
@@ -55,41 +34,6 @@ DEFAULT_BUDGET_MARGIN = 512 * 2**20
 
 class Cancelled(Exception):
     """The render was cancelled; nothing was written."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from: a checkpoint file (or demo folder) and its architecture."""
-
-    checkpoint: Path | None
-    """None for random weights (measurements without a checkpoint)."""
-    config: ModelConfig
-    name: str
-    """What A1111 shows as ``Model:`` (the file name without extension, or the folder name)."""
-    tokenizer_dir: Path | None
-
-    @property
-    def demo(self) -> bool:
-        return self.config.demo or self.checkpoint is None
-
-
-def open_model(path: str | Path, *, config_path: str | Path | None = None, data_dir: Path | None = None) -> ModelSource:
-    """Resolve ``--model``: a checkpoint file, or a folder with model.safetensors + config.yaml.
-
-    The architecture comes from ``config_path``, else a ``config.yaml`` in the folder, else a
-    ``<name>.yaml`` beside the file, else configs/sd-v1.yaml.
-    """
-    ckpt = resolve_model_path(path)
-    given = Path(path).expanduser()
-    folder = given if given.is_dir() else None
-    if config_path is None:
-        for cand in ([folder / "config.yaml"] if folder else []) + [ckpt.with_suffix(".yaml")]:
-            if cand.is_file():
-                config_path = cand
-                break
-    cfg = load_model_config(config_path or default_config_path())
-    name = folder.name if folder else ckpt.stem
-    return ModelSource(ckpt, cfg, name, find_tokenizer(ckpt, data_dir))
 
 
 @dataclass
@@ -122,8 +66,8 @@ def to_image(decoded: torch.Tensor) -> Image.Image:
     return Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB")
 
 
-class Engine:
-    """Holds the models of one checkpoint on the host and renders requests on one device."""
+class Engine(Models):
+    """The models of one checkpoint, rendering requests on one device within a VRAM budget."""
 
     def __init__(
         self,
@@ -138,126 +82,21 @@ class Engine:
         budget: int | None = None,
         plan: Plan | None = None,
     ):
-        self.source = source
+        self.device = resolve_device(device)
+        super().__init__(
+            source,
+            run_dtype(self.device),
+            data_dir=data_dir,
+            hash_memo=hash_memo,
+            tokenizer_dir=tokenizer_dir,
+            random_seed=random_seed,
+        )
         self.budget = budget
         """VRAM budget in bytes; None: the device's free memory minus a margin (no planning on CPU)."""
         self.forced_plan = plan
         """A fixed plan instead of the planner's choice (tests, experiments)."""
-        self._sizes: ModelSizes | None = None
         self.cache = cache
-        self.random_seed = random_seed
-        self.device = resolve_device(device)
-        self.dtype = run_dtype(self.device)
-        self.cfg = source.config
         self.placement = Placement(self.device)
-        self.data_dir = data_dir
-        self.hash_memo = hash_memo
-        self._tokenizer_dir = tokenizer_dir or source.tokenizer_dir
-        self._tokenizer: PromptTokenizer | None = None
-        self._modules: dict[str, torch.nn.Module] = {}
-        self._ckpt: Checkpoint | None = None
-        self._sha256: str | None = None
-        # Stage order as data; the factories are attributes so tests can see whether one was called.
-        self.factories: dict[str, Callable[[], torch.nn.Module]] = {
-            "text": self._build_text,
-            "unet": self._build_unet,
-            "vae": self._build_vae,
-        }
-        if source.checkpoint is not None:
-            self._verify()
-
-    def _verify(self) -> None:
-        """Fail now, with one line, if the file is unreadable, unsafe, another architecture or
-        incomplete: every tensor of all three models is checked by name and shape, none is read."""
-        ckpt = self._checkpoint()
-        what = identify(ckpt)
-        if what:
-            raise CheckpointError(f"{ckpt.path}: this is {what}; sdterm runs Stable Diffusion v1")
-        with torch.device("meta"):
-            unet, vae = UNetModel(self.cfg.unet), VAEDecoder(self.cfg.vae)
-        verify_module(unet, ckpt, UNET_PREFIX)
-        verify_module(vae, ckpt, VAE_PREFIX)
-        verify_text_encoder(self.cfg.text, ckpt)
-
-    # ---- models ------------------------------------------------------------------------------
-
-    def _checkpoint(self) -> Checkpoint:
-        if self._ckpt is None:
-            self._ckpt = open_checkpoint(self.source.checkpoint)
-        return self._ckpt
-
-    def _random(self, build: Callable[[], torch.nn.Module], offset: int) -> torch.nn.Module:
-        """Random weights, reproducible per (seed, stage), without disturbing the global RNG."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_seed * 3 + offset)
-            return build().to(self.dtype).eval().requires_grad_(False)
-
-    def _build_text(self) -> torch.nn.Module:
-        if self.source.checkpoint is None:
-            return self._random(lambda: build_text_encoder(self.cfg.text, None, torch.float32), 0)
-        return build_text_encoder(self.cfg.text, self._checkpoint(), self.dtype)
-
-    def _build_unet(self) -> torch.nn.Module:
-        if self.source.checkpoint is None:
-            return self._random(lambda: UNetModel(self.cfg.unet), 1)
-        with torch.device("meta"):
-            unet = UNetModel(self.cfg.unet)
-        return load_module(unet, self._checkpoint(), UNET_PREFIX, self.dtype)
-
-    def _build_vae(self) -> torch.nn.Module:
-        if self.source.checkpoint is None:
-            return self._random(lambda: VAEDecoder(self.cfg.vae), 2)
-        with torch.device("meta"):
-            vae = VAEDecoder(self.cfg.vae)
-        return load_module(vae, self._checkpoint(), VAE_PREFIX, self.dtype)
-
-    def module(self, stage: str) -> torch.nn.Module:
-        """The stage's model in host memory, built from the checkpoint on first use."""
-        if stage not in self._modules:
-            self._modules[stage] = self.factories[stage]()
-            if self._ckpt is not None and len(self._modules) == len(self.factories):
-                self._ckpt.close()  # every model is built: release the file mapping
-                self._ckpt = None
-        return self._modules[stage]
-
-    def set_modules(self, text=None, unet=None, vae=None) -> None:
-        """Use already-built modules (e.g. full-size random weights) instead of the checkpoint."""
-        for stage, m in (("text", text), ("unet", unet), ("vae", vae)):
-            if m is not None:
-                self._modules[stage] = m.to(self.dtype).eval().requires_grad_(False)
-
-    @property
-    def tokenizer(self) -> PromptTokenizer:
-        if self._tokenizer is None:
-            folder = self._tokenizer_dir
-            if folder is None:
-                if self.data_dir is None:
-                    raise CheckpointError("no CLIP tokenizer found (set SDTERM_TOKENIZER to a folder with vocab.json and merges.txt)")
-                folder = fetch_tokenizer(self.data_dir)
-            self._tokenizer = PromptTokenizer(folder, self.cfg.text.max_positions)
-        return self._tokenizer
-
-    @property
-    def sha256(self) -> str:
-        if self._sha256 is None:
-            if self.source.checkpoint is None:
-                self._sha256 = "0" * 64
-            else:
-                self._sha256 = remembered_sha256(self.source.checkpoint, self.hash_memo)
-        return self._sha256
-
-    @property
-    def encoder_id(self) -> str:
-        """Identity of the text-encoder weights: the checkpoint's sha256 (remembered per path, size
-        and mtime), or the architecture and seed for random weights."""
-        if self.source.checkpoint is None:
-            return f"random:{self.cfg.text}:{self.random_seed}"
-        return f"sha256:{self.sha256}"
-
-    @property
-    def model_hash(self) -> str:
-        """AUTOMATIC1111's model hash: the first 10 hex digits of the file's sha256."""
-        return short_hash(self.sha256)
 
     # ---- planning ----------------------------------------------------------------------------
 
@@ -268,24 +107,6 @@ class Engine:
         self.placement.offload_all()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def sizes(self) -> ModelSizes:
-        """Bytes of each model and U-Net unit in the run dtype (from meta-device modules)."""
-        if self._sizes is None:
-            from .text import clip_config
-
-            itemsize = torch.tensor([], dtype=self.dtype).element_size()
-
-            def nbytes(m: torch.nn.Module) -> int:
-                return sum(-(-t.numel() * itemsize // ALIGN) * ALIGN for t in m.parameters())
-
-            from transformers import CLIPTextModel
-
-            with torch.device("meta"):
-                unet, vae, text = UNetModel(self.cfg.unet), VAEDecoder(self.cfg.vae), CLIPTextModel(clip_config(self.cfg.text))
-            units = tuple((name, nbytes(m), level) for name, m, level in unet.units())
-            self._sizes = ModelSizes(nbytes(text), sum(b for _, b, _ in units), nbytes(vae), units)
-        return self._sizes
 
     def effective_budget(self) -> int | None:
         """The VRAM budget in force; None on the CPU, where nothing moves."""

@@ -1,0 +1,220 @@
+"""The models of one checkpoint: where they come from, built on first use, kept on the host.
+
+``open_model`` resolves what the user passed as ``--model``; :class:`Models` verifies the file up
+front (every tensor of the three models by name and shape, none read), builds each model the
+first time a stage needs it (converted to the run dtype while loading), and knows the model's
+identity (the A1111 hash, the text-encoder identity for the embedding cache) and its sizes for
+the planner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import ModelConfig, default_config_path, load_model_config
+from .checkpoint import (
+    UNET_PREFIX,
+    VAE_PREFIX,
+    Checkpoint,
+    CheckpointError,
+    identify,
+    load_module,
+    open_checkpoint,
+    remembered_sha256,
+    resolve_model_path,
+    short_hash,
+    verify_module,
+)
+from .placement import ALIGN
+from .planner import ModelSizes
+from .text import PromptTokenizer, build_text_encoder, fetch_tokenizer, find_tokenizer, verify_text_encoder
+from .unet import UNetModel
+from .vae import VAEDecoder
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a checkpoint file (or demo folder) and its architecture."""
+
+    checkpoint: Path | None
+    """None for random weights (measurements without a checkpoint)."""
+    config: ModelConfig
+    name: str
+    """What A1111 shows as ``Model:`` (the file name without extension, or the folder name)."""
+    tokenizer_dir: Path | None
+
+    @property
+    def demo(self) -> bool:
+        return self.config.demo or self.checkpoint is None
+
+
+def open_model(path: str | Path, *, config_path: str | Path | None = None, data_dir: Path | None = None) -> ModelSource:
+    """Resolve ``--model``: a checkpoint file, or a folder with model.safetensors + config.yaml.
+
+    The architecture comes from ``config_path``, else a ``config.yaml`` in the folder, else a
+    ``<name>.yaml`` beside the file, else configs/sd-v1.yaml.
+    """
+    ckpt = resolve_model_path(path)
+    given = Path(path).expanduser()
+    folder = given if given.is_dir() else None
+    if config_path is None:
+        for cand in ([folder / "config.yaml"] if folder else []) + [ckpt.with_suffix(".yaml")]:
+            if cand.is_file():
+                config_path = cand
+                break
+    cfg = load_model_config(config_path or default_config_path())
+    name = folder.name if folder else ckpt.stem
+    return ModelSource(ckpt, cfg, name, find_tokenizer(ckpt, data_dir))
+
+
+class Models:
+    """The text encoder, U-Net and VAE decoder of one checkpoint (or random weights), on the host."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        dtype: torch.dtype,
+        *,
+        data_dir: Path | None = None,
+        hash_memo: Path | None = None,
+        tokenizer_dir: Path | None = None,
+        random_seed: int = 0,
+    ):
+        self.source = source
+        self.cfg = source.config
+        self.dtype = dtype
+        self.random_seed = random_seed
+        self.data_dir = data_dir
+        self.hash_memo = hash_memo
+        self._tokenizer_dir = tokenizer_dir or source.tokenizer_dir
+        self._tokenizer: PromptTokenizer | None = None
+        self._modules: dict[str, torch.nn.Module] = {}
+        self._ckpt: Checkpoint | None = None
+        self._sha256: str | None = None
+        self._sizes: ModelSizes | None = None
+        # Stage order as data; the factories are attributes so tests can see whether one was called.
+        self.factories: dict[str, Callable[[], torch.nn.Module]] = {
+            "text": self._build_text,
+            "unet": self._build_unet,
+            "vae": self._build_vae,
+        }
+        if source.checkpoint is not None:
+            self._verify()
+
+    def _verify(self) -> None:
+        """Fail now, with one line, if the file is unreadable, unsafe, another architecture or
+        incomplete: every tensor of all three models is checked by name and shape, none is read."""
+        ckpt = self._checkpoint()
+        what = identify(ckpt)
+        if what:
+            raise CheckpointError(f"{ckpt.path}: this is {what}; sdterm runs Stable Diffusion v1")
+        with torch.device("meta"):
+            unet, vae = UNetModel(self.cfg.unet), VAEDecoder(self.cfg.vae)
+        verify_module(unet, ckpt, UNET_PREFIX)
+        verify_module(vae, ckpt, VAE_PREFIX)
+        verify_text_encoder(self.cfg.text, ckpt)
+
+    # ---- models ------------------------------------------------------------------------------
+
+    def _checkpoint(self) -> Checkpoint:
+        if self._ckpt is None:
+            self._ckpt = open_checkpoint(self.source.checkpoint)
+        return self._ckpt
+
+    def _random(self, build: Callable[[], torch.nn.Module], offset: int) -> torch.nn.Module:
+        """Random weights, reproducible per (seed, stage), without disturbing the global RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_seed * 3 + offset)
+            return build().to(self.dtype).eval().requires_grad_(False)
+
+    def _build_text(self) -> torch.nn.Module:
+        if self.source.checkpoint is None:
+            return self._random(lambda: build_text_encoder(self.cfg.text, None, torch.float32), 0)
+        return build_text_encoder(self.cfg.text, self._checkpoint(), self.dtype)
+
+    def _build_unet(self) -> torch.nn.Module:
+        if self.source.checkpoint is None:
+            return self._random(lambda: UNetModel(self.cfg.unet), 1)
+        with torch.device("meta"):
+            unet = UNetModel(self.cfg.unet)
+        return load_module(unet, self._checkpoint(), UNET_PREFIX, self.dtype)
+
+    def _build_vae(self) -> torch.nn.Module:
+        if self.source.checkpoint is None:
+            return self._random(lambda: VAEDecoder(self.cfg.vae), 2)
+        with torch.device("meta"):
+            vae = VAEDecoder(self.cfg.vae)
+        return load_module(vae, self._checkpoint(), VAE_PREFIX, self.dtype)
+
+    def module(self, stage: str) -> torch.nn.Module:
+        """The stage's model in host memory, built from the checkpoint on first use."""
+        if stage not in self._modules:
+            self._modules[stage] = self.factories[stage]()
+            if self._ckpt is not None and len(self._modules) == len(self.factories):
+                self._ckpt.close()  # every model is built: release the file mapping
+                self._ckpt = None
+        return self._modules[stage]
+
+    def set_modules(self, text=None, unet=None, vae=None) -> None:
+        """Use already-built modules (e.g. full-size random weights) instead of the checkpoint."""
+        for stage, m in (("text", text), ("unet", unet), ("vae", vae)):
+            if m is not None:
+                self._modules[stage] = m.to(self.dtype).eval().requires_grad_(False)
+
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        if self._tokenizer is None:
+            folder = self._tokenizer_dir
+            if folder is None:
+                if self.data_dir is None:
+                    raise CheckpointError("no CLIP tokenizer found (set SDTERM_TOKENIZER to a folder with vocab.json and merges.txt)")
+                folder = fetch_tokenizer(self.data_dir)
+            self._tokenizer = PromptTokenizer(folder, self.cfg.text.max_positions)
+        return self._tokenizer
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            if self.source.checkpoint is None:
+                self._sha256 = "0" * 64
+            else:
+                self._sha256 = remembered_sha256(self.source.checkpoint, self.hash_memo)
+        return self._sha256
+
+    @property
+    def encoder_id(self) -> str:
+        """Identity of the text-encoder weights: the checkpoint's sha256 (remembered per path, size
+        and mtime), or the architecture and seed for random weights."""
+        if self.source.checkpoint is None:
+            return f"random:{self.cfg.text}:{self.random_seed}"
+        return f"sha256:{self.sha256}"
+
+    @property
+    def model_hash(self) -> str:
+        """AUTOMATIC1111's model hash: the first 10 hex digits of the file's sha256."""
+        return short_hash(self.sha256)
+
+    # ---- planning ----------------------------------------------------------------------------
+
+    def sizes(self) -> ModelSizes:
+        """Bytes of each model and U-Net unit in the run dtype (from meta-device modules)."""
+        if self._sizes is None:
+            from .text import clip_config
+
+            itemsize = torch.tensor([], dtype=self.dtype).element_size()
+
+            def nbytes(m: torch.nn.Module) -> int:
+                return sum(-(-t.numel() * itemsize // ALIGN) * ALIGN for t in m.parameters())
+
+            from transformers import CLIPTextModel
+
+            with torch.device("meta"):
+                unet, vae, text = UNetModel(self.cfg.unet), VAEDecoder(self.cfg.vae), CLIPTextModel(clip_config(self.cfg.text))
+            units = tuple((name, nbytes(m), level) for name, m, level in unet.units())
+            self._sizes = ModelSizes(nbytes(text), sum(b for _, b, _ in units), nbytes(vae), units)
+        return self._sizes
+
