@@ -9,12 +9,14 @@ one JSON object with raw bytes and seconds.
 Like ``cli.py`` this is a front end: it drives the engine and prints; the engine itself never prints.
 sdterm runs first, so diffusers' allocations can't reach sdterm's figures; each reference pipeline
 is freed (and the allocator emptied, peaks reset) before the next one is built.
+
+This module is the command: options, sdterm's rows, ratios, the table and JSON. The diffusers side
+(building its pipeline on the engine's weights, and running and timing it) is ``reference.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import gc
 import json
@@ -22,7 +24,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,12 +32,6 @@ from .config import ConfigError, RenderRequest, parse_size
 
 REFERENCE_MODES = ("gpu", "model-offload", "sequential-offload")
 """diffusers' three ways to place the pipeline: all on the device, one model at a time, layer by layer."""
-
-MODE_PLANS = {
-    "gpu": "pipe.to(device)",
-    "model-offload": "enable_model_cpu_offload()",
-    "sequential-offload": "enable_sequential_cpu_offload()",
-}
 
 DEFAULT_PROMPT = "a photo of a red fox in the snow, highly detailed"
 DEFAULT_SIZES = "512x512"
@@ -439,275 +434,6 @@ def _fill_sdterm_row(row: Row, results: list, steps: int) -> None:
     row.notices = list(dict.fromkeys(n for r in results for n in getattr(r, "notices", [])))
 
 
-# ---- the diffusers reference ---------------------------------------------------------------
-
-
-def diffusers_unet_kwargs(cfg) -> dict:
-    """UNet2DConditionModel arguments for sdterm's SD v1 U-Net architecture (a ``UNetConfig``)."""
-    levels = len(cfg.channel_mult)
-    attn = [2**i in cfg.attention_resolutions for i in range(levels)]
-    return dict(
-        sample_size=64,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        center_input_sample=False,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        only_cross_attention=False,
-        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
-        layers_per_block=cfg.num_res_blocks,
-        downsample_padding=1,
-        mid_block_scale_factor=1,
-        act_fn="silu",
-        norm_num_groups=32,
-        norm_eps=1e-5,
-        cross_attention_dim=cfg.context_dim,
-        transformer_layers_per_block=cfg.transformer_depth,
-        attention_head_dim=cfg.num_heads,  # diffusers' legacy name: SD v1 gives the number of heads here
-        use_linear_projection=False,
-    )
-
-
-def diffusers_vae_kwargs(cfg) -> dict:
-    """AutoencoderKL arguments for sdterm's VAE architecture (a ``VAEConfig``)."""
-    n = len(cfg.ch_mult)
-    return dict(
-        in_channels=cfg.out_ch,
-        out_channels=cfg.out_ch,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-        layers_per_block=cfg.num_res_blocks,
-        act_fn="silu",
-        latent_channels=cfg.z_channels,
-        norm_num_groups=32,
-        sample_size=512,
-        scaling_factor=cfg.scale_factor,
-    )
-
-
-@dataclass
-class ReferenceWeights:
-    """sdterm's own weights under diffusers' names (tensors shared with the engine's host models)."""
-
-    unet: dict
-    vae: dict
-
-
-def reference_weights(engine) -> ReferenceWeights:
-    """Export the engine's models under the original single-file keys and convert them with
-    diffusers' own converters (so the key mapping is diffusers', not ours)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
-    from .engine.demo import original_state_dict
-
-    sd = original_state_dict(engine.module("text"), engine.module("unet"), engine.module("vae"))
-    with torch.device("meta"):
-        unet_cfg = dict(UNet2DConditionModel(**diffusers_unet_kwargs(engine.cfg.unet)).config)
-        vae_cfg = dict(AutoencoderKL(**diffusers_vae_kwargs(engine.cfg.vae)).config)
-    return ReferenceWeights(convert_ldm_unet_checkpoint(sd, unet_cfg), convert_ldm_vae_checkpoint(sd, vae_cfg))
-
-
-def build_pipeline(engine, weights: ReferenceWeights, dtype):
-    """A fresh StableDiffusionPipeline on the engine's weights, in ``dtype``, on the host."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**diffusers_unet_kwargs(engine.cfg.unet))
-    unet.load_state_dict(weights.unet, strict=True, assign=True)  # no copy of the U-Net's weights
-    unet = unet.to(dtype).eval().requires_grad_(False)
-
-    # sdterm has no VAE encoder: it keeps diffusers' own init (unused by text-to-image).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKL(**diffusers_vae_kwargs(engine.cfg.vae))
-    missing, unexpected = vae.load_state_dict(weights.vae, strict=False)
-    stray = [k for k in missing if not k.startswith(("encoder.", "quant_conv."))]
-    if unexpected or stray:
-        raise RuntimeError(f"VAE conversion mismatch: unexpected {unexpected[:3]}, missing {stray[:3]}")
-    vae = vae.to(dtype).eval().requires_grad_(False)
-
-    # A copy: diffusers moves (and hooks) its text encoder, the engine's stays as it is.
-    text = copy.deepcopy(engine.module("text")).to(dtype).eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(engine.tokenizer.folder), model_max_length=engine.cfg.text.max_positions
-    )
-    s = engine.cfg.schedule
-    scheduler = DDIMScheduler(
-        num_train_timesteps=s.num_train_timesteps,
-        beta_start=s.beta_start,
-        beta_end=s.beta_end,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=s.steps_offset,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _has_accelerate() -> bool:
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def reference_modes_to_run(opts: BenchOptions, device, notes: list[str]) -> tuple[str, ...]:
-    """The requested modes that can run here; a note for each one skipped."""
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        if opts.reference_modes:
-            notes.append("diffusers is not installed: no reference rows (pip install diffusers)")
-        return ()
-    out = []
-    for mode in opts.reference_modes:
-        if mode != "gpu" and device.type != "cuda":
-            notes.append(f"diffusers {mode} skipped: it needs a CUDA device")
-        elif mode != "gpu" and not _has_accelerate():
-            notes.append(f"diffusers {mode} skipped: it needs accelerate (pip install accelerate)")
-        else:
-            out.append(mode)
-    return tuple(out)
-
-
-def bench_reference(engine, opts: BenchOptions, modes: tuple[str, ...], log: Log = _no_log) -> list[Row]:
-    """diffusers' StableDiffusionPipeline on the engine's weights: per mode a fresh pipeline, the
-    prompt encoded once up front (outside the timing), then per size a warm-up and timed renders."""
-    if not modes:
-        return []
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # no advice about from_pretrained for hand-built models
-    try:
-        return _bench_reference(engine, opts, modes, log)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-
-
-def _bench_reference(engine, opts: BenchOptions, modes: tuple[str, ...], log: Log) -> list[Row]:
-    import torch
-
-    from .engine.pipeline import latents_noise
-
-    device, dtype = engine.device, engine.dtype
-    release_device(engine)
-    weights = reference_weights(engine)
-    soft = _budget_errors()
-    rows: list[Row] = []
-    guided = opts.cfg > 1.0
-    for mode in modes:
-        mode_rows = [Row("diffusers", w, h, mode, mode=mode, plan=MODE_PLANS[mode]) for w, h in opts.sizes]
-        rows.extend(mode_rows)
-        _clean(device)
-        pipe = None
-        try:
-            pipe = build_pipeline(engine, weights, dtype)
-            if mode == "gpu":
-                pipe.to(device)
-            elif mode == "model-offload":
-                pipe.enable_model_cpu_offload(device=device)
-            else:
-                pipe.enable_sequential_cpu_offload(device=device)
-            with torch.inference_mode():
-                cond, uncond = pipe.encode_prompt(
-                    opts.prompt, pipe._execution_device, 1, guided, negative_prompt=opts.negative
-                )
-            for row in mode_rows:
-                log(f"diffusers {row.size} {mode}: warm-up + {opts.repeats} timed")
-                try:
-                    _reference_row(pipe, row, cond, uncond if guided else None, opts, device, latents_noise)
-                except soft as exc:
-                    row.error = _error_line(exc)
-                    log(f"  {row.error}")
-                    _clean(device)
-        except soft as exc:
-            for row in mode_rows:
-                if not row.seconds and row.error is None:
-                    row.error = _error_line(exc)
-            log(f"  {_error_line(exc)}")
-        finally:
-            if pipe is not None:
-                if mode != "gpu":
-                    pipe.remove_all_hooks()
-                del pipe
-            cond = uncond = None
-            _clean(device)
-    return rows
-
-
-def _reference_row(pipe, row: Row, cond, uncond, opts: BenchOptions, device, latents_noise) -> None:
-    import torch
-
-    steps = opts.steps
-    marks: dict[int, float] = {}
-
-    def on_step_end(_pipe, i, _t, _kwargs):
-        # Per step = first to last step's end over steps - 1: the first step (which, with model
-        # offload, also uploads the U-Net) is left out, as sdterm's upload is left out of its run time.
-        if i == 0 or i == steps - 1:
-            _sync(device)
-            marks[i] = time.perf_counter()
-        return {}
-
-    def render():
-        noise, _ = latents_noise(opts.seed, row.width, row.height)  # the same x_T as sdterm's
-        marks.clear()
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            image = pipe(
-                prompt_embeds=cond,
-                negative_prompt_embeds=uncond,
-                latents=noise.to(cond.dtype),
-                generator=torch.Generator("cpu").manual_seed(opts.seed),
-                num_inference_steps=steps,
-                guidance_scale=opts.cfg,
-                width=row.width,
-                height=row.height,
-                output_type="pil",
-                callback_on_step_end=on_step_end,
-            ).images[0]
-        _sync(device)
-        seconds = time.perf_counter() - t0
-        per_step = (marks[steps - 1] - marks[0]) / (steps - 1) if steps > 1 else marks[0] - t0
-        return image, seconds, per_step
-
-    render()  # warm-up
-    for _ in range(opts.repeats):
-        gc.collect()
-        image, seconds, per_step = render()
-        row.seconds.append(seconds)
-        row.step_seconds.append(per_step)
-        if device.type == "cuda":
-            a, r = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-            row.peak_allocated = max(row.peak_allocated or 0, a)
-            row.peak_reserved = max(row.peak_reserved or 0, r)
-        row.image = image
-
-
 # ---- the whole run -------------------------------------------------------------------------
 
 
@@ -731,6 +457,7 @@ def run_bench(source, device: str, opts: BenchOptions, *, log: Log = _no_log, **
 
     from .engine.embedding_cache import EmbeddingCache
     from .engine.placement import resolve_device
+    from .reference import bench_reference, reference_modes_to_run  # it builds on this module's rows
 
     try:
         dev = resolve_device(device)
@@ -914,7 +641,6 @@ __all__ = [
     "Row",
     "add_parser",
     "add_ratios",
-    "bench_reference",
     "bench_sdterm",
     "cmd_bench",
     "format_report",

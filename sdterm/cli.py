@@ -46,6 +46,8 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=_positive_int, default=512, help="multiple of 8 (default 512)")
     p.add_argument("--height", type=_positive_int, default=512, help="multiple of 8 (default 512)")
     p.add_argument("--eta", type=_number, default=0.0, help="DDIM eta, 0..1 (default 0: deterministic)")
+    p.add_argument("--subseed", type=_positive_int, default=0, help="variation seed (mixed in by --subseed-strength)")
+    p.add_argument("--subseed-strength", type=_number, default=0.0, help="variation strength 0..1 (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
     p.add_argument(
         "--vram-budget",
@@ -228,6 +230,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=args.width,
         height=args.height,
         eta=args.eta,
+        subseed=args.subseed,
+        subseed_strength=args.subseed_strength,
     ).validated()
     if args.random_weights:
         source = _random_source(args.config)

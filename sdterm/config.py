@@ -220,6 +220,10 @@ class RenderRequest:
     """Image height in pixels, a multiple of 8."""
     eta: float = 0.0
     """DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like ancestral noise."""
+    subseed: int = 0
+    """Variation seed (AUTOMATIC1111): a second seed whose noise is mixed into the first."""
+    subseed_strength: float = 0.0
+    """Variation strength 0..1: spherical interpolation from the seed's noise toward the subseed's."""
 
     def validated(self) -> "RenderRequest":
         validate_request(self)
@@ -248,6 +252,8 @@ def validate_request(req: RenderRequest) -> None:
     _check_int("steps", req.steps, 1, MAX_STEPS)
     _check_float("cfg", req.cfg, 0.0, MAX_CFG)
     _check_float("eta", req.eta, 0.0, 1.0)
+    _check_int("variation seed", req.subseed, 0, MAX_SEED)
+    _check_float("variation strength", req.subseed_strength, 0.0, 1.0)
     for name, side in (("width", req.width), ("height", req.height)):
         _check_int(name, side, 8, MAX_SIDE)
         if side % 8:

@@ -11,6 +11,14 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+def _remove_quietly(path: Path | str) -> None:
+    """Remove the file ``path`` if it can be: cleanup must never mask the error (or result) at hand."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def write_temp(folder: Path, data: bytes, prefix: str, suffix: str = ".tmp") -> Path:
     """Write ``data`` durably to a new temporary file in ``folder`` (created if needed).
 
@@ -26,10 +34,7 @@ def write_temp(folder: Path, data: bytes, prefix: str, suffix: str = ".tmp") -> 
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)
         raise
     return Path(tmp)
 
@@ -43,10 +48,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)
         raise
 
 
@@ -72,7 +74,4 @@ def exclusive_publish(tmp: Path, make_name: Callable[[int], Path], start: int, a
             return final
         raise FileExistsError(f"no free file name after {attempts} tries in {tmp.parent}")
     finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)

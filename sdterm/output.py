@@ -31,6 +31,8 @@ def infotext(req: RenderRequest, model_name: str, model_hash: str) -> str:
         f"Model hash: {model_hash}",
         f"Model: {model_name}",
     ]
+    if req.subseed_strength:
+        settings[4:4] = [f"Variation seed: {req.subseed}", f"Variation seed strength: {req.subseed_strength:g}"]
     if req.eta:
         settings.append(f"Eta DDIM: {req.eta:g}")
     lines.append(", ".join(settings))

@@ -16,6 +16,21 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The networks are tiny: one thread is fast, and immune to oversubscription when other
+    processes share the CPU (there, multi-threaded ops slowed these tests ~20x).
+
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> Path:
     """The tiny random-weight model, written by the product's own writer."""

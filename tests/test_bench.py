@@ -29,23 +29,16 @@ from sdterm.bench import (
     parse_budgets,
     parse_modes,
     parse_sizes,
-    reference_modes_to_run,
     run_bench,
 )
 from sdterm.cli import UserError
 from sdterm.config import ConfigError, parse_size
 from sdterm.engine.events import StageStats
+from sdterm.reference import reference_modes_to_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = ("--sizes", "64x64", "--steps", "2", "--repeats", "1", "--budgets", "none", "--device", "cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks: one thread is fast and immune to oversubscription on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -139,3 +139,24 @@ def test_engine_imports_without_ui_or_omegaconf():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_variation_seed_mixes_noise_spherically():
+    from sdterm.engine.pipeline import latents_noise
+
+    base, _ = latents_noise(1, 64, 64)
+    other, _ = latents_noise(2, 64, 64)
+    assert torch.equal(latents_noise(1, 64, 64, 2, 0.0)[0], base)
+    assert torch.allclose(latents_noise(1, 64, 64, 2, 1.0)[0], other, atol=1e-5)
+    mid, _ = latents_noise(1, 64, 64, 2, 0.5)
+    # Spherical: the mix keeps the norm of Gaussian noise (a linear blend would shrink it ~30%).
+    assert abs(mid.norm() / base.norm() - 1) < 0.05
+    assert not torch.allclose(mid, base) and not torch.allclose(mid, other)
+
+
+def test_variation_strength_changes_the_image_a_little(demo_engine):
+    a = demo_engine.generate(small_request(seed=5)).latents
+    b = demo_engine.generate(small_request(seed=5, subseed=9, subseed_strength=0.1)).latents
+    c = demo_engine.generate(small_request(seed=9)).latents
+    assert not torch.equal(a, b)
+    assert (a - b).norm() < (a - c).norm()

@@ -23,6 +23,9 @@ from sdterm.config import ScheduleConfig  # noqa: E402
 from sdterm.engine import ddim  # noqa: E402
 from sdterm.engine.checkpoint import UNET_PREFIX, VAE_PREFIX  # noqa: E402
 from sdterm.engine.demo import demo_config, original_state_dict, random_modules  # noqa: E402
+from sdterm.reference import diffusers_unet_kwargs, diffusers_vae_kwargs  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REL_TOL = 1e-4
 CFG_SCALE = 7.5
@@ -47,16 +50,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel_tol: float = 
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The networks are tiny: one thread is fast, and immune to oversubscription when other
-    processes share the CPU (there, multi-threaded ops slowed these tests ~20x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cfg():
     return demo_config(vocab_size=1000)
@@ -77,29 +70,7 @@ def checkpoint(modules):
 def diffusers_unet(cfg, checkpoint):
     u = cfg.unet
     assert u.channel_mult == (1, 2) and u.attention_resolutions == (1,) and u.transformer_depth == 1
-    model = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=u.in_channels,
-        out_channels=u.out_channels,
-        center_input_sample=False,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        only_cross_attention=False,
-        block_out_channels=tuple(u.model_channels * m for m in u.channel_mult),
-        layers_per_block=u.num_res_blocks,
-        downsample_padding=1,
-        mid_block_scale_factor=1,
-        act_fn="silu",
-        norm_num_groups=32,
-        norm_eps=1e-5,
-        cross_attention_dim=u.context_dim,
-        transformer_layers_per_block=u.transformer_depth,
-        attention_head_dim=u.num_heads,  # diffusers' (legacy) name for the number of heads in SD v1
-        use_linear_projection=False,
-    )
+    model = UNet2DConditionModel(**{**diffusers_unet_kwargs(u), "sample_size": 8})  # 8x8 latents, not SD v1's 64
     converted = convert_ldm_unet_checkpoint(checkpoint, dict(model.config))
     n_ldm = sum(k.startswith(UNET_PREFIX) for k in checkpoint)
     assert len(converted) == n_ldm, "the converter dropped or duplicated U-Net keys"
@@ -109,22 +80,8 @@ def diffusers_unet(cfg, checkpoint):
 
 @pytest.fixture(scope="module")
 def diffusers_vae(cfg, checkpoint):
-    v = cfg.vae
-    n_levels = len(v.ch_mult)
     torch.manual_seed(99)  # the encoder/quant_conv keep diffusers' own random init; unused by decode
-    model = AutoencoderKL(
-        in_channels=v.out_ch,
-        out_channels=v.out_ch,
-        down_block_types=("DownEncoderBlock2D",) * n_levels,
-        up_block_types=("UpDecoderBlock2D",) * n_levels,
-        block_out_channels=tuple(v.ch * m for m in v.ch_mult),
-        layers_per_block=v.num_res_blocks,
-        act_fn="silu",
-        latent_channels=v.z_channels,
-        norm_num_groups=32,
-        sample_size=64,
-        scaling_factor=v.scale_factor,
-    )
+    model = AutoencoderKL(**{**diffusers_vae_kwargs(cfg.vae), "sample_size": 64})  # the tiny images, not 512
     converted = convert_ldm_vae_checkpoint(checkpoint, dict(model.config))
     n_ldm = sum(k.startswith(VAE_PREFIX) for k in checkpoint)
     assert len(converted) == n_ldm, "the converter dropped or duplicated VAE keys"

@@ -22,14 +22,7 @@ from sdterm.engine import vae as vae_module
 from sdterm.engine.demo import demo_config, random_modules
 from sdterm.engine.tiling import choose_tile, decode_latents, min_tile, tiled_decode_bytes, vae_activation_bytes
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks: one thread is fast and immune to CPU oversubscription (as in the numerics tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

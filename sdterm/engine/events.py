@@ -66,13 +66,26 @@ class StepDone:
 
 
 @dataclass(frozen=True)
+class MemorySample:
+    """Memory right now (sampled at stage boundaries and after every U-Net step)."""
+
+    stage: str
+    allocated: int | None
+    """Bytes torch has allocated on the device (None without CUDA)."""
+    reserved: int | None
+    device_free: int | None
+    device_total: int | None
+    host_rss: int
+
+
+@dataclass(frozen=True)
 class Notice:
     message: str
     level: str = "info"
     """'info' or 'warning'."""
 
 
-Event = Union[StageStarted, StageFinished, StepDone, Notice]
+Event = Union[StageStarted, StageFinished, StepDone, MemorySample, Notice]
 Emit = Callable[[Event], None]
 
 

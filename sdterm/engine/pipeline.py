@@ -22,7 +22,7 @@ from . import ddim
 from .embedding_cache import EmbeddingCache, cache_key
 from .events import STAGE_TITLES, Emit, Notice, StageStats, StepDone, ignore
 from .models import Models, ModelSource, open_model
-from .placement import Placement, StageMeter, resolve_device, run_dtype
+from .placement import Placement, StageMeter, memory_sample, resolve_device, run_dtype
 from .planner import Plan, cheaper, plan_render
 from .text import Tokens, encode
 from .tiling import choose_tile, decode_latents, vae_activation_bytes
@@ -51,13 +51,35 @@ class Result:
     """How the models were placed for this render (the planner's description)."""
 
 
-def latents_noise(seed: int, width: int, height: int) -> tuple[torch.Tensor, torch.Generator]:
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), treating each as one vector:
+    keeps the mix at the norm Gaussian noise has, unlike a linear blend."""
+    a_flat, b_flat = a.flatten().double(), b.flatten().double()
+    cos = torch.dot(a_flat / a_flat.norm(), b_flat / b_flat.norm()).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    if omega.abs() < 1e-4:  # (nearly) parallel: a linear blend is exact enough
+        return ((1 - t) * a.double() + t * b.double()).to(a.dtype)
+    so = torch.sin(omega)
+    out = (torch.sin((1 - t) * omega) / so) * a.double() + (torch.sin(t * omega) / so) * b.double()
+    return out.to(a.dtype)
+
+
+def latents_noise(
+    seed: int, width: int, height: int, subseed: int = 0, subseed_strength: float = 0.0
+) -> tuple[torch.Tensor, torch.Generator]:
     """The starting noise x_T, drawn on the CPU in fp32 so a seed means the same image on any device.
 
-    Returns the generator too: eta > 0 draws its per-step noise from it, also on the CPU.
+    With a variation strength, the subseed's noise is mixed in by spherical interpolation
+    (AUTOMATIC1111's "variation seed"). Returns the seed's generator too: eta > 0 draws its
+    per-step noise from it, also on the CPU.
     """
+    shape = (1, 4, height // 8, width // 8)
     gen = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((1, 4, height // 8, width // 8), generator=gen, dtype=torch.float32), gen
+    x = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if subseed_strength > 0:
+        sub = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(subseed), dtype=torch.float32)
+        x = slerp(subseed_strength, x, sub)
+    return x, gen
 
 
 def to_image(decoded: torch.Tensor) -> Image.Image:
@@ -179,7 +201,7 @@ class Engine(Models):
         stages.append(text_stats)
         cond, uncond = self._pair(embs)
         check()
-        x_t, gen = latents_noise(req.seed, req.width, req.height)
+        x_t, gen = latents_noise(req.seed, req.width, req.height, req.subseed, req.subseed_strength)
         progress = {"step": 0, "x": x_t, "gen": gen}
         latents, unet_stats, plan = self._with_retry("unet", plan, req, notice,
                                                      lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check))
@@ -342,6 +364,7 @@ class Engine(Models):
                 progress["step"], progress["x"] = i + 1, x_now  # where a retry resumes
                 check()
                 emit(StepDone(i + 1, req.steps, t, time.perf_counter() - t0))
+                emit(memory_sample("unet", self.device))
 
             def noise() -> torch.Tensor:
                 return torch.randn(x_t.shape, generator=gen, dtype=torch.float32).to(self.device)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .events import Emit, StageFinished, StageStarted, StageStats
+from .events import Emit, MemorySample, StageFinished, StageStarted, StageStats
 
 
 def resolve_device(name: str) -> torch.device:
@@ -327,6 +327,16 @@ class RingStreamer:
         return hook
 
 
+def memory_sample(stage: str, device: torch.device) -> MemorySample:
+    """Cheap: no device synchronisation (cudaMemGetInfo and torch's counters)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return MemorySample(
+            stage, torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device), free, total, host_rss()
+        )
+    return MemorySample(stage, None, None, None, None, host_rss())
+
+
 class StageMeter:
     """Times a stage and reads its memory figures; emits StageStarted/StageFinished."""
 
@@ -354,6 +364,7 @@ class StageMeter:
     def loaded(self) -> None:
         self.load_seconds += self._lap()
         self.emit(StageStarted(self.stage, "running"))
+        self.emit(memory_sample(self.stage, self.device))
 
     def finish(
         self,
@@ -388,5 +399,6 @@ class StageMeter:
             skipped=skipped,
             note=note,
         )
+        self.emit(memory_sample(self.stage, self.device))
         self.emit(StageFinished(stats))
         return stats

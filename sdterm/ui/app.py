@@ -1,0 +1,358 @@
+"""The sdterm app: prompt, live stage panel, image, history recall and seed tweaking.
+
+The engine runs in a thread worker and reports through its events, posted here as messages, so
+the screen never waits on it. All session state is touched on the UI thread only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, Input, Static
+
+from ..config import ConfigError, RenderRequest
+from ..session import CommandError, HistoryEntry, Recall, Session, parse_command
+from .messages import EngineEvent, RenderDone, RenderFailed
+from .screens import HelpScreen, HistoryProvider
+from .widgets.image_view import ImageView
+from .widgets.prompt import PromptInput
+from .widgets.stage_panel import StagePanel, fmt_bytes
+
+
+class SdtermApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "sdterm"
+    COMMANDS = {HistoryProvider}
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "quit", priority=True),
+        Binding("escape", "cancel", "cancel"),
+        Binding("ctrl+r", "search_history", "history"),
+        Binding("question_mark", "help", "help"),
+        Binding("tab", "focus_cycle(1)", "focus", show=False, priority=True),
+        Binding("shift+tab", "focus_cycle(-1)", "focus", show=False, priority=True),
+    ]
+
+    def __init__(self, engine, session: Session, outdir: Path, *, image_protocol: str = "auto", save=None) -> None:
+        super().__init__()
+        self.engine = engine
+        self.session = session
+        self.outdir = outdir
+        self.image_protocol = image_protocol
+        self.recall = Recall(session.history)
+        self._ids = itertools.count(1)
+        self._current: int | None = None
+        self._cancel: threading.Event | None = None
+        self._pending: RenderRequest | None = None
+        self._pending_budget: tuple[bool, int | None] = (False, None)
+        self._save = save  # (request, result, outdir) -> path; injected so tests can make saving fail
+        self.last_result = None
+
+    # ---- layout ------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        demo = self.engine.source.demo
+        banner = "demo model: random weights, images are noise" if demo else ""
+        with Vertical(id="top"):
+            yield PromptInput(placeholder="prompt — Enter renders · /help for commands", id="prompt")
+            yield Input(placeholder="negative prompt", id="negative")
+            yield Static(id="params")
+        with Horizontal(id="main"):
+            yield ImageView(self.image_protocol, banner, id="view")
+            yield StagePanel(cuda=self.engine.device.type == "cuda", id="panel")
+        yield Static(id="notice")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#negative", Input).value = self.session.params.negative
+        self.refresh_params()
+        self.query_one("#prompt").focus()
+        skipped = self.session.history.skipped
+        if skipped:
+            self.notice(f"history: skipped {skipped} unreadable line(s)", "warning")
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def notice(self, message: str | Text, level: str = "info") -> None:
+        style = {"info": "", "warning": "yellow", "error": "bold red"}[level]
+        text = message if isinstance(message, Text) else Text(message, style=style)
+        self.query_one("#notice", Static).update(text)
+
+    def refresh_params(self) -> None:
+        budget = self.engine.effective_budget() if self.session.params.budget is None else self.session.params.budget
+        budget_text = "auto" if self.session.params.budget is None else fmt_bytes(self.session.params.budget)
+        if self.session.params.budget is None and budget is not None:
+            budget_text += f" ({fmt_bytes(budget)})"
+        line = f"{self.session.describe()} · model {self.engine.source.name} · VRAM budget {budget_text}"
+        self.query_one("#params", Static).update(line)
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    # ---- rendering ---------------------------------------------------------------------------
+
+    def render_request(self, req: RenderRequest | None) -> None:
+        """Start ``req`` now, or make it the one pending render (the latest wins)."""
+        if req is None:
+            self.notice("nothing rendered yet: type a prompt first", "warning")
+            return
+        if self.busy:
+            replaced = self._pending is not None
+            self._pending = req
+            self.notice(f"queued seed {req.seed}" + (" (replaces the earlier queued render)" if replaced else ""))
+            return
+        self._start(req)
+
+    def _start(self, req: RenderRequest) -> None:
+        render_id = next(self._ids)
+        self._current = render_id
+        self._cancel = threading.Event()
+        self.query_one(StagePanel).start(req.steps)
+        self.refresh_params()
+        self.notice(f"rendering seed {req.seed}…")
+        self._render(req, render_id, self._cancel)
+
+    @work(thread=True, group="render")
+    def _render(self, req: RenderRequest, render_id: int, cancel: threading.Event) -> None:
+        from ..engine.pipeline import Cancelled
+
+        def emit(event) -> None:
+            self.post_message(EngineEvent(event, render_id))
+
+        try:
+            result = self.engine.generate(req, emit=emit, cancelled=cancel.is_set)
+        except Cancelled:
+            self.post_message(RenderFailed(render_id, "cancelled: nothing was written", cancelled=True))
+            return
+        except Exception as exc:  # one line for the user, never a traceback on screen
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.post_message(RenderFailed(render_id, text))
+            return
+        if cancel.is_set():
+            self.post_message(RenderFailed(render_id, "cancelled: nothing was written", cancelled=True))
+            return
+        path, error = None, None
+        try:
+            path = str((self._save or save_result)(req, result, self.outdir))
+        except OSError as exc:
+            error = f"cannot write to {self.outdir} ({exc.strerror or exc}); the image is kept on screen — /size or restart with --outdir"
+        self.post_message(RenderDone(render_id, result, path, error))
+
+    def _finished(self) -> None:
+        self._current = None
+        self._cancel = None
+        apply, budget = self._pending_budget
+        if apply:
+            self.engine.set_budget(budget)
+            self._pending_budget = (False, None)
+            self.refresh_params()
+        if self._pending is not None:
+            req, self._pending = self._pending, None
+            self._start(req)
+
+    @on(EngineEvent)
+    def _engine_event(self, message: EngineEvent) -> None:
+        if message.render_id != self._current:
+            return
+        from ..engine.events import Notice
+
+        if isinstance(message.event, Notice):
+            self.notice(message.event.message, message.event.level)
+        else:
+            self.query_one(StagePanel).handle(message.event)
+
+    @on(RenderDone)
+    def _render_done(self, message: RenderDone) -> None:
+        result = message.result
+        self.last_result = result
+        req = result.request
+        demo = " · demo model: the image is noise" if result.demo else ""
+        caption = f"seed {req.seed} · {req.width}×{req.height} · {result.seconds:.1f}s · {result.plan}{demo}"
+        self.query_one(ImageView).show(result.image, caption)
+        if message.error:
+            self.notice(message.error, "error")
+        else:
+            self.session.record(req, message.path, result.model_hash)
+            path = Path(message.path).resolve()
+            text = Text("saved ")
+            text.append(str(message.path), style=f"link {path.as_uri()}")
+            cache = result.stages[0].cache
+            if cache:
+                text.append(f" · text encoder cache {cache}")
+            self.notice(text)
+        self.recall.reset()
+        self._finished()
+
+    @on(RenderFailed)
+    def _render_failed(self, message: RenderFailed) -> None:
+        if message.cancelled:
+            self.query_one(StagePanel).cancelled()
+            self.notice(message.message, "warning")
+        else:
+            self.notice(message.message, "error")
+        self._finished()
+
+    # ---- input -------------------------------------------------------------------------------
+
+    @on(Input.Submitted, "#prompt")
+    def _submitted(self, event: Input.Submitted) -> None:
+        text = event.value
+        try:
+            command = parse_command(text)
+        except CommandError as exc:
+            self.notice(str(exc), "error")
+            return
+        if command is not None:
+            self.query_one("#prompt", Input).value = ""
+            self.run_command(command)
+            return
+        self.session.params.negative = self.query_one("#negative", Input).value
+        try:
+            req = self.session.new_prompt(text)
+        except ConfigError as exc:
+            self.notice(str(exc), "error")
+            return
+        self.recall.reset()
+        self.render_request(req)
+
+    @on(Input.Changed, "#negative")
+    def _negative_changed(self, event: Input.Changed) -> None:
+        self.session.params.negative = event.value
+
+    @on(Input.Submitted, "#negative")
+    def _negative_submitted(self, event: Input.Submitted) -> None:
+        prompt = self.query_one("#prompt", Input).value
+        if prompt and not prompt.startswith("/"):
+            self.query_one("#prompt", Input).action_submit()
+
+    @on(PromptInput.Recall)
+    def _recall(self, message: PromptInput.Recall) -> None:
+        box = self.query_one("#prompt", Input)
+        if message.direction < 0:
+            entry = self.recall.older(box.value)
+        else:
+            entry = self.recall.newer()
+        if entry is None:
+            return
+        if isinstance(entry, str):  # back to the draft being typed
+            box.value = entry
+        else:
+            self.restore_entry(entry, focus=False)
+        box.cursor_position = len(box.value)
+
+    def restore_entry(self, entry: HistoryEntry, focus: bool = True) -> None:
+        """Put an earlier render's prompt and settings back (history recall and search)."""
+        self.session.restore(entry)
+        box = self.query_one("#prompt", Input)
+        box.value = entry.prompt
+        box.cursor_position = len(entry.prompt)
+        self.query_one("#negative", Input).value = entry.negative
+        self.refresh_params()
+        self.notice(f"recalled: seed {entry.seed} · {entry.steps} steps · CFG {entry.cfg:g} · {entry.width}×{entry.height}")
+        if focus:
+            box.focus()
+
+    def run_command(self, command) -> None:
+        try:
+            outcome = self.session.apply(command)
+        except CommandError as exc:
+            self.notice(str(exc), "error")
+            return
+        if outcome.action == "quit":
+            self.action_quit()
+        elif outcome.action == "help":
+            self.action_help()
+        elif outcome.action == "open":
+            self.show_last_path(outcome.message)
+        elif outcome.action == "cache":
+            self.notice(cache_stats_line(self.engine))
+        elif outcome.action == "budget":
+            if self.busy:
+                self._pending_budget = (True, self.session.params.budget)
+                self.notice(outcome.message + " (after this render)")
+            else:
+                self.engine.set_budget(self.session.params.budget)
+                self.notice(outcome.message)
+        elif outcome.message:
+            self.notice(outcome.message)
+        self.query_one("#negative", Input).value = self.session.params.negative
+        self.refresh_params()
+
+    def show_last_path(self, fallback: str) -> None:
+        path = self.session.last_path
+        if not path:
+            self.notice(fallback or "nothing rendered yet", "warning")
+            return
+        text = Text("last image: ")
+        text.append(path, style=f"link {Path(path).resolve().as_uri()}")
+        self.notice(text)
+
+    # ---- actions -----------------------------------------------------------------------------
+
+    def action_focus_cycle(self, direction: int) -> None:
+        order = [self.query_one("#prompt"), self.query_one(ImageView), self.query_one("#negative")]
+        focused = self.focused
+        index = order.index(focused) if focused in order else -1
+        order[(index + direction) % len(order)].focus()
+
+    def action_cancel(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        self._pending = None
+        if self._cancel is not None:
+            self._cancel.set()
+            self.notice("cancelling at the next step…", "warning")
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_search_history(self) -> None:
+        from textual.command import CommandPalette
+
+        self.push_screen(CommandPalette(providers=[HistoryProvider], placeholder="search earlier prompts…"))
+
+    async def action_quit(self) -> None:
+        self._pending = None
+        if self._cancel is not None:
+            self._cancel.set()
+        self.exit()
+
+    def on_image_view_key(self, key: str) -> bool:
+        """Keys that act when the image/panel area has focus; returns whether one was used."""
+        session = self.session
+        if key in ("right_square_bracket", "left_square_bracket"):
+            self.render_request(session.nudge_seed(1 if key == "right_square_bracket" else -1))
+        elif key == "r":
+            self.render_request(session.reroll())
+        elif key == "l":
+            locked = session.toggle_lock()
+            self.notice("seed locked: new prompts keep it" if locked else "seed unlocked: each new prompt gets a new seed")
+        elif key in ("v", "V"):
+            self.render_request(session.change_variation(0.05 if key == "v" else -0.05))
+        else:
+            return False
+        self.refresh_params()
+        return True
+
+
+def save_result(req: RenderRequest, result, outdir: Path) -> Path:
+    from ..output import png_bytes, save_png
+
+    data = png_bytes(result.image, req, result.model_name, result.model_hash, {"demo": result.demo})
+    return save_png(data, outdir, req.seed)
+
+
+def cache_stats_line(engine) -> str:
+    cache = engine.cache
+    if cache is None:
+        return "embedding cache: off"
+    st = cache.stats()
+    return f"embedding cache {cache.folder}: {st.entries} entries, {fmt_bytes(st.bytes)} of {fmt_bytes(cache.max_bytes)}"

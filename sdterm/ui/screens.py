@@ -1,0 +1,68 @@
+"""The help screen and the history search (a command-palette provider)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from textual.app import ComposeResult
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+HELP = """\
+# sdterm keys
+
+| where | key | does |
+|---|---|---|
+| prompt | **Enter** | render (or run a `/command`) |
+| prompt | **↑ / ↓** | earlier / later prompts, with their settings |
+| anywhere | **Ctrl+R** | search the history |
+| anywhere | **Tab / Shift+Tab** | prompt ↔ image and panel ↔ negative prompt |
+| image/panel | **] / [** | seed +1 / −1 and render |
+| image/panel | **r** | a new random seed and render |
+| image/panel | **l** | lock / unlock the seed (locked: new prompts keep it) |
+| image/panel | **v / V** | variation strength +0.05 / −0.05 and render |
+| anywhere | **Esc** | cancel the render at the next step |
+| anywhere | **?** | this help |
+| anywhere | **Ctrl+Q** | quit (cancels a render cleanly) |
+
+# Commands (type in the prompt)
+
+`/seed N` · `/steps N` · `/cfg F` · `/size WxH` · `/neg TEXT` · `/eta F` · `/budget SIZE|auto`
+· `/open` (the last image's path) · `/cache` (embedding cache stats) · `/help` · `/quit`
+
+Press Esc or ? to close.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [("escape", "dismiss", "close"), ("question_mark", "dismiss", "close")]
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll { width: 90%; max-width: 100; height: 90%; border: round $accent; background: $panel; }
+    """
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Markdown(HELP)
+
+
+class HistoryProvider(Provider):
+    """Fuzzy search over earlier renders; choosing one restores its prompt and settings."""
+
+    async def search(self, query: str) -> Hits:
+        app = self.app
+        matcher = self.matcher(query)
+        for rank, entry in enumerate(app.session.history.search(query, limit=30)):
+            label = entry.prompt or "(empty prompt)"
+            detail = f"seed {entry.seed} · {entry.steps} steps · CFG {entry.cfg:g} · {entry.width}×{entry.height}"
+            # The session ranks; the palette sorts by score, so keep that order.
+            yield Hit(1.0 - rank / 100, matcher.highlight(label), partial(app.restore_entry, entry), help=detail)
+
+    async def discover(self) -> Hits:
+        app = self.app
+        for entry in app.session.history.prompts()[:30]:
+            label = entry.prompt or "(empty prompt)"
+            detail = f"seed {entry.seed} · {entry.steps} steps · {entry.time}"
+            yield DiscoveryHit(label, partial(app.restore_entry, entry), help=detail)
