@@ -62,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sdterm",
         description="Stable Diffusion v1 text-to-image for small GPUs, in the terminal.",
     )
+    # With no COMMAND, the app: sdterm --model PATH [--outdir DIR] [render options]
+    parser.add_argument("--model", metavar="PATH", help="SD v1 checkpoint (.safetensors/.ckpt) or a model folder")
+    parser.add_argument("--config", metavar="YAML", help="architecture file (default: configs/sd-v1.yaml)")
+    add_render_options(parser)
+    parser.add_argument("--outdir", metavar="DIR", help="where to write images (default ./outputs)")
+    parser.add_argument(
+        "--image-protocol",
+        choices=("auto", "kitty", "sixel", "halfcell", "unicode"),
+        default="auto",
+        help="how the app draws images (default: detect the terminal)",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="don't read or write the prompt-embedding cache")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="render one prompt to a PNG and print its path")
@@ -302,13 +314,56 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """The interactive app (the default command)."""
+    from . import paths
+    from .engine.pipeline import Engine, open_model
+    from .session import History, Params, Session, history_file
+
+    if not args.model:
+        raise UserError("give --model PATH (a checkpoint, or a folder written by `sdterm demo-model DIR`)")
+    source = open_model(args.model, config_path=args.config, data_dir=paths.data_dir())
+    engine = Engine(
+        source,
+        args.device,
+        data_dir=paths.data_dir(),
+        hash_memo=paths.cache_dir() / "model-hashes.json",
+        cache=open_cache(args.no_cache),
+        budget=parse_budget(args.vram_budget),
+    )
+    engine.tokenizer  # a missing tokenizer is reported before the screen opens
+    params = Params(
+        negative=args.negative,
+        seed=args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1),
+        seed_locked=args.seed is not None,
+        steps=args.steps,
+        cfg=args.cfg,
+        width=args.width,
+        height=args.height,
+        eta=args.eta,
+        variation=args.subseed_strength,
+        variation_seed=args.subseed,
+        budget=engine.budget,
+    )
+    RenderRequest("", **{k: getattr(params, k) for k in ("negative", "seed", "steps", "cfg", "width", "height", "eta")}).validated()
+    session = Session(params, History(history_file()))
+    outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
+    # textual-image asks the terminal what it can draw; that must happen before Textual starts.
+    import textual_image.widget  # noqa: F401
+
+    from .ui.app import SdtermApp
+
+    SdtermApp(engine, session, outdir, image_protocol=args.image_protocol).run()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import cmd_bench as run
 
     return run(args)
 
 
-COMMANDS = {"generate": cmd_generate, "demo-model": cmd_demo_model, "cache": cmd_cache, "bench": cmd_bench}
+COMMANDS = {"app": cmd_app, "generate": cmd_generate, "demo-model": cmd_demo_model, "cache": cmd_cache, "bench": cmd_bench}
 
 
 def _quiet_libraries() -> None:
@@ -322,9 +377,6 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
     _quiet_libraries()
     from .engine.checkpoint import CheckpointError
     from .engine.pipeline import Cancelled, OutOfMemory
@@ -332,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.text import PromptError
 
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command or "app"](args)
     except (UserError, ConfigError, CheckpointError, PromptError, BudgetTooSmall, OutOfMemory) as exc:
         print(f"sdterm: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

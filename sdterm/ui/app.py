@@ -53,6 +53,7 @@ class SdtermApp(App):
         self._pending_budget: tuple[bool, int | None] = (False, None)
         self._save = save  # (request, result, outdir) -> path; injected so tests can make saving fail
         self.last_result = None
+        self._recalled: HistoryEntry | None = None
 
     # ---- layout ------------------------------------------------------------------------------
 
@@ -70,6 +71,8 @@ class SdtermApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.query_one(StagePanel).border_title = f"model {self.engine.source.name}"
+        self.query_one(ImageView).border_title = "image"
         self.query_one("#negative", Input).value = self.session.params.negative
         self.refresh_params()
         self.query_one("#prompt").focus()
@@ -85,11 +88,11 @@ class SdtermApp(App):
         self.query_one("#notice", Static).update(text)
 
     def refresh_params(self) -> None:
-        budget = self.engine.effective_budget() if self.session.params.budget is None else self.session.params.budget
-        budget_text = "auto" if self.session.params.budget is None else fmt_bytes(self.session.params.budget)
-        if self.session.params.budget is None and budget is not None:
-            budget_text += f" ({fmt_bytes(budget)})"
-        line = f"{self.session.describe()} · model {self.engine.source.name} · VRAM budget {budget_text}"
+        line = self.session.describe()
+        if self.session.params.budget is None and not self.busy:
+            effective = self.engine.effective_budget()
+            if effective is not None:
+                line += f" ({fmt_bytes(effective)})"
         self.query_one("#params", Static).update(line)
 
     @property
@@ -214,8 +217,14 @@ class SdtermApp(App):
             self.run_command(command)
             return
         self.session.params.negative = self.query_one("#negative", Input).value
+        recalled, self._recalled = self._recalled, None
         try:
-            req = self.session.new_prompt(text)
+            if recalled is not None and recalled.prompt == text:
+                # A recalled render runs again as it was, seed included (even when unlocked).
+                req = self.session.request(text)
+                self.session.last_prompt = text
+            else:
+                req = self.session.new_prompt(text)
         except ConfigError as exc:
             self.notice(str(exc), "error")
             return
@@ -250,6 +259,7 @@ class SdtermApp(App):
     def restore_entry(self, entry: HistoryEntry, focus: bool = True) -> None:
         """Put an earlier render's prompt and settings back (history recall and search)."""
         self.session.restore(entry)
+        self._recalled = entry
         box = self.query_one("#prompt", Input)
         box.value = entry.prompt
         box.cursor_position = len(entry.prompt)
@@ -325,22 +335,22 @@ class SdtermApp(App):
             self._cancel.set()
         self.exit()
 
-    def on_image_view_key(self, key: str) -> bool:
-        """Keys that act when the image/panel area has focus; returns whether one was used."""
-        session = self.session
-        if key in ("right_square_bracket", "left_square_bracket"):
-            self.render_request(session.nudge_seed(1 if key == "right_square_bracket" else -1))
-        elif key == "r":
-            self.render_request(session.reroll())
-        elif key == "l":
-            locked = session.toggle_lock()
-            self.notice("seed locked: new prompts keep it" if locked else "seed unlocked: each new prompt gets a new seed")
-        elif key in ("v", "V"):
-            self.render_request(session.change_variation(0.05 if key == "v" else -0.05))
-        else:
-            return False
+    def action_nudge(self, delta: int) -> None:
+        self.render_request(self.session.nudge_seed(delta))
         self.refresh_params()
-        return True
+
+    def action_reroll(self) -> None:
+        self.render_request(self.session.reroll())
+        self.refresh_params()
+
+    def action_lock(self) -> None:
+        locked = self.session.toggle_lock()
+        self.notice("seed locked: new prompts keep it" if locked else "seed unlocked: each new prompt gets a new seed")
+        self.refresh_params()
+
+    def action_variation(self, direction: int) -> None:
+        self.render_request(self.session.change_variation(0.05 * direction))
+        self.refresh_params()
 
 
 def save_result(req: RenderRequest, result, outdir: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from PIL import Image as PILImage
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Static
 
@@ -26,6 +27,15 @@ def image_widget_class(protocol: str):
 
 class ImageView(Vertical, can_focus=True):
     """Focusable: the seed/variation keys are bound here so typing in the prompt is never hijacked."""
+
+    BINDINGS = [
+        Binding("right_square_bracket", "app.nudge(1)", "seed+1"),
+        Binding("left_square_bracket", "app.nudge(-1)", "seed−1"),
+        Binding("r", "app.reroll", "new seed"),
+        Binding("l", "app.lock", "lock seed"),
+        Binding("v", "app.variation(1)", "var+"),
+        Binding("V", "app.variation(-1)", "var−"),
+    ]
 
     DEFAULT_CSS = """
     ImageView { height: 1fr; border: round $panel; }

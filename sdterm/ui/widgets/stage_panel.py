@@ -10,8 +10,9 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import ProgressBar, Sparkline, Static
 
-from ...engine.events import STAGES, STAGE_TITLES, MemorySample, StageFinished, StageStarted, StepDone
+from ...engine.events import STAGES, MemorySample, StageFinished, StageStarted, StepDone
 
+SHORT_TITLES = {"text": "text enc", "unet": "U-Net", "vae": "VAE"}
 STATE_STYLE = {
     "waiting": "dim",
     "loading": "yellow",
@@ -40,8 +41,7 @@ class StagePanel(Vertical):
     StagePanel #stages { height: auto; }
     StagePanel #memline { height: 1; color: $text-muted; }
     StagePanel #mem-spark { height: 1; margin: 0 1; }
-    StagePanel #progress-row { height: 1; }
-    StagePanel #rate { width: auto; margin-left: 1; }
+    StagePanel #rate { height: 1; color: $text-muted; }
     """
 
     def __init__(self, cuda: bool, **kw) -> None:
@@ -63,11 +63,8 @@ class StagePanel(Vertical):
         yield Static(id="stages")
         yield Static(id="memline")
         yield Sparkline([0.0], id="mem-spark")
-        from textual.containers import Horizontal
-
-        with Horizontal(id="progress-row"):
-            yield ProgressBar(total=1, show_eta=True, id="progress")
-            yield Static("", id="rate")
+        yield ProgressBar(total=1, show_eta=False, id="progress")
+        yield Static("", id="rate")
 
     def on_mount(self) -> None:
         self.refresh_table()
@@ -116,28 +113,27 @@ class StagePanel(Vertical):
                 used = event.device_total - event.device_free
                 self.device_line = (
                     f"GPU used {fmt_bytes(used)} · free {fmt_bytes(event.device_free)} · total {fmt_bytes(event.device_total)}"
-                    f" · sdterm reserved {fmt_bytes(event.reserved)}"
                 )
             else:
-                self.device_line = f"no GPU: running on the CPU · host memory {fmt_bytes(event.host_rss)}"
+                self.device_line = f"no GPU: on the CPU · host RSS {fmt_bytes(event.host_rss)}"
         elif isinstance(event, StepDone):
             self.step = event.step
             self.rate = event.step / event.elapsed if event.elapsed > 0 else 0.0
             self.query_one("#progress", ProgressBar).update(total=event.total, progress=event.step)
             eta = (event.total - event.step) / self.rate if self.rate else 0.0
-            self.query_one("#rate", Static).update(f"{self.rate:5.2f} it/s · ETA {eta:4.1f}s")
+            self.query_one("#rate", Static).update(f"step {event.step}/{event.total} · {self.rate:.1f} it/s · ETA {eta:.1f}s")
         self.refresh_table()
 
     def refresh_table(self) -> None:
         table = Table.grid(padding=(0, 1), expand=True)
         mem = "GPU" if self.cuda else "RSS"
-        table.add_column("stage", width=12)
-        table.add_column("state", width=10)
-        table.add_column("s", justify="right", width=6)
-        table.add_column(f"{mem} now", justify="right", width=7)
-        table.add_column("peak", justify="right", width=7)
-        table.add_column("resvd", justify="right", width=7)
-        table.add_row(*[Text(h, style="bold") for h in ("stage", "state", "sec", f"{mem} now", "peak", "resvd")])
+        table.add_column("stage", width=8)
+        table.add_column("state", width=9)
+        table.add_column("sec", justify="right", width=5)
+        table.add_column("now", justify="right", width=6)
+        table.add_column("peak", justify="right", width=6)
+        table.add_column("resvd", justify="right", width=6)
+        table.add_row(*[Text(h, style="bold") for h in ("stage", "state", "sec", f"{mem}", "peak", "resvd")])
         now = time.perf_counter()
         for stage in STAGES:
             row = self.rows[stage]
@@ -145,7 +141,7 @@ class StagePanel(Vertical):
             if seconds is None and stage in self.started and row["state"] in ("loading", "running"):
                 seconds = now - self.started[stage]
             table.add_row(
-                STAGE_TITLES[stage],
+                SHORT_TITLES[stage],
                 Text(row["state"], style=STATE_STYLE.get(row["state"], "")),
                 "–" if seconds is None else f"{seconds:.2f}",
                 fmt_bytes(row["now"]),
@@ -153,4 +149,4 @@ class StagePanel(Vertical):
                 fmt_bytes(row["reserved"]) if self.cuda else "–",
             )
         self.query_one("#stages", Static).update(table)
-        self.query_one("#memline", Static).update(self.device_line or ("GPU: idle" if self.cuda else "no GPU: running on the CPU"))
+        self.query_one("#memline", Static).update(self.device_line or ("GPU: idle" if self.cuda else "no GPU: on the CPU"))
