@@ -348,10 +348,10 @@ def cmd_app(args: argparse.Namespace) -> int:
     RenderRequest("", **{k: getattr(params, k) for k in ("negative", "seed", "steps", "cfg", "width", "height", "eta")}).validated()
     session = Session(params, History(history_file()))
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
-    # textual-image asks the terminal what it can draw; that must happen before Textual starts.
-    import textual_image.widget  # noqa: F401
-
     from .ui.app import SdtermApp
+    from .ui.terminal import prepare_graphics
+
+    prepare_graphics()  # textual-image's terminal queries must run before Textual starts
 
     SdtermApp(engine, session, outdir, image_protocol=args.image_protocol).run()
     return 0
