@@ -41,10 +41,10 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     """The parameter flags shared by ``generate`` and the app."""
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt (the unconditional text)")
     p.add_argument("--seed", type=_positive_int, default=None, help=f"0..{MAX_SEED}; random when left out")
-    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--cfg", type=_number, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--width", type=_positive_int, default=512, help="multiple of 8 (default 512)")
-    p.add_argument("--height", type=_positive_int, default=512, help="multiple of 8 (default 512)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps (default 50)")
+    p.add_argument("--cfg", type=_number, default=None, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--width", type=_positive_int, default=None, help="multiple of 8 (default 512)")
+    p.add_argument("--height", type=_positive_int, default=None, help="multiple of 8 (default 512)")
     p.add_argument("--eta", type=_number, default=0.0, help="DDIM eta, 0..1 (default 0: deterministic)")
     p.add_argument("--subseed", type=_positive_int, default=0, help="variation seed (mixed in by --subseed-strength)")
     p.add_argument("--subseed-strength", type=_number, default=0.0, help="variation strength 0..1 (default 0)")
@@ -70,16 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-protocol",
         choices=("auto", "kitty", "sixel", "halfcell", "unicode"),
-        default="auto",
+        default=None,
         help="how the app draws images (default: detect the terminal)",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="open the app on the tiny demo model (random weights: images are noise; no GPU needed)",
     )
     parser.add_argument("--no-cache", action="store_true", help="don't read or write the prompt-embedding cache")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="render one prompt to a PNG and print its path")
-    gen.add_argument("prompt", metavar="PROMPT")
-    src = gen.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="PATH", help="SD v1 checkpoint (.safetensors/.ckpt) or a model folder")
+    gen.add_argument("prompt", metavar="PROMPT", nargs="?", help="what to draw (or --from-file)")
+    gen.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="render one prompt per line; a line may carry its own flags (--seed 3 --steps 30 ...)",
+    )
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument(
+        "--model",
+        metavar="PATH",
+        help="SD v1 checkpoint (.safetensors/.ckpt) or a model folder (default: from sdterm.yaml or the models folder)",
+    )
     src.add_argument(
         "--random-weights",
         action="store_true",
@@ -227,13 +241,9 @@ def parse_budget(text: str | None) -> int | None:
     return budget
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from . import paths
-    from .engine.pipeline import Engine, open_model
-    from .output import png_bytes, save_png
-
+def _request_from(args: argparse.Namespace) -> RenderRequest:
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    req = RenderRequest(
+    return RenderRequest(
         prompt=args.prompt,
         negative=args.negative,
         seed=seed,
@@ -245,10 +255,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
         subseed=args.subseed,
         subseed_strength=args.subseed_strength,
     ).validated()
+
+
+def _batch_jobs(path: str, base: argparse.Namespace) -> list[tuple[str, argparse.Namespace | str]]:
+    """One job per non-empty, non-comment line of ``path``: (where, namespace) or (where, error)."""
+    import shlex
+
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from None
+    line_parser = argparse.ArgumentParser(prog="line", add_help=False, exit_on_error=False)
+    line_parser.add_argument("words", nargs="*")
+    add_render_options(line_parser)
+    jobs: list[tuple[str, argparse.Namespace | str]] = []
+    for number, line in enumerate(lines, 1):
+        where = f"{path}:{number}"
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            ns = line_parser.parse_args(shlex.split(line))
+        except (ValueError, argparse.ArgumentError) as exc:
+            jobs.append((where, str(exc)))
+            continue
+        job = argparse.Namespace(**vars(base))
+        for key, value in vars(ns).items():
+            if key != "words" and value is not None and value != line_parser.get_default(key):
+                setattr(job, key, value)
+        job.prompt = " ".join(ns.words)
+        jobs.append((where, job))
+    return jobs
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import paths
+    from .engine.pipeline import Engine, open_model
+    from .engine.text import PromptError
+    from .resolve import apply_defaults, resolve_model, user_config
+
+    cfg = user_config()
+    apply_defaults(args, cfg)
+    if (args.prompt is None) == (args.from_file is None):
+        raise UserError("give a PROMPT or --from-file FILE (one of them)")
+    jobs = _batch_jobs(args.from_file, args) if args.from_file else [("", args)]
+    if not args.from_file:
+        _request_from(args)  # bad parameters are reported before the model loads
     if args.random_weights:
         source = _random_source(args.config)
     else:
-        source = open_model(args.model, config_path=args.config, data_dir=paths.data_dir())
+        model = resolve_model(args.model, cfg)
+        source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
     engine = Engine(
         source,
         args.device,
@@ -258,15 +314,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
         budget=parse_budget(args.vram_budget),
     )
     engine.tokenizer  # a missing tokenizer is reported before any work starts
-    if args.seed is None and not args.json:
-        print(f"seed {seed}", file=sys.stderr)
-    result = engine.generate(req, emit=StderrProgress(quiet=args.json))
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
+    failed = 0
+    for where, job in jobs:
+        prefix = f"{where}: " if where else ""
+        if isinstance(job, str):
+            print(f"sdterm: error: {prefix}{job}", file=sys.stderr)
+            failed += 1
+            continue
+        try:
+            req = _request_from(job)
+            if job.seed is None and not args.json:
+                print(f"{prefix}seed {req.seed}", file=sys.stderr)
+            _render_and_save(engine, req, outdir, args.json)
+        except (ConfigError, PromptError) as exc:
+            if not args.from_file:
+                raise
+            print(f"sdterm: error: {prefix}{exc}", file=sys.stderr)
+            failed += 1
+    return EXIT_ERROR if failed else 0
+
+
+def _render_and_save(engine, req: RenderRequest, outdir: Path, as_json: bool) -> None:
+    from .output import png_bytes, save_png
+
+    result = engine.generate(req, emit=StderrProgress(quiet=as_json))
     data = png_bytes(result.image, req, result.model_name, result.model_hash, {"demo": result.demo})
     try:
-        path = save_png(data, outdir, seed)
+        path = save_png(data, outdir, req.seed)
     except OSError as exc:
-        rescue = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdterm-{seed}-{os.getpid()}.png"
+        rescue = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdterm-{req.seed}-{os.getpid()}.png"
         try:
             rescue.write_bytes(data)
             kept = f"; the image was kept as {rescue}"
@@ -274,10 +351,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             kept = ""
         raise UserError(f"cannot write to {outdir} ({exc.strerror or exc}){kept}") from None
     demo_note = "demo model (random weights): the image is noise"
-    if args.json:
+    if as_json:
         out = {
             "path": str(path),
-            "seed": seed,
+            "seed": req.seed,
             "seconds": round(result.seconds, 4),
             "model": result.model_name,
             "model_hash": result.model_hash,
@@ -291,12 +368,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "stages": [s.to_dict() for s in result.stages],
             "notices": result.notices + ([demo_note] if result.demo else []),
         }
-        print(json.dumps(out))
+        print(json.dumps(out), flush=True)
     else:
         if result.demo:
             print(f"note: {demo_note}", file=sys.stderr)
-        print(path)
-    return 0
+        print(path, flush=True)
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
@@ -318,11 +394,13 @@ def cmd_app(args: argparse.Namespace) -> int:
     """The interactive app (the default command)."""
     from . import paths
     from .engine.pipeline import Engine, open_model
+    from .resolve import apply_defaults, demo_model_dir, resolve_model, user_config
     from .session import History, Params, Session, history_file
 
-    if not args.model:
-        raise UserError("give --model PATH (a checkpoint, or a folder written by `sdterm demo-model DIR`)")
-    source = open_model(args.model, config_path=args.config, data_dir=paths.data_dir())
+    cfg = user_config()
+    apply_defaults(args, cfg, demo=args.demo)
+    model = str(demo_model_dir()) if args.demo else resolve_model(args.model, cfg)
+    source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
     engine = Engine(
         source,
         args.device,

@@ -296,8 +296,27 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class Defaults:
+    """What the app and ``generate`` use when a flag is left out."""
+
+    model: str = ""
+    """Checkpoint file or model folder; empty: the one model in the models folder, if exactly one."""
+    outdir: str = ""
+    """Where images go; empty: ./outputs."""
+    steps: int = 50
+    cfg: float = 7.5
+    width: int = 512
+    height: int = 512
+    budget: str = ""
+    """VRAM budget such as 2G; empty: the device's free memory minus a margin."""
+    image_protocol: str = "auto"
+    """auto, kitty, sixel, halfcell or unicode."""
+
+
+@dataclass(frozen=True)
 class UserConfig:
     cache: CacheSettings = field(default_factory=CacheSettings)
+    defaults: Defaults = field(default_factory=Defaults)
 
 
 def load_user_config(path: Path) -> UserConfig:
@@ -314,6 +333,13 @@ def load_user_config(path: Path) -> UserConfig:
     try:
         cfg = _build(UserConfig, raw or {}, "sdterm.yaml")
         parse_size(cfg.cache.max_size, "cache.max_size")
+        d = cfg.defaults
+        # The same validator as the command line and the app's commands.
+        validate_request(RenderRequest("", steps=d.steps, cfg=d.cfg, width=d.width, height=d.height))
+        if d.budget:
+            parse_size(d.budget, "defaults.budget")
+        if d.image_protocol not in ("auto", "kitty", "sixel", "halfcell", "unicode"):
+            raise ConfigError(f"defaults.image_protocol must be auto, kitty, sixel, halfcell or unicode, got {d.image_protocol!r}")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return cfg

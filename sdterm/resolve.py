@@ -1,0 +1,91 @@
+"""What the user meant: which model, which settings, from flags, sdterm.yaml and the models folder.
+
+Precedence: a flag on the command line, then ``defaults:`` in the user's sdterm.yaml, then the
+built-in defaults. ``--model`` may be left out when the settings name a default model or when
+exactly one model sits in the models folder (where ``sdterm download`` puts them).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import paths
+from .config import ConfigError, UserConfig, load_user_config
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def user_config() -> UserConfig:
+    return load_user_config(paths.user_config_file())
+
+
+def models_dir() -> Path:
+    return paths.data_dir() / "models"
+
+
+def find_models(folder: Path | None = None) -> list[Path]:
+    """Checkpoint files and model folders (with model.safetensors/model.ckpt) in the models folder."""
+    folder = folder or models_dir()
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix in CHECKPOINT_SUFFIXES:
+            found.append(entry)
+        elif entry.is_dir() and any((entry / f"model{s}").is_file() for s in CHECKPOINT_SUFFIXES):
+            found.append(entry)
+    return found
+
+
+def resolve_model(given: str | None, cfg: UserConfig) -> str:
+    """--model, else the settings' default model, else the only model in the models folder."""
+    if given:
+        return given
+    if cfg.defaults.model:
+        return cfg.defaults.model
+    found = find_models()
+    if len(found) == 1:
+        return str(found[0])
+    if not found:
+        raise ConfigError(
+            "no model given: pass --model PATH, run `sdterm download sd-v1-5`, or try `sdterm --demo`"
+        )
+    names = ", ".join(p.name for p in found[:5])
+    raise ConfigError(
+        f"{len(found)} models in {models_dir()} ({names}): pick one with --model, "
+        f"or set defaults.model in {paths.user_config_file()}"
+    )
+
+
+def demo_model_dir() -> Path:
+    """The demo model in the data folder, written on first use."""
+    from .engine.demo import write_demo_model
+
+    folder = paths.data_dir() / "demo-model"
+    if not all((folder / f).exists() for f in ("model.safetensors", "config.yaml", "tokenizer/vocab.json")):
+        write_demo_model(folder)
+    return folder
+
+
+DEMO_DEFAULTS = {"steps": 20, "width": 256, "height": 256}
+"""The demo renders smaller and shorter than a real model: its images are noise anyway."""
+
+
+def apply_defaults(args: argparse.Namespace, cfg: UserConfig, *, demo: bool = False) -> None:
+    """Fill every render flag left out (None) from the settings, then the built-in defaults."""
+    d = cfg.defaults
+    for name in ("steps", "cfg", "width", "height"):
+        if getattr(args, name, None) is None:
+            value = getattr(d, name)
+            if demo and name in DEMO_DEFAULTS and value == getattr(type(d)(), name):
+                value = DEMO_DEFAULTS[name]
+            setattr(args, name, value)
+    if getattr(args, "vram_budget", None) is None and d.budget:
+        args.vram_budget = d.budget
+    if getattr(args, "outdir", None) is None and d.outdir:
+        args.outdir = d.outdir
+    if getattr(args, "image_protocol", None) is None:
+        args.image_protocol = d.image_protocol

@@ -1,0 +1,130 @@
+"""Finding the model and the settings: flags, sdterm.yaml, the models folder, the demo, batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sdterm import paths
+from sdterm.config import ConfigError, load_user_config
+from sdterm.resolve import demo_model_dir, find_models, resolve_model, user_config
+
+SMALL = ["--width", "64", "--height", "64", "--steps", "2"]
+
+
+def write_settings(text: str) -> Path:
+    path = paths.user_config_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_model_from_flag_settings_or_the_only_model(demo_model, tmp_path):
+    cfg = user_config()
+    assert resolve_model("x.ckpt", cfg) == "x.ckpt"
+    with pytest.raises(ConfigError, match="sdterm download"):
+        resolve_model(None, cfg)
+    models = paths.data_dir() / "models"
+    models.mkdir(parents=True)
+    shutil.copytree(demo_model, models / "demo")
+    assert find_models() == [models / "demo"]
+    assert resolve_model(None, cfg) == str(models / "demo")
+    (models / "other.safetensors").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="2 models .*pick one with --model"):
+        resolve_model(None, cfg)
+    write_settings(f"defaults:\n  model: {models / 'demo'}\n")
+    assert resolve_model(None, user_config()) == str(models / "demo")
+
+
+def test_settings_are_validated_by_the_one_validator():
+    path = write_settings("defaults:\n  steps: 0\n")
+    with pytest.raises(ConfigError, match="steps must be between 1 and 1000") as info:
+        load_user_config(path)
+    assert str(path) in str(info.value)
+    write_settings("defaults:\n  width: 500\n")
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        user_config()
+    write_settings("defaults:\n  image_protocol: jpeg\n")
+    with pytest.raises(ConfigError, match="image_protocol"):
+        user_config()
+    write_settings("defaults:\n  colour: red\n")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        user_config()
+
+
+def test_generate_uses_settings_and_the_models_folder(demo_model, tmp_path, run_cli):
+    models = paths.data_dir() / "models"
+    models.mkdir(parents=True)
+    shutil.copytree(demo_model, models / "demo")
+    write_settings(f"defaults:\n  steps: 2\n  width: 64\n  height: 48\n  outdir: {tmp_path / 'imgs'}\n")
+    code, out, err = run_cli("generate", "a fox", "--seed", 3, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["request"]["steps"] == 2 and data["request"]["height"] == 48
+    assert Path(data["path"]).parent == tmp_path / "imgs"
+    # A flag still wins over the settings.
+    code, out, err = run_cli("generate", "a fox", "--seed", 3, "--json", "--steps", "3")
+    assert json.loads(out)["request"]["steps"] == 3
+
+
+def test_from_file_renders_each_line_with_its_own_flags(demo_model, tmp_path, run_cli):
+    batch = tmp_path / "prompts.txt"
+    batch.write_text(
+        "# a comment\n"
+        "a red fox --seed 5\n"
+        "\n"
+        '"a castle, at night" --seed 6 --steps 3 --negative blurry\n'
+        "a bad line --width 70\n"
+        "a lake --seed 7\n"
+    )
+    code, out, err = run_cli("generate", "--from-file", batch, "--model", demo_model, "--outdir", tmp_path / "o",
+                             "--json", *SMALL)
+    assert code == 1  # one line failed; the others rendered
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["seed"] for r in rows] == [5, 6, 7]
+    assert rows[1]["request"]["prompt"] == "a castle, at night"
+    assert rows[1]["request"]["steps"] == 3 and rows[1]["request"]["negative"] == "blurry"
+    assert rows[0]["request"]["steps"] == 2
+    assert f"{batch}:5: width must be a multiple of 8" in err
+    assert "Traceback" not in err
+
+
+def test_generate_needs_a_prompt_or_a_file(demo_model, run_cli):
+    code, out, err = run_cli("generate", "--model", demo_model)
+    assert code == 1 and "PROMPT or --from-file" in err
+
+
+def test_demo_model_is_written_once_to_the_data_dir():
+    first = demo_model_dir()
+    assert (first / "model.safetensors").is_file()
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert demo_model_dir() == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_demo_flag_opens_the_app_on_the_demo_model(monkeypatch, run_cli):
+    """`sdterm --demo` builds the engine on the demo model and starts the app with small defaults."""
+    seen = {}
+
+    class FakeApp:
+        def __init__(self, engine, session, outdir, image_protocol):
+            seen.update(engine=engine, session=session, protocol=image_protocol)
+
+        def run(self):
+            seen["ran"] = True
+
+    import sdterm.ui.app as app_module
+    import sdterm.ui.terminal as terminal
+
+    monkeypatch.setattr(app_module, "SdtermApp", FakeApp)
+    monkeypatch.setattr(terminal, "prepare_graphics", lambda: None)
+    code, out, err = run_cli("--demo", "--device", "cpu")
+    assert code == 0, err
+    assert seen["ran"] and seen["engine"].source.demo
+    assert (seen["session"].params.width, seen["session"].params.steps) == (256, 20)
+    assert seen["protocol"] == "auto"
+    assert os.fspath(seen["engine"].source.checkpoint).startswith(os.fspath(paths.data_dir()))
