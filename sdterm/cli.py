@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--json", action="store_true", help="stats as one JSON object")
 
     from .bench import add_parser as add_bench_parser
+    from .doctor import add_parser as add_doctor_parser
 
     add_bench_parser(sub)
+    add_doctor_parser(sub)
 
     demo = sub.add_parser("demo-model", help="write a tiny random-weight model of the SD v1 architecture")
     demo.add_argument("dir", metavar="DIR")
@@ -441,7 +443,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"app": cmd_app, "generate": cmd_generate, "demo-model": cmd_demo_model, "cache": cmd_cache, "bench": cmd_bench}
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import cmd_doctor as run
+
+    return run(args)
+
+
+COMMANDS = {"doctor": cmd_doctor, "app": cmd_app, "generate": cmd_generate, "demo-model": cmd_demo_model, "cache": cmd_cache, "bench": cmd_bench}
 
 
 def _quiet_libraries() -> None:
