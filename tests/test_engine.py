@@ -160,3 +160,22 @@ def test_variation_strength_changes_the_image_a_little(demo_engine):
     c = demo_engine.generate(small_request(seed=9)).latents
     assert not torch.equal(a, b)
     assert (a - b).norm() < (a - c).norm()
+
+
+def test_sizes_that_are_multiples_of_8_but_not_64_render(demo_engine):
+    """The latent side need not divide by 2^levels: upsampling goes to the skip's size."""
+    r = demo_engine.generate(small_request(width=72, height=56))
+    assert r.image.size == (72, 56)
+
+
+def test_odd_latent_sizes_match_diffusers_upsample_rule():
+    """With the full-size architecture's three downsamplings, a 65x67 latent still lines up."""
+    from sdterm.engine.unet import UNetModel
+
+    cfg = ModelConfig().unet
+    tiny = type(cfg)(model_channels=32, channel_mult=(1, 2, 2, 2), attention_resolutions=(), num_heads=2,
+                     context_dim=8, num_res_blocks=1)
+    unet = UNetModel(tiny).eval()
+    with torch.no_grad():
+        out = unet(torch.randn(1, 4, 13, 11), torch.tensor([10]), torch.randn(1, 77, 8))
+    assert out.shape == (1, 4, 13, 11)

@@ -60,25 +60,32 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 conv named ``conv``."""
+    """Nearest-neighbour 2x (or to ``size``: the next skip connection's, when the latent side is
+    not a multiple of 8 and a stride-2 conv rounded up on the way down), then a 3x3 conv ``conv``."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepBlock(nn.ModuleList):
     """One entry of input_blocks/output_blocks: layers that take the embedding or the text as needed."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, up_size: torch.Size | None = None
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, up_size)
             else:
                 x = layer(x)
         return x
@@ -161,5 +168,6 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # skip connection along channels
-            h = block(h, emb, context)
+            # An upsample goes to the next skip's size (2x, or one less where the way down rounded up).
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)

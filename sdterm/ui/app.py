@@ -145,7 +145,7 @@ class SdtermApp(App):
         try:
             path = str((self._save or save_result)(req, result, self.outdir))
         except OSError as exc:
-            error = f"cannot write to {self.outdir} ({exc.strerror or exc}); the image is kept on screen — /size or restart with --outdir"
+            error = f"cannot write to {self.outdir} ({exc.strerror or exc}); the image is kept on screen — free space or restart with --outdir DIR"
         self.post_message(RenderDone(render_id, result, path, error))
 
     def _finished(self) -> None:
@@ -179,10 +179,16 @@ class SdtermApp(App):
         demo = " · demo model: the image is noise" if result.demo else ""
         caption = f"seed {req.seed} · {req.width}×{req.height} · {result.seconds:.1f}s · {result.plan}{demo}"
         self.query_one(ImageView).show(result.image, caption)
+        try:
+            self.session.record(req, message.path, result.model_hash)
+            history_error = None
+        except OSError as exc:
+            history_error = f"history not written ({exc.strerror or exc}): {self.session.history.path}"
         if message.error:
             self.notice(message.error, "error")
+        elif history_error:
+            self.notice(f"saved {message.path}, but {history_error}", "warning")
         else:
-            self.session.record(req, message.path, result.model_hash)
             path = Path(message.path).resolve()
             text = Text("saved ")
             text.append(str(message.path), style=f"link {path.as_uri()}")
@@ -259,6 +265,7 @@ class SdtermApp(App):
     def restore_entry(self, entry: HistoryEntry, focus: bool = True) -> None:
         """Put an earlier render's prompt and settings back (history recall and search)."""
         self.session.restore(entry)
+        self.session.last_prompt = entry.prompt  # seed keys now tweak the recalled render
         self._recalled = entry
         box = self.query_one("#prompt", Input)
         box.value = entry.prompt
@@ -329,7 +336,7 @@ class SdtermApp(App):
 
         self.push_screen(CommandPalette(providers=[HistoryProvider], placeholder="search earlier prompts…"))
 
-    async def action_quit(self) -> None:
+    def action_quit(self) -> None:
         self._pending = None
         if self._cancel is not None:
             self._cancel.set()
@@ -349,7 +356,14 @@ class SdtermApp(App):
         self.refresh_params()
 
     def action_variation(self, direction: int) -> None:
-        self.render_request(self.session.change_variation(0.05 * direction))
+        if self.session.last_prompt is None:
+            self.render_request(None)
+            return
+        req = self.session.change_variation(0.05 * direction)
+        if req is None:
+            self.notice(f"variation strength is already {self.session.params.variation:g}", "warning")
+            return
+        self.render_request(req)
         self.refresh_params()
 
 

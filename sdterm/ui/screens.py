@@ -24,7 +24,7 @@ HELP = """\
 | image/panel | **l** | lock / unlock the seed (locked: new prompts keep it) |
 | image/panel | **v / V** | variation strength +0.05 / −0.05 and render |
 | anywhere | **Esc** | cancel the render at the next step |
-| anywhere | **?** | this help |
+| outside the prompt | **?** | this help (or `/help`) |
 | anywhere | **Ctrl+Q** | quit (cancels a render cleanly) |
 
 # Commands (type in the prompt)

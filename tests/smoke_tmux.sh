@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Smoke test of the real app in a real terminal: sdterm runs in a detached tmux session (100x30);
+# the script types a prompt and Enter, waits for "saved", presses Tab and ] (seed + 1, a second
+# render), waits for it, quits with Ctrl+Q, and checks that the process ended with status 0, that
+# OUTDIR holds exactly two PNGs and that the screen never showed a traceback.
+#
+#   tests/smoke_tmux.sh MODEL_DIR OUTDIR        (MODEL_DIR: e.g. written by `sdterm demo-model DIR`)
+#
+# PYTHON picks the interpreter (default: python). tmux runs on a private socket, so a tmux server
+# the user already has is never touched; cache, data and config go to a temporary folder.
+set -euo pipefail
+
+if [ $# -ne 2 ]; then
+    echo "usage: $0 MODEL_DIR OUTDIR" >&2
+    exit 2
+fi
+model=$(cd "$1" && pwd)
+mkdir -p "$2"
+outdir=$(cd "$2" && pwd)
+python=${PYTHON:-python}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+command -v tmux >/dev/null || { echo "smoke: tmux is not installed" >&2; exit 2; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/sdterm-smoke.XXXXXX")
+socket="$work/tmux.sock"
+session=smoke
+screen="$work/screen.txt"   # the latest capture of the pane
+seen="$work/seen.txt"       # every capture, one after the other
+
+cleanup() {
+    tmux -S "$socket" kill-server 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+fail() {
+    echo "smoke: FAIL: $*" >&2
+    if [ -s "$screen" ]; then
+        echo "---- last screen ----" >&2
+        cat "$screen" >&2
+        echo "---------------------" >&2
+    fi
+    exit 1
+}
+
+capture() {
+    tmux -S "$socket" capture-pane -p -J -S - -t "$session" >"$screen" 2>/dev/null || true
+    cat "$screen" >>"$seen"
+    if grep -q "Traceback" "$screen"; then
+        fail "the screen shows a traceback"
+    fi
+}
+
+# wait_for WHAT SECONDS CONDITION...: poll (capturing the pane each time) until CONDITION holds.
+wait_for() {
+    local what=$1 seconds=$2
+    shift 2
+    local deadline=$((SECONDS + seconds))
+    while :; do
+        capture
+        if "$@"; then
+            return 0
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            fail "timed out after ${seconds}s waiting for $what"
+        fi
+        sleep 0.2
+    done
+}
+
+on_screen() { grep -q -- "$1" "$screen"; }
+pngs() { find "$outdir" -maxdepth 1 -name '*.png' | wc -l; }
+pngs_are() { [ "$(pngs)" -eq "$1" ]; }
+exited() { [ -s "$work/status" ]; }
+
+cat >"$work/run.sh" <<EOF
+cd "$repo"
+export SDTERM_CACHE_DIR="$work/cache" SDTERM_DATA_DIR="$work/data" SDTERM_CONFIG_DIR="$work/config"
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+"$python" -m sdterm --model "$model" --outdir "$outdir" --steps 3 --width 64 --height 64 \\
+    --image-protocol halfcell --device cpu
+echo \$? >"$work/status"
+EOF
+
+# remain-on-exit keeps the pane (and whatever was printed last) after the app ends.
+tmux -S "$socket" -f /dev/null new-session -d -s "$session" -x 100 -y 30 "sleep 0.5; bash '$work/run.sh'"
+tmux -S "$socket" set-option -t "$session" remain-on-exit on >/dev/null
+
+wait_for "the app to start" 60 on_screen "no image yet"
+tmux -S "$socket" send-keys -t "$session" -l "a red fox"
+tmux -S "$socket" send-keys -t "$session" Enter
+wait_for "the first image" 60 on_screen "saved "
+pngs_are 1 || fail "expected 1 PNG after the first render, found $(pngs)"
+
+tmux -S "$socket" send-keys -t "$session" Tab
+tmux -S "$socket" send-keys -t "$session" -l "]"
+second() { pngs_are 2 && on_screen "cache hit"; }
+wait_for "the second image (seed + 1)" 60 second
+
+tmux -S "$socket" send-keys -t "$session" C-q
+wait_for "the app to exit" 30 exited
+status=$(cat "$work/status")
+[ "$status" = 0 ] || fail "sdterm exited with status $status"
+capture
+
+pngs_are 2 || fail "expected 2 PNGs, found $(pngs)"
+others=$(find "$outdir" -mindepth 1 ! -name '*.png' | wc -l)
+[ "$others" -eq 0 ] || fail "unexpected files in $outdir: $(ls -A "$outdir")"
+if grep -q "Traceback" "$seen"; then
+    fail "a traceback was on the screen"
+fi
+echo "smoke: ok: two renders, quit cleanly ($(ls "$outdir" | tr '\n' ' '))"
