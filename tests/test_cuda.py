@@ -60,3 +60,15 @@ def test_budget_is_respected_on_cuda(demo_model):
     engine = Engine(open_model(demo_model), "cuda", budget=512 * 2**20)
     r = engine.generate(small_request(width=256, height=256))
     assert all(s.peak_allocated <= 512 * 2**20 for s in r.stages)
+
+
+def test_allocated_memory_returns_to_baseline_after_every_render(demo_model, tmp_path):
+    """Staged models leave the device after each render; nothing accumulates over many renders."""
+    from sdterm.engine.planner import GiB, Plan
+
+    engine = Engine(open_model(demo_model), "cuda", plan=Plan(GiB), cache=EmbeddingCache(tmp_path))
+    engine.generate(small_request())  # warm-up: cuBLAS/cuDNN workspaces
+    baseline = torch.cuda.memory_allocated()
+    for seed in range(20):
+        engine.generate(small_request(seed=seed, width=96, height=64))
+        assert torch.cuda.memory_allocated() == baseline
