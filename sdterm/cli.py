@@ -111,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_parser as add_bench_parser
     from .doctor import add_parser as add_doctor_parser
+    from .pngmeta import add_parser as add_show_parser
 
     add_bench_parser(sub)
     add_doctor_parser(sub)
+    add_show_parser(sub)
 
     demo = sub.add_parser("demo-model", help="write a tiny random-weight model of the SD v1 architecture")
     demo.add_argument("dir", metavar="DIR")
@@ -449,7 +451,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"doctor": cmd_doctor, "app": cmd_app, "generate": cmd_generate, "demo-model": cmd_demo_model, "cache": cmd_cache, "bench": cmd_bench}
+def cmd_show(args: argparse.Namespace) -> int:
+    from .pngmeta import cmd_show as run
+
+    return run(args)
+
+
+COMMANDS = {"show": cmd_show, "doctor": cmd_doctor, "app": cmd_app, "generate": cmd_generate, "demo-model": cmd_demo_model, "cache": cmd_cache, "bench": cmd_bench}
 
 
 def _quiet_libraries() -> None:

@@ -411,6 +411,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eta": (_ONE_VALUE, "/eta F", "DDIM eta (0 ... 1)"),
     "budget": (_ONE_VALUE, "/budget SIZE|auto", "VRAM budget, e.g. /budget 2G (at least 256M)"),
     "open": (_NO_ARG, "/open", "open the last image"),
+    "load": (_TEXT, "/load IMAGE.png", "take the prompt and settings stored in a PNG (sdterm or AUTOMATIC1111)"),
     "cache": (_NO_ARG, "/cache", "show the prompt-embedding cache"),
     "help": (_NO_ARG, "/help", "show the commands and keys"),
     "quit": (_NO_ARG, "/quit", "leave sdterm"),
@@ -639,6 +640,10 @@ class Session:
             if self.last_path is None:
                 return Outcome("message", "nothing saved yet: render a prompt first")
             return Outcome("open", self.last_path)
+        if name == "load":
+            if not arg:
+                raise CommandError("/load needs a file: /load IMAGE.png")
+            return Outcome("load", arg)
         if name == "cache":
             return Outcome("cache")
         if name == "help":

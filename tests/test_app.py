@@ -679,3 +679,34 @@ async def test_a_history_write_failure_is_reported_not_fatal(engine, tmp_path):
         assert app.is_running
         assert len(outputs(tmp_path)) == 1
         assert "history" in notice(app)
+
+
+async def test_load_takes_the_parameters_stored_in_a_png(engine, tmp_path):
+    """/load IMAGE.png restores the prompt and settings written by sdterm (or AUTOMATIC1111)."""
+    from PIL import Image, PngImagePlugin
+
+    png = tmp_path / "a1111.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a lighthouse\nNegative prompt: fog\n"
+                                "Steps: 4, Sampler: DDIM, CFG scale: 6, Seed: 77, Size: 64x48, Model: x")
+    Image.new("RGB", (8, 8)).save(png, pnginfo=info)
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press(*f"/load {png}")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.query_one("#prompt").value == "a lighthouse"
+        assert app.query_one("#negative").value == "fog"
+        p = app.session.params
+        assert (p.seed, p.steps, p.cfg, p.width, p.height) == (77, 4, 6.0, 64, 48)
+        await pilot.press("enter")
+        for _ in range(400):
+            await pilot.pause(0.05)
+            if not app.busy:
+                break
+        assert outputs(tmp_path)[-1].endswith("-77.png")
+        app.query_one("#prompt").value = ""
+        await pilot.press(*"/load nowhere.png")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "nowhere.png" in notice(app)

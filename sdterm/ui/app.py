@@ -290,6 +290,8 @@ class SdtermApp(App):
             self.show_last_path(outcome.message)
         elif outcome.action == "cache":
             self.notice(cache_stats_line(self.engine))
+        elif outcome.action == "load":
+            self.load_image_parameters(outcome.message)
         elif outcome.action == "budget":
             if self.busy:
                 self._pending_budget = (True, self.session.params.budget)
@@ -301,6 +303,41 @@ class SdtermApp(App):
             self.notice(outcome.message)
         self.query_one("#negative", Input).value = self.session.params.negative
         self.refresh_params()
+
+    def load_image_parameters(self, path: str) -> None:
+        """/load: the prompt and settings stored in a PNG (sdterm's or AUTOMATIC1111's)."""
+        from datetime import datetime, timezone
+
+        from ..pngmeta import MetadataError, read_png_parameters
+
+        try:
+            found = read_png_parameters(Path(path).expanduser())
+        except MetadataError as exc:
+            self.notice(str(exc), "error")
+            return
+        p = self.session.params
+        entry = HistoryEntry(
+            time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            prompt=found.prompt or "",
+            negative=found.negative or "",
+            seed=found.seed if found.seed is not None else p.seed,
+            steps=found.steps if found.steps is not None else p.steps,
+            cfg=found.cfg if found.cfg is not None else p.cfg,
+            width=found.width if found.width is not None else p.width,
+            height=found.height if found.height is not None else p.height,
+            eta=found.eta if found.eta is not None else 0.0,
+            variation=found.subseed_strength or 0.0,
+            variation_seed=found.subseed or 0,
+            path=str(path),
+            model_hash=found.model_hash or "",
+        )
+        try:
+            self.restore_entry(entry)
+        except ConfigError as exc:
+            self.notice(f"{path}: {exc}", "error")
+            return
+        self.notice(f"loaded from {path}: seed {entry.seed} · {entry.steps} steps · CFG {entry.cfg:g} · "
+                    f"{entry.width}×{entry.height} — Enter renders it")
 
     def show_last_path(self, fallback: str) -> None:
         path = self.session.last_path
