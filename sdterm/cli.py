@@ -245,6 +245,24 @@ def parse_budget(text: str | None) -> int | None:
     return budget
 
 
+def make_engine(source, args: argparse.Namespace):
+    """The engine for ``source`` with the user's device, cache and budget; a missing tokenizer
+    is reported now, before any work starts (or the screen opens)."""
+    from . import paths
+    from .engine.pipeline import Engine
+
+    engine = Engine(
+        source,
+        args.device,
+        data_dir=paths.data_dir(),
+        hash_memo=paths.cache_dir() / "model-hashes.json",
+        cache=open_cache(args.no_cache),
+        budget=parse_budget(args.vram_budget),
+    )
+    engine.tokenizer
+    return engine
+
+
 def _request_from(args: argparse.Namespace) -> RenderRequest:
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1)
     return RenderRequest(
@@ -293,7 +311,7 @@ def _batch_jobs(path: str, base: argparse.Namespace) -> list[tuple[str, argparse
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import paths
-    from .engine.pipeline import Engine, open_model
+    from .engine.pipeline import open_model
     from .engine.text import PromptError
     from .resolve import apply_defaults, resolve_model, user_config
 
@@ -309,15 +327,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         model = resolve_model(args.model, cfg)
         source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
-    engine = Engine(
-        source,
-        args.device,
-        data_dir=paths.data_dir(),
-        hash_memo=paths.cache_dir() / "model-hashes.json",
-        cache=open_cache(args.no_cache),
-        budget=parse_budget(args.vram_budget),
-    )
-    engine.tokenizer  # a missing tokenizer is reported before any work starts
+    engine = make_engine(source, args)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
     failed = 0
     for where, job in jobs:
@@ -397,7 +407,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 def cmd_app(args: argparse.Namespace) -> int:
     """The interactive app (the default command)."""
     from . import paths
-    from .engine.pipeline import Engine, open_model
+    from .engine.pipeline import open_model
     from .resolve import apply_defaults, demo_model_dir, resolve_model, user_config
     from .session import History, Params, Session, history_file
 
@@ -405,15 +415,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     apply_defaults(args, cfg, demo=args.demo)
     model = str(demo_model_dir()) if args.demo else resolve_model(args.model, cfg)
     source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
-    engine = Engine(
-        source,
-        args.device,
-        data_dir=paths.data_dir(),
-        hash_memo=paths.cache_dir() / "model-hashes.json",
-        cache=open_cache(args.no_cache),
-        budget=parse_budget(args.vram_budget),
-    )
-    engine.tokenizer  # a missing tokenizer is reported before the screen opens
+    engine = make_engine(source, args)
     params = Params(
         negative=args.negative,
         seed=args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1),

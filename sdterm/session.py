@@ -43,6 +43,22 @@ class CommandError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+def _request(prompt: str, p: "Params | HistoryEntry") -> RenderRequest:
+    """A render request from anything carrying sdterm's render parameters (variation = subseed)."""
+    return RenderRequest(
+        prompt=prompt,
+        negative=p.negative,
+        seed=p.seed,
+        steps=p.steps,
+        cfg=p.cfg,
+        width=p.width,
+        height=p.height,
+        eta=p.eta,
+        subseed=p.variation_seed,
+        subseed_strength=p.variation,
+    )
+
+
 @dataclass
 class Params:
     """The render parameters the next render uses; the app's parameter bar shows them."""
@@ -72,18 +88,7 @@ class Params:
 
     def request(self, prompt: str) -> RenderRequest:
         """The render request for ``prompt`` with these parameters (not validated)."""
-        return RenderRequest(
-            prompt=prompt,
-            negative=self.negative,
-            seed=self.seed,
-            steps=self.steps,
-            cfg=self.cfg,
-            width=self.width,
-            height=self.height,
-            eta=self.eta,
-            subseed=self.variation_seed,
-            subseed_strength=self.variation,
-        )
+        return _request(prompt, self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,18 +169,7 @@ class HistoryEntry:
 
     def request(self) -> RenderRequest:
         """The render request this entry records (not validated)."""
-        return RenderRequest(
-            prompt=self.prompt,
-            negative=self.negative,
-            seed=self.seed,
-            steps=self.steps,
-            cfg=self.cfg,
-            width=self.width,
-            height=self.height,
-            eta=self.eta,
-            subseed=self.variation_seed,
-            subseed_strength=self.variation,
-        )
+        return _request(self.prompt, self)
 
     def same_render(self, other: "HistoryEntry") -> bool:
         """Same prompt and parameters (time, file and model aside)."""
