@@ -111,10 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_parser as add_bench_parser
     from .doctor import add_parser as add_doctor_parser
+    from .download import add_parser as add_download_parser
     from .pngmeta import add_parser as add_show_parser
 
     add_bench_parser(sub)
     add_doctor_parser(sub)
+    add_download_parser(sub)
     add_show_parser(sub)
 
     demo = sub.add_parser("demo-model", help="write a tiny random-weight model of the SD v1 architecture")
@@ -459,7 +461,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"show": cmd_show, "doctor": cmd_doctor, "app": cmd_app, "generate": cmd_generate, "demo-model": cmd_demo_model, "cache": cmd_cache, "bench": cmd_bench}
+def cmd_download(args: argparse.Namespace) -> int:
+    from .download import cmd_download as run
+
+    return run(args)
+
+
+COMMANDS = {"download": cmd_download, "show": cmd_show, "doctor": cmd_doctor, "app": cmd_app, "generate": cmd_generate, "demo-model": cmd_demo_model, "cache": cmd_cache, "bench": cmd_bench}
 
 
 def _quiet_libraries() -> None:

@@ -6,9 +6,10 @@ How a file comes down (``_fetch``), built on huggingface_hub's own pieces (``hf_
 1. HEAD ``/{repo}/resolve/main/{file}`` for the size, the CDN location and the hub's hash of the
    file (the ``X-Linked-Etag`` of an LFS/Xet file is its sha256; the ``ETag`` of a small git file
    is its git blob sha1).
-2. GET into ``{file}.{hash[:12]}.partial`` beside the final name, appending to what an earlier,
-   interrupted run left there (an HTTP Range request; huggingface_hub's ``http_get`` also retries
-   a dropped connection within the run, from where it stopped).
+2. GET (from the CDN link, or for a Xet-backed file through the resolve URL's redirect: plain HTTPS
+   either way, hf_xet is not used) into ``{file}.{hash[:12]}.partial`` beside the final name,
+   appending to what an earlier, interrupted run left there (an HTTP Range request;
+   huggingface_hub's ``http_get`` also retries a dropped connection within the run).
 3. Hash the finished partial file; on a mismatch delete it and say so; otherwise rename it to the
    final name. The final name only ever holds a verified file.
 
@@ -219,18 +220,25 @@ def _fetch(
                         f"not enough disk space in {dest.parent}: {filename} needs {_mib(size - have)} more and "
                         f"{_mib(free)} are free; free some space or pass --dir DIR on another disk"
                     )
-            _transfer(meta.location, url, part, have, size, filename, token, progress)
-            if size is not None and part.stat().st_size != size:
-                got = part.stat().st_size
+            # Like huggingface_hub's own plain-HTTP path: an LFS file comes from the CDN link the HEAD
+            # pointed to; a Xet-backed one from the resolve URL, whose redirect the client follows.
+            source = url if getattr(meta, "xet_file_data", None) is not None else meta.location
+            _transfer(source, url, part, have, size, filename, token, progress)
+            got = part.stat().st_size
+            if size is not None and got > size:
                 part.unlink()
-                raise DownloadError(f"{filename}: the download server sent {got} bytes, not {size}; run `{command}` again")
+                raise DownloadError(
+                    f"{filename}: the download server sent {got} bytes, not {size}; run `{command}` again"
+                )
+            if size is not None and got < size:
+                raise DownloadError(f"the transfer of {filename} ended early{where.kept()}")
             if want:
                 digest = _file_hash(part, want[0], progress, dest.name)
                 if digest != want[1]:
                     part.unlink()
                     raise DownloadError(
-                        f"{filename}: {want[0]} mismatch (got {digest[:16]}…, expected {want[1][:16]}…): the download "
-                        f"was corrupted and has been deleted; run `{command}` again"
+                        f"{filename}: {want[0]} mismatch (got {digest[:16]}…, expected {want[1][:16]}…): "
+                        f"the download was corrupted and has been deleted; run `{command}` again"
                     )
             os.replace(part, dest)
             _fsync_dir(dest.parent)
@@ -243,19 +251,22 @@ def _fetch(
         raise DownloadError(message) from None
 
 
-def _transfer(location: str, url: str, part: Path, have: int, size: int | None, filename: str,
+def _transfer(source: str, url: str, part: Path, have: int, size: int | None, filename: str,
               token: str | bool | None, progress: bool) -> None:
-    """Append the rest of the file at ``location`` to ``part`` (huggingface_hub's http_get: Range, retries, bar)."""
+    """Append the rest of the file at ``source`` to ``part`` (huggingface_hub's http_get: Range, retries, bar).
+
+    The token goes only to the hub (``url``'s origin); the client drops it on a redirect elsewhere.
+    """
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
     headers = build_hf_headers(token=token)
     headers["Accept-Encoding"] = "identity"  # byte ranges of the file itself, never of a compressed stream
-    if _origin(location) != _origin(url):  # a signed CDN link: the token stays with the hub
+    if _origin(source) != _origin(url):  # a signed CDN link: the token stays with the hub
         for key in [k for k in headers if k.lower() == "authorization"]:
             del headers[key]
     with _hub_progress(progress), open(part, "ab") as f:
-        http_get(location, f, resume_size=have, headers=headers, expected_size=size, displayed_filename=filename)
+        http_get(source, f, resume_size=have, headers=headers, expected_size=size, displayed_filename=filename)
         f.flush()
         os.fsync(f.fileno())
 
@@ -338,7 +349,8 @@ class _exclusive:
             lock.acquire()
         except Timeout:
             raise DownloadError(
-                f"another sdterm download is writing {self.path.name[1:-5]} in {self.path.parent}; wait for it to finish"
+                f"another sdterm download is writing {self.path.name[1:-5]} in {self.path.parent}; "
+                "wait for it to finish"
             ) from None
         except (OSError, NotImplementedError):  # a filesystem without locks: go on unlocked
             return self
@@ -459,7 +471,10 @@ def _explain(exc: BaseException, w: _Where) -> str | None:
     kept = w.kept()
     manual = f"download {w.url} on a machine that can, and copy it to {w.dest}"
     if isinstance(exc, OfflineModeIsEnabled):
-        return f"HF_HUB_OFFLINE is set, so sdterm may not contact the hub: unset it and run `{w.command}` again, or {manual}"
+        return (
+            f"HF_HUB_OFFLINE is set, so sdterm may not contact the hub: unset it and run `{w.command}` again, "
+            f"or {manual}"
+        )
     if isinstance(exc, GatedRepoError):
         return f"{w.repo} is gated: accept the licence at {w.page}, then {LOGIN_HINT}"
     code, host = _status(exc)
@@ -472,12 +487,16 @@ def _explain(exc: BaseException, w: _Where) -> str | None:
                 f"the hub refused the token for {w.repo} (HTTP {code}): check HF_TOKEN or log in again "
                 f"(`hf auth login`); a gated repo also needs its licence accepted at {w.page}"
             )
-        return f"{w.repo} needs a Hugging Face token (HTTP {code}): create a read token at {TOKENS_PAGE}, then {LOGIN_HINT}"
+        return (
+            f"{w.repo} needs a Hugging Face token (HTTP {code}): create a read token at {TOKENS_PAGE}, "
+            f"then {LOGIN_HINT}"
+        )
     if isinstance(exc, EntryNotFoundError) and not isinstance(exc, LocalEntryNotFoundError):
         return f"{w.repo} has no {w.filename} on the hub any more; look for it at {w.page} and put it in {w.dest}"
     if isinstance(exc, HfHubHTTPError):
         advice = "try again later" if code is None or code >= 500 or code == 429 else "the link may have expired"
-        return f"the download server answered HTTP {code} for {w.filename} ({advice}){kept or f'; run `{w.command}` again'}"
+        again = kept or f"; run `{w.command}` again"
+        return f"the download server answered HTTP {code} for {w.filename} ({advice}){again}"
     names = {c.__name__ for c in type(exc).__mro__}
     if isinstance(exc, LocalEntryNotFoundError) or names & _CONNECTION_ERRORS:
         if kept:

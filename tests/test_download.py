@@ -41,6 +41,7 @@ def git_sha1(data: bytes) -> str:
 class FakeFile:
     data: bytes
     lfs: bool = True
+    xet: bool = False  # announce a Xet-backed file (X-Xet-Hash): clients then GET the resolve URL
     served: bytes | None = None  # what the CDN actually sends (corruption), default: data
 
     @property
@@ -127,12 +128,16 @@ def _handler(fake: FakeHub, role: str):
             repo, filename = m["repo"], m["file"]
             if repo in fake.repo_errors:
                 status, headers = fake.repo_errors[repo]
-                return self._reply(status, headers, json.dumps({"error": headers.get("X-Error-Message", "")}).encode(), body)
+                payload = json.dumps({"error": headers.get("X-Error-Message", "")}).encode()
+                return self._reply(status, headers, payload, body)
             f = fake.files.get((repo, filename))
             if f is None:
                 return self._reply(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, b"", body)
             if f.lfs:  # the pointer's own etag, the file's sha256 and size in X-Linked-*, and a 302 to the CDN
+                xet = {"X-Xet-Hash": f.sha256[::-1],
+                       "X-Xet-Refresh-Route": f"/api/models/{repo}/xet-read-token/{COMMIT}"}
                 return self._reply(302, {
+                    **(xet if f.xet else {}),
                     "X-Repo-Commit": COMMIT,
                     "ETag": f'"{git_sha1(b"pointer " + f.data[:16])}"',
                     "X-Linked-Etag": f'"{f.sha256}"',
@@ -287,6 +292,21 @@ def test_interrupted_run_keeps_the_partial_file_and_the_next_run_resumes_it(hub,
     assert dl.partial_files(tmp_path, SD15.filename) == []
 
 
+def test_xet_backed_file_comes_through_the_resolve_redirect_with_range_and_without_token_at_the_cdn(
+    hub, fake_sd15, tmp_path
+):
+    fake_sd15.xet = True
+    hub.drop_after = 100_000
+    path = download_model("sd-v1-5", tmp_path, endpoint=hub.url, token="hf_test", progress=False)
+    assert path.read_bytes() == fake_sd15.data
+    resolve_gets = hub.seen("hub", "GET")
+    assert len(resolve_gets) == 2 and all(r["auth"] == "Bearer hf_test" for r in resolve_gets)
+    assert resolve_gets[1]["range"] is not None
+    cdn = hub.seen("cdn", "GET")
+    assert [r["range"] is not None for r in cdn] == [False, True]
+    assert all(r["auth"] is None for r in cdn)
+
+
 def test_checksum_mismatch_is_one_line_and_leaves_no_file(hub, fake_sd15, tmp_path):
     corrupted = bytearray(fake_sd15.data)
     corrupted[1234] ^= 0xFF
@@ -315,8 +335,8 @@ def test_without_a_pinned_hash_the_hubs_sha256_is_used(hub, fake_sd15, tmp_path,
 
 
 def test_gated_repo_says_accept_the_licence_then_log_in(hub, fake_sd15, tmp_path):
-    hub.repo_errors[SD15.repo] = (403, {"X-Error-Code": "GatedRepo",
-                                        "X-Error-Message": "Access to model is restricted and you are not in the authorized list."})
+    refusal = "Access to model is restricted and you are not in the authorized list."
+    hub.repo_errors[SD15.repo] = (403, {"X-Error-Code": "GatedRepo", "X-Error-Message": refusal})
     with pytest.raises(DownloadError) as info:
         download_model("sd-v1-5", tmp_path, endpoint=hub.url, progress=False)
     msg = one_line(info)
