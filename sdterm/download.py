@@ -545,6 +545,10 @@ def cmd_download(args: argparse.Namespace) -> int:
     try:
         path = download_model(spec.name, dest_dir, force=args.force)
         print(f"{'already there, ' if had else ''}sha256 ok: {path}", file=sys.stderr)
+        if spec.sha256:
+            from .engine.checkpoint import remember_sha256
+
+            remember_sha256(path, spec.sha256, paths.cache_dir() / "model-hashes.json")
         tok = download_tokenizer(data, force=args.force)
     except KeyboardInterrupt:
         kept = partial_files(dest_dir, spec.filename)

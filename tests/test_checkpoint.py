@@ -187,3 +187,13 @@ def test_engine_reports_short_hash(demo_model):
 
     e = Engine(open_model(demo_model), "cpu")
     assert e.model_hash == hashlib.sha256((demo_model / "model.safetensors").read_bytes()).hexdigest()[:10]
+
+
+def test_a_remembered_download_hash_is_used_without_reading_the_file(tmp_path):
+    from sdterm.engine.checkpoint import remember_sha256
+
+    f = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(3)}, f)
+    memo = tmp_path / "memo.json"
+    remember_sha256(f, "b" * 64, memo)
+    assert remembered_sha256(f, memo) == "b" * 64

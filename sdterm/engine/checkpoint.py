@@ -332,5 +332,24 @@ def remembered_sha256(path: str | os.PathLike, memo_file: Path | None) -> str:
     return digest
 
 
+def remember_sha256(path: str | os.PathLike, digest: str, memo_file: Path) -> None:
+    """Record a sha256 already verified elsewhere (e.g. by a download), so the first render does
+    not read the whole file again. Failures to write the memo are ignored."""
+    from ..fsutil import atomic_write_bytes
+
+    p = Path(path).resolve()
+    st = p.stat()
+    try:
+        memo = json.loads(memo_file.read_text())
+        memo = memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        memo = {}
+    memo[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
+    except OSError:
+        pass
+
+
 def short_hash(sha256: str) -> str:
     return sha256[:10]
