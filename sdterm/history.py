@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import paths
@@ -110,6 +110,25 @@ class HistoryEntry:
             raise ValueError("history: time has no time zone")
         validate_request(entry.request())  # ConfigError is a ValueError
         return entry
+
+    @classmethod
+    def from_request(cls, request: RenderRequest, path: str | None, model_hash: str) -> "HistoryEntry":
+        """The entry for a render of ``request`` (now), saved at ``path`` (None: not saved)."""
+        return cls(
+            time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            prompt=request.prompt,
+            negative=request.negative,
+            seed=request.seed,
+            steps=request.steps,
+            cfg=float(request.cfg),
+            width=request.width,
+            height=request.height,
+            eta=float(request.eta),
+            variation=float(request.subseed_strength),
+            variation_seed=request.subseed,
+            path=None if path is None else str(path),
+            model_hash=model_hash,
+        )
 
     def request(self) -> RenderRequest:
         """The render request this entry records (not validated)."""

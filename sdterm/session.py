@@ -14,7 +14,6 @@ import difflib
 import random
 import re
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 
 from .config import MAX_SEED, ConfigError, RenderRequest, parse_size, validate_request
 from .history import History, HistoryEntry, Recall, history_file, request_from
@@ -357,21 +356,7 @@ class Session:
         """
         if path is not None:
             self.last_path = str(path)
-        entry = HistoryEntry(
-            time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            prompt=request.prompt,
-            negative=request.negative,
-            seed=request.seed,
-            steps=request.steps,
-            cfg=float(request.cfg),
-            width=request.width,
-            height=request.height,
-            eta=float(request.eta),
-            variation=float(request.subseed_strength),
-            variation_seed=request.subseed,
-            path=None if path is None else str(path),
-            model_hash=model_hash,
-        )
+        entry = HistoryEntry.from_request(request, path, model_hash)
         self.history.append(entry)
         return entry
 

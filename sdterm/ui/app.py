@@ -306,8 +306,6 @@ class SdtermApp(App):
 
     def load_image_parameters(self, path: str) -> None:
         """/load: the prompt and settings stored in a PNG (sdterm's or AUTOMATIC1111's)."""
-        from datetime import datetime, timezone
-
         from ..pngmeta import MetadataError, read_png_parameters
 
         try:
@@ -315,22 +313,7 @@ class SdtermApp(App):
         except MetadataError as exc:
             self.notice(str(exc), "error")
             return
-        p = self.session.params
-        entry = HistoryEntry(
-            time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            prompt=found.prompt or "",
-            negative=found.negative or "",
-            seed=found.seed if found.seed is not None else p.seed,
-            steps=found.steps if found.steps is not None else p.steps,
-            cfg=found.cfg if found.cfg is not None else p.cfg,
-            width=found.width if found.width is not None else p.width,
-            height=found.height if found.height is not None else p.height,
-            eta=found.eta if found.eta is not None else 0.0,
-            variation=found.subseed_strength or 0.0,
-            variation_seed=found.subseed or 0,
-            path=str(path),
-            model_hash=found.model_hash or "",
-        )
+        entry = HistoryEntry.from_request(found.to_request(), str(path), found.model_hash or "")
         try:
             self.restore_entry(entry)
         except ConfigError as exc:
