@@ -590,7 +590,7 @@ async def test_slash_commands_set_the_next_render(engine, tmp_path):
         assert engine.budget == 2**30
         assert app.query_one("#negative", Input).value == "blurry"
         assert str(app.query_one("#params", Static).render()) == (
-            "seed 7 (locked) · 4 steps · CFG 5.5 · 80×64 · eta 0.5 · budget 1G")
+            "seed 7 (locked) · 4 steps · CFG 5.5 · 80×64 · eta 0.5 · budget 1G · model demo")
         await enter(pilot, "/budget auto")
         assert notice(app) == "VRAM budget automatic" and engine.budget is None
         await enter(pilot, "/cache")

@@ -93,7 +93,7 @@ class SdtermApp(App):
             effective = self.engine.effective_budget()
             if effective is not None:
                 line += f" ({fmt_bytes(effective)})"
-        self.query_one("#params", Static).update(line)
+        self.query_one("#params", Static).update(f"{line} · model {self.engine.source.name}")
 
     @property
     def busy(self) -> bool:
