@@ -128,7 +128,7 @@ class StagePanel(Vertical):
         table = Table.grid(padding=(0, 1), expand=True)
         mem = "GPU" if self.cuda else "RSS"
         table.add_column("stage", width=8)
-        table.add_column("state", width=9)
+        table.add_column("state", width=10)
         table.add_column("sec", justify="right", width=5)
         table.add_column("now", justify="right", width=6)
         table.add_column("peak", justify="right", width=6)
