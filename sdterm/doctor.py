@@ -9,6 +9,8 @@ import platform
 import sys
 from dataclasses import asdict, dataclass
 
+from .cli import _fmt_bytes
+
 
 @dataclass(frozen=True)
 class Check:
@@ -17,10 +19,6 @@ class Check:
     """'ok', 'warn' or 'fail'."""
     detail: str
     fix: str = ""
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def check_python() -> Check:
@@ -37,9 +35,9 @@ def check_torch() -> list[Check]:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         free, total = torch.cuda.mem_get_info(0)
-        out.append(Check("cuda", "ok", f"CUDA {torch.version.cuda}, {name}, {_size(free)} free of {_size(total)}"))
+        out.append(Check("cuda", "ok", f"CUDA {torch.version.cuda}, {name}, {_fmt_bytes(free)} free of {_fmt_bytes(total)}"))
         if total < 3 * 2**30:
-            out.append(Check("gpu memory", "warn", f"{_size(total)} on the card",
+            out.append(Check("gpu memory", "warn", f"{_fmt_bytes(total)} on the card",
                              "use --vram-budget to leave room for the desktop; sdterm streams the U-Net below 1.6 GiB"))
     else:
         built = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
@@ -103,7 +101,7 @@ def check_cache() -> Check:
     st = cache.stats()
     probe = cache.folder if cache.folder.exists() else cache.folder.parent
     writable = not probe.exists() or os.access(probe, os.W_OK)
-    detail = f"{cache.folder}: {st.entries} entries, {_size(st.bytes)} of {_size(cache.max_bytes)}"
+    detail = f"{cache.folder}: {st.entries} entries, {_fmt_bytes(st.bytes)} of {_fmt_bytes(cache.max_bytes)}"
     if not writable:
         return Check("cache", "warn", detail + " (not writable)", "renders still work, without the cache; check the folder's permissions")
     return Check("cache", "ok", detail)

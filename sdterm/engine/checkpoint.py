@@ -13,7 +13,6 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -277,12 +276,6 @@ def load_module(
     if still_meta:
         raise CheckpointError(f"{ckpt.path}: could not fill {still_meta[0]}")
     return module.eval().requires_grad_(False)
-
-
-def iter_prefixed(ckpt: Checkpoint, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    for key in ckpt.keys():
-        if key.startswith(prefix):
-            yield key, ckpt.tensor(key)
 
 
 # --------------------------------------------------------------------------------------------

@@ -159,12 +159,6 @@ class Models:
                 self._ckpt = None
         return self._modules[stage]
 
-    def set_modules(self, text=None, unet=None, vae=None) -> None:
-        """Use already-built modules (e.g. full-size random weights) instead of the checkpoint."""
-        for stage, m in (("text", text), ("unet", unet), ("vae", vae)):
-            if m is not None:
-                self._modules[stage] = m.to(self.dtype).eval().requires_grad_(False)
-
     @property
     def tokenizer(self) -> PromptTokenizer:
         if self._tokenizer is None:

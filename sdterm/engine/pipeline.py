@@ -247,13 +247,19 @@ class Engine(Models):
     def _acquire(self, stage: str, mode: str) -> torch.nn.Module:
         """The stage's model, built on first use and (unless running on the host) registered with
         the placement and uploaded (or joined with its prefetch)."""
+        if mode == "host":
+            return self.module(stage)
+        model = self._registered(stage)
+        if mode != "streamed":
+            self.placement.upload(stage)
+            self.placement.wait(stage)
+        return model
+
+    def _registered(self, stage: str) -> torch.nn.Module:
+        """The stage's model, packed into the placement's units (the U-Net one unit per layer)."""
         model = self.module(stage)
-        if mode != "host":
-            units = [m for _, m, _ in model.units()] if stage == "unet" else None
-            self.placement.register(stage, model, units)
-            if mode != "streamed":
-                self.placement.upload(stage)
-                self.placement.wait(stage)
+        units = [m for _, m, _ in model.units()] if stage == "unet" else None
+        self.placement.register(stage, model, units)
         return model
 
     def _release(self, stage: str, mode: str) -> None:
@@ -308,9 +314,8 @@ class Engine(Models):
         return embs, meter.finish(cache=overall, cache_texts=status, skipped=not missing, note=f"text {plan.text}")
 
     def _acquire_prefetch(self, stage: str) -> None:
-        model = self.module(stage)
-        units = [m for _, m, _ in model.units()] if stage == "unet" else None
-        self.placement.register(stage, model, units)
+        """Start uploading the next stage's model on the side stream; ``_acquire`` joins it."""
+        self._registered(stage)
         self.placement.upload(stage, prefetch=True)
 
     def _store(self, embs: dict[str, torch.Tensor], texts: dict[str, tuple[str, Tokens]], notice) -> None:

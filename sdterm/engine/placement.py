@@ -65,10 +65,6 @@ def host_rss() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
-def module_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
 ALIGN = 256
 """Byte alignment of every tensor inside a packed unit (keeps kernels on their fast paths)."""
 

@@ -18,7 +18,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Input, Static
 
 from ..config import ConfigError, RenderRequest
-from ..session import CommandError, HistoryEntry, Recall, Session, parse_command
+from ..session import VARIATION_STEP, CommandError, HistoryEntry, Recall, Session, parse_command
 from .messages import EngineEvent, RenderDone, RenderFailed
 from .screens import HelpScreen, HistoryProvider
 from .widgets.image_view import ImageView
@@ -379,7 +379,7 @@ class SdtermApp(App):
         if self.session.last_prompt is None:
             self.render_request(None)
             return
-        req = self.session.change_variation(0.05 * direction)
+        req = self.session.change_variation(VARIATION_STEP * direction)
         if req is None:
             self.notice(f"variation strength is already {self.session.params.variation:g}", "warning")
             return
