@@ -69,10 +69,14 @@ def test_ring_streamer_copies_every_streamed_unit_each_pass(demo_model):
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
     with torch.inference_mode():
         expected = unet(x, t, ctx)
-        with RingStreamer(placement, "unet", modules, frozenset({0}), 2 * max(sizes)) as s:
+        with RingStreamer(placement, "unet", modules, frozenset({0}), 2 * max(sizes), passes=3) as s:
             for _ in range(3):
                 assert torch.equal(unet(x, t, ctx), expected)
-            assert s.copied_bytes >= 3 * (sum(sizes) - sizes[0])
+            # Every streamed unit once per pass, and nothing prefetched past the last pass.
+            assert s.copied_bytes == 3 * (sum(sizes) - sizes[0])
+            assert s.next == s.total
+            with pytest.raises(RuntimeError, match="not prefetched"):
+                unet(x, t, ctx)  # a pass nobody planned for is an error, not a silent extra copy
     # Afterwards streamed units point at their host copy again; the resident one stays uploaded.
     for i, unit in enumerate(placement.models["unet"]):
         base = unit.device_buf if i == 0 else unit.host

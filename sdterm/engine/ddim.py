@@ -111,6 +111,11 @@ def sample(
     return x
 
 
+def unet_passes(scale: float, *, split: bool) -> int:
+    """U-Net forward passes per denoiser call of :func:`guided` (what a streamed U-Net prefetches)."""
+    return 2 if (split and scale != 1.0) else 1
+
+
 def guided(
     unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     cond: torch.Tensor,

@@ -2,11 +2,12 @@
 
 Entries are safetensors files holding one fp16 ``embedding`` tensor of shape (tokens, dim) and
 metadata (format, key, prompt, model hash, time). Keys are sha256 over the format version, the
-text-encoder weights' identity, the tokenizer's identity and the exact text, so two models never
-share entries. Any read problem (missing, truncated, foreign, wrong shape) is a miss; writes go
-through a temporary file and a rename, so concurrent sdterm processes never see a torn entry.
-Recency is the file's mtime (touched on every hit); the least recently used go first when the
-folder outgrows its cap. Never a pickle.
+text-encoder weights' identity, the tokenizer's identity, the device type and dtype the encoder
+ran in, and the exact text, so two models (or precisions) never share entries. Any read problem
+(missing, truncated, foreign, wrong shape) is a miss; writes go through a temporary file and a
+rename, so concurrent sdterm processes never see a torn entry. Recency is the file's mtime
+(touched on every hit); the least recently used go first when the folder outgrows its cap.
+Never a pickle.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ class CacheStats:
     newest: float | None
 
 
-def cache_key(encoder_id: str, tokenizer_id: str, text: str) -> str:
+def cache_key(encoder_id: str, tokenizer_id: str, text: str, *, precision: str) -> str:
+    """The entry's key. ``precision`` names where the encoder ran and in which dtype (e.g.
+    ``cuda-float16``): the same weights give slightly different embeddings in fp16 on a GPU and
+    in fp32 on the CPU, and a hit must give exactly the pixels a miss would have."""
     h = hashlib.sha256()
-    for part in (f"sdterm-embedding-v{FORMAT_VERSION}", encoder_id, tokenizer_id, text):
+    for part in (f"sdterm-embedding-v{FORMAT_VERSION}", encoder_id, tokenizer_id, precision, text):
         data = part.encode("utf-8", "surrogatepass")
         h.update(struct.pack("<Q", len(data)))  # length-prefixed: no ambiguity between parts
         h.update(data)

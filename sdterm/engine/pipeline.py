@@ -23,9 +23,9 @@ from .embedding_cache import EmbeddingCache, cache_key
 from .events import STAGE_TITLES, Emit, Notice, StageStats, StepDone, ignore
 from .models import Models, ModelSource, open_model
 from .placement import Placement, StageMeter, memory_sample, resolve_device, run_dtype
-from .planner import Plan, cheaper, plan_render
+from .planner import MARGIN, Plan, cheaper, plan_render
 from .text import Tokens, encode
-from .tiling import choose_tile, decode_latents, vae_activation_bytes
+from .tiling import choose_tile, decode_latents, tiled_decode_bytes, vae_activation_bytes
 
 
 DEFAULT_BUDGET_MARGIN = 512 * 2**20
@@ -170,6 +170,8 @@ class Engine(Models):
         notices: list[str] = []
 
         def notice(message: str, level: str = "info") -> None:
+            if message in notices:  # once per render, however many retries repeat it
+                return
             notices.append(message)
             emit(Notice(message, level))
 
@@ -202,7 +204,9 @@ class Engine(Models):
         cond, uncond = self._pair(embs)
         check()
         x_t, gen = latents_noise(req.seed, req.width, req.height, req.subseed, req.subseed_strength)
-        progress = {"step": 0, "x": x_t, "gen": gen}
+        # Where a retry resumes: the step, its latent and the generator's state after it (eta > 0
+        # draws noise every step; a retried step must draw the same noise as a first try would).
+        progress = {"step": 0, "x": x_t, "gen": gen, "gen_state": gen.get_state()}
         latents, unet_stats, plan = self._with_retry("unet", plan, req, notice,
                                                      lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check))
         stages.append(unet_stats)
@@ -231,6 +235,7 @@ class Engine(Models):
                 out, stats = run(plan)
                 return out, stats, plan
             except torch.cuda.OutOfMemoryError:
+                self.placement.join()
                 self.placement.offload_all()
                 gc.collect()
                 if self.device.type == "cuda":
@@ -263,10 +268,15 @@ class Engine(Models):
         return model
 
     def _release(self, stage: str, mode: str) -> None:
+        self.placement.join()  # no copy is left pending behind the stage
         if mode not in ("resident", "host"):
             self.placement.offload(stage)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _precision(self) -> str:
+        """Where and in which dtype the text encoder runs: part of the embedding-cache key."""
+        return f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
 
     def _cached(self, texts: dict[str, tuple[str, Tokens]]) -> dict[str, torch.Tensor]:
         if self.cache is None:
@@ -274,7 +284,7 @@ class Engine(Models):
         tok, dim = self.tokenizer, self.cfg.text.hidden_size
         found = {}
         for role, (text, _) in texts.items():
-            hit = self.cache.get(cache_key(self.encoder_id, tok.identity, text), dim)
+            hit = self.cache.get(cache_key(self.encoder_id, tok.identity, text, precision=self._precision()), dim)
             if hit is not None:
                 found[role] = hit
         return found
@@ -324,7 +334,7 @@ class Engine(Models):
         stored: set[str] = set()
         for role, emb in embs.items():
             text = texts[role][0]
-            key = cache_key(self.encoder_id, self.tokenizer.identity, text)
+            key = cache_key(self.encoder_id, self.tokenizer.identity, text, precision=self._precision())
             if key in stored:
                 continue
             stored.add(key)
@@ -349,13 +359,15 @@ class Engine(Models):
 
     def _unet_stage(self, req: RenderRequest, cond, uncond, plan: Plan, progress: dict, emit: Emit, check):
         x_t, gen = progress["x"], progress["gen"]
+        gen.set_state(progress["gen_state"])  # a retry draws the noise a first try would have
         schedule = ddim.Schedule.make(self.cfg.schedule, req.steps)
         meter = StageMeter("unet", self.device, emit)
         unet = self._acquire("unet", plan.unet)
         streamer = None
         if plan.unet == "streamed":
             modules = [m for _, m, _ in unet.units()]
-            streamer = self.placement.streamed("unet", modules, plan.resident_units, plan.ring_bytes)
+            passes = (req.steps - progress["step"]) * ddim.unet_passes(req.cfg, split=plan.split_cfg)
+            streamer = self.placement.streamed("unet", modules, plan.resident_units, plan.ring_bytes, passes)
             streamer.__enter__()
         try:
             if plan.prefetch_vae and plan.vae != "host":
@@ -366,7 +378,7 @@ class Engine(Models):
             t0 = time.perf_counter()
 
             def on_step(i: int, t: int, x_now: torch.Tensor) -> None:
-                progress["step"], progress["x"] = i + 1, x_now  # where a retry resumes
+                progress["step"], progress["x"], progress["gen_state"] = i + 1, x_now, gen.get_state()
                 check()
                 emit(StepDone(i + 1, req.steps, t, time.perf_counter() - t0))
                 emit(memory_sample("unet", self.device))
@@ -387,22 +399,51 @@ class Engine(Models):
     def _vae_stage(self, latents: torch.Tensor, plan: Plan, emit: Emit, notice):
         meter = StageMeter("vae", self.device, emit)
         vae = self._acquire("vae", plan.vae)
+        tile, precision = plan.vae_tile, ""
         try:
             meter.loaded()
             with torch.inference_mode():
                 z = latents.to(self.device)
-                decoded = decode_latents(vae, z, plan.vae_tile)
+                decoded = decode_latents(vae, z, tile)
                 if not torch.isfinite(decoded).all() and decoded.dtype != torch.float32:
-                    # fp16 overflow gives NaN/inf (a black image): decode again in fp32.
-                    notice("VAE output overflowed in fp16; decoded again in fp32", "warning")
-                    decoded = decode_latents(vae.float(), z, plan.vae_tile)
+                    # fp16 overflow gives NaN/inf (a black image): decode again in fp32, whose
+                    # activations take twice the memory, so the tile is planned again for them.
+                    del decoded
+                    tile = self._fp32_tile(z, plan)
+                    precision = ", fp32"
+                    notice("VAE output overflowed in fp16: decoded again in fp32"
+                           + (f" (tiled {tile * 8}px to fit its activations)" if tile else ""), "warning")
+                    decoded = decode_latents(vae.float(), z.float(), tile)
                 image = to_image(decoded)
         finally:
-            if vae.post_quant_conv.weight.dtype != self.dtype:  # the fp32 fallback replaced the device copy
-                self.placement.offload("vae")
+            if vae.post_quant_conv.weight.dtype != self.dtype:  # the fp32 fallback replaced the weights
+                self.placement.offload("vae")  # back to the packed run-dtype host copy
+                if vae.post_quant_conv.weight.dtype != self.dtype:  # a model run in place on the host
+                    vae.to(self.dtype)
             self._release("vae", plan.vae)
-        tiled = f", tiled {plan.vae_tile * 8}px" if plan.vae_tile else ""
-        return image, meter.finish(note=f"vae {plan.vae}{tiled}")
+        tiled = f", tiled {tile * 8}px" if tile else ""
+        return image, meter.finish(note=f"vae {plan.vae}{tiled}{precision}")
+
+    def _fp32_tile(self, z: torch.Tensor, plan: Plan) -> int | None:
+        """The decode tile for an fp32 re-decode within the budget: fp32 weights (made beside the
+        fp16 ones) and fp32 activations, in what the budget leaves. On the CPU nothing moves and
+        there is no budget: the plan's tile stands."""
+        budget = self.effective_budget()
+        if budget is None:
+            return plan.vae_tile
+        available = budget - MARGIN - torch.cuda.memory_allocated(self.device) - 2 * self.sizes().vae
+        return fp32_decode_tile(self.cfg.vae, z.shape[-2], z.shape[-1], plan.vae_tile, available)
+
+
+def fp32_decode_tile(cfg, lat_h: int, lat_w: int, tile: int | None, available: int) -> int | None:
+    """The tile for decoding in fp32 with ``available`` bytes for activations: the plan's tile
+    if its fp32 decode fits, else the largest one that does (never larger than the plan's)."""
+    if tiled_decode_bytes(cfg, lat_h, lat_w, torch.float32, tile) <= available:
+        return tile
+    fitting = choose_tile(cfg, lat_h, lat_w, torch.float32, available)
+    if fitting is None:
+        return tile
+    return fitting if tile is None else min(tile, fitting)
 
 
 class OutOfMemory(RuntimeError):
