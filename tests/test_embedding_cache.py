@@ -73,10 +73,14 @@ def test_another_models_weights_miss(demo_model, tmp_path):
 
 
 def test_key_depends_on_every_part():
-    base = cache_key("enc", "tok", "a fox")
-    assert len({base, cache_key("enc2", "tok", "a fox"), cache_key("enc", "tok2", "a fox"),
-                cache_key("enc", "tok", "a fox "), cache_key("enc", "toka", " fox")}) == 5
-    assert base == cache_key("enc", "tok", "a fox")
+    def key(enc="enc", tok="tok", text="a fox", precision="cpu-float32"):
+        return cache_key(enc, tok, text, precision=precision)
+
+    base = key()
+    variants = {key(enc="enc2"), key(tok="tok2"), key(text="a fox "), key(tok="toka", text=" fox"),
+                key(precision="cuda-float16")}
+    assert len({base} | variants) == 6
+    assert base == cache_key("enc", "tok", "a fox", precision="cpu-float32")
 
 
 def test_corrupt_truncated_and_foreign_entries_are_misses_and_repaired(demo_model, tmp_path):
@@ -101,8 +105,8 @@ def test_corrupt_truncated_and_foreign_entries_are_misses_and_repaired(demo_mode
 def _writer(folder: str, worker: int, n: int) -> None:
     cache = EmbeddingCache(Path(folder))
     for i in range(n):
-        same = cache_key("enc", "tok", f"shared {i % 5}")
-        own = cache_key("enc", "tok", f"worker {worker} item {i}")
+        same = cache_key("enc", "tok", f"shared {i % 5}", precision="cpu-float32")
+        own = cache_key("enc", "tok", f"worker {worker} item {i}", precision="cpu-float32")
         emb = torch.full((77, 32), float(i % 5))
         cache.put(same, emb, prompt=f"shared {i % 5}", model_hash="x")
         cache.put(own, torch.full((77, 32), float(worker)), prompt="own", model_hash="x")
@@ -122,13 +126,13 @@ def test_concurrent_processes_leave_only_valid_entries(tmp_path):
     assert cache.stats().entries == 5 + 4 * 20
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     for i in range(5):
-        got = cache.get(cache_key("enc", "tok", f"shared {i}"), 32)
+        got = cache.get(cache_key("enc", "tok", f"shared {i}", precision="cpu-float32"), 32)
         assert got is not None and torch.equal(got, torch.full((77, 32), float(i)).half())
 
 
 def test_lru_eviction_order_under_the_cap(tmp_path):
     cache = EmbeddingCache(tmp_path, max_bytes=10**9)
-    keys = [cache_key("e", "t", str(i)) for i in range(4)]
+    keys = [cache_key("e", "t", str(i), precision="cpu-float32") for i in range(4)]
     for i, k in enumerate(keys):
         cache.put(k, torch.zeros(77, 32), prompt=str(i), model_hash="x")
         os.utime(cache.path(k), (1000 + i, 1000 + i))  # put order = age order
@@ -142,9 +146,9 @@ def test_lru_eviction_order_under_the_cap(tmp_path):
 def test_77_token_entry_is_at_most_120_kb(tmp_path):
     cache = EmbeddingCache(tmp_path)
     prompt = ", ".join(["a highly detailed painting"] * 18)  # about 75 tokens of text in the metadata
-    path = cache.put(cache_key("e", "t", prompt), torch.randn(1, 77, 768), prompt=prompt, model_hash="0123456789")
+    path = cache.put(cache_key("e", "t", prompt, precision="cpu-float32"), torch.randn(1, 77, 768), prompt=prompt, model_hash="0123456789")
     assert path.stat().st_size <= 120_000
-    got = cache.get(cache_key("e", "t", prompt), 768)
+    got = cache.get(cache_key("e", "t", prompt, precision="cpu-float32"), 768)
     assert got.shape == (77, 768) and got.dtype == torch.float16
 
 
