@@ -116,12 +116,20 @@ def test_negative_prompt_and_eta_change_the_image_deterministically(demo_engine)
     assert demo_engine.generate(small_request(eta=1.0)).image.tobytes() == e1
 
 
+SEED3_64x64_NOISE = [-0.07664429396390915, 0.35988152027130127, -0.7820168137550354, 0.07152773439884186]
+"""latents_noise(3, 64, 64)[0].flatten()[:4], recorded with torch 2.13 (CPU): a seed must mean the
+same noise in every torch version and on every device (tests/test_cuda.py checks a CUDA render)."""
+
+
 def test_initial_noise_matches_the_documented_cpu_draw():
     from sdterm.engine.pipeline import latents_noise
 
     x, _ = latents_noise(42, 512, 768)
     ref = torch.randn((1, 4, 96, 64), generator=torch.Generator("cpu").manual_seed(42))
     assert torch.equal(x, ref)
+    x, _ = latents_noise(3, 64, 64)
+    assert x.flatten()[:4].tolist() == pytest.approx(SEED3_64x64_NOISE, abs=1e-7)
+    assert float(x.double().sum()) == pytest.approx(5.112878919579089, abs=1e-6)
 
 
 def test_request_validation_messages():
