@@ -1,9 +1,11 @@
 """sdterm's own U-Net, VAE decoder and DDIM sampler against diffusers, on identical weights.
 
-The tiny demo architecture (``demo_config``) gets random weights from ``random_modules``; those
-weights are exported under the original single-file keys (``original_state_dict``) and mapped to
-diffusers names with diffusers' own converters, so the key mapping under test is diffusers', not
-ours. Everything runs in fp32 on the CPU and must agree within 1e-4 relative error.
+The tiny demo architecture (``demo_config``) gets the demo model's random weights from
+``demo_modules`` (peaked cross-attention, a unit-scale noise estimate: an error in the attention
+or the U-Net shows in the trajectory instead of drowning in x_T); those weights are exported
+under the original single-file keys (``original_state_dict``) and mapped to diffusers names with
+diffusers' own converters, so the key mapping under test is diffusers', not ours. Everything
+runs in fp32 on the CPU and must agree within 1e-4 relative error.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 from sdterm.config import ScheduleConfig  # noqa: E402
 from sdterm.engine import ddim  # noqa: E402
 from sdterm.engine.checkpoint import UNET_PREFIX, VAE_PREFIX  # noqa: E402
-from sdterm.engine.demo import demo_config, original_state_dict, random_modules  # noqa: E402
+from sdterm.engine.demo import demo_config, demo_modules, original_state_dict  # noqa: E402
 from sdterm.reference import diffusers_unet_kwargs, diffusers_vae_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +59,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def modules(cfg):
-    text, unet, vae = random_modules(cfg, torch.float32, seed=1234)
+    text, unet, vae = demo_modules(cfg, torch.float32, seed=1234)
     return text, unet.eval(), vae.eval()
 
 

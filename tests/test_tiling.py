@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from sdterm.engine import tiling
 from sdterm.engine import vae as vae_module
-from sdterm.engine.demo import demo_config, random_modules
+from sdterm.engine.demo import demo_config, demo_modules
 from sdterm.engine.tiling import choose_tile, decode_latents, min_tile, tiled_decode_bytes, vae_activation_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,7 +32,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def vae(cfg):
-    return random_modules(cfg)[2]
+    return demo_modules(cfg)[2]
 
 
 def latents(h: int, w: int, seed: int = 0, b: int = 1) -> torch.Tensor:
@@ -330,7 +330,7 @@ def test_min_tile_leaves_room_between_overlaps():
 
 def test_tiled_decode_keeps_device_and_dtype(vae):
     z = latents(16, 40, seed=2)
-    vae64 = random_modules(demo_config(634), torch.float64)[2]
+    vae64 = demo_modules(demo_config(634), torch.float64)[2]
     with torch.no_grad():
         whole = vae64(z)
     out = decode_latents(vae64, z, 16, 8)
