@@ -1,6 +1,8 @@
 """Command line: ``sdterm generate``, ``sdterm demo-model`` (the app and the rest come in their own modules).
 
-Every failure the user can cause ends in one line on stderr and a non-zero exit, never a traceback.
+Every failure the user can cause ends in one line on stderr and a non-zero exit, never a traceback;
+a bug ends in one "internal error" line and its own exit code, and ``--debug`` (or
+``SDTERM_DEBUG=1``) prints its traceback. The exit codes are listed in :mod:`sdterm.errors`.
 """
 
 from __future__ import annotations
@@ -13,14 +15,11 @@ import sys
 from pathlib import Path
 
 from .config import MAX_SEED, ConfigError, RenderRequest
+from .errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, EXIT_USAGE, UserError, debug_enabled, report
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_CANCELLED = 130
+__all__ = ["EXIT_CANCELLED", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "UserError", "build_parser", "main"]
 
-
-class UserError(Exception):
-    """A problem to report as one line."""
+DEBUG_HELP = "print the traceback of a failure, for a bug report (also: SDTERM_DEBUG=1)"
 
 
 def _positive_int(text: str) -> int:
@@ -122,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-model", help="write a tiny random-weight model of the SD v1 architecture")
     demo.add_argument("dir", metavar="DIR")
     demo.add_argument("--seed", type=_positive_int, default=0, help="weight seed (default 0)")
+
+    # --debug before or after the command: every subcommand takes it too. SUPPRESS keeps a
+    # subcommand's parser from resetting a --debug given before the command to False.
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -252,7 +257,12 @@ def make_engine(source, args: argparse.Namespace):
     is reported now, before any work starts (or the screen opens)."""
     from . import paths
     from .engine.pipeline import Engine
+    from .engine.placement import resolve_device
 
+    try:  # an unusable --device is the user's to fix (the engine says so with a RuntimeError)
+        resolve_device(args.device)
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from None
     engine = Engine(
         source,
         args.device,
@@ -439,8 +449,28 @@ def cmd_app(args: argparse.Namespace) -> int:
 
     prepare_graphics()  # textual-image's terminal queries must run before Textual starts
 
-    SdtermApp(engine, session, outdir, image_protocol=args.image_protocol).run()
-    return 0
+    app = SdtermApp(engine, session, outdir, image_protocol=args.image_protocol, debug=debug_enabled(args.debug))
+    app.run()
+    return app_exit_code(app)
+
+
+def app_exit_code(app, stream=None) -> int:
+    """After the app: report the internal errors it caught and showed in its notice line, now that
+    the terminal is the shell's again (their tracebacks with --debug, else where the error log keeps
+    them); the exit code."""
+    stream = stream if stream is not None else sys.stderr
+    if app.internal_errors:
+        if app.print_tracebacks:
+            for text in app.internal_errors:
+                print(text.rstrip("\n"), file=stream)
+            how = "the tracebacks are above"
+        elif app.error_log:
+            how = f"the tracebacks are in {app.error_log}"
+        else:
+            how = "run with --debug for the tracebacks"
+        print(f"sdterm: internal error: {len(app.internal_errors)} render(s) failed on a bug ({how})", file=stream)
+        return EXIT_INTERNAL
+    return EXIT_INTERNAL if app.return_code else 0  # Textual printed the traceback of its crash itself
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -478,29 +508,27 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_libraries()
-    from .engine.checkpoint import CheckpointError
-    from .engine.pipeline import Cancelled, OutOfMemory
-    from .engine.planner import BudgetTooSmall
-    from .engine.text import PromptError
+def _debug_in(argv: list[str]) -> bool:
+    """``--debug`` among the options (before a ``--``), for failures before the parser has run."""
+    return "--debug" in (argv[: argv.index("--")] if "--" in argv else argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run sdterm; returns the exit code (see :mod:`sdterm.errors`).
+
+    Known failures (sdterm's own errors, out of memory, file errors, Ctrl+C) end in one line; any
+    other exception is a bug and ends in an "internal error" line, with the traceback on stderr
+    when ``--debug`` is given or ``SDTERM_DEBUG=1`` is set.
+    """
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    debug = debug_enabled(_debug_in(argv))
     try:
+        args = build_parser().parse_args(argv)
+        debug = debug_enabled(args.debug)
+        _quiet_libraries()
         return COMMANDS[args.command or "app"](args)
-    except (UserError, ConfigError, CheckpointError, PromptError, BudgetTooSmall, OutOfMemory) as exc:
-        print(f"sdterm: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except (KeyboardInterrupt, Cancelled):
-        print("sdterm: cancelled; nothing was written", file=sys.stderr)
-        return EXIT_CANCELLED
-    except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "out of memory" in msg.lower():
-            msg = "out of GPU memory: " + msg + " (try a smaller --width/--height or close other GPU programs)"
-        print(f"sdterm: error: {msg}", file=sys.stderr)
-        return EXIT_ERROR
+    except (Exception, KeyboardInterrupt) as exc:  # SystemExit (argparse's usage errors) goes through
+        return report(exc, debug=debug, stream=sys.stderr)
 
 
 def entry() -> None:

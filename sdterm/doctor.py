@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from .cli import _fmt_bytes
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def check_models() -> list[Check]:
     try:
         cfg = user_config()
         out.append(Check("settings", "ok", str(paths.user_config_file()) + ("" if paths.user_config_file().is_file() else " (not present: defaults)")))
-    except Exception as exc:  # a broken settings file is a finding, not a crash
+    except (ConfigError, OSError) as exc:  # a broken settings file is a finding (a bug in sdterm is not)
         out.append(Check("settings", "fail", str(exc), f"fix or remove {paths.user_config_file()}"))
         cfg = None
     candidates = find_models()
@@ -94,7 +95,7 @@ def check_cache() -> Check:
 
     try:
         cache = open_cache()
-    except Exception as exc:
+    except (ConfigError, OSError) as exc:
         return Check("cache", "fail", str(exc), "fix the cache section of sdterm.yaml")
     if cache is None:
         return Check("cache", "warn", "prompt-embedding cache disabled in sdterm.yaml", "set cache.enabled: true")

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+# Exclusive create, binary, not inherited by child processes, and never through a planted symlink.
+_TEMP_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+               | getattr(os, "O_NOFOLLOW", 0))
+
+
+def _create_temp(folder: Path, prefix: str, suffix: str, attempts: int = 100) -> tuple[int, Path]:
+    """A new file with a random name in ``folder``, open for writing: (descriptor, path).
+
+    Made with mode 0o666, so the kernel applies the process's umask itself, as for any file the user
+    creates (``tempfile.mkstemp`` makes 0o600, and reading the umask to widen that means setting it,
+    which races with other threads creating files).
+    """
+    for _ in range(attempts):
+        path = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(path, _TEMP_FLAGS, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary file name after {attempts} tries", str(folder))
 
 
 def _remove_quietly(path: Path | str) -> None:
@@ -26,9 +44,8 @@ def write_temp(folder: Path, data: bytes, prefix: str, suffix: str = ".tmp") -> 
     on any failure the temporary file is removed and the error re-raised.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    fd, tmp = _create_temp(folder, prefix, suffix)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -36,7 +53,7 @@ def write_temp(folder: Path, data: bytes, prefix: str, suffix: str = ".tmp") -> 
     except BaseException:
         _remove_quietly(tmp)
         raise
-    return Path(tmp)
+    return tmp
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

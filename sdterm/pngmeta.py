@@ -96,7 +96,7 @@ def parse_settings_line(line: str) -> tuple[list[tuple[str, str]], int]:
     A segment without a key continues the previous unquoted value (``Model: a, b`` is one value).
     Linear in the length of the line.
     """
-    items: list[list] = []  # [key, raw value, quoted]
+    items: list[tuple[str, list[str], bool]] = []  # (key, raw value's comma-separated parts, quoted)
     junk = 0
     n = len(line)
     pos = 0
@@ -109,7 +109,7 @@ def parse_settings_line(line: str) -> tuple[list[tuple[str, str]], int]:
             segment = line[pos:end]
             if segment.strip():
                 if items and not items[-1][2]:
-                    items[-1][1] += "," + segment
+                    items[-1][1].append(segment)  # joined at the end: growing a string here is quadratic
                 else:
                     junk += 1
         else:
@@ -126,16 +126,16 @@ def parse_settings_line(line: str) -> tuple[list[tuple[str, str]], int]:
                     while j < n and line[j] in " \t":
                         j += 1
                     if j == n or line[j] == ",":
-                        items.append([key, line[start : i + 1], True])
+                        items.append((key, [line[start : i + 1]], True))
                         end = j
             if end < 0:
                 end = line.find(",", start)
                 end = n if end < 0 else end
-                items.append([key, line[start:end], False])
+                items.append((key, [line[start:end]], False))
         if end >= n:
             break
         pos = end + 1
-    return [(k, _unquote(v.strip())) for k, v, _ in items], junk
+    return [(k, _unquote(",".join(parts).strip())) for k, parts, _ in items], junk
 
 
 def _as_int(value: str | None) -> int | None:

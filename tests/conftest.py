@@ -13,6 +13,7 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     for var in ("SDTERM_CACHE_DIR", "SDTERM_DATA_DIR", "SDTERM_CONFIG_DIR"):
         monkeypatch.setenv(var, str(base / var.lower()))
     monkeypatch.delenv("SDTERM_TOKENIZER", raising=False)
+    monkeypatch.delenv("SDTERM_DEBUG", raising=False)  # a developer's own setting must not change what tests see
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

@@ -22,6 +22,7 @@ from textual.command import CommandList, CommandPalette
 from textual.geometry import Region
 from textual.widgets import Input, Static
 
+from sdterm.config import ConfigError
 from sdterm.engine.embedding_cache import EmbeddingCache
 from sdterm.engine.events import StepDone
 from sdterm.engine.pipeline import Cancelled, Engine, open_model
@@ -111,9 +112,9 @@ def engine(real_engine, tmp_path):
     return Held(real_engine)
 
 
-def make_app(engine, tmp_path: Path, *, save=None, **params) -> SdtermApp:
+def make_app(engine, tmp_path: Path, *, save=None, debug=False, **params) -> SdtermApp:
     session = Session(Params(**{**SMALL, **params}), History(history_file()))
-    return SdtermApp(engine, session, tmp_path / "out", image_protocol="halfcell", save=save)
+    return SdtermApp(engine, session, tmp_path / "out", image_protocol="halfcell", save=save, debug=debug)
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,6 +670,114 @@ async def test_a_save_failure_shows_an_error_and_keeps_the_image(engine, tmp_pat
         assert f"seed {seed} · 64×64" in caption(app)
         assert outputs(tmp_path) == []
         assert app.is_running
+
+
+def broken_generate(exc: BaseException):
+    def generate(request, *, emit, cancelled):
+        raise exc
+
+    return generate
+
+
+def exit_report(app) -> tuple[int, str]:
+    """What ``sdterm`` prints and returns once the app has exited."""
+    import io
+
+    from sdterm.cli import app_exit_code
+
+    stream = io.StringIO()
+    return app_exit_code(app, stream), stream.getvalue()
+
+
+async def test_a_bug_in_a_render_is_called_a_bug_with_its_traceback_logged(engine, tmp_path, monkeypatch):
+    from sdterm.cli import EXIT_INTERNAL
+    from sdterm.errors import error_log_file
+
+    monkeypatch.delenv("SDTERM_DEBUG", raising=False)
+    monkeypatch.setattr(engine._engine, "generate", broken_generate(ZeroDivisionError("division by zero")))
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await render(pilot, "fox")
+        log = error_log_file()
+        text = notice(app)
+        assert text == f"internal error (a bug; traceback in {log}): ZeroDivisionError: division by zero"
+        assert "Traceback" not in text and error_styled(app.query_one("#notice"))
+        assert engine.outcomes == ["ZeroDivisionError"] and outputs(tmp_path) == []
+        assert "ZeroDivisionError: division by zero" in log.read_text() and "in generate" in log.read_text()
+        assert len(app.internal_errors) == 1 and app.error_log == log
+
+        monkeypatch.undo()  # the engine works again: so does the app
+        await render(pilot, "fox")
+        assert engine.outcomes[-1] == "done" and len(outputs(tmp_path)) == 1 and notice(app).startswith("saved ")
+    code, printed = exit_report(app)
+    assert code == EXIT_INTERNAL
+    assert printed == f"sdterm: internal error: 1 render(s) failed on a bug (the tracebacks are in {log})\n"
+
+
+async def test_with_debug_the_app_prints_the_tracebacks_when_it_exits(engine, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine._engine, "generate", broken_generate(RuntimeError("boom")))
+    monkeypatch.setenv("SDTERM_DEBUG", "1")
+    app = make_app(engine, tmp_path)  # SDTERM_DEBUG=1 without --debug
+    assert app.print_tracebacks and make_app(engine, tmp_path, debug=True).print_tracebacks
+    async with app.run_test(size=SIZE) as pilot:
+        await render(pilot, "fox")
+        assert notice(app).startswith("internal error (a bug; traceback in ")
+        assert notice(app).endswith("RuntimeError: boom")
+    code, printed = exit_report(app)
+    assert code == 70
+    lines = printed.splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and "RuntimeError: boom" in lines
+    assert lines[-1] == "sdterm: internal error: 1 render(s) failed on a bug (the tracebacks are above)"
+
+
+async def test_a_bug_while_saving_is_a_bug_too(engine, tmp_path, monkeypatch):
+    """Not an OSError: not "cannot write", and the worker does not take the app down."""
+    monkeypatch.delenv("SDTERM_DEBUG", raising=False)
+
+    def buggy_save(request, result, outdir):
+        return {}["path"]
+
+    app = make_app(engine, tmp_path, save=buggy_save)
+    async with app.run_test(size=SIZE) as pilot:
+        await render(pilot, "fox")
+        assert notice(app).startswith("internal error (a bug; traceback in ")
+        assert notice(app).endswith("KeyError: 'path'") and app.is_running
+    assert exit_report(app)[0] == 70
+
+
+@pytest.mark.parametrize(
+    "exc, shown",
+    [
+        (ConfigError("width must be a multiple of 8, got 100"), "width must be a multiple of 8, got 100"),
+        (ConfigError("bad [bold red]markup[/] stays text"), "bad [bold red]markup[/] stays text"),
+        (OSError(errno.EACCES, "Permission denied", "/models/x.safetensors"), "/models/x.safetensors: Permission denied"),
+    ],
+    ids=["ConfigError", "markup", "OSError"],
+)
+async def test_a_known_failure_in_a_render_is_one_plain_line(exc, shown, engine, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine._engine, "generate", broken_generate(exc))
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await render(pilot, "fox")
+        assert notice(app) == shown
+        assert drawn(app.query_one("#notice"))[0].strip() == shown  # drawn as written: no markup parsed
+        assert error_styled(app.query_one("#notice"))
+        assert app.internal_errors == [] and app.is_running
+    assert exit_report(app) == (0, "")
+
+
+async def test_out_of_gpu_memory_in_a_render_is_the_oom_line(engine, tmp_path, monkeypatch):
+    import torch
+
+    from sdterm.errors import OOM_HINT
+
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(engine._engine, "generate", broken_generate(oom))
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await render(pilot, "fox")
+        assert notice(app) == f"out of GPU memory: CUDA out of memory. Tried to allocate 2.00 GiB ({OOM_HINT})"
+        assert app.internal_errors == []
 
 
 async def test_a_history_write_failure_is_reported_not_fatal(engine, tmp_path):

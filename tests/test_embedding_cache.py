@@ -47,9 +47,20 @@ def test_hit_never_builds_or_loads_the_encoder(demo_model, tmp_path):
         raise AssertionError("the text encoder was built on a cache hit")
 
     engine.factories["text"] = forbidden
+    # Every way to the weights (built on the host, or registered with the placement and uploaded)
+    # asks Engine.module for them: on a hit the text stage must never ask.
+    asked: list[str] = []
+    module = engine.module
+
+    def watched(stage: str):
+        asked.append(stage)
+        return module(stage)
+
+    engine.module = watched
     result = engine.generate(small_request())
     text = result.stages[0]
-    assert text.cache == "hit" and text.skipped and text.load_seconds < 0.5
+    assert text.cache == "hit" and text.skipped
+    assert "text" not in asked and asked, asked  # the U-Net and the VAE were asked for: the spy works
     assert "text" not in engine._modules
 
 

@@ -111,8 +111,13 @@ def test_demo_flag_opens_the_app_on_the_demo_model(monkeypatch, run_cli):
     seen = {}
 
     class FakeApp:
-        def __init__(self, engine, session, outdir, image_protocol):
-            seen.update(engine=engine, session=session, protocol=image_protocol)
+        internal_errors: list = []
+        print_tracebacks = False
+        error_log = None
+        return_code = 0
+
+        def __init__(self, engine, session, outdir, image_protocol, debug=False):
+            seen.update(engine=engine, session=session, protocol=image_protocol, debug=debug)
 
         def run(self):
             seen["ran"] = True
@@ -126,5 +131,5 @@ def test_demo_flag_opens_the_app_on_the_demo_model(monkeypatch, run_cli):
     assert code == 0, err
     assert seen["ran"] and seen["engine"].source.demo
     assert (seen["session"].params.width, seen["session"].params.steps) == (256, 20)
-    assert seen["protocol"] == "auto"
+    assert seen["protocol"] == "auto" and seen["debug"] is False
     assert os.fspath(seen["engine"].source.checkpoint).startswith(os.fspath(paths.data_dir()))

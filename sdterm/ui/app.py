@@ -18,6 +18,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Input, Static
 
 from ..config import ConfigError, RenderRequest
+from ..errors import classify, debug_enabled, log_traceback, traceback_text
 from ..session import VARIATION_STEP, CommandError, HistoryEntry, Recall, Session, parse_command
 from .messages import EngineEvent, RenderDone, RenderFailed
 from .screens import HelpScreen, HistoryProvider
@@ -39,7 +40,8 @@ class SdtermApp(App):
         Binding("shift+tab", "focus_cycle(-1)", "focus", show=False, priority=True),
     ]
 
-    def __init__(self, engine, session: Session, outdir: Path, *, image_protocol: str = "auto", save=None) -> None:
+    def __init__(self, engine, session: Session, outdir: Path, *, image_protocol: str = "auto", save=None,
+                 debug: bool = False) -> None:
         super().__init__()
         self.engine = engine
         self.session = session
@@ -54,6 +56,12 @@ class SdtermApp(App):
         self._save = save  # (request, result, outdir) -> path; injected so tests can make saving fail
         self.last_result = None
         self._recalled: HistoryEntry | None = None
+        self.print_tracebacks = debug_enabled(debug)
+        """--debug / SDTERM_DEBUG=1: the caller prints ``internal_errors`` after the app exits."""
+        self.internal_errors: list[str] = []
+        """The traceback of each internal error (bug) caught in a render, oldest first."""
+        self.error_log: Path | None = None
+        """The file those tracebacks were also appended to (None until one was written)."""
 
     # ---- layout ------------------------------------------------------------------------------
 
@@ -124,29 +132,41 @@ class SdtermApp(App):
 
     @work(thread=True, group="render")
     def _render(self, req: RenderRequest, render_id: int, cancel: threading.Event) -> None:
-        from ..engine.pipeline import Cancelled
-
         def emit(event) -> None:
             self.post_message(EngineEvent(event, render_id))
 
         try:
             result = self.engine.generate(req, emit=emit, cancelled=cancel.is_set)
-        except Cancelled:
-            self.post_message(RenderFailed(render_id, "cancelled: nothing was written", cancelled=True))
-            return
-        except Exception as exc:  # one line for the user, never a traceback on screen
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.post_message(RenderFailed(render_id, text))
-            return
-        if cancel.is_set():
-            self.post_message(RenderFailed(render_id, "cancelled: nothing was written", cancelled=True))
-            return
-        path, error = None, None
-        try:
-            path = str((self._save or save_result)(req, result, self.outdir))
-        except OSError as exc:
-            error = f"cannot write to {self.outdir} ({exc.strerror or exc}); the image is kept on screen — free space or restart with --outdir DIR"
-        self.post_message(RenderDone(render_id, result, path, error))
+            if cancel.is_set():
+                self.post_message(RenderFailed(render_id, "cancelled: nothing was written", cancelled=True))
+                return
+            path, error = None, None
+            try:
+                path = str((self._save or save_result)(req, result, self.outdir))
+            except OSError as exc:
+                error = f"cannot write to {self.outdir} ({exc.strerror or exc}); the image is kept on screen — free space or restart with --outdir DIR"
+            self.post_message(RenderDone(render_id, result, path, error))
+        except Exception as exc:  # one line on the notice line, never a traceback on screen
+            self.post_message(self._failure(exc, render_id))
+
+    def _failure(self, exc: Exception, render_id: int) -> RenderFailed:
+        """The message for a render that raised ``exc`` (on the worker thread): the user's one line
+        for a known failure; a bug's traceback goes to the error log, and its line says so."""
+        failure = classify(exc)
+        if failure.kind == "cancelled":
+            return RenderFailed(render_id, "cancelled: nothing was written", cancelled=True)
+        if not failure.internal:
+            return RenderFailed(render_id, failure.line)
+        log = log_traceback(exc, "in a render")
+        if log is not None:
+            where = f"traceback in {_short_path(log)}"
+        elif self.print_tracebacks:
+            where = "traceback printed when sdterm exits"
+        else:
+            where = "restart with --debug for the traceback"
+        # What matters comes first: the notice line is one row, cut at the terminal's width.
+        return RenderFailed(render_id, f"internal error (a bug; {where}): {failure.line}",
+                            traceback=traceback_text(exc), log=log)
 
     def _finished(self) -> None:
         self._current = None
@@ -201,6 +221,9 @@ class SdtermApp(App):
 
     @on(RenderFailed)
     def _render_failed(self, message: RenderFailed) -> None:
+        if message.traceback is not None:
+            self.internal_errors.append(message.traceback)
+            self.error_log = message.log or self.error_log
         if message.cancelled:
             self.query_one(StagePanel).cancelled()
             self.notice(message.message, "warning")
@@ -385,6 +408,14 @@ class SdtermApp(App):
             return
         self.render_request(req)
         self.refresh_params()
+
+
+def _short_path(path: Path) -> str:
+    """``path`` with the home folder as ``~`` (the notice line is short)."""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except (ValueError, RuntimeError):
+        return str(path)
 
 
 def save_result(req: RenderRequest, result, outdir: Path) -> Path:

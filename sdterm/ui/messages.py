@@ -36,8 +36,13 @@ class RenderDone(Message):
 
 
 class RenderFailed(Message):
-    def __init__(self, render_id: int, message: str, cancelled: bool = False) -> None:
+    def __init__(self, render_id: int, message: str, cancelled: bool = False, *,
+                 traceback: str | None = None, log=None) -> None:
         super().__init__()
         self.render_id = render_id
         self.message = message
         self.cancelled = cancelled
+        self.traceback = traceback
+        """Set for an internal error (a bug): its traceback, for --debug to print after the app exits."""
+        self.log = log
+        """The error log the traceback was appended to (None when it could not be written)."""
