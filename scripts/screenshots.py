@@ -31,17 +31,21 @@ async def shoot(model: Path, work: Path, out: Path, size: tuple[int, int], name:
 
     from sdterm.engine.embedding_cache import EmbeddingCache
     from sdterm.engine.pipeline import Engine, open_model
-    from sdterm.session import History, Params, Session
+    from sdterm.history import History
+    from sdterm.params import Params
+    from sdterm.service import RenderService
+    from sdterm.session import Session
     from sdterm.ui.app import SdtermApp
 
     engine = Engine(open_model(model), "cpu", cache=EmbeddingCache(work / "embeddings"))
-    params = Params(seed=42, seed_locked=True, steps=20, width=256, height=256, negative="blurry")
-    session = Session(params, History(work / f"history-{name}.jsonl"))
+    params = Params(seed=42, steps=20, width=256, height=256, negative="blurry")
+    history = History(work / f"history-{name}.jsonl")
+    session = Session(params, history, seed_locked=True)
     # A relative output folder, so the notice line reads "saved outputs/00000-42.png".
     here = work / name
     here.mkdir()
     os.chdir(here)
-    app = SdtermApp(engine, session, Path("outputs"), image_protocol="halfcell")
+    app = SdtermApp(RenderService(engine, Path("outputs"), history), session, image_protocol="halfcell")
     async with app.run_test(size=size) as pilot:
         for box in app.query(Input):
             box.cursor_blink = False

@@ -27,8 +27,10 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .cli import UserError, _fmt_bytes, _number, _positive_int
-from .config import ConfigError, RenderRequest, parse_size
+from .errors import ConfigError, UserError
+from .options import number, whole_number
+from .params import Params
+from .units import format_bytes, parse_size, parse_wh
 
 REFERENCE_MODES = ("gpu", "model-offload", "sequential-offload")
 """diffusers' three ways to place the pipeline: all on the device, one model at a time, layer by layer."""
@@ -40,7 +42,7 @@ DEFAULT_BUDGETS = "1G,2G,none"
 Log = Callable[[str], None]
 
 
-def _no_log(_line: str) -> None:
+def no_log(_line: str) -> None:
     pass
 
 
@@ -72,8 +74,8 @@ class BenchOptions:
     negative: str = ""
     seed: int = 1
 
-    def request(self, width: int, height: int) -> RenderRequest:
-        return RenderRequest(
+    def request(self, width: int, height: int) -> Params:
+        return Params(
             prompt=self.prompt, negative=self.negative, seed=self.seed, steps=self.steps, cfg=self.cfg,
             width=width, height=height,
         ).validated()
@@ -81,18 +83,16 @@ class BenchOptions:
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     """'512x512,768x512' -> ((512, 512), (768, 512)); each side a positive multiple of 8."""
-    import re
-
     out: list[tuple[int, int]] = []
     for part in (p.strip() for p in str(text).split(",")):
-        m = re.fullmatch(r"(\d+)\s*[xX×]\s*(\d+)", part)
-        if not m:
-            raise UserError(f"--sizes: expected WIDTHxHEIGHT such as 512x512, got {part!r}")
-        w, h = int(m.group(1)), int(m.group(2))
+        try:
+            w, h = parse_wh(part, "--sizes")
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
         if w <= 0 or h <= 0 or w % 8 or h % 8:
             raise UserError(f"--sizes: {part}: width and height must be positive multiples of 8")
         try:
-            RenderRequest(prompt="", width=w, height=h).validated()
+            Params(width=w, height=h).validated()
         except ConfigError as exc:
             raise UserError(f"--sizes: {part}: {exc}") from None
         if (w, h) not in out:
@@ -303,14 +303,14 @@ def add_ratios(rows: list[Row]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _clean(device) -> None:
+def clean_device(device) -> None:
     """Drop garbage and cached device blocks, and reset the peak counters."""
     import torch
 
@@ -321,7 +321,7 @@ def _clean(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _budget_errors() -> tuple[type[BaseException], ...]:
+def budget_errors() -> tuple[type[BaseException], ...]:
     """Errors that end one row, not the run: out of memory, and a budget too small for any plan."""
     import torch
 
@@ -339,7 +339,7 @@ def _budget_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _error_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
     import torch
 
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -355,7 +355,7 @@ def release_device(engine) -> None:
     placement = getattr(engine, "placement", None)
     if hasattr(placement, "offload_all"):
         placement.offload_all()
-    _clean(engine.device)
+    clean_device(engine.device)
 
 
 def make_engine(source, device: str, cache, budget: int | None, **kwargs):
@@ -372,11 +372,11 @@ def make_engine(source, device: str, cache, budget: int | None, **kwargs):
     return Engine(source, device, cache=cache, **kwargs)
 
 
-def bench_sdterm(engine, opts: BenchOptions, log: Log = _no_log) -> list[Row]:
+def bench_sdterm(engine, opts: BenchOptions, log: Log = no_log) -> list[Row]:
     """One row per size x budget: a warm-up render (fills the embedding cache, builds the models in
     host memory), then ``opts.repeats`` timed renders."""
     rows: list[Row] = []
-    soft = _budget_errors()
+    soft = budget_errors()
     for w, h in opts.sizes:
         req = opts.request(w, h)
         for budget in opts.budgets:
@@ -388,16 +388,16 @@ def bench_sdterm(engine, opts: BenchOptions, log: Log = _no_log) -> list[Row]:
                     engine.set_budget(budget.bytes)
                 elif budget.bytes is not None:
                     raise UserError("this sdterm's engine has no VRAM budget yet: use --budgets none")
-                _clean(engine.device)
+                clean_device(engine.device)
                 engine.generate(req)  # warm-up
                 results = []
                 for _ in range(opts.repeats):
                     gc.collect()  # the stage meters reset the peak counters themselves
                     results.append(engine.generate(req))
             except soft as exc:
-                row.error = _error_line(exc)
+                row.error = error_line(exc)
                 log(f"  {row.error}")
-                _clean(engine.device)
+                clean_device(engine.device)
                 continue
             _fill_sdterm_row(row, results, opts.steps)
     release_device(engine)
@@ -447,7 +447,7 @@ def card_name(device) -> str:
     return f"CPU ({cpu}, {n} thread{'s' if n != 1 else ''})"
 
 
-def run_bench(source, device: str, opts: BenchOptions, *, log: Log = _no_log, **engine_kwargs) -> BenchReport:
+def run_bench(source, device: str, opts: BenchOptions, *, log: Log = no_log, **engine_kwargs) -> BenchReport:
     """The whole measurement: sdterm's rows, then the reference's, ratios filled in.
 
     ``source`` is a ``ModelSource``; ``engine_kwargs`` go to ``Engine`` (data_dir, hash_memo).
@@ -492,7 +492,7 @@ def run_bench(source, device: str, opts: BenchOptions, *, log: Log = _no_log, **
         modes = reference_modes_to_run(opts, dev, report.notes)
         report.rows.extend(bench_reference(engine, opts, modes, log))
         del engine
-        _clean(dev)
+        clean_device(dev)
     add_ratios(report.rows)
     if report.demo:
         report.notes.append("random or demo weights: timings and memory are real, the images are noise")
@@ -534,8 +534,8 @@ def format_report(report: BenchReport) -> str:
         table.append((
             r.size,
             run,
-            _fmt_bytes(r.peak_allocated),
-            _fmt_bytes(r.peak_reserved),
+            format_bytes(r.peak_allocated),
+            format_bytes(r.peak_reserved),
             _fmt_seconds(r.seconds_per_render),
             _fmt_seconds(r.seconds_per_step),
             _fmt_ratio(r.ratio),
@@ -559,7 +559,7 @@ def format_report(report: BenchReport) -> str:
             parts = []
             for s in r.stages:
                 mem = (
-                    f"{_fmt_bytes(s.peak_allocated)} / {_fmt_bytes(s.peak_reserved)}"
+                    f"{format_bytes(s.peak_allocated)} / {format_bytes(s.peak_reserved)}"
                     if s.peak_allocated is not None
                     else "-"
                 )
@@ -595,12 +595,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"image sizes, comma-separated (default {DEFAULT_SIZES})")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, metavar="SIZE,...",
                    help=f"VRAM budgets such as 1G or 1536M; none = no budget (default {DEFAULT_BUDGETS})")
-    p.add_argument("--steps", type=_positive_int, default=20, help="DDIM steps (default 20)")
-    p.add_argument("--cfg", type=_number, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--repeats", type=_positive_int, default=2, help="timed renders per row after a warm-up (default 2)")
+    p.add_argument("--steps", type=whole_number, default=20, help="DDIM steps (default 20)")
+    p.add_argument("--cfg", type=number, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--repeats", type=whole_number, default=2, help="timed renders per row after a warm-up (default 2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, metavar="TEXT", help="the prompt rendered")
-    p.add_argument("--seed", type=_positive_int, default=1, help="seed of every render (default 1)")
+    p.add_argument("--seed", type=whole_number, default=1, help="seed of every render (default 1)")
     p.add_argument("--no-reference", action="store_true", help="skip diffusers")
     p.add_argument("--reference-modes", default=",".join(REFERENCE_MODES), metavar="MODE,...",
                    help=f"diffusers placements to measure: {', '.join(REFERENCE_MODES)} (default all)")
@@ -610,15 +610,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import paths
-    from .cli import _random_source
     from .engine.pipeline import open_model
+    from .resolve import random_weights_source
 
     opts = options_from_args(args)
     if args.model:
         source = open_model(args.model, config_path=args.config, data_dir=paths.data_dir())
         extra = {"data_dir": paths.data_dir(), "hash_memo": paths.cache_dir() / "model-hashes.json"}
     else:
-        source = _random_source(args.config)
+        source = random_weights_source(args.config)
         extra = {}
 
     def log(line: str) -> None:

@@ -14,46 +14,15 @@ import secrets
 import sys
 from pathlib import Path
 
-from .config import MAX_SEED, ConfigError, RenderRequest
-from .errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, EXIT_USAGE, UserError, debug_enabled, report
+from .errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, EXIT_USAGE, ConfigError, UserError, debug_enabled, report
+from .options import add_render_options, params_from_args, whole_number
+from .params import MAX_SEED, Params
+from .resolve import open_cache, user_config
+from .units import format_bytes, parse_budget
 
 __all__ = ["EXIT_CANCELLED", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "UserError", "build_parser", "main"]
 
 DEBUG_HELP = "print the traceback of a failure, for a bug report (also: SDTERM_DEBUG=1)"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def add_render_options(p: argparse.ArgumentParser) -> None:
-    """The parameter flags shared by ``generate`` and the app."""
-    p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt (the unconditional text)")
-    p.add_argument("--seed", type=_positive_int, default=None, help=f"0..{MAX_SEED}; random when left out")
-    p.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps (default 50)")
-    p.add_argument("--cfg", type=_number, default=None, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--width", type=_positive_int, default=None, help="multiple of 8 (default 512)")
-    p.add_argument("--height", type=_positive_int, default=None, help="multiple of 8 (default 512)")
-    p.add_argument("--eta", type=_number, default=0.0, help="DDIM eta, 0..1 (default 0: deterministic)")
-    p.add_argument("--subseed", type=_positive_int, default=0, help="variation seed (mixed in by --subseed-strength)")
-    p.add_argument("--subseed-strength", type=_number, default=0.0, help="variation strength 0..1 (default 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
-    p.add_argument(
-        "--vram-budget",
-        metavar="SIZE",
-        default=None,
-        help="GPU memory sdterm may use, e.g. 1.5G or 900M (default: the free memory minus 512 MiB)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser as add_bench_parser
     from .doctor import add_parser as add_doctor_parser
     from .download import add_parser as add_download_parser
-    from .pngmeta import add_parser as add_show_parser
+    from .show import add_parser as add_show_parser
 
     add_bench_parser(sub)
     add_doctor_parser(sub)
@@ -120,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-model", help="write a tiny random-weight model of the SD v1 architecture")
     demo.add_argument("dir", metavar="DIR")
-    demo.add_argument("--seed", type=_positive_int, default=0, help="weight seed (default 0)")
+    demo.add_argument("--seed", type=whole_number, default=0, help="weight seed (default 0)")
 
     # --debug before or after the command: every subcommand takes it too. SUPPRESS keeps a
     # subcommand's parser from resetting a --debug given before the command to False.
@@ -133,22 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
-
-
 def stage_line(s) -> str:
     from .engine.events import STAGE_TITLES
 
     head = f"{STAGE_TITLES[s.stage]:<12} load {s.load_seconds:6.2f}s  run {s.run_seconds:6.2f}s"
     if s.peak_allocated is not None:
-        mem = f"peak alloc {_fmt_bytes(s.peak_allocated)}, reserved {_fmt_bytes(s.peak_reserved)}"
+        mem = f"peak alloc {format_bytes(s.peak_allocated)}, reserved {format_bytes(s.peak_reserved)}"
     else:
-        mem = f"host RSS {_fmt_bytes(s.host_rss)}"
+        mem = f"host RSS {format_bytes(s.host_rss)}"
     extra = f"  cache {s.cache}" if s.cache else ""
     if s.skipped:
         extra += " (encoder not loaded)"
@@ -177,39 +138,13 @@ class StderrProgress:
             print("  " + stage_line(event.stats), file=sys.stderr)
 
 
-def _random_source(config: str | None):
-    from . import paths
-    from .config import default_config_path, load_model_config
-    from .engine.demo import write_tokenizer
-    from .engine.pipeline import ModelSource
-
-    cfg = load_model_config(config or default_config_path())
-    tok_dir = paths.cache_dir() / "random-weights-tokenizer"
-    if not (tok_dir / "vocab.json").is_file():
-        write_tokenizer(tok_dir)
-    return ModelSource(None, cfg, f"{cfg.name}-random", tok_dir)
-
-
-def open_cache(disabled: bool = False):
-    """The embedding cache as the user configured it, or None when disabled."""
-    from . import paths
-    from .config import load_user_config, parse_size
-    from .engine.embedding_cache import EmbeddingCache
-
-    settings = load_user_config(paths.user_config_file()).cache
-    if disabled or not settings.enabled:
-        return None
-    return EmbeddingCache(paths.embedding_cache_dir(settings.dir), parse_size(settings.max_size, "cache.max_size"))
-
-
 def cmd_cache(args: argparse.Namespace) -> int:
     import time
 
     from . import paths
-    from .config import load_user_config
     from .engine.embedding_cache import EmbeddingCache
 
-    settings = load_user_config(paths.user_config_file()).cache
+    settings = user_config().cache
     cache = open_cache() or EmbeddingCache(paths.embedding_cache_dir(settings.dir))
     if args.action == "path":
         print(cache.folder)
@@ -234,22 +169,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     else:
         print(f"path     {cache.folder}")
         print(f"entries  {st.entries}")
-        print(f"size     {_fmt_bytes(st.bytes)} of {_fmt_bytes(cache.max_bytes)}")
+        print(f"size     {format_bytes(st.bytes)} of {format_bytes(cache.max_bytes)}")
         if st.entries:
             print(f"oldest   {when(st.oldest)}")
             print(f"newest   {when(st.newest)}")
     return 0
-
-
-def parse_budget(text: str | None) -> int | None:
-    from .config import parse_size
-
-    if text is None or str(text).lower() in ("", "none", "auto"):
-        return None
-    budget = parse_size(text, "--vram-budget")
-    if budget < 256 * 2**20:
-        raise ConfigError(f"--vram-budget must be at least 256M, got {text}")
-    return budget
 
 
 def make_engine(source, args: argparse.Namespace):
@@ -269,26 +193,16 @@ def make_engine(source, args: argparse.Namespace):
         data_dir=paths.data_dir(),
         hash_memo=paths.cache_dir() / "model-hashes.json",
         cache=open_cache(args.no_cache),
-        budget=parse_budget(args.vram_budget),
+        budget=parse_budget(args.vram_budget, "--vram-budget"),
     )
     engine.tokenizer
     return engine
 
 
-def _request_from(args: argparse.Namespace) -> RenderRequest:
+def _params_from(args: argparse.Namespace) -> Params:
+    """The validated parameters of a ``generate`` job; a random seed when ``--seed`` is left out."""
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    return RenderRequest(
-        prompt=args.prompt,
-        negative=args.negative,
-        seed=seed,
-        steps=args.steps,
-        cfg=args.cfg,
-        width=args.width,
-        height=args.height,
-        eta=args.eta,
-        subseed=args.subseed,
-        subseed_strength=args.subseed_strength,
-    ).validated()
+    return params_from_args(args).replace(seed=seed).validated()
 
 
 def _batch_jobs(path: str, base: argparse.Namespace) -> list[tuple[str, argparse.Namespace | str]]:
@@ -325,7 +239,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from . import paths
     from .engine.pipeline import open_model
     from .engine.text import PromptError
-    from .resolve import apply_defaults, resolve_model, user_config
+    from .history import History, history_file
+    from .resolve import apply_defaults, random_weights_source, resolve_model
+    from .service import RenderService
 
     cfg = user_config()
     apply_defaults(args, cfg)
@@ -333,14 +249,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("give a PROMPT or --from-file FILE (one of them)")
     jobs = _batch_jobs(args.from_file, args) if args.from_file else [("", args)]
     if not args.from_file:
-        _request_from(args)  # bad parameters are reported before the model loads
+        _params_from(args)  # bad parameters are reported before the model loads
     if args.random_weights:
-        source = _random_source(args.config)
+        source = random_weights_source(args.config)
     else:
         model = resolve_model(args.model, cfg)
         source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
     engine = make_engine(source, args)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
+    service = RenderService(engine, outdir, History(history_file()))
     failed = 0
     for where, job in jobs:
         prefix = f"{where}: " if where else ""
@@ -349,10 +266,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             failed += 1
             continue
         try:
-            req = _request_from(job)
+            params = _params_from(job)
             if job.seed is None and not args.json:
-                print(f"{prefix}seed {req.seed}", file=sys.stderr)
-            _render_and_save(engine, req, outdir, args.json)
+                print(f"{prefix}seed {params.seed}", file=sys.stderr)
+            _render_one(service, params, args.json)
         except (ConfigError, PromptError) as exc:
             if not args.from_file:
                 raise
@@ -361,26 +278,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_ERROR if failed else 0
 
 
-def _render_and_save(engine, req: RenderRequest, outdir: Path, as_json: bool) -> None:
-    from .output import png_bytes, save_png
+def _render_one(service, params: Params, as_json: bool) -> None:
+    """Render, save and record one image (the render service), and say where it went."""
+    from .service import SaveError
 
-    result = engine.generate(req, emit=StderrProgress(quiet=as_json))
-    data = png_bytes(result.image, req, result.model_name, result.model_hash, {"demo": result.demo})
+    engine = service.engine
+    result = service.render(params, emit=StderrProgress(quiet=as_json))
     try:
-        path = save_png(data, outdir, req.seed)
+        path = service.save(params, result)
+    except SaveError as exc:
+        kept = f"; the image was kept as {exc.kept}" if exc.kept else ""
+        raise UserError(f"cannot write to {exc.outdir} ({exc.strerror or exc}){kept}") from None
+    try:
+        service.record(params, path, result.model_hash)
     except OSError as exc:
-        rescue = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdterm-{req.seed}-{os.getpid()}.png"
-        try:
-            rescue.write_bytes(data)
-            kept = f"; the image was kept as {rescue}"
-        except OSError:
-            kept = ""
-        raise UserError(f"cannot write to {outdir} ({exc.strerror or exc}){kept}") from None
+        print(f"note: history not written ({exc.strerror or exc}): {service.history.path}", file=sys.stderr)
     demo_note = "demo model (random weights): the image is noise"
     if as_json:
         out = {
             "path": str(path),
-            "seed": req.seed,
+            "seed": params.seed,
             "seconds": round(result.seconds, 4),
             "model": result.model_name,
             "model_hash": result.model_hash,
@@ -389,7 +306,7 @@ def _render_and_save(engine, req: RenderRequest, outdir: Path, as_json: bool) ->
             "plan": result.plan,
             "vram_budget": engine.budget,
             "demo": result.demo,
-            "request": {k: getattr(req, k) for k in req.__dataclass_fields__},
+            "request": params.to_dict(),
             "cache": result.stages[0].cache_texts,
             "stages": [s.to_dict() for s in result.stages],
             "notices": result.notices + ([demo_note] if result.demo else []),
@@ -420,36 +337,28 @@ def cmd_app(args: argparse.Namespace) -> int:
     """The interactive app (the default command)."""
     from . import paths
     from .engine.pipeline import open_model
-    from .resolve import apply_defaults, demo_model_dir, resolve_model, user_config
-    from .session import History, Params, Session, history_file
+    from .history import History, history_file
+    from .resolve import apply_defaults, demo_model_dir, resolve_model
+    from .service import RenderService
+    from .session import Session
 
     cfg = user_config()
     apply_defaults(args, cfg, demo=args.demo)
     model = str(demo_model_dir()) if args.demo else resolve_model(args.model, cfg)
     source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
     engine = make_engine(source, args)
-    params = Params(
-        negative=args.negative,
-        seed=args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1),
-        seed_locked=args.seed is not None,
-        steps=args.steps,
-        cfg=args.cfg,
-        width=args.width,
-        height=args.height,
-        eta=args.eta,
-        variation=args.subseed_strength,
-        variation_seed=args.subseed,
-        budget=engine.budget,
-    )
-    RenderRequest("", **{k: getattr(params, k) for k in ("negative", "seed", "steps", "cfg", "width", "height", "eta")}).validated()
-    session = Session(params, History(history_file()))
+    seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    params = params_from_args(args).replace(seed=seed).validated()
+    history = History(history_file())
+    session = Session(params, history, seed_locked=args.seed is not None, budget=engine.budget)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
+    service = RenderService(engine, outdir, history)
     from .ui.app import SdtermApp
     from .ui.terminal import prepare_graphics
 
     prepare_graphics()  # textual-image's terminal queries must run before Textual starts
 
-    app = SdtermApp(engine, session, outdir, image_protocol=args.image_protocol, debug=debug_enabled(args.debug))
+    app = SdtermApp(service, session, image_protocol=args.image_protocol, debug=debug_enabled(args.debug))
     app.run()
     return app_exit_code(app)
 
@@ -486,7 +395,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .pngmeta import cmd_show as run
+    from .show import run
 
     return run(args)
 

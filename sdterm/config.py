@@ -1,24 +1,23 @@
-"""Typed settings: model architecture, sampler parameters and their validation.
+"""The model's architecture: typed dataclasses for the U-Net, the VAE, the text encoder and the noise
+schedule, read from a model YAML file (``configs/sd-v1.yaml``, or one beside a checkpoint).
 
-This is the one place that reads YAML (through omegaconf, imported lazily so the engine stays
-importable without it). Every field is documented where it is declared; defaults for the real
-architecture live in ``configs/sd-v1.yaml``.
+Every field is documented where it is declared. YAML is read through omegaconf, imported lazily
+so the engine (which uses these dataclasses) stays importable without it; :func:`read_yaml` and
+:func:`from_mapping` are also what ``sdterm/settings.py`` reads the user's settings with. Render
+parameters live in ``sdterm/params.py``, the user's settings in ``sdterm/settings.py``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A settings file or a parameter is invalid; the message is one line meant for the user."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,8 +97,9 @@ class ModelConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Validate a plain mapping into dataclass ``cls`` (unknown keys and wrong types are errors)."""
+def from_mapping(cls: type, data: Any, where: str) -> Any:
+    """Validate a plain mapping (read from YAML) into dataclass ``cls``, whose fields all have
+    defaults; unknown keys and wrong types are ConfigErrors naming ``where.key``."""
     if data is None:
         return cls()
     if not isinstance(data, dict):
@@ -133,13 +133,13 @@ def _build(cls: type, data: Any, where: str) -> Any:
             if not isinstance(value, str):
                 raise ConfigError(f"{label}: expected text, got {value!r}")
         elif hasattr(default, "__dataclass_fields__"):
-            value = _build(type(default), value, label)
+            value = from_mapping(type(default), value, label)
         values[name] = value
     return replace(defaults, **values)
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
-    cfg = _build(ModelConfig, data, "config")
+    cfg = from_mapping(ModelConfig, data, "config")
     u = cfg.unet
     if u.model_channels % 32 or cfg.vae.ch % 32:
         raise ConfigError("config: model_channels and vae.ch must be multiples of 32 (GroupNorm groups)")
@@ -150,18 +150,24 @@ def model_config_from_dict(data: dict) -> ModelConfig:
     return cfg
 
 
-def load_model_config(path: str | os.PathLike) -> ModelConfig:
-    """Read a model YAML file (omegaconf) and validate it into a :class:`ModelConfig`."""
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """The plain data (dicts, lists, scalars) of the YAML file at ``path``, through omegaconf;
+    ConfigError naming the file when it is missing or not valid YAML."""
     from omegaconf import OmegaConf  # only here: the engine never needs omegaconf
 
-    path = Path(path)
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except Exception as exc:  # omegaconf/yaml raise many types; all mean "not valid YAML"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path}: not a valid config file ({first})") from None
+        raise ConfigError(f"{path}: not a valid {what} ({first})") from None
+
+
+def load_model_config(path: str | os.PathLike) -> ModelConfig:
+    """Read a model YAML file (omegaconf) and validate it into a :class:`ModelConfig`."""
+    path = Path(path)
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
@@ -190,156 +196,3 @@ def model_config_to_dict(cfg: ModelConfig) -> dict:
         return v
 
     return plain(asdict(cfg))
-
-
-# --------------------------------------------------------------------------------------------
-# Render parameters: one validator for the CLI, the app's commands and config files
-# --------------------------------------------------------------------------------------------
-
-MAX_SEED = 2**32 - 1
-MAX_STEPS = 1000
-MAX_SIDE = 4096
-MAX_CFG = 50.0
-
-
-@dataclass(frozen=True)
-class RenderRequest:
-    prompt: str
-    """What to draw. Empty renders unconditionally."""
-    negative: str = ""
-    """The unconditional text for classifier-free guidance."""
-    seed: int = 0
-    """0 ... 2^32-1; the starting noise is drawn on the CPU from this seed."""
-    steps: int = 50
-    """DDIM steps, 1 ... 1000."""
-    cfg: float = 7.5
-    """Classifier-free guidance scale; 1 disables guidance (one U-Net pass per step)."""
-    width: int = 512
-    """Image width in pixels, a multiple of 8."""
-    height: int = 512
-    """Image height in pixels, a multiple of 8."""
-    eta: float = 0.0
-    """DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like ancestral noise."""
-    subseed: int = 0
-    """Variation seed (AUTOMATIC1111): a second seed whose noise is mixed into the first."""
-    subseed_strength: float = 0.0
-    """Variation strength 0..1: spherical interpolation from the seed's noise toward the subseed's."""
-
-    def validated(self) -> "RenderRequest":
-        validate_request(self)
-        return self
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int, hint: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{name} must be a whole number, got {value!r}")
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}{hint}")
-
-
-def _check_float(name: str, value: Any, lo: float, hi: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")
-
-
-def validate_request(req: RenderRequest) -> None:
-    """Raise ConfigError with one line naming the first bad parameter and the allowed range."""
-    if not isinstance(req.prompt, str) or not isinstance(req.negative, str):
-        raise ConfigError("prompt and negative prompt must be text")
-    _check_int("seed", req.seed, 0, MAX_SEED)
-    _check_int("steps", req.steps, 1, MAX_STEPS)
-    _check_float("cfg", req.cfg, 0.0, MAX_CFG)
-    _check_float("eta", req.eta, 0.0, 1.0)
-    _check_int("variation seed", req.subseed, 0, MAX_SEED)
-    _check_float("variation strength", req.subseed_strength, 0.0, 1.0)
-    for name, side in (("width", req.width), ("height", req.height)):
-        _check_int(name, side, 8, MAX_SIDE)
-        if side % 8:
-            lower, upper = side - side % 8, side - side % 8 + 8
-            raise ConfigError(f"{name} must be a multiple of 8, got {side} (try {lower} or {upper})")
-
-
-# --------------------------------------------------------------------------------------------
-# The user's settings file (sdterm.yaml in the platformdirs config dir)
-# --------------------------------------------------------------------------------------------
-
-_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "KI": 2**10, "MI": 2**20, "GI": 2**30}
-
-
-def parse_size(text: str | int, what: str = "size") -> int:
-    """'256M', '1.5G', '512MiB', '1000000' -> bytes. K, M and G are binary (1G = 1 GiB), as GPU
-    memory is counted by nvidia-smi and torch."""
-    import re
-
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?)?B?\s*", str(text), re.IGNORECASE)
-        if not m:
-            raise ConfigError(f"{what} must be a size such as 256M or 1.5G, got {text!r}")
-        value = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
-    if value < 0:
-        raise ConfigError(f"{what} must not be negative, got {text!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class CacheSettings:
-    dir: str = ""
-    """Embedding cache folder; empty means the platformdirs cache dir (or SDTERM_CACHE_DIR)."""
-    max_size: str = "256M"
-    """Cap on the embedding cache (256 MiB); least recently used entries are evicted beyond it."""
-    enabled: bool = True
-    """False renders without the embedding cache."""
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """What the app and ``generate`` use when a flag is left out."""
-
-    model: str = ""
-    """Checkpoint file or model folder; empty: the one model in the models folder, if exactly one."""
-    outdir: str = ""
-    """Where images go; empty: ./outputs."""
-    steps: int = 50
-    cfg: float = 7.5
-    width: int = 512
-    height: int = 512
-    budget: str = ""
-    """VRAM budget such as 2G; empty: the device's free memory minus a margin."""
-    image_protocol: str = "auto"
-    """auto, kitty, sixel, halfcell or unicode."""
-
-
-@dataclass(frozen=True)
-class UserConfig:
-    cache: CacheSettings = field(default_factory=CacheSettings)
-    defaults: Defaults = field(default_factory=Defaults)
-
-
-def load_user_config(path: Path) -> UserConfig:
-    """Read the user's sdterm.yaml; a missing file means defaults."""
-    if not path.is_file():
-        return UserConfig()
-    from omegaconf import OmegaConf
-
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path}: not a valid settings file ({first})") from None
-    try:
-        cfg = _build(UserConfig, raw or {}, "sdterm.yaml")
-        parse_size(cfg.cache.max_size, "cache.max_size")
-        d = cfg.defaults
-        # The same validator as the command line and the app's commands.
-        validate_request(RenderRequest("", steps=d.steps, cfg=d.cfg, width=d.width, height=d.height))
-        if d.budget:
-            parse_size(d.budget, "defaults.budget")
-        if d.image_protocol not in ("auto", "kitty", "sixel", "halfcell", "unicode"):
-            raise ConfigError(f"defaults.image_protocol must be auto, kitty, sixel, halfcell or unicode, got {d.image_protocol!r}")
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return cfg

@@ -9,8 +9,8 @@ import platform
 import sys
 from dataclasses import asdict, dataclass
 
-from .cli import _fmt_bytes
-from .config import ConfigError
+from .errors import ConfigError
+from .units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,9 @@ def check_torch() -> list[Check]:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         free, total = torch.cuda.mem_get_info(0)
-        out.append(Check("cuda", "ok", f"CUDA {torch.version.cuda}, {name}, {_fmt_bytes(free)} free of {_fmt_bytes(total)}"))
+        out.append(Check("cuda", "ok", f"CUDA {torch.version.cuda}, {name}, {format_bytes(free)} free of {format_bytes(total)}"))
         if total < 3 * 2**30:
-            out.append(Check("gpu memory", "warn", f"{_fmt_bytes(total)} on the card",
+            out.append(Check("gpu memory", "warn", f"{format_bytes(total)} on the card",
                              "use --vram-budget to leave room for the desktop; sdterm streams the U-Net below 1.6 GiB"))
     else:
         built = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
@@ -91,7 +91,7 @@ def check_tokenizer() -> Check:
 
 
 def check_cache() -> Check:
-    from .cli import open_cache
+    from .resolve import open_cache
 
     try:
         cache = open_cache()
@@ -102,7 +102,7 @@ def check_cache() -> Check:
     st = cache.stats()
     probe = cache.folder if cache.folder.exists() else cache.folder.parent
     writable = not probe.exists() or os.access(probe, os.W_OK)
-    detail = f"{cache.folder}: {st.entries} entries, {_fmt_bytes(st.bytes)} of {_fmt_bytes(cache.max_bytes)}"
+    detail = f"{cache.folder}: {st.entries} entries, {format_bytes(st.bytes)} of {format_bytes(cache.max_bytes)}"
     if not writable:
         return Check("cache", "warn", detail + " (not writable)", "renders still work, without the cache; check the folder's permissions")
     return Check("cache", "ok", detail)

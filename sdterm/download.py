@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .cli import EXIT_CANCELLED, UserError
+from .errors import EXIT_CANCELLED, UserError
+from .units import format_bytes
 
 REVISION = "main"
 LOGIN_HINT = "run `hf auth login` (older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN"
@@ -394,11 +395,8 @@ def _sends_token(token: str | bool | None) -> bool:
 
 
 def _mib(n: int | None) -> str:
-    if n is None:
-        return "?"
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+    """A size in a message; '?' when it isn't known."""
+    return "?" if n is None else format_bytes(n)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ of memory, file errors (``OSError``: the path and the reason) and Ctrl+C. Anythi
 it is never dressed up as a user error, it gets its own exit code, and ``--debug`` (or
 ``SDTERM_DEBUG=1``) prints its traceback.
 
-This module is UI-side (the command line and the app use it); the engine never prints.
+A leaf: it imports nothing from sdterm at the top, so anything may import it (the engine raises
+:class:`ConfigError`; the command line and the app report failures with :func:`classify` and
+:func:`report`). The engine never prints.
 
 Exit codes of ``sdterm``:
 
@@ -44,11 +46,14 @@ class UserError(Exception):
     """A problem to report as one line."""
 
 
+class ConfigError(ValueError):
+    """A settings file or a parameter is invalid; the message is one line meant for the user."""
+
+
 # (module, class name) of the project's error types whose message is already the one line to show.
 # They are looked up among the modules already imported: an exception of a class can only exist
 # once its module is loaded, and classifying a failure must not import torch.
 _USER_ERRORS = (
-    ("sdterm.config", "ConfigError"),
     ("sdterm.session", "CommandError"),
     ("sdterm.pngmeta", "MetadataError"),
     ("sdterm.download", "DownloadError"),
@@ -104,7 +109,7 @@ def _loaded_class(module: str, name: str) -> type | None:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    types = [UserError] + [c for c in (_loaded_class(m, n) for m, n in _USER_ERRORS) if c is not None]
+    types = [UserError, ConfigError] + [c for c in (_loaded_class(m, n) for m, n in _USER_ERRORS) if c is not None]
     return isinstance(exc, tuple(types))
 
 

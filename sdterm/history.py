@@ -1,17 +1,18 @@
-"""The prompt history of the app: one JSON object per line in ``data_dir()/history.jsonl``,
-appended and never rewritten (a line torn by a crash is isolated and skipped), with Up/Down
-recall and fuzzy search. No UI imports."""
+"""The render history: one JSON object per line in ``data_dir()/history.jsonl`` (renders of the app
+and of ``sdterm generate``, recorded by ``sdterm/service.py``), appended and never rewritten (a line
+torn by a crash is isolated and skipped), with the app's Up/Down recall and fuzzy search. No UI
+imports."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import paths
-from .config import RenderRequest, validate_request
+from .params import LEGACY_NAMES, Params
 
 
 def history_file() -> Path:
@@ -19,28 +20,9 @@ def history_file() -> Path:
     return paths.data_dir() / "history.jsonl"
 
 
-def request_from(prompt: str, p) -> RenderRequest:
-    """A render request from anything carrying sdterm's render parameters (variation = subseed)."""
-    return RenderRequest(
-        prompt=prompt,
-        negative=p.negative,
-        seed=p.seed,
-        steps=p.steps,
-        cfg=p.cfg,
-        width=p.width,
-        height=p.height,
-        eta=p.eta,
-        subseed=p.variation_seed,
-        subseed_strength=p.variation,
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # History: one JSON object per line, appended and never rewritten
 # --------------------------------------------------------------------------------------------
-
-_FLOAT_FIELDS = ("cfg", "eta", "variation")
-_PARAM_FIELDS = ("prompt", "negative", "seed", "steps", "cfg", "width", "height", "eta", "variation", "variation_seed")
 
 
 def _reject_constant(name: str) -> float:
@@ -49,34 +31,44 @@ def _reject_constant(name: str) -> float:
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    """One finished render, as a line of ``history.jsonl``."""
+    """One finished render: its parameters, where its image went, the model, when.
 
-    time: str
-    """When it finished: ISO 8601, UTC."""
-    prompt: str
-    negative: str
-    seed: int
-    steps: int
-    cfg: float
-    width: int
-    height: int
-    eta: float
-    variation: float
-    variation_seed: int
+    A line of ``history.jsonl`` is one JSON object: ``time``, then every field of
+    :meth:`Params.to_dict`, then ``path`` and ``model_hash``. The variation fields are also written
+    under their :data:`~sdterm.params.LEGACY_NAMES` (``variation``, ``variation_seed``), the only names
+    lines written by earlier versions have for them, so an earlier sdterm still reads a newer
+    history (a superset of the old line); a line written before a parameter existed reads back
+    with that parameter's default.
+    """
+
+    params: Params
     path: str | None
     """The saved PNG, or None when the image was not saved."""
     model_hash: str
+    time: str
+    """When it finished: ISO 8601, UTC."""
+
+    @classmethod
+    def now(cls, params: Params, path: str | Path | None, model_hash: str) -> "HistoryEntry":
+        """The entry for a render of ``params`` finishing now, saved at ``path`` (None: not saved)."""
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return cls(params, None if path is None else str(path), model_hash, stamp)
 
     def to_json(self) -> str:
         """One line of JSON (newlines inside the texts are escaped by the encoder)."""
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        fields = self.params.to_dict()
+        legacy = {old: fields[name] for name, old in LEGACY_NAMES.items()}
+        line = {"time": self.time, **fields, **legacy, "path": self.path, "model_hash": self.model_hash}
+        return json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
     @classmethod
     def from_json(cls, line: str) -> "HistoryEntry":
-        """Parse a line written by :meth:`to_json`; ValueError for anything malformed.
+        """Parse a line written by :meth:`to_json` (now or by an earlier sdterm); ValueError for
+        anything malformed.
 
-        Unknown keys are ignored (a newer sdterm may add some); missing keys, wrong types,
-        non-finite numbers and parameters outside the renderable ranges are errors.
+        Unknown keys are ignored (a newer sdterm may add some); a missing ``time``, ``path`` or
+        ``model_hash``, wrong types, non-finite numbers and parameters outside the renderable ranges
+        are errors (:meth:`Params.from_dict` says which parameters may be missing).
         """
         try:
             data = json.loads(line, parse_constant=_reject_constant)
@@ -84,59 +76,23 @@ class HistoryEntry:
             raise ValueError("history: nested too deeply") from None
         if not isinstance(data, dict):
             raise ValueError("history: a line must be a JSON object")
-        values = {}
-        for f in fields(cls):
-            if f.name not in data:
-                raise ValueError(f"history: missing {f.name}")
-            value = data[f.name]
-            if f.name in _FLOAT_FIELDS:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                value = float(value) if ok else value
-            elif f.name in ("seed", "steps", "width", "height", "variation_seed"):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif f.name == "path":
-                ok = value is None or isinstance(value, str)
-            else:
-                ok = isinstance(value, str)
-            if not ok:
-                raise ValueError(f"history: {f.name} has the wrong type ({type(value).__name__})")
-            values[f.name] = value
-        entry = cls(**values)
+        for name in ("time", "path", "model_hash"):
+            if name not in data:
+                raise ValueError(f"history: missing {name}")
+        time, path, model_hash = data["time"], data["path"], data["model_hash"]
+        if not isinstance(time, str) or not isinstance(model_hash, str) or not (path is None or isinstance(path, str)):
+            raise ValueError("history: time, path or model_hash has the wrong type")
         try:
-            stamp = datetime.fromisoformat(entry.time)
+            stamp = datetime.fromisoformat(time)
         except ValueError:
-            raise ValueError(f"history: time is not ISO 8601: {entry.time[:40]!r}") from None
+            raise ValueError(f"history: time is not ISO 8601: {time[:40]!r}") from None
         if stamp.tzinfo is None:
             raise ValueError("history: time has no time zone")
-        validate_request(entry.request())  # ConfigError is a ValueError
-        return entry
-
-    @classmethod
-    def from_request(cls, request: RenderRequest, path: str | None, model_hash: str) -> "HistoryEntry":
-        """The entry for a render of ``request`` (now), saved at ``path`` (None: not saved)."""
-        return cls(
-            time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            prompt=request.prompt,
-            negative=request.negative,
-            seed=request.seed,
-            steps=request.steps,
-            cfg=float(request.cfg),
-            width=request.width,
-            height=request.height,
-            eta=float(request.eta),
-            variation=float(request.subseed_strength),
-            variation_seed=request.subseed,
-            path=None if path is None else str(path),
-            model_hash=model_hash,
-        )
-
-    def request(self) -> RenderRequest:
-        """The render request this entry records (not validated)."""
-        return request_from(self.prompt, self)
+        return cls(Params.from_dict(data), path, model_hash, time)  # ConfigError is a ValueError
 
     def same_render(self, other: "HistoryEntry") -> bool:
         """Same prompt and parameters (time, file and model aside)."""
-        return all(getattr(self, name) == getattr(other, name) for name in _PARAM_FIELDS)
+        return self.params == other.params
 
 
 class History:
@@ -221,7 +177,7 @@ class History:
             return self.prompts()[:limit]
         ranked: list[tuple[int, float, int, HistoryEntry]] = []
         for index, entry in enumerate(self.entries):
-            rank = _match_rank(needle, entry.prompt.lower())
+            rank = _match_rank(needle, entry.params.prompt.lower())
             if rank is not None:
                 ranked.append((rank[0], -rank[1], -index, entry))
         ranked.sort(key=lambda r: r[:3])

@@ -1,30 +1,34 @@
-"""Reading generation parameters back out of images: ``sdterm show IMAGE.png``.
+"""PNG metadata, written and read in one place: AUTOMATIC1111's ``parameters`` text (the "infotext")
+and sdterm's own ``sdterm`` JSON chunk.
 
-Two sources, best first:
-
-* sdterm's own ``sdterm`` PNG text chunk: JSON with the full request (see ``output.png_bytes``),
-  checked field by field with the one request validator before it is trusted;
-* AUTOMATIC1111's ``parameters`` text (PNG text chunk, or the EXIF UserComment of a JPEG/WebP):
-  prompt lines, an optional ``Negative prompt:`` part, and a last line of ``Key: value`` pairs.
+* :func:`png_bytes` encodes a finished image with both: the infotext (prompt, ``Negative prompt:``
+  line, ``Steps: 20, Sampler: DDIM, ...``) and the JSON (``{"request": Params.to_dict(), "model":
+  ..., "model_hash": ..., ...}``).
+* :func:`read_png_parameters` reads them back, best first: sdterm's chunk, checked by the one
+  parameter validator before it is trusted; else the infotext (PNG text chunk, or the EXIF
+  UserComment of an A1111 JPEG/WebP): prompt lines, an optional ``Negative prompt:`` part, and a
+  last line of ``Key: value`` pairs.
 
 The infotext parser never raises on odd text except :class:`MetadataError` when nothing usable is
 in it, and its work is linear in the length of the text (no backtracking regex over a whole line).
+Printing what was read (``sdterm show``) is ``sdterm/show.py``.
 """
 
 from __future__ import annotations
 
-import argparse
+import io
 import json
 import math
 import re
-import shlex
-import sys
-import unicodedata
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RenderRequest, validate_request
+from PIL import Image, PngImagePlugin
+
+from .errors import ConfigError
+from .params import FIELDS, Params
+from .units import parse_wh
 
 
 class MetadataError(ValueError):
@@ -33,20 +37,14 @@ class MetadataError(ValueError):
 
 @dataclass(frozen=True)
 class ImageParameters:
-    """What an image says about how it was made; None where it didn't record a field."""
+    """What an image says about how it was made: its render parameters and what sdterm can't render."""
 
     source: str
     """'sdterm' (the JSON chunk) or 'a1111' (the parameters text)."""
-    prompt: str
-    negative: str = ""
-    seed: int | None = None
-    steps: int | None = None
-    cfg: float | None = None
-    width: int | None = None
-    height: int | None = None
-    eta: float | None = None
-    subseed: int | None = None
-    subseed_strength: float | None = None
+    params: Params
+    """The render parameters (not validated); a field the image didn't record holds its default."""
+    recorded: frozenset[str] = frozenset(FIELDS)
+    """The :class:`Params` fields the image recorded (:meth:`get` gives None for the others)."""
     sampler: str | None = None
     model: str | None = None
     """The model's name as recorded (a file stem, not a path)."""
@@ -54,10 +52,15 @@ class ImageParameters:
     extra: dict[str, str] = field(default_factory=dict)
     """Settings with no field above (A1111's ``Clip skip``, ``Lora hashes``..., sdterm's ``demo``)."""
 
-    def to_request(self) -> RenderRequest:
-        """The parameters as a RenderRequest, RenderRequest's defaults where unrecorded (not validated)."""
-        given = {f.name: getattr(self, f.name) for f in fields(RenderRequest)}
-        return RenderRequest(**{k: v for k, v in given.items() if v is not None})
+    def get(self, name: str) -> Any:
+        """The recorded value of the :class:`Params` field ``name``; None when the image didn't record it."""
+        return getattr(self.params, name) if name in self.recorded else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat object (``sdterm show --json``): source, each parameter (None when not recorded),
+        sampler, model, model_hash, extra."""
+        return {"source": self.source, **{name: self.get(name) for name in FIELDS}, "sampler": self.sampler,
+                "model": self.model, "model_hash": self.model_hash, "extra": dict(self.extra)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,10 +75,49 @@ NEGATIVE_PREFIX = "Negative prompt:"
 _KEY = re.compile(r"\s*(\w[\w \-/]*):\s*")
 _INT = re.compile(r"[+-]?[0-9]{1,30}", re.ASCII)
 _FLOAT = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,4})?", re.ASCII)
-_SIZE = re.compile(r"([0-9]{1,9})\s*[xX]\s*([0-9]{1,9})", re.ASCII)
 
-TYPED_FIELDS = ("steps", "cfg", "seed", "width", "height", "sampler", "model", "model_hash", "eta", "subseed",
-                "subseed_strength")
+INFOTEXT_KEYS: dict[str, tuple[str, ...]] = {
+    "steps": ("Steps",),
+    "cfg": ("CFG scale",),
+    "seed": ("Seed",),
+    "subseed": ("Variation seed",),
+    "subseed_strength": ("Variation seed strength",),
+    "eta": ("Eta DDIM", "Eta"),
+}
+""":class:`Params` field -> its infotext key (the one written first, then other spellings read).
+``width`` and ``height`` share ``Size: WxH``; the prompt and the negative are lines of their own."""
+
+DETAIL_KEYS = {"sampler": "Sampler", "model": "Model", "model_hash": "Model hash"}
+""":class:`ImageParameters` fields that are no render parameter -> their infotext key."""
+
+_WRITTEN_IN_ORDER = ("steps", "cfg", "seed", "subseed", "subseed_strength", "eta")
+
+
+def _infotext_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"\n') else text
+
+
+def infotext(params: Params, model_name: str, model_hash: str) -> str:
+    """AUTOMATIC1111's parameters text: prompt, optional negative line, then the settings line."""
+    p = params
+    lines = [p.prompt]
+    if p.negative:
+        lines.append(f"{NEGATIVE_PREFIX} {p.negative}")
+    settings = [f"Steps: {p.steps}", "Sampler: DDIM", f"CFG scale: {p.cfg:g}", f"Seed: {p.seed}"]
+    if p.subseed_strength:
+        settings += [f"Variation seed: {p.subseed}", f"Variation seed strength: {p.subseed_strength:g}"]
+    settings += [f"Size: {p.width}x{p.height}", f"Model hash: {model_hash}", f"Model: {model_name}"]
+    if p.eta:
+        settings.append(f"Eta DDIM: {p.eta:g}")
+    defaults = Params()
+    for name, keys in INFOTEXT_KEYS.items():  # a parameter added later: written when it isn't its default
+        if name not in _WRITTEN_IN_ORDER and getattr(p, name) != getattr(defaults, name):
+            settings.append(f"{keys[0]}: {_infotext_value(getattr(p, name))}")
+    lines.append(", ".join(settings))
+    return "\n".join(lines)
 
 
 def _unquote(raw: str) -> str:
@@ -151,13 +193,38 @@ def _as_float(value: str | None) -> float | None:
     return None
 
 
+def _typed_settings(settings: dict[str, str]) -> dict[str, tuple[Any, str]]:
+    """field -> (typed value, the key it was read from), for the fields the settings hold a value of
+    the right type for: the :data:`INFOTEXT_KEYS` parameters, ``width``/``height`` and :data:`DETAIL_KEYS`."""
+    out: dict[str, tuple[Any, str]] = {}
+    for name, keys in INFOTEXT_KEYS.items():
+        kind = type(getattr(Params(), name))
+        for key in keys:
+            text = settings.get(key)
+            value = _as_int(text) if kind is int else _as_float(text) if kind is float else text
+            if value is not None:
+                out[name] = (value, key)
+                break
+    if "Size" in settings:
+        try:
+            width, height = parse_wh(settings["Size"])
+            out["width"], out["height"] = (width, "Size"), (height, "Size")
+        except ConfigError:
+            pass
+    for name, key in DETAIL_KEYS.items():
+        if key in settings:
+            out[name] = (settings[key], key)
+    return out
+
+
 def parse_infotext(text: str) -> dict:
     """Parse AUTOMATIC1111's parameters text.
 
     Returns ``prompt``, ``negative``, ``settings`` (every ``Key: value`` of the last line, values
-    unquoted, as text) and the typed fields ``steps``, ``cfg``, ``seed``, ``width``, ``height``,
-    ``sampler``, ``model``, ``model_hash``, ``eta``, ``subseed``, ``subseed_strength``: each None
-    when missing or not of its type (the text stays in ``settings``).
+    unquoted, as text) and the typed fields: each :class:`Params` field of :data:`INFOTEXT_KEYS`
+    (``steps``, ``cfg``, ``seed``, ``eta``, ``subseed``, ``subseed_strength``), ``width`` and ``height``
+    (from ``Size``), and ``sampler``, ``model``, ``model_hash``: each None when missing or not of
+    its type (the text stays in ``settings``).
 
     As A1111 reads it: the last line holds the settings when it has at least three pairs; the
     first line that starts (after blanks) with ``Negative prompt:`` begins the negative, and every
@@ -190,62 +257,37 @@ def parse_infotext(text: str) -> dict:
     if not settings and not prompt.strip() and not negative.strip():
         raise MetadataError("no generation parameters in the text (no prompt and no settings line)")
 
-    size = _SIZE.fullmatch(settings.get("Size", "").strip())
-    eta = _as_float(settings.get("Eta DDIM"))
-    return {
-        "prompt": prompt,
-        "negative": negative,
-        "settings": settings,
-        "steps": _as_int(settings.get("Steps")),
-        "cfg": _as_float(settings.get("CFG scale")),
-        "seed": _as_int(settings.get("Seed")),
-        "width": int(size.group(1)) if size else None,
-        "height": int(size.group(2)) if size else None,
-        "sampler": settings.get("Sampler"),
-        "model": settings.get("Model"),
-        "model_hash": settings.get("Model hash"),
-        "eta": eta if eta is not None else _as_float(settings.get("Eta")),
-        "subseed": _as_int(settings.get("Variation seed")),
-        "subseed_strength": _as_float(settings.get("Variation seed strength")),
-    }
-
-
-# Which setting each typed field came from (a value that didn't parse stays in ``extra``).
-_SOURCE_KEYS = {
-    "steps": ("Steps",),
-    "cfg": ("CFG scale",),
-    "seed": ("Seed",),
-    "width": ("Size",),
-    "sampler": ("Sampler",),
-    "model": ("Model",),
-    "model_hash": ("Model hash",),
-    "eta": ("Eta DDIM", "Eta"),
-    "subseed": ("Variation seed",),
-    "subseed_strength": ("Variation seed strength",),
-}
+    return {"prompt": prompt, "negative": negative, "settings": settings,
+            **{name: None for name in (*INFOTEXT_KEYS, "width", "height", *DETAIL_KEYS)},
+            **{name: value for name, (value, _) in _typed_settings(settings).items()}}
 
 
 def params_from_infotext(text: str) -> ImageParameters:
+    """The parameters in AUTOMATIC1111's text; settings that aren't a typed field stay in ``extra``."""
     parsed = parse_infotext(text)
     settings = dict(parsed["settings"])
-    for name, keys in _SOURCE_KEYS.items():
-        if parsed[name] is None:
-            continue
-        if name == "eta" and _as_float(settings.get("Eta DDIM")) is None:
-            keys = ("Eta",)
-        settings.pop(keys[0], None)
+    found = _typed_settings(settings)
+    for _, key in found.values():
+        settings.pop(key, None)
+    params = {name: value for name, (value, _) in found.items() if name in FIELDS}
     return ImageParameters(
         source="a1111",
-        prompt=parsed["prompt"],
-        negative=parsed["negative"],
+        params=Params(prompt=parsed["prompt"], negative=parsed["negative"], **params),
+        recorded=frozenset({"prompt", "negative", *params}),
         extra=settings,
-        **{name: parsed[name] for name in TYPED_FIELDS},
+        **{name: found[name][0] for name in DETAIL_KEYS if name in found},
     )
 
 
 # --------------------------------------------------------------------------------------------
 # sdterm's JSON chunk
 # --------------------------------------------------------------------------------------------
+
+
+def sdterm_chunk(params: Params, model_name: str, model_hash: str, extra: dict | None = None) -> str:
+    """sdterm's ``sdterm`` chunk: ``{"request": params.to_dict(), "model", "model_hash", **extra}``."""
+    payload = {"request": params.to_dict(), "model": model_name, "model_hash": model_hash, **(extra or {})}
+    return json.dumps(payload, sort_keys=True)
 
 
 def params_from_sdterm_json(text: str) -> ImageParameters:
@@ -256,41 +298,27 @@ def params_from_sdterm_json(text: str) -> ImageParameters:
         raise MetadataError("the sdterm chunk is not valid JSON") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("request"), dict):
         raise MetadataError("the sdterm chunk has no request object")
-    raw = payload["request"]
-    known = {f.name for f in fields(RenderRequest)}
-    for name in ("prompt", "seed", "steps", "cfg", "width", "height"):
-        if name not in raw:
-            raise MetadataError(f"the sdterm chunk's request has no {name}")
-    req = RenderRequest(**{k: v for k, v in raw.items() if k in known})
     try:
-        validate_request(req)
+        params = Params.from_dict(payload["request"])
     except ConfigError as exc:
         raise MetadataError(f"the sdterm chunk's request is invalid: {exc}") from None
     for name in ("model", "model_hash"):
         if payload.get(name) is not None and not isinstance(payload[name], str):
             raise MetadataError(f"the sdterm chunk's {name} is not text")
-    extra = {
-        str(k): v if isinstance(v, str) else json.dumps(v)
-        for k, v in payload.items()
-        if k not in ("request", "model", "model_hash")
-    }
-    return ImageParameters(
-        source="sdterm",
-        prompt=req.prompt,
-        negative=req.negative,
-        seed=req.seed,
-        steps=req.steps,
-        cfg=float(req.cfg),
-        width=req.width,
-        height=req.height,
-        eta=float(req.eta),
-        subseed=req.subseed,
-        subseed_strength=float(req.subseed_strength),
-        sampler="DDIM",
-        model=payload.get("model"),
-        model_hash=payload.get("model_hash"),
-        extra=extra,
-    )
+    extra = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in payload.items()
+             if k not in ("request", "model", "model_hash")}
+    return ImageParameters(source="sdterm", params=params, sampler="DDIM", model=payload.get("model"),
+                           model_hash=payload.get("model_hash"), extra=extra)
+
+
+def png_bytes(image: Image.Image, params: Params, model_name: str, model_hash: str, extra: dict | None = None) -> bytes:
+    """``image`` encoded as PNG with both texts: ``parameters`` (infotext) and ``sdterm`` (JSON)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext(params, model_name, model_hash))
+    info.add_text("sdterm", sdterm_chunk(params, model_name, model_hash, extra))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +357,6 @@ def _user_comment(data: Any) -> str | None:
 def _text_chunks(path: Path) -> dict[str, str]:
     """The 'parameters' and 'sdterm' texts of the image at ``path``; MetadataError when unreadable."""
     import warnings
-
-    from PIL import Image
 
     where = _one_line(path)
     try:
@@ -387,191 +413,3 @@ def read_png_parameters(path: str | Path) -> ImageParameters:
     if problem:
         raise MetadataError(f"{where}: {problem}, and there is no parameters text")
     raise MetadataError(f"{where}: no generation parameters (no 'parameters' or 'sdterm' text in the image)")
-
-
-# --------------------------------------------------------------------------------------------
-# Back to a command
-# --------------------------------------------------------------------------------------------
-
-
-def _num(x: float) -> str:
-    """Shortest text that reads back as the same float ('7' for 7.0, '0.35', '1e-05')."""
-    x = float(x)
-    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
-
-
-def _opt(flag: str, value: str) -> str:
-    # '--negative=-x': a value that starts with '-' would otherwise read as a flag.
-    return shlex.quote(f"{flag}={value}") if value.startswith("-") else f"{flag} {shlex.quote(value)}"
-
-
-def generate_command(params: ImageParameters, model: str | None = None) -> str:
-    """A ready-to-run ``sdterm generate`` line for ``params`` (values shell-quoted)."""
-    parts = ["sdterm", "generate"]
-    dash_prompt = params.prompt.startswith("-")
-    if not dash_prompt:
-        parts.append(shlex.quote(params.prompt))
-    if model is not None:
-        parts.append(_opt("--model", str(model)))
-    if params.negative:
-        parts.append(_opt("--negative", params.negative))
-    for flag, value in (("--seed", params.seed), ("--steps", params.steps)):
-        if value is not None:
-            parts.append(f"{flag} {shlex.quote(str(value))}")
-    if params.cfg is not None:
-        parts.append(f"--cfg {shlex.quote(_num(params.cfg))}")
-    for flag, value in (("--width", params.width), ("--height", params.height)):
-        if value is not None:
-            parts.append(f"{flag} {shlex.quote(str(value))}")
-    if params.eta:
-        parts.append(f"--eta {shlex.quote(_num(params.eta))}")
-    if params.subseed_strength and params.subseed_strength > 0:
-        if params.subseed is not None:
-            parts.append(f"--subseed {shlex.quote(str(params.subseed))}")
-        parts.append(f"--subseed-strength {shlex.quote(_num(params.subseed_strength))}")
-    if dash_prompt:
-        parts += ["--", shlex.quote(params.prompt)]
-    return " ".join(parts)
-
-
-# Settings that don't change the picture, or that a note below already covers.
-_QUIET_KEYS = {
-    "Version", "Batch size", "Batch pos", "Hashes", "Template", "Negative Template", "Styles array", "Size-1",
-    "Size-2", "Schedule type", "RNG", "Clip skip", "ENSD", "Eta", "Lora hashes", "TI hashes", "VAE", "VAE hash",
-    "Seed resize from", "Denoising strength", "Emphasis",
-}
-_ATTENTION = re.compile(r"(?<!\\)[()\[\]]")
-
-
-def notes(params: ImageParameters) -> list[str]:
-    """What sdterm can't reproduce of ``params``, one short line each (empty when it can)."""
-    out: list[str] = []
-    x = params.extra
-    if params.sampler is not None and params.sampler.strip() != "DDIM":
-        out.append(f"sampler {params.sampler}: sdterm samples with DDIM")
-    if x.get("Schedule type", "Automatic").strip() not in ("Automatic", ""):
-        out.append(f"schedule type {x['Schedule type']}: sdterm uses DDIM's evenly spaced timesteps")
-    if params.source == "a1111":
-        rng = x.get("RNG", "GPU").strip()
-        if rng != "CPU":
-            out.append(f"A1111 drew the starting noise with its {rng} generator (RNG: {rng}); sdterm draws it on "
-                       "the CPU, as A1111's RNG: CPU does, so the same seed starts from different noise")
-    if x.get("Clip skip", "1").strip() not in ("1", ""):
-        out.append(f"Clip skip {x['Clip skip']} is not supported: sdterm uses CLIP's last layer")
-    if x.get("ENSD", "0").strip() not in ("0", ""):
-        out.append(f"ENSD {x['ENSD']} (eta noise seed delta) is not supported")
-    hires = sorted(k for k in x if k.startswith("Hires"))
-    if hires or "Denoising strength" in x:
-        out.append("hires fix is not supported: sdterm renders at the recorded size only")
-    if "Seed resize from" in x:
-        out.append(f"seed resize from {x['Seed resize from']} is not supported")
-    if "Lora hashes" in x or "<lora:" in params.prompt or "<lora:" in params.negative:
-        out.append("LoRA is not supported: <lora:...> tags are read as plain text")
-    if "TI hashes" in x:
-        out.append("textual-inversion embeddings are not supported: their names are read as plain words")
-    if "VAE" in x or "VAE hash" in x:
-        out.append(f"VAE {x.get('VAE') or x.get('VAE hash')}: sdterm uses the checkpoint's own VAE")
-    if params.source == "a1111":
-        if _ATTENTION.search(params.prompt) or _ATTENTION.search(params.negative):
-            out.append("A1111's attention syntax ((word), [word], (word:1.2)) is read as plain text: "
-                       "sdterm weights every token alike")
-        if re.search(r"\bBREAK\b", params.prompt + "\n" + params.negative):
-            out.append("BREAK is read as a plain word, not as a new 75-token chunk")
-    other = [k for k in x if k not in _QUIET_KEYS and not k.startswith("Hires")]
-    if params.source == "a1111" and other:
-        out.append("not used by sdterm: " + ", ".join(other))
-    if params.source == "sdterm" and x.get("demo") == "true":
-        out.append("made with the demo model (random weights): the image is noise")
-    checks = {"seed": params.seed, "steps": params.steps, "cfg": params.cfg, "width": params.width,
-              "height": params.height, "eta": params.eta, "subseed": params.subseed,
-              "subseed_strength": params.subseed_strength}
-    for name, value in checks.items():
-        if value is None:
-            continue
-        try:
-            validate_request(RenderRequest("", **{name: value}))
-        except ConfigError as exc:
-            out.append(f"{exc}: sdterm will refuse it")
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# sdterm show
-# --------------------------------------------------------------------------------------------
-
-_BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
-
-
-def printable(text: str) -> str:
-    """``text`` safe for a terminal: control characters (but newline and tab) and bidi overrides
-    become visible escapes, so an image can't send escape sequences to the screen."""
-    def esc(c: str) -> str:
-        if c in "\n\t" or (unicodedata.category(c) != "Cc" and c not in _BIDI):
-            return c
-        return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
-
-    return "".join(esc(c) for c in text)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``sdterm show`` on ``parser.add_subparsers(...)``; returns its parser."""
-    p = subparsers.add_parser(
-        "show",
-        help="print an image's prompt and settings, and the sdterm generate line that remakes it",
-        description="Reads sdterm's PNGs and AUTOMATIC1111's (PNG parameters text; JPEG/WebP EXIF comment).",
-    )
-    p.add_argument("image", metavar="IMAGE", help="a PNG from sdterm or AUTOMATIC1111 (A1111 JPEG/WebP too)")
-    p.add_argument("--model", metavar="PATH", help="put --model PATH in the generate line")
-    p.add_argument("--json", action="store_true", help="one JSON object: the parameters, the command and notes")
-    return p
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    from .cli import UserError  # here, not at the top: cli imports this module
-
-    try:
-        params = read_png_parameters(args.image)
-    except MetadataError as exc:
-        raise UserError(str(exc)) from None
-    model = getattr(args, "model", None)
-    command = generate_command(params, model)
-    found = notes(params)
-    if model is None and params.model:
-        hashed = f" [{params.model_hash}]" if params.model_hash else ""
-        found.append(f"made with model {params.model}{hashed}; the line uses your default model "
-                     "(add --model PATH to name one)")
-    if args.json:
-        out = {"file": str(args.image), **asdict(params), "command": command, "notes": found}
-        print(json.dumps(out))
-        return 0
-    rows: list[tuple[str, str]] = [("source", {"sdterm": "sdterm", "a1111": "AUTOMATIC1111 parameters"}[params.source]),
-                                   ("prompt", params.prompt)]
-    if params.negative:
-        rows.append(("negative", params.negative))
-    for label, value in (("seed", params.seed), ("steps", params.steps),
-                         ("cfg", None if params.cfg is None else _num(params.cfg))):
-        if value is not None:
-            rows.append((label, str(value)))
-    if params.width is not None:
-        rows.append(("size", f"{params.width}x{params.height}"))
-    if params.sampler:
-        rows.append(("sampler", params.sampler))
-    if params.eta:
-        rows.append(("eta", _num(params.eta)))
-    if params.subseed_strength:
-        rows.append(("variation", f"seed {params.subseed}, strength {_num(params.subseed_strength)}"))
-    if params.model or params.model_hash:
-        rows.append(("model", " ".join(filter(None, [params.model, params.model_hash and f"[{params.model_hash}]"]))))
-    rows += list(params.extra.items())
-    width = max([10, *(len(label) + 1 for label, _ in rows if len(label) < 24)])
-    for label, value in rows:
-        pad = " " * (width + 1)
-        print(printable(f"{label:<{width}} {value}".replace("\n", "\n" + pad)))
-    print()
-    shown = printable(command)
-    print(shown)
-    if shown != command:
-        found.append("control characters are shown escaped above; `sdterm show --json` has the exact line")
-    for line in found:
-        print(f"note: {printable(line)}", file=sys.stderr)
-    return 0

@@ -18,7 +18,7 @@ import gc
 import time
 from dataclasses import dataclass
 
-from .bench import BenchOptions, Log, Row, _budget_errors, _clean, _error_line, _no_log, _sync, release_device
+from .bench import BenchOptions, Log, Row, budget_errors, clean_device, error_line, no_log, release_device, sync_device
 
 MODE_PLANS = {
     "gpu": "pipe.to(device)",
@@ -186,7 +186,7 @@ def reference_modes_to_run(opts: BenchOptions, device, notes: list[str]) -> tupl
     return tuple(out)
 
 
-def bench_reference(engine, opts: BenchOptions, modes: tuple[str, ...], log: Log = _no_log) -> list[Row]:
+def bench_reference(engine, opts: BenchOptions, modes: tuple[str, ...], log: Log = no_log) -> list[Row]:
     """diffusers' StableDiffusionPipeline on the engine's weights: per mode a fresh pipeline, the
     prompt encoded once up front (outside the timing), then per size a warm-up and timed renders."""
     if not modes:
@@ -209,13 +209,13 @@ def _bench_reference(engine, opts: BenchOptions, modes: tuple[str, ...], log: Lo
     device, dtype = engine.device, engine.dtype
     release_device(engine)
     weights = reference_weights(engine)
-    soft = _budget_errors()
+    soft = budget_errors()
     rows: list[Row] = []
     guided = opts.cfg > 1.0
     for mode in modes:
         mode_rows = [Row("diffusers", w, h, mode, mode=mode, plan=MODE_PLANS[mode]) for w, h in opts.sizes]
         rows.extend(mode_rows)
-        _clean(device)
+        clean_device(device)
         pipe = None
         try:
             pipe = build_pipeline(engine, weights, dtype)
@@ -234,21 +234,21 @@ def _bench_reference(engine, opts: BenchOptions, modes: tuple[str, ...], log: Lo
                 try:
                     _reference_row(pipe, row, cond, uncond if guided else None, opts, device, latents_noise)
                 except soft as exc:
-                    row.error = _error_line(exc)
+                    row.error = error_line(exc)
                     log(f"  {row.error}")
-                    _clean(device)
+                    clean_device(device)
         except soft as exc:
             for row in mode_rows:
                 if not row.seconds and row.error is None:
-                    row.error = _error_line(exc)
-            log(f"  {_error_line(exc)}")
+                    row.error = error_line(exc)
+            log(f"  {error_line(exc)}")
         finally:
             if pipe is not None:
                 if mode != "gpu":
                     pipe.remove_all_hooks()
                 del pipe
             cond = uncond = None
-            _clean(device)
+            clean_device(device)
     return rows
 
 
@@ -262,14 +262,14 @@ def _reference_row(pipe, row: Row, cond, uncond, opts: BenchOptions, device, lat
         # Per step = first to last step's end over steps - 1: the first step (which, with model
         # offload, also uploads the U-Net) is left out, as sdterm's upload is left out of its run time.
         if i == 0 or i == steps - 1:
-            _sync(device)
+            sync_device(device)
             marks[i] = time.perf_counter()
         return {}
 
     def render():
         noise, _ = latents_noise(opts.seed, row.width, row.height)  # the same x_T as sdterm's
         marks.clear()
-        _sync(device)
+        sync_device(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -286,7 +286,7 @@ def _reference_row(pipe, row: Row, cond, uncond, opts: BenchOptions, device, lat
                 output_type="pil",
                 callback_on_step_end=on_step_end,
             ).images[0]
-        _sync(device)
+        sync_device(device)
         seconds = time.perf_counter() - t0
         per_step = (marks[steps - 1] - marks[0]) / (steps - 1) if steps > 1 else marks[0] - t0
         return image, seconds, per_step

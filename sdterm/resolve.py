@@ -1,4 +1,5 @@
-"""What the user meant: which model, which settings, from flags, sdterm.yaml and the models folder.
+"""What the user meant: which model, which settings, from flags, sdterm.yaml and the models folder;
+the embedding cache as configured, and the random-weights model source for measurements.
 
 Precedence: a flag on the command line, then ``defaults:`` in the user's sdterm.yaml, then the
 built-in defaults. ``--model`` may be left out when the settings name a default model or when
@@ -11,7 +12,8 @@ import argparse
 from pathlib import Path
 
 from . import paths
-from .config import ConfigError, UserConfig, load_user_config
+from .errors import ConfigError
+from .settings import UserConfig, load_user_config
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -89,3 +91,28 @@ def apply_defaults(args: argparse.Namespace, cfg: UserConfig, *, demo: bool = Fa
         args.outdir = d.outdir
     if getattr(args, "image_protocol", None) is None:
         args.image_protocol = d.image_protocol
+
+
+def open_cache(disabled: bool = False):
+    """The embedding cache as the user configured it, or None when disabled."""
+    from .engine.embedding_cache import EmbeddingCache
+    from .units import parse_size
+
+    settings = user_config().cache
+    if disabled or not settings.enabled:
+        return None
+    return EmbeddingCache(paths.embedding_cache_dir(settings.dir), parse_size(settings.max_size, "cache.max_size"))
+
+
+def random_weights_source(config: str | None):
+    """Full-size SD v1 modules (or ``config``'s architecture) with random weights, and a stand-in
+    tokenizer: for memory and speed measurements without a checkpoint."""
+    from .config import default_config_path, load_model_config
+    from .engine.demo import write_tokenizer
+    from .engine.pipeline import ModelSource
+
+    cfg = load_model_config(config or default_config_path())
+    tok_dir = paths.cache_dir() / "random-weights-tokenizer"
+    if not (tok_dir / "vocab.json").is_file():
+        write_tokenizer(tok_dir)
+    return ModelSource(None, cfg, f"{cfg.name}-random", tok_dir)

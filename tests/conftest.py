@@ -48,11 +48,11 @@ def demo_engine(demo_model):
 
 
 def small_request(**kw):
-    from sdterm.config import RenderRequest
+    from sdterm.params import Params
 
     base = dict(prompt="a red fox", seed=1, steps=3, width=64, height=64)
     base.update(kw)
-    return RenderRequest(**base)
+    return Params(**base)
 
 
 @pytest.fixture

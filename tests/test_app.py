@@ -22,11 +22,14 @@ from textual.command import CommandList, CommandPalette
 from textual.geometry import Region
 from textual.widgets import Input, Static
 
-from sdterm.config import ConfigError
 from sdterm.engine.embedding_cache import EmbeddingCache
 from sdterm.engine.events import StepDone
 from sdterm.engine.pipeline import Cancelled, Engine, open_model
-from sdterm.session import History, Params, Session, history_file
+from sdterm.errors import ConfigError
+from sdterm.history import History, history_file
+from sdterm.params import Params
+from sdterm.service import RenderService
+from sdterm.session import Session
 from sdterm.ui.app import SdtermApp
 from sdterm.ui.screens import HelpScreen
 from sdterm.ui.widgets.image_view import ImageView
@@ -112,9 +115,13 @@ def engine(real_engine, tmp_path):
     return Held(real_engine)
 
 
-def make_app(engine, tmp_path: Path, *, save=None, debug=False, **params) -> SdtermApp:
-    session = Session(Params(**{**SMALL, **params}), History(history_file()))
-    return SdtermApp(engine, session, tmp_path / "out", image_protocol="halfcell", save=save, debug=debug)
+def make_app(engine, tmp_path: Path, *, save=None, debug=False, seed_locked=False, budget=None, **params) -> SdtermApp:
+    history = History(history_file())
+    session = Session(Params(**{**SMALL, **params}), history, seed_locked=seed_locked, budget=budget)
+    service = RenderService(engine, tmp_path / "out", history)
+    if save is not None:
+        service.save = save  # (params, result) -> path: a stand-in for the service's own, e.g. a full disk
+    return SdtermApp(service, session, image_protocol="halfcell", debug=debug)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +303,7 @@ async def test_history_survives_a_restart_and_up_recalls_the_settings(engine, tm
         # Enter on a recalled prompt renders it again with its seed (this session is unlocked).
         await pilot.press("up", "up", "enter")
         await settle(pilot)
-        assert engine.requests[-1].seed == 1234 and not app.session.params.seed_locked
+        assert engine.requests[-1].seed == 1234 and not app.session.seed_locked
         assert outputs(tmp_path)[-1] == "00002-1234.png"
         with Image.open(tmp_path / "out" / "00002-1234.png") as im:
             assert im.size == (80, 64)
@@ -400,23 +407,23 @@ async def test_seed_and_variation_keys_rerender(engine, tmp_path):
         await pilot.press("r")
         await settle(pilot)
         rerolled = app.session.params.seed
-        assert rerolled != 100 and app.session.params.seed_locked
+        assert rerolled != 100 and app.session.seed_locked
 
         await pilot.press("l")
-        assert not app.session.params.seed_locked and "seed unlocked" in notice(app)
+        assert not app.session.seed_locked and "seed unlocked" in notice(app)
         assert "(locked)" not in str(app.query_one("#params", Static).render())
         await pilot.press("l")
-        assert app.session.params.seed_locked and "seed locked" in notice(app)
+        assert app.session.seed_locked and "seed locked" in notice(app)
         assert str(app.query_one("#params", Static).render()).startswith(f"seed {rerolled} (locked)")
 
         await pilot.press("v")
         await settle(pilot)
-        assert app.session.params.variation == 0.05
-        variation_seed = app.session.params.variation_seed
+        assert app.session.params.subseed_strength == 0.05
+        variation_seed = app.session.params.subseed
         assert f"var 0.05@{variation_seed}" in str(app.query_one("#params", Static).render())
         await pilot.press("V")
         await settle(pilot)
-        assert app.session.params.variation == 0.0
+        assert app.session.params.subseed_strength == 0.0
 
         assert [r.prompt for r in engine.requests] == ["fox"] * 6
         assert [r.seed for r in engine.requests] == [100, 101, 100, rerolled, rerolled, rerolled]
@@ -507,7 +514,7 @@ async def test_a_budget_change_during_a_render_waits_for_it(engine, tmp_path):
         assert engine.budget is None and app.busy
         engine.release()
         await settle(pilot)
-        assert engine.budget == 2**30 and app.session.params.budget == 2**30
+        assert engine.budget == 2**30 and app.session.budget == 2**30
         assert engine.outcomes == ["done"]
 
 
@@ -585,8 +592,8 @@ async def test_slash_commands_set_the_next_render(engine, tmp_path):
             await enter(pilot, command)
             assert notice(app) == message, command
             assert box.value == "", command
-        p = app.session.params
-        assert (p.seed, p.seed_locked, p.steps, p.cfg, p.width, p.height, p.negative, p.eta, p.budget) == (
+        p, s = app.session.params, app.session
+        assert (p.seed, s.seed_locked, p.steps, p.cfg, p.width, p.height, p.negative, p.eta, s.budget) == (
             7, True, 4, 5.5, 80, 64, "blurry", 0.5, 2**30)
         assert engine.budget == 2**30
         assert app.query_one("#negative", Input).value == "blurry"
@@ -654,7 +661,7 @@ async def test_unknown_or_malformed_commands_give_one_line(engine, tmp_path):
 
 
 async def test_a_save_failure_shows_an_error_and_keeps_the_image(engine, tmp_path):
-    def full_disk(request, result, outdir):
+    def full_disk(params, result):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     app = make_app(engine, tmp_path, save=full_disk)
@@ -734,7 +741,7 @@ async def test_a_bug_while_saving_is_a_bug_too(engine, tmp_path, monkeypatch):
     """Not an OSError: not "cannot write", and the worker does not take the app down."""
     monkeypatch.delenv("SDTERM_DEBUG", raising=False)
 
-    def buggy_save(request, result, outdir):
+    def buggy_save(params, result):
         return {}["path"]
 
     app = make_app(engine, tmp_path, save=buggy_save)

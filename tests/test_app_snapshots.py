@@ -19,7 +19,10 @@ from textual import events
 from textual.widgets import Input
 
 from sdterm.engine.events import MemorySample, StageFinished, StageStarted, StageStats, StepDone
-from sdterm.session import History, Params, Session
+from sdterm.history import History
+from sdterm.params import Params
+from sdterm.service import RenderService
+from sdterm.session import Session
 from sdterm.ui.app import SdtermApp
 
 MiB, GiB = 2**20, 2**30
@@ -120,15 +123,16 @@ class ScriptedEngine:
         return ScriptedResult(scripted_image(req.width, req.height), req, [text, unet, vae])
 
 
-def saved_as(req, result, outdir: Path) -> Path:
-    """Instead of writing a file: the name the first image would get."""
-    return outdir / f"00000-{req.seed}.png"
+class ScriptedService(RenderService):
+    def save(self, params, result) -> Path:
+        """Instead of writing a file: the name the first image would get."""
+        return self.outdir / f"00000-{params.seed}.png"
 
 
 def scripted_app(tmp_path: Path, **params) -> SdtermApp:
-    params = {"seed": 42, "seed_locked": True, "steps": 20, **params}
-    session = Session(Params(**params), History(tmp_path / "history.jsonl"))
-    return SdtermApp(ScriptedEngine(), session, Path("outputs"), image_protocol="halfcell", save=saved_as)
+    history = History(tmp_path / "history.jsonl")
+    session = Session(Params(**{"seed": 42, "steps": 20, **params}), history, seed_locked=True)
+    return SdtermApp(ScriptedService(ScriptedEngine(), Path("outputs"), history), session, image_protocol="halfcell")
 
 
 async def render_prompt(pilot, prompt: str = "a lighthouse at dusk, oil painting") -> None:

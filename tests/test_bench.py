@@ -32,9 +32,10 @@ from sdterm.bench import (
     run_bench,
 )
 from sdterm.cli import UserError
-from sdterm.config import ConfigError, parse_size
 from sdterm.engine.events import StageStats
+from sdterm.errors import ConfigError
 from sdterm.reference import reference_modes_to_run
+from sdterm.units import parse_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

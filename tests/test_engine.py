@@ -8,9 +8,11 @@ import sys
 import pytest
 import torch
 
-from sdterm.config import ConfigError, ModelConfig, RenderRequest
+from sdterm.config import ModelConfig
 from sdterm.engine.events import Notice, StageFinished, StageStarted, StepDone
 from sdterm.engine.pipeline import Cancelled
+from sdterm.errors import ConfigError
+from sdterm.params import Params
 
 from .conftest import small_request
 
@@ -134,9 +136,9 @@ def test_initial_noise_matches_the_documented_cpu_draw():
 
 def test_request_validation_messages():
     with pytest.raises(ConfigError, match="multiple of 8.*try 64 or 72"):
-        RenderRequest("x", width=70).validated()
+        Params("x", width=70).validated()
     with pytest.raises(ConfigError, match="cfg must be a finite number"):
-        RenderRequest("x", cfg=float("nan")).validated()
+        Params("x", cfg=float("nan")).validated()
 
 
 def test_engine_imports_without_ui_or_omegaconf():

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdterm import cli, errors, pngmeta
+from sdterm import cli, errors, show
 from sdterm.cli import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, UserError
-from sdterm.config import ConfigError
 from sdterm.engine.checkpoint import CheckpointError
 from sdterm.engine.pipeline import Cancelled, Engine, OutOfMemory
 from sdterm.engine.planner import BudgetTooSmall
 from sdterm.engine.text import PromptError
+from sdterm.errors import ConfigError
 from sdterm.pngmeta import MetadataError
 
 SMALL = ["--width", "64", "--height", "64", "--steps", "2", "--seed", "1"]
@@ -268,7 +268,7 @@ def test_a_usage_error_is_still_argparses(run_cli):
 
 def test_show_reports_a_bug_in_its_reader_as_internal(tmp_path, run_cli, monkeypatch):
     """Each command goes through the same guard: here `sdterm show`."""
-    monkeypatch.setattr(pngmeta, "read_png_parameters", fail_with(IndexError("list index out of range")))
+    monkeypatch.setattr(show, "read_png_parameters", fail_with(IndexError("list index out of range")))
     code, out, err = run_cli("show", tmp_path / "a.png")
     assert code == EXIT_INTERNAL and err == f"sdterm: internal error: IndexError: list index out of range {HOW}\n"
 

@@ -89,8 +89,8 @@ def test_saved_images_get_the_umask_too(tmp_path):
     """The PNG writer goes through the same helpers (temporary file, then an exclusive link)."""
     code = (
         "from pathlib import Path\n"
-        "from sdterm.output import save_png\n"
-        f"path = save_png(b'not really a png', Path({str(tmp_path)!r}) / 'out', 7)\n"
+        "from sdterm.service import publish_png\n"
+        f"path = publish_png(b'not really a png', Path({str(tmp_path)!r}) / 'out', 7)\n"
         "out['mode'] = path.stat().st_mode & 0o777\n"
     )
     out = child(code, 0o027)

@@ -14,20 +14,20 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from sdterm.cli import UserError, build_parser
-from sdterm.config import MAX_SEED, RenderRequest
-from sdterm.output import infotext, png_bytes
+from sdterm.cli import build_parser
+from sdterm.errors import UserError
+from sdterm.params import MAX_SEED, Params
 from sdterm.pngmeta import (
     ImageParameters,
     MetadataError,
-    add_parser,
-    cmd_show,
-    generate_command,
-    notes,
+    infotext,
     params_from_infotext,
     parse_infotext,
+    png_bytes,
     read_png_parameters,
 )
+from sdterm.show import add_parser, generate_command, notes
+from sdterm.show import run as cmd_show
 
 A1111_TEXT = (
     "a cat, (masterpiece:1.2)\n"
@@ -36,7 +36,7 @@ A1111_TEXT = (
     'Model: v1-5-pruned-emaonly, Lora hashes: "x: 1, y: 2", Version: v1.6.0'
 )
 
-REQUEST = RenderRequest(
+REQUEST = Params(
     prompt="a red fox, (sunset:1.1)\nin the snow",
     negative="blurry, low quality",
     seed=3_000_000_001,
@@ -64,7 +64,7 @@ def write_png(path: Path, **chunks: str) -> Path:
     return path
 
 
-def sdterm_png(path: Path, req: RenderRequest = REQUEST, **extra) -> Path:
+def sdterm_png(path: Path, req: Params = REQUEST, **extra) -> Path:
     path.write_bytes(png_bytes(small_image(), req, "v1-5-pruned-emaonly", "6ce0161689", extra or {"demo": False}))
     return path
 
@@ -89,10 +89,10 @@ def parse_generate(line: str) -> argparse.Namespace:
 def test_sdterm_png_reads_back_the_exact_request(tmp_path):
     p = read_png_parameters(sdterm_png(tmp_path / "a.png"))
     assert p.source == "sdterm"
-    assert {k: getattr(p, k) for k in TYPED} == {k: getattr(REQUEST, k) for k in TYPED}
+    assert {k: p.get(k) for k in TYPED} == {k: getattr(REQUEST, k) for k in TYPED}
     assert (p.sampler, p.model, p.model_hash) == ("DDIM", "v1-5-pruned-emaonly", "6ce0161689")
     assert p.extra == {"demo": "false"}
-    assert p.to_request() == REQUEST
+    assert p.params == REQUEST
     assert notes(p) == []
 
 
@@ -101,7 +101,7 @@ def test_sdterm_parameters_text_alone_reads_back_the_same(tmp_path):
     text = infotext(REQUEST, "v1-5-pruned-emaonly", "6ce0161689")
     p = read_png_parameters(write_png(tmp_path / "a.png", parameters=text))
     assert p.source == "a1111"
-    assert {k: getattr(p, k) for k in TYPED} == {k: getattr(REQUEST, k) for k in TYPED}
+    assert {k: p.get(k) for k in TYPED} == {k: getattr(REQUEST, k) for k in TYPED}
     assert (p.sampler, p.model, p.model_hash, p.extra) == ("DDIM", "v1-5-pruned-emaonly", "6ce0161689", {})
 
 
@@ -118,11 +118,11 @@ def test_demo_images_say_so(tmp_path):
 def test_a1111_png(tmp_path):
     p = read_png_parameters(write_png(tmp_path / "a.png", parameters=A1111_TEXT))
     assert p.source == "a1111"
-    assert p.prompt == "a cat, (masterpiece:1.2)"
-    assert p.negative == "ugly, blurry"
-    assert (p.steps, p.cfg, p.seed, p.width, p.height) == (20, 7.0, 1234, 512, 768)
+    assert p.params.prompt == "a cat, (masterpiece:1.2)"
+    assert p.params.negative == "ugly, blurry"
+    assert (p.get("steps"), p.get("cfg"), p.get("seed"), p.get("width"), p.get("height")) == (20, 7.0, 1234, 512, 768)
     assert (p.sampler, p.model, p.model_hash) == ("Euler a", "v1-5-pruned-emaonly", "abcdef1234")
-    assert (p.eta, p.subseed, p.subseed_strength) == (None, None, None)
+    assert (p.get("eta"), p.get("subseed"), p.get("subseed_strength")) == (None, None, None)
     assert p.extra == {"Lora hashes": "x: 1, y: 2", "Version": "v1.6.0"}
     found = notes(p)
     assert "sampler Euler a: sdterm samples with DDIM" in found
@@ -149,10 +149,10 @@ def test_multi_line_prompt_and_negative():
         'Hires upscale: 2, Hires upscaler: Latent, Denoising strength: 0.7, ADetailer model: "face_yolov8n.pt"'
     )
     p = params_from_infotext(text)
-    assert p.prompt == "a castle on a hill,\n  golden hour\n\nhighly detailed"
-    assert p.negative == "blurry,\nwatermark"
-    assert (p.steps, p.cfg, p.seed, p.width, p.height) == (30, 5.5, 9, 640, 512)
-    assert (p.eta, p.subseed, p.subseed_strength) == (0.2, 11, 0.3)
+    assert p.params.prompt == "a castle on a hill,\n  golden hour\n\nhighly detailed"
+    assert p.params.negative == "blurry,\nwatermark"
+    assert (p.get("steps"), p.get("cfg"), p.get("seed"), p.get("width"), p.get("height")) == (30, 5.5, 9, 640, 512)
+    assert (p.get("eta"), p.get("subseed"), p.get("subseed_strength")) == (0.2, 11, 0.3)
     assert p.extra["ADetailer model"] == "face_yolov8n.pt"
     found = notes(p)
     assert "Clip skip 2 is not supported: sdterm uses CLIP's last layer" in found
@@ -165,16 +165,16 @@ def test_a1111_details():
     # Eta for ancestral samplers, quoted values with escapes, a comma inside an unquoted value,
     # a settings line of fewer than three pairs (then it is prompt text, as in A1111).
     p = params_from_infotext('x\nSteps: 4, Seed: 5, Sampler: Euler a, Eta: 0.5, Note: "say \\"hi\\", ok"')
-    assert (p.eta, p.extra) == (0.5, {"Note": 'say "hi", ok'})
+    assert (p.get("eta"), p.extra) == (0.5, {"Note": 'say "hi", ok'})
     p = params_from_infotext("x\nSteps: 4, Seed: 5, Model: my model, v2, Size: 8x8")
-    assert (p.model, p.width) == ("my model, v2", 8)
+    assert (p.model, p.get("width")) == ("my model, v2", 8)
     p = params_from_infotext("a cat\nSteps: 20, Seed: 5")
-    assert (p.prompt, p.steps, p.seed) == ("a cat\nSteps: 20, Seed: 5", None, None)
+    assert (p.params.prompt, p.get("steps"), p.get("seed")) == ("a cat\nSteps: 20, Seed: 5", None, None)
     p = params_from_infotext("just a prompt")
-    assert (p.prompt, p.steps, p.extra) == ("just a prompt", None, {})
+    assert (p.params.prompt, p.get("steps"), p.extra) == ("just a prompt", None, {})
     # Values of the wrong type stay as text in extra and leave the field None.
     p = params_from_infotext("x\nSteps: many, Seed: -, CFG scale: nan, Size: big")
-    assert (p.steps, p.seed, p.cfg, p.width) == (None, None, None, None)
+    assert (p.get("steps"), p.get("seed"), p.get("cfg"), p.get("width")) == (None, None, None, None)
     assert p.extra == {"Steps": "many", "Seed": "-", "CFG scale": "nan", "Size": "big"}
 
 
@@ -190,7 +190,7 @@ def test_a1111_jpeg_exif_user_comment(tmp_path):
     path = tmp_path / "a.jpg"
     small_image().save(path, format="JPEG", exif=exif)
     p = read_png_parameters(path)
-    assert (p.prompt, p.negative, p.seed) == ("a cat, (masterpiece:1.2)", "ugly, blurry", 1234)
+    assert (p.params.prompt, p.params.negative, p.get("seed")) == ("a cat, (masterpiece:1.2)", "ugly, blurry", 1234)
     assert p.extra["Lora hashes"] == "x: 1, y: 2"
 
 
@@ -225,7 +225,7 @@ def one_line_error(path: Path) -> str:
 )
 def test_invalid_sdterm_chunk_falls_back_to_parameters_or_errors(tmp_path, payload):
     p = read_png_parameters(write_png(tmp_path / "both.png", sdterm=payload, parameters=A1111_TEXT))
-    assert p.source == "a1111" and p.seed == 1234
+    assert p.source == "a1111" and p.get("seed") == 1234
     msg = one_line_error(write_png(tmp_path / "only.png", sdterm=payload))
     assert "sdterm chunk" in msg and "no parameters text" in msg
 
@@ -233,7 +233,7 @@ def test_invalid_sdterm_chunk_falls_back_to_parameters_or_errors(tmp_path, paylo
 def test_sdterm_chunk_from_before_variation_seeds(tmp_path):
     old = {k: v for k, v in REQUEST.__dict__.items() if k not in ("subseed", "subseed_strength")}
     p = read_png_parameters(write_png(tmp_path / "a.png", sdterm=json.dumps({"request": old, "model": "m"})))
-    assert (p.source, p.subseed, p.subseed_strength, p.model_hash) == ("sdterm", 0, 0.0, None)
+    assert (p.source, p.get("subseed"), p.get("subseed_strength"), p.model_hash) == ("sdterm", 0, 0.0, None)
 
 
 def test_missing_file_not_an_image_and_no_parameters(tmp_path):
@@ -288,8 +288,8 @@ def test_generate_line_parses_back_to_the_same_values(tmp_path):
 
 
 def test_generate_line_leaves_out_defaults_and_unknowns():
-    p = ImageParameters(source="a1111", prompt="-a dash first", negative="-neg", seed=5, eta=0.0, subseed=3,
-                        subseed_strength=0.0)
+    p = ImageParameters(source="a1111", params=Params("-a dash first", "-neg", seed=5, eta=0.0, subseed=3),
+                        recorded=frozenset({"prompt", "negative", "seed", "eta", "subseed", "subseed_strength"}))
     line = generate_command(p)
     assert "--eta" not in line and "--subseed" not in line and "--model" not in line and "--steps" not in line
     args = parse_generate(line)
@@ -320,8 +320,8 @@ def test_generate_line_round_trips_through_the_parser(
     # argparse before 3.13 drops a "--" that is an option's whole value (--negative=--), so a
     # negative prompt or a model path of exactly "--" can't be passed on any command line.
     assume(negative != "--" and model != "--")
-    p = ImageParameters(source="sdterm", prompt=prompt, negative=negative, seed=seed, steps=steps, cfg=cfg,
-                        width=side, height=side + 8, eta=eta, subseed=subseed, subseed_strength=strength)
+    p = ImageParameters(source="sdterm", params=Params(prompt, negative, seed, steps, cfg, side, side + 8, eta, subseed,
+                                                       strength))
     args = parse_generate(generate_command(p, model=model))
     assert (args.prompt, args.negative, args.model) == (prompt, negative, model)
     assert (args.seed, args.steps, args.cfg, args.width, args.height) == (seed, steps, cfg, side, side + 8)
@@ -479,7 +479,7 @@ model_names = st.text(
 def test_infotext_round_trip(
     prompt, negative, seed, steps, cfg, eta, subseed, strength, width, height, model, model_hash
 ):
-    req = RenderRequest(prompt, negative, seed, steps, cfg, width, height, eta, subseed, strength).validated()
+    req = Params(prompt, negative, seed, steps, cfg, width, height, eta, subseed, strength).validated()
     d = parse_infotext(infotext(req, model, model_hash))
     assert (d["prompt"], d["negative"]) == (prompt, negative)
     assert (d["seed"], d["steps"], d["cfg"], d["width"], d["height"]) == (seed, steps, cfg, width, height)

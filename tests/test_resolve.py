@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from sdterm import paths
-from sdterm.config import ConfigError, load_user_config
+from sdterm.errors import ConfigError
 from sdterm.resolve import demo_model_dir, find_models, resolve_model, user_config
+from sdterm.settings import load_user_config
 
 SMALL = ["--width", "64", "--height", "64", "--steps", "2"]
 
@@ -116,8 +117,8 @@ def test_demo_flag_opens_the_app_on_the_demo_model(monkeypatch, run_cli):
         error_log = None
         return_code = 0
 
-        def __init__(self, engine, session, outdir, image_protocol, debug=False):
-            seen.update(engine=engine, session=session, protocol=image_protocol, debug=debug)
+        def __init__(self, service, session, image_protocol, debug=False):
+            seen.update(engine=service.engine, session=session, protocol=image_protocol, debug=debug)
 
         def run(self):
             seen["ran"] = True

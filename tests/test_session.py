@@ -6,38 +6,26 @@ import json
 import random
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from sdterm.config import ConfigError, RenderRequest
-from sdterm.session import (
-    COMMANDS,
-    Command,
-    CommandError,
-    History,
-    HistoryEntry,
-    Outcome,
-    Params,
-    Recall,
-    Session,
-    history_file,
-    parse_command,
-)
+from sdterm.commands import COMMANDS, Command, CommandError, Outcome, parse_command
+from sdterm.errors import ConfigError
+from sdterm.history import History, HistoryEntry, Recall, history_file
+from sdterm.params import Params
+from sdterm.session import Session
 
 
-def entry(prompt: str = "a red fox", **kw) -> HistoryEntry:
-    base = dict(
-        time="2024-05-01T12:00:00+00:00", prompt=prompt, negative="", seed=1, steps=50, cfg=7.5, width=512,
-        height=512, eta=0.0, variation=0.0, variation_seed=0, path="outputs/00000-1.png", model_hash="abcd1234",
-    )
-    base.update(kw)
-    return HistoryEntry(**base)
+def entry(prompt: str = "a red fox", *, time: str = "2024-05-01T12:00:00+00:00", path: str | None = "outputs/00000-1.png",
+          model_hash: str = "abcd1234", **params) -> HistoryEntry:
+    return HistoryEntry(Params(prompt, **{"seed": 1, **params}), path, model_hash, time)
 
 
-def session(tmp_path: Path, rng_seed: int = 7, **params) -> Session:
-    return Session(Params(**params), History(tmp_path / "h" / "history.jsonl"), random.Random(rng_seed))
+def session(tmp_path: Path, rng_seed: int = 7, *, seed_locked: bool = False, budget: int | None = None,
+            **params) -> Session:
+    return Session(Params(**params), History(tmp_path / "h" / "history.jsonl"), random.Random(rng_seed),
+                   seed_locked=seed_locked, budget=budget)
 
 
 def one_line(message: str) -> bool:
@@ -53,13 +41,13 @@ def test_history_file_is_in_data_dir(tmp_path, monkeypatch):
 
 
 def test_entry_json_round_trip_one_line():
-    e = entry("line one\nline two \u2028 «ünïcode»", negative="blurry", path=None, cfg=7.0, variation=0.25,
-              variation_seed=99, eta=0.5)
+    e = entry("line one\nline two \u2028 «ünïcode»", negative="blurry", path=None, cfg=7.0, subseed_strength=0.25,
+              subseed=99, eta=0.5)
     line = e.to_json()
     assert "\n" not in line
     back = HistoryEntry.from_json(line)
     assert back == e
-    assert isinstance(back.cfg, float)
+    assert isinstance(back.params.cfg, float)
 
 
 def test_history_round_trip_creates_folders(tmp_path):
@@ -87,6 +75,7 @@ def test_history_round_trip_creates_folders(tmp_path):
         json.dumps({**json.loads(entry().to_json()), "cfg": "7.5"}),
         json.dumps({**json.loads(entry().to_json()), "path": 3}),
         json.dumps({**json.loads(entry().to_json()), "steps": 0}),  # out of range
+        json.dumps({**json.loads(entry().to_json()), "cfg": 10**400}),
         json.dumps({**json.loads(entry().to_json()), "width": 513}),
         json.dumps({**json.loads(entry().to_json()), "time": "yesterday"}),
         entry().to_json().replace('"cfg":7.5', '"cfg":NaN'),
@@ -146,12 +135,11 @@ def test_two_history_objects_on_one_file_interleave_cleanly(tmp_path):
 
 _APPENDER = """
 import sys
-from sdterm.session import History, HistoryEntry
+from sdterm.history import History, HistoryEntry
+from sdterm.params import Params
 h = History(sys.argv[1])
 for i in range(int(sys.argv[3])):
-    h.append(HistoryEntry(time="2024-05-01T12:00:00+00:00", prompt=sys.argv[2] + " " + "x" * 5000 + str(i),
-                          negative="", seed=i, steps=50, cfg=7.5, width=512, height=512, eta=0.0,
-                          variation=0.0, variation_seed=0, path=None, model_hash="h"))
+    h.append(HistoryEntry(Params(sys.argv[2] + " " + "x" * 5000 + str(i), seed=i), None, "h", "2024-05-01T12:00:00+00:00"))
 """
 
 
@@ -165,7 +153,7 @@ def test_two_processes_appending_at_once_never_tear_lines(tmp_path):
     assert loaded.skipped == 0
     assert len(loaded.entries) == 80
     for who in ("one", "two"):
-        mine = [e.seed for e in loaded.entries if e.prompt.startswith(who + " ")]
+        mine = [e.params.seed for e in loaded.entries if e.params.prompt.startswith(who + " ")]
         assert mine == list(range(40))  # each writer's own lines stay in order
 
 
@@ -189,7 +177,7 @@ def test_prompts_newest_first_without_consecutive_duplicates(tmp_path):
         entry("fox", seed=2),
     ]:
         h.append(e)
-    assert [(e.prompt, e.seed) for e in h.prompts()] == [("fox", 2), ("fox", 1), ("owl", 1), ("fox", 1)]
+    assert [(e.params.prompt, e.params.seed) for e in h.prompts()] == [("fox", 2), ("fox", 1), ("owl", 1), ("fox", 1)]
 
 
 # ---- search -------------------------------------------------------------------------------------
@@ -204,8 +192,8 @@ def _history(tmp_path, prompts) -> History:
 
 def test_search_fuzzy_subsequence(tmp_path):
     h = _history(tmp_path, ["a red fox", "a blue whale", "portrait of an owl"])
-    assert [e.prompt for e in h.search("rdfx")] == ["a red fox"]
-    assert [e.prompt for e in h.search("RED FOX")] == ["a red fox"]
+    assert [e.params.prompt for e in h.search("rdfx")] == ["a red fox"]
+    assert [e.params.prompt for e in h.search("RED FOX")] == ["a red fox"]
     assert h.search("zebra") == []
 
 
@@ -217,7 +205,7 @@ def test_search_ranking(tmp_path):
         "four oxen",                # scattered, newest
         "fancy pink ox",            # scattered
     ])
-    assert [e.prompt for e in h.search("fox")] == [
+    assert [e.params.prompt for e in h.search("fox")] == [
         "fox in the snow", "a fox at night", "firefox logo", "four oxen", "fancy pink ox",
     ]
 
@@ -226,10 +214,10 @@ def test_search_prefers_word_starts_then_newer(tmp_path):
     h = _history(tmp_path, ["a red fox", "hardware fix", "surfing"])
     # A contiguous match first; then letters on word starts (r, f of "a red fox") beat letters
     # inside words (r, d of "hardware"), although "hardware fix" is newer.
-    assert [e.prompt for e in h.search("rf")] == ["surfing", "a red fox", "hardware fix"]
-    assert [e.prompt for e in h.search("rdfx")] == ["a red fox", "hardware fix"]
+    assert [e.params.prompt for e in h.search("rf")] == ["surfing", "a red fox", "hardware fix"]
+    assert [e.params.prompt for e in h.search("rdfx")] == ["a red fox", "hardware fix"]
     same = _history(tmp_path / "b", ["cat one", "cat two", "cat three"])
-    assert [e.prompt for e in same.search("cat")] == ["cat three", "cat two", "cat one"]
+    assert [e.params.prompt for e in same.search("cat")] == ["cat three", "cat two", "cat one"]
 
 
 def test_search_dedupes_and_limits(tmp_path):
@@ -240,9 +228,9 @@ def test_search_dedupes_and_limits(tmp_path):
     for i in range(10):
         h.append(entry(f"red {i}"))
     results = h.search("red", limit=100)
-    assert sum(e.prompt == "a red fox" for e in results) == 2
+    assert sum(e.params.prompt == "a red fox" for e in results) == 2
     assert len(h.search("red", limit=3)) == 3
-    assert [e.prompt for e in h.search("", limit=2)] == ["red 9", "red 8"]
+    assert [e.params.prompt for e in h.search("", limit=2)] == ["red 9", "red 8"]
 
 
 # ---- recall -------------------------------------------------------------------------------------
@@ -252,19 +240,19 @@ def test_recall_older_newer_restores_draft(tmp_path):
     h = _history(tmp_path, ["one", "two", "three"])
     r = Recall(h)
     assert r.newer() is None  # already at the present
-    assert r.older("my draft").prompt == "three"
-    assert r.older("three").prompt == "two"  # later calls do not overwrite the draft
-    assert r.older("two").prompt == "one"
+    assert r.older("my draft").params.prompt == "three"
+    assert r.older("three").params.prompt == "two"  # later calls do not overwrite the draft
+    assert r.older("two").params.prompt == "one"
     assert r.older("one") is None  # the oldest: stays
-    assert r.newer().prompt == "two"
-    assert r.newer().prompt == "three"
+    assert r.newer().params.prompt == "two"
+    assert r.newer().params.prompt == "three"
     assert r.newer() == "my draft"
     assert r.newer() is None
     # After a reset the next Up remembers a new draft and starts from the newest again.
     r.older("x")
     r.reset()
     h.append(entry("four"))
-    assert r.older("new draft").prompt == "four"
+    assert r.older("new draft").params.prompt == "four"
     assert r.newer() == "new draft"
 
 
@@ -355,7 +343,8 @@ def test_apply_sets_values_without_rendering(tmp_path):
     for text, outcome, changed in cases:
         assert s.apply(parse_command(text)) == outcome, text
         for name, value in changed.items():
-            assert getattr(s.params, name) == value, text
+            where = s if name in ("seed_locked", "budget") else s.params  # session state beside the parameters
+            assert getattr(where, name) == value, text
     assert s.last_prompt is None  # nothing rendered
 
 
@@ -363,7 +352,8 @@ def test_apply_actions(tmp_path):
     s = session(tmp_path)
     opened = s.apply(parse_command("/open"))
     assert opened.action == "message" and "nothing" in opened.message
-    s.record(s.new_prompt("fox"), "outputs/00000-1.png", "hash")
+    s.new_prompt("fox")
+    s.last_path = "outputs/00000-1.png"  # what the front end sets once the render service saved it
     assert s.apply(parse_command("/open")) == Outcome("open", "outputs/00000-1.png")
     assert s.apply(parse_command("/cache")).action == "cache"
     helped = s.apply(parse_command("/help"))
@@ -391,19 +381,19 @@ def test_apply_actions(tmp_path):
 )
 def test_apply_bad_values_leave_params_unchanged(tmp_path, text, message):
     s = session(tmp_path)
-    before = replace(s.params)
+    before = (s.params, s.seed_locked, s.budget)
     with pytest.raises(CommandError) as info:
         s.apply(parse_command(text))
     assert str(info.value) == message
-    assert s.params == before
+    assert (s.params, s.seed_locked, s.budget) == before
 
 
 def test_apply_messages_match_the_cli_validator(tmp_path):
-    """The same line as config's validator gives the command line."""
+    """The same line as the parameter validator gives the command line."""
     s = session(tmp_path)
     for text, field, value in [("/steps 0", "steps", 0), ("/eta 2", "eta", 2.0), ("/cfg -1", "cfg", -1.0)]:
         with pytest.raises(ConfigError) as cli:
-            RenderRequest(prompt="x", **{field: value}).validated()
+            Params(prompt="x", **{field: value}).validated()
         with pytest.raises(CommandError) as app:
             s.apply(parse_command(text))
         assert str(app.value) == str(cli.value)
@@ -425,7 +415,7 @@ def test_unlocked_new_prompt_draws_new_seeds_deterministically(tmp_path):
 def test_locked_new_prompt_keeps_the_seed(tmp_path):
     s = session(tmp_path)
     s.apply(parse_command("/seed 1234"))
-    assert s.params.seed_locked
+    assert s.seed_locked
     assert s.new_prompt("fox").seed == 1234
     assert s.new_prompt("owl").seed == 1234
     assert s.toggle_lock() is False
@@ -435,11 +425,12 @@ def test_locked_new_prompt_keeps_the_seed(tmp_path):
 
 def test_request_is_validated_and_mirrors_params(tmp_path):
     s = session(tmp_path, negative="blurry", seed=5, steps=20, cfg=3.0, width=384, height=640, eta=0.3,
-                variation=0.2, variation_seed=77)
+                subseed_strength=0.2, subseed=77)
     req = s.request("fox")
-    assert req == RenderRequest(prompt="fox", negative="blurry", seed=5, steps=20, cfg=3.0, width=384, height=640,
-                                eta=0.3, subseed=77, subseed_strength=0.2)
-    s.params.steps = 0
+    assert req == Params(prompt="fox", negative="blurry", seed=5, steps=20, cfg=3.0, width=384, height=640,
+                         eta=0.3, subseed=77, subseed_strength=0.2)
+    assert s.params.prompt == ""  # the session's parameters wait for a prompt
+    s.params = s.params.replace(steps=0)
     with pytest.raises(ConfigError):
         s.request("fox")
     seed = s.params.seed
@@ -456,68 +447,61 @@ def test_nudge_and_reroll(tmp_path):
     s.new_prompt("fox")
     assert s.nudge_seed(1).seed == 11
     assert s.nudge_seed(-2).seed == 9
-    s.params.seed = 2**32 - 1
+    s.params = s.params.replace(seed=2**32 - 1)
     req = s.nudge_seed(1)
     assert req.seed == 0 and req.prompt == "fox"
     assert s.nudge_seed(-1).seed == 2**32 - 1
     rerolled = s.reroll()
     assert rerolled.seed != 2**32 - 1 and rerolled.prompt == "fox"
     assert s.params.seed == rerolled.seed
-    assert s.params.seed_locked  # neither changes the lock
+    assert s.seed_locked  # neither changes the lock
+
+
+def test_rerun_keeps_the_seed_even_when_unlocked(tmp_path):
+    s = session(tmp_path, seed=10)
+    req = s.rerun("fox")
+    assert (req.prompt, req.seed, s.params.seed, s.last_prompt) == ("fox", 10, 10, "fox")
 
 
 def test_variation_up_down_clamps(tmp_path):
     s = session(tmp_path, seed=5)
-    assert s.change_variation(0.05) is None and s.params.variation == 0.0
+    assert s.change_variation(0.05) is None and s.params.subseed_strength == 0.0
     s.new_prompt("fox")
     first = s.change_variation(0.05)
     assert first.subseed_strength == 0.05 and first.prompt == "fox"
-    vseed = s.params.variation_seed
+    vseed = s.params.subseed
     assert first.subseed == vseed and vseed != s.params.seed
     assert s.change_variation(0.05).subseed_strength == 0.1  # rounded: not 0.1000000001
-    assert s.params.variation_seed == vseed  # only going up from 0 picks a new one
-    s.params.variation = 0.97
+    assert s.params.subseed == vseed  # only going up from 0 picks a new one
+    s.params = s.params.replace(subseed_strength=0.97)
     assert s.change_variation(0.05).subseed_strength == 1.0
     assert s.change_variation(0.05) is None  # already at the top
-    s.params.variation = 0.03
+    s.params = s.params.replace(subseed_strength=0.03)
     assert s.change_variation(-0.05).subseed_strength == 0.0
     assert s.change_variation(-0.05) is None
     s.change_variation(0.05)
-    assert s.params.variation_seed != vseed  # up from 0 again: a fresh variation seed
+    assert s.params.subseed != vseed  # up from 0 again: a fresh variation seed
 
 
-# ---- restore, record, describe ------------------------------------------------------------------
+# ---- restore, describe --------------------------------------------------------------------------
 
 
 def test_restore_takes_params_but_not_budget_or_lock(tmp_path):
     s = session(tmp_path, budget=2**30, seed_locked=True)
-    e = entry("fox", negative="blurry", seed=99, steps=20, cfg=4.0, width=640, height=384, eta=0.25, variation=0.3,
-              variation_seed=12)
-    s.restore(e)
-    assert s.params == Params(negative="blurry", seed=99, seed_locked=True, steps=20, cfg=4.0, width=640, height=384,
-                              eta=0.25, variation=0.3, variation_seed=12, budget=2**30)
-    before = replace(s.params)
+    e = entry("fox", negative="blurry", seed=99, steps=20, cfg=4.0, width=640, height=384, eta=0.25,
+              subseed_strength=0.3, subseed=12)
+    s.restore(e.params)
+    assert s.params == Params(negative="blurry", seed=99, steps=20, cfg=4.0, width=640, height=384,
+                              eta=0.25, subseed_strength=0.3, subseed=12)
+    assert (s.seed_locked, s.budget, s.last_prompt) == (True, 2**30, "fox")
+    before = s.params
     with pytest.raises(ConfigError):
-        s.restore(replace(e, steps=0))
+        s.restore(e.params.replace(steps=0))
     assert s.params == before
 
 
-def test_record_appends_and_sets_last_path(tmp_path):
-    s = session(tmp_path, variation=0.2, variation_seed=3)
-    req = s.new_prompt("fox")
-    e = s.record(req, "outputs/00001-5.png", "abcd")
-    assert s.last_path == "outputs/00001-5.png"
-    assert e.prompt == "fox" and e.seed == req.seed and e.variation == 0.2 and e.variation_seed == 3
-    assert e.model_hash == "abcd"
-    assert History(s.history.path).entries == [e]
-    assert HistoryEntry.from_json(e.to_json()) == e  # its time parses
-    s.record(req, None, "abcd")  # not saved: /open still opens the last saved image
-    assert s.last_path == "outputs/00001-5.png"
-    assert len(s.history.entries) == 2
-
-
 def test_describe(tmp_path):
-    s = session(tmp_path, seed=1234, seed_locked=True, variation=0.1, variation_seed=567)
+    s = session(tmp_path, seed=1234, seed_locked=True, subseed_strength=0.1, subseed=567)
     assert s.describe() == "seed 1234 (locked) · 50 steps · CFG 7.5 · 512×512 · eta 0 · var 0.10@567 · budget auto"
     s = session(tmp_path, seed=1, steps=1, cfg=7.0, width=768, height=512, eta=0.5, budget=3 * 2**29)
     assert s.describe() == "seed 1 · 1 step · CFG 7 · 768×512 · eta 0.5 · budget 1.5G"

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..config import ConfigError, RenderRequest
+from ..errors import ConfigError
+from ..params import Params as RenderRequest  # the one parameter record (sdterm/params.py)
 from . import ddim
 from .embedding_cache import EmbeddingCache, cache_key
 from .events import STAGE_TITLES, Emit, Notice, StageStats, StepDone, ignore

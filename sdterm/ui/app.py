@@ -1,7 +1,8 @@
 """The sdterm app: prompt, live stage panel, image, history recall and seed tweaking.
 
-The engine runs in a thread worker and reports through its events, posted here as messages, so
-the screen never waits on it. All session state is touched on the UI thread only.
+Renders go through the render service (``sdterm/service.py``: render, save, record) in a thread
+worker; the engine reports through its events, posted here as messages, so the screen never waits
+on it. All session state is touched on the UI thread only.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Input, Static
 
-from ..config import ConfigError, RenderRequest
-from ..errors import classify, debug_enabled, log_traceback, traceback_text
-from ..session import VARIATION_STEP, CommandError, HistoryEntry, Recall, Session, parse_command
+from ..commands import CommandError, Outcome, parse_command
+from ..errors import ConfigError, debug_enabled
+from ..history import Recall
+from ..params import Params
+from ..service import RenderService, SaveError
+from ..session import VARIATION_STEP, Session
+from ..units import format_bytes
 from .messages import EngineEvent, RenderDone, RenderFailed
 from .screens import HelpScreen, HistoryProvider
 from .widgets.image_view import ImageView
 from .widgets.prompt import PromptInput
-from .widgets.stage_panel import StagePanel, fmt_bytes
+from .widgets.stage_panel import StagePanel
 
 
 class SdtermApp(App):
@@ -40,22 +45,21 @@ class SdtermApp(App):
         Binding("shift+tab", "focus_cycle(-1)", "focus", show=False, priority=True),
     ]
 
-    def __init__(self, engine, session: Session, outdir: Path, *, image_protocol: str = "auto", save=None,
+    def __init__(self, service: RenderService, session: Session, *, image_protocol: str = "auto",
                  debug: bool = False) -> None:
         super().__init__()
-        self.engine = engine
+        self.service = service
+        self.engine = service.engine
         self.session = session
-        self.outdir = outdir
         self.image_protocol = image_protocol
         self.recall = Recall(session.history)
         self._ids = itertools.count(1)
         self._current: int | None = None
         self._cancel: threading.Event | None = None
-        self._pending: RenderRequest | None = None
+        self._pending: Params | None = None
         self._pending_budget: tuple[bool, int | None] = (False, None)
-        self._save = save  # (request, result, outdir) -> path; injected so tests can make saving fail
         self.last_result = None
-        self._recalled: HistoryEntry | None = None
+        self._recalled: Params | None = None
         self.print_tracebacks = debug_enabled(debug)
         """--debug / SDTERM_DEBUG=1: the caller prints ``internal_errors`` after the app exits."""
         self.internal_errors: list[str] = []
@@ -97,10 +101,10 @@ class SdtermApp(App):
 
     def refresh_params(self) -> None:
         line = self.session.describe()
-        if self.session.params.budget is None and not self.busy:
+        if self.session.budget is None and not self.busy:
             effective = self.engine.effective_budget()
             if effective is not None:
-                line += f" ({fmt_bytes(effective)})"
+                line += f" ({format_bytes(effective, 'short')})"
         self.query_one("#params", Static).update(f"{line} · model {self.engine.source.name}")
 
     @property
@@ -109,7 +113,7 @@ class SdtermApp(App):
 
     # ---- rendering ---------------------------------------------------------------------------
 
-    def render_request(self, req: RenderRequest | None) -> None:
+    def render_request(self, req: Params | None) -> None:
         """Start ``req`` now, or make it the one pending render (the latest wins)."""
         if req is None:
             self.notice("nothing rendered yet: type a prompt first", "warning")
@@ -121,7 +125,7 @@ class SdtermApp(App):
             return
         self._start(req)
 
-    def _start(self, req: RenderRequest) -> None:
+    def _start(self, req: Params) -> None:
         render_id = next(self._ids)
         self._current = render_id
         self._cancel = threading.Event()
@@ -131,42 +135,25 @@ class SdtermApp(App):
         self._render(req, render_id, self._cancel)
 
     @work(thread=True, group="render")
-    def _render(self, req: RenderRequest, render_id: int, cancel: threading.Event) -> None:
+    def _render(self, req: Params, render_id: int, cancel: threading.Event) -> None:
         def emit(event) -> None:
             self.post_message(EngineEvent(event, render_id))
 
         try:
-            result = self.engine.generate(req, emit=emit, cancelled=cancel.is_set)
+            result = self.service.render(req, emit=emit, cancelled=cancel.is_set)
             if cancel.is_set():
                 self.post_message(RenderFailed(render_id, "cancelled: nothing was written", cancelled=True))
                 return
             path, error = None, None
             try:
-                path = str((self._save or save_result)(req, result, self.outdir))
+                path = str(self.service.save(req, result))
             except OSError as exc:
-                error = f"cannot write to {self.outdir} ({exc.strerror or exc}); the image is kept on screen — free space or restart with --outdir DIR"
+                kept = f" and in {exc.kept}" if isinstance(exc, SaveError) and exc.kept else ""
+                error = (f"cannot write to {self.service.outdir} ({exc.strerror or exc}); the image is kept on "
+                         f"screen{kept} — free space or restart with --outdir DIR")
             self.post_message(RenderDone(render_id, result, path, error))
         except Exception as exc:  # one line on the notice line, never a traceback on screen
-            self.post_message(self._failure(exc, render_id))
-
-    def _failure(self, exc: Exception, render_id: int) -> RenderFailed:
-        """The message for a render that raised ``exc`` (on the worker thread): the user's one line
-        for a known failure; a bug's traceback goes to the error log, and its line says so."""
-        failure = classify(exc)
-        if failure.kind == "cancelled":
-            return RenderFailed(render_id, "cancelled: nothing was written", cancelled=True)
-        if not failure.internal:
-            return RenderFailed(render_id, failure.line)
-        log = log_traceback(exc, "in a render")
-        if log is not None:
-            where = f"traceback in {_short_path(log)}"
-        elif self.print_tracebacks:
-            where = "traceback printed when sdterm exits"
-        else:
-            where = "restart with --debug for the traceback"
-        # What matters comes first: the notice line is one row, cut at the terminal's width.
-        return RenderFailed(render_id, f"internal error (a bug; {where}): {failure.line}",
-                            traceback=traceback_text(exc), log=log)
+            self.post_message(RenderFailed.from_exception(exc, render_id, self.print_tracebacks))
 
     def _finished(self) -> None:
         self._current = None
@@ -199,11 +186,13 @@ class SdtermApp(App):
         demo = " · demo model: the image is noise" if result.demo else ""
         caption = f"seed {req.seed} · {req.width}×{req.height} · {result.seconds:.1f}s · {result.plan}{demo}"
         self.query_one(ImageView).show(result.image, caption)
+        if message.path is not None:
+            self.session.last_path = message.path
         try:
-            self.session.record(req, message.path, result.model_hash)
+            self.service.record(req, message.path, result.model_hash)
             history_error = None
         except OSError as exc:
-            history_error = f"history not written ({exc.strerror or exc}): {self.session.history.path}"
+            history_error = f"history not written ({exc.strerror or exc}): {self.service.history.path}"
         if message.error:
             self.notice(message.error, "error")
         elif history_error:
@@ -245,13 +234,12 @@ class SdtermApp(App):
             self.query_one("#prompt", Input).value = ""
             self.run_command(command)
             return
-        self.session.params.negative = self.query_one("#negative", Input).value
+        self.session.set_negative(self.query_one("#negative", Input).value)
         recalled, self._recalled = self._recalled, None
         try:
             if recalled is not None and recalled.prompt == text:
                 # A recalled render runs again as it was, seed included (even when unlocked).
-                req = self.session.request(text)
-                self.session.last_prompt = text
+                req = self.session.rerun(text)
             else:
                 req = self.session.new_prompt(text)
         except ConfigError as exc:
@@ -262,7 +250,7 @@ class SdtermApp(App):
 
     @on(Input.Changed, "#negative")
     def _negative_changed(self, event: Input.Changed) -> None:
-        self.session.params.negative = event.value
+        self.session.set_negative(event.value)
 
     @on(Input.Submitted, "#negative")
     def _negative_submitted(self, event: Input.Submitted) -> None:
@@ -282,50 +270,53 @@ class SdtermApp(App):
         if isinstance(entry, str):  # back to the draft being typed
             box.value = entry
         else:
-            self.restore_entry(entry, focus=False)
+            self.restore_params(entry.params, focus=False)
         box.cursor_position = len(box.value)
 
-    def restore_entry(self, entry: HistoryEntry, focus: bool = True) -> None:
-        """Put an earlier render's prompt and settings back (history recall and search)."""
-        self.session.restore(entry)
-        self.session.last_prompt = entry.prompt  # seed keys now tweak the recalled render
-        self._recalled = entry
+    def restore_params(self, params: Params, focus: bool = True) -> None:
+        """Put an earlier render's prompt and settings back (history recall and search, /load);
+        the seed keys then tweak it. ConfigError, with nothing changed, when it can't be rendered."""
+        self.session.restore(params)
+        self._recalled = params
         box = self.query_one("#prompt", Input)
-        box.value = entry.prompt
-        box.cursor_position = len(entry.prompt)
-        self.query_one("#negative", Input).value = entry.negative
+        box.value = params.prompt
+        box.cursor_position = len(params.prompt)
+        self.query_one("#negative", Input).value = params.negative
         self.refresh_params()
-        self.notice(f"recalled: seed {entry.seed} · {entry.steps} steps · CFG {entry.cfg:g} · {entry.width}×{entry.height}")
+        self.notice(f"recalled: {_summary(params)}")
         if focus:
             box.focus()
 
     def run_command(self, command) -> None:
+        """A slash command: its registry entry's handler (in the session), then what it asks of the app."""
         try:
             outcome = self.session.apply(command)
         except CommandError as exc:
             self.notice(str(exc), "error")
             return
-        if outcome.action == "quit":
-            self.action_quit()
-        elif outcome.action == "help":
-            self.action_help()
-        elif outcome.action == "open":
-            self.show_last_path(outcome.message)
-        elif outcome.action == "cache":
-            self.notice(cache_stats_line(self.engine))
-        elif outcome.action == "load":
-            self.load_image_parameters(outcome.message)
-        elif outcome.action == "budget":
-            if self.busy:
-                self._pending_budget = (True, self.session.params.budget)
-                self.notice(outcome.message + " (after this render)")
-            else:
-                self.engine.set_budget(self.session.params.budget)
-                self.notice(outcome.message)
+        effects = {
+            "quit": lambda o: self.action_quit(),
+            "help": lambda o: self.action_help(),
+            "open": lambda o: self.show_last_path(o.message),
+            "cache": lambda o: self.notice(cache_stats_line(self.engine)),
+            "load": lambda o: self.load_image_parameters(o.message),
+            "budget": self._budget_changed,
+        }
+        effect = effects.get(outcome.action)
+        if effect is not None:
+            effect(outcome)
         elif outcome.message:
             self.notice(outcome.message)
         self.query_one("#negative", Input).value = self.session.params.negative
         self.refresh_params()
+
+    def _budget_changed(self, outcome: Outcome) -> None:
+        if self.busy:
+            self._pending_budget = (True, self.session.budget)
+            self.notice(outcome.message + " (after this render)")
+        else:
+            self.engine.set_budget(self.session.budget)
+            self.notice(outcome.message)
 
     def load_image_parameters(self, path: str) -> None:
         """/load: the prompt and settings stored in a PNG (sdterm's or AUTOMATIC1111's)."""
@@ -336,14 +327,12 @@ class SdtermApp(App):
         except MetadataError as exc:
             self.notice(str(exc), "error")
             return
-        entry = HistoryEntry.from_request(found.to_request(), str(path), found.model_hash or "")
         try:
-            self.restore_entry(entry)
+            self.restore_params(found.params)
         except ConfigError as exc:
             self.notice(f"{path}: {exc}", "error")
             return
-        self.notice(f"loaded from {path}: seed {entry.seed} · {entry.steps} steps · CFG {entry.cfg:g} · "
-                    f"{entry.width}×{entry.height} — Enter renders it")
+        self.notice(f"loaded from {path}: {_summary(found.params)} — Enter renders it")
 
     def show_last_path(self, fallback: str) -> None:
         path = self.session.last_path
@@ -404,25 +393,14 @@ class SdtermApp(App):
             return
         req = self.session.change_variation(VARIATION_STEP * direction)
         if req is None:
-            self.notice(f"variation strength is already {self.session.params.variation:g}", "warning")
+            self.notice(f"variation strength is already {self.session.params.subseed_strength:g}", "warning")
             return
         self.render_request(req)
         self.refresh_params()
 
 
-def _short_path(path: Path) -> str:
-    """``path`` with the home folder as ``~`` (the notice line is short)."""
-    try:
-        return "~/" + str(path.relative_to(Path.home()))
-    except (ValueError, RuntimeError):
-        return str(path)
-
-
-def save_result(req: RenderRequest, result, outdir: Path) -> Path:
-    from ..output import png_bytes, save_png
-
-    data = png_bytes(result.image, req, result.model_name, result.model_hash, {"demo": result.demo})
-    return save_png(data, outdir, req.seed)
+def _summary(p: Params) -> str:
+    return f"seed {p.seed} · {p.steps} steps · CFG {p.cfg:g} · {p.width}×{p.height}"
 
 
 def cache_stats_line(engine) -> str:
@@ -430,4 +408,5 @@ def cache_stats_line(engine) -> str:
     if cache is None:
         return "embedding cache: off"
     st = cache.stats()
-    return f"embedding cache {cache.folder}: {st.entries} entries, {fmt_bytes(st.bytes)} of {fmt_bytes(cache.max_bytes)}"
+    return (f"embedding cache {cache.folder}: {st.entries} entries, {format_bytes(st.bytes, 'short')} of "
+            f"{format_bytes(cache.max_bytes, 'short')}")

@@ -10,6 +10,8 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Markdown
 
+from ..commands import COMMANDS
+
 HELP = """\
 # sdterm keys
 
@@ -27,13 +29,21 @@ HELP = """\
 | outside the prompt | **?** | this help (or `/help`) |
 | anywhere | **Ctrl+Q** | quit (cancels a render cleanly) |
 
-# Commands (type in the prompt)
+# Commands (type in the prompt; → completes a name)
 
-`/seed N` · `/steps N` · `/cfg F` · `/size WxH` · `/neg TEXT` · `/eta F` · `/budget SIZE|auto`
-· `/open` (the last image's path) · `/cache` (embedding cache stats) · `/help` · `/quit`
+{commands}
 
 Press Esc or ? to close.
 """
+
+
+def help_text() -> str:
+    """The help screen's Markdown: the keys, then every command of the registry with what it does."""
+    lines = []
+    for command in COMMANDS.values():
+        also = f" (also {', '.join('/' + a for a in command.aliases)})" if command.aliases else ""
+        lines.append(f"- `{command.usage}`: {command.help}{also}")
+    return HELP.format(commands="\n".join(lines))
 
 
 class HelpScreen(ModalScreen[None]):
@@ -45,7 +55,7 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
-            yield Markdown(HELP)
+            yield Markdown(help_text())
 
 
 class HistoryProvider(Provider):
@@ -55,14 +65,16 @@ class HistoryProvider(Provider):
         app = self.app
         matcher = self.matcher(query)
         for rank, entry in enumerate(app.session.history.search(query, limit=30)):
-            label = entry.prompt or "(empty prompt)"
-            detail = f"seed {entry.seed} · {entry.steps} steps · CFG {entry.cfg:g} · {entry.width}×{entry.height}"
+            p = entry.params
+            label = p.prompt or "(empty prompt)"
+            detail = f"seed {p.seed} · {p.steps} steps · CFG {p.cfg:g} · {p.width}×{p.height}"
             # The session ranks; the palette sorts by score, so keep that order.
-            yield Hit(1.0 - rank / 100, matcher.highlight(label), partial(app.restore_entry, entry), help=detail)
+            yield Hit(1.0 - rank / 100, matcher.highlight(label), partial(app.restore_params, p), help=detail)
 
     async def discover(self) -> Hits:
         app = self.app
         for entry in app.session.history.prompts()[:30]:
-            label = entry.prompt or "(empty prompt)"
-            detail = f"seed {entry.seed} · {entry.steps} steps · {entry.time}"
-            yield DiscoveryHit(label, partial(app.restore_entry, entry), help=detail)
+            p = entry.params
+            label = p.prompt or "(empty prompt)"
+            detail = f"seed {p.seed} · {p.steps} steps · {entry.time}"
+            yield DiscoveryHit(label, partial(app.restore_params, p), help=detail)

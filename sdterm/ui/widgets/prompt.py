@@ -1,10 +1,21 @@
-"""The prompt box: Enter renders, Up/Down walk through earlier prompts."""
+"""The prompt box: Enter renders, Up/Down walk through earlier prompts, a slash command's name
+completes from the command registry (Right arrow takes the completion)."""
 
 from __future__ import annotations
 
 from textual.binding import Binding
 from textual.message import Message
+from textual.suggester import Suggester
 from textual.widgets import Input
+
+from ...commands import complete
+
+
+class CommandSuggester(Suggester):
+    """Completes ``/st`` to ``/steps `` from :data:`sdterm.commands.COMMANDS`."""
+
+    async def get_suggestion(self, value: str) -> str | None:
+        return complete(value)
 
 
 class PromptInput(Input):
@@ -17,6 +28,10 @@ class PromptInput(Input):
         def __init__(self, direction: int) -> None:
             super().__init__()
             self.direction = direction
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("suggester", CommandSuggester())
+        super().__init__(**kwargs)
 
     def action_recall_older(self) -> None:
         self.post_message(self.Recall(-1))

@@ -11,6 +11,7 @@ from textual.containers import Vertical
 from textual.widgets import ProgressBar, Sparkline, Static
 
 from ...engine.events import STAGES, MemorySample, StageFinished, StageStarted, StepDone
+from ...units import format_bytes
 
 SHORT_TITLES = {"text": "text enc", "unet": "U-Net", "vae": "VAE"}
 STATE_STYLE = {
@@ -23,14 +24,6 @@ STATE_STYLE = {
     "cache hit": "bold green",
     "cancelled": "red",
 }
-
-
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "–"
-    if n >= 2**30:
-        return f"{n / 2**30:.2f}G"
-    return f"{n / 2**20:.0f}M"
 
 
 class StagePanel(Vertical):
@@ -112,10 +105,10 @@ class StagePanel(Vertical):
             if self.cuda and event.device_total:
                 used = event.device_total - event.device_free
                 self.device_line = (
-                    f"GPU used {fmt_bytes(used)} · free {fmt_bytes(event.device_free)} · total {fmt_bytes(event.device_total)}"
+                    f"GPU used {format_bytes(used, 'short')} · free {format_bytes(event.device_free, 'short')} · total {format_bytes(event.device_total, 'short')}"
                 )
             else:
-                self.device_line = f"no GPU: on the CPU · host RSS {fmt_bytes(event.host_rss)}"
+                self.device_line = f"no GPU: on the CPU · host RSS {format_bytes(event.host_rss, 'short')}"
         elif isinstance(event, StepDone):
             self.step = event.step
             self.rate = event.step / event.elapsed if event.elapsed > 0 else 0.0
@@ -144,9 +137,9 @@ class StagePanel(Vertical):
                 SHORT_TITLES[stage],
                 Text(row["state"], style=STATE_STYLE.get(row["state"], "")),
                 "–" if seconds is None else f"{seconds:.2f}",
-                fmt_bytes(row["now"]),
-                fmt_bytes(row["peak"]),
-                fmt_bytes(row["reserved"]) if self.cuda else "–",
+                format_bytes(row["now"], "short"),
+                format_bytes(row["peak"], "short"),
+                format_bytes(row["reserved"], "short") if self.cuda else "–",
             )
         self.query_one("#stages", Static).update(table)
         self.query_one("#memline", Static).update(self.device_line or ("GPU: idle" if self.cuda else "no GPU: on the CPU"))

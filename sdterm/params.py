@@ -1,0 +1,140 @@
+"""The one record of render parameters: what the engine renders, what the app holds for the next
+render, what a history line and an image's ``sdterm`` PNG chunk store.
+
+:class:`Params` is a frozen dataclass with its limits, its validator (the one validator: the
+command line, the slash commands, the settings file and stored records all go through it) and
+its conversion to and from a plain dict (JSON). A leaf: it imports only :mod:`sdterm.errors`, so
+the engine may import it.
+
+Adding a parameter (a sampler, clip skip, a LoRA) is one field here, with its default and its check
+in :meth:`Params.validated`; stored records written before it read back with the default. Only
+the command line flag (``sdterm/options.py``) and the AUTOMATIC1111 infotext key
+(``sdterm/pngmeta.py``) are named elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+MAX_CFG = 50.0
+
+
+@dataclass(frozen=True)
+class Params:
+    """The parameters of one render. Not validated on construction: call :meth:`validated`."""
+
+    prompt: str = ""
+    """What to draw. Empty renders unconditionally."""
+    negative: str = ""
+    """The unconditional text for classifier-free guidance."""
+    seed: int = 0
+    """0 ... 2^32-1; the starting noise is drawn on the CPU from this seed."""
+    steps: int = 50
+    """DDIM steps, 1 ... 1000."""
+    cfg: float = 7.5
+    """Classifier-free guidance scale; 1 disables guidance (one U-Net pass per step)."""
+    width: int = 512
+    """Image width in pixels, a multiple of 8."""
+    height: int = 512
+    """Image height in pixels, a multiple of 8."""
+    eta: float = 0.0
+    """DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like ancestral noise."""
+    subseed: int = 0
+    """Variation seed (AUTOMATIC1111): a second seed whose noise is mixed into the first."""
+    subseed_strength: float = 0.0
+    """Variation strength 0..1: spherical interpolation from the seed's noise toward the subseed's."""
+
+    def validated(self) -> "Params":
+        """``self``, or ConfigError with one line naming the first bad parameter and the allowed range."""
+        if not isinstance(self.prompt, str) or not isinstance(self.negative, str):
+            raise ConfigError("prompt and negative prompt must be text")
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_int("steps", self.steps, 1, MAX_STEPS)
+        _check_float("cfg", self.cfg, 0.0, MAX_CFG)
+        _check_float("eta", self.eta, 0.0, 1.0)
+        _check_int("variation seed", self.subseed, 0, MAX_SEED)
+        _check_float("variation strength", self.subseed_strength, 0.0, 1.0)
+        for name, side in (("width", self.width), ("height", self.height)):
+            _check_int(name, side, 8, MAX_SIDE)
+            if side % 8:
+                lower, upper = side - side % 8, side - side % 8 + 8
+                raise ConfigError(f"{name} must be a multiple of 8, got {side} (try {lower} or {upper})")
+        return self
+
+    def replace(self, **changes: Any) -> "Params":
+        """A copy with ``changes`` (not validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name, in declaration order: the JSON that history lines and the PNG chunk store."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Params":
+        """The validated parameters stored in ``data`` (a JSON object written by :meth:`to_dict`, now
+        or by an earlier sdterm); ConfigError (a ValueError) with one line otherwise.
+
+        Unknown keys are ignored (a newer sdterm may add some). :data:`REQUIRED` keys must be there;
+        any other missing field takes its default (a record written before the field existed). The
+        names of :data:`LEGACY_NAMES` are read when the field's own name is absent. A number given
+        for a float field is made a float; anything else must have the field's type already.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError("expected an object of parameters")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in data:
+                value = data[f.name]
+            elif LEGACY_NAMES.get(f.name) in data:
+                value = data[LEGACY_NAMES[f.name]]
+            elif f.name in REQUIRED:
+                raise ConfigError(f"missing {f.name}")
+            else:
+                continue
+            if isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
+                try:
+                    value = float(value)
+                except OverflowError:
+                    raise ConfigError(f"{f.name} is out of range") from None
+            values[f.name] = value
+        return cls(**values).validated()
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Params))
+"""The field names, in declaration order."""
+
+REQUIRED = ("prompt", "seed", "steps", "cfg", "width", "height")
+"""Keys every stored record has held since the first sdterm (:meth:`Params.from_dict`)."""
+
+LEGACY_NAMES = {"subseed": "variation_seed", "subseed_strength": "variation"}
+"""Field -> the name history lines have given it since before the fields had one name. History
+lines carry both names (see ``sdterm/history.py``); :meth:`Params.from_dict` reads either."""
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")

@@ -1,0 +1,73 @@
+"""The user's settings: ``sdterm.yaml`` in the platformdirs config dir (``SDTERM_CONFIG_DIR``).
+
+Typed dataclasses, each field documented where it is declared, and :func:`load_user_config`, the
+one reader of the settings file. Values are checked by the same validators as the command line
+(:meth:`sdterm.params.Params.validated`, :func:`sdterm.units.parse_size`). Where the settings
+meet the command line's flags is ``sdterm/resolve.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import from_mapping, read_yaml
+from .errors import ConfigError
+from .params import Params
+from .units import parse_size
+
+IMAGE_PROTOCOLS = ("auto", "kitty", "sixel", "halfcell", "unicode")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    dir: str = ""
+    """Embedding cache folder; empty means the platformdirs cache dir (or SDTERM_CACHE_DIR)."""
+    max_size: str = "256M"
+    """Cap on the embedding cache (256 MiB); least recently used entries are evicted beyond it."""
+    enabled: bool = True
+    """False renders without the embedding cache."""
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What the app and ``generate`` use when a flag is left out."""
+
+    model: str = ""
+    """Checkpoint file or model folder; empty: the one model in the models folder, if exactly one."""
+    outdir: str = ""
+    """Where images go; empty: ./outputs."""
+    steps: int = 50
+    cfg: float = 7.5
+    width: int = 512
+    height: int = 512
+    budget: str = ""
+    """VRAM budget such as 2G; empty: the device's free memory minus a margin."""
+    image_protocol: str = "auto"
+    """auto, kitty, sixel, halfcell or unicode."""
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    defaults: Defaults = field(default_factory=Defaults)
+
+
+def load_user_config(path: Path) -> UserConfig:
+    """Read the user's sdterm.yaml; a missing file means defaults. ConfigError naming the file."""
+    if not path.is_file():
+        return UserConfig()
+    raw = read_yaml(path, "settings file")
+    try:
+        cfg = from_mapping(UserConfig, raw or {}, "sdterm.yaml")
+        parse_size(cfg.cache.max_size, "cache.max_size")
+        d = cfg.defaults
+        # The same validator as the command line and the app's commands.
+        Params(steps=d.steps, cfg=d.cfg, width=d.width, height=d.height).validated()
+        if d.budget:
+            parse_size(d.budget, "defaults.budget")
+        if d.image_protocol not in IMAGE_PROTOCOLS:
+            raise ConfigError(f"defaults.image_protocol must be auto, kitty, sixel, halfcell or unicode, got {d.image_protocol!r}")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg

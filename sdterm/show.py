@@ -1,0 +1,204 @@
+"""``sdterm show IMAGE``: the prompt and settings stored in an image (sdterm's or AUTOMATIC1111's),
+what sdterm can't reproduce of them, and a ready-to-run ``sdterm generate`` line.
+
+A command on its own: :func:`add_parser` registers it, :func:`run` carries it out. Reading the
+metadata is ``sdterm/pngmeta.py``; this module only presents it (and makes it safe to print).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+import unicodedata
+
+from .errors import ConfigError, UserError
+from .params import FIELDS, Params
+from .pngmeta import ImageParameters, MetadataError, read_png_parameters
+
+
+def _num(x: float) -> str:
+    """Shortest text that reads back as the same float ('7' for 7.0, '0.35', '1e-05')."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def _opt(flag: str, value: str) -> str:
+    # '--negative=-x': a value that starts with '-' would otherwise read as a flag.
+    return shlex.quote(f"{flag}={value}") if value.startswith("-") else f"{flag} {shlex.quote(value)}"
+
+
+# Fields the line below spells out one by one; any other Params field gets ``--its-name VALUE``
+# when the image recorded a value other than its default.
+_SPELLED_OUT = {"prompt", "negative", "seed", "steps", "cfg", "width", "height", "eta", "subseed", "subseed_strength"}
+
+
+def generate_command(found: ImageParameters, model: str | None = None) -> str:
+    """A ready-to-run ``sdterm generate`` line for ``found`` (values shell-quoted)."""
+    p, get = found.params, found.get
+    parts = ["sdterm", "generate"]
+    dash_prompt = p.prompt.startswith("-")
+    if not dash_prompt:
+        parts.append(shlex.quote(p.prompt))
+    if model is not None:
+        parts.append(_opt("--model", str(model)))
+    if p.negative:
+        parts.append(_opt("--negative", p.negative))
+    for name in ("seed", "steps", "cfg", "width", "height"):
+        value = get(name)
+        if value is not None:
+            parts.append(f"--{name} {shlex.quote(_num(value) if isinstance(value, float) else str(value))}")
+    if get("eta"):
+        parts.append(f"--eta {shlex.quote(_num(p.eta))}")
+    strength = get("subseed_strength")
+    if strength and strength > 0:
+        if get("subseed") is not None:
+            parts.append(f"--subseed {shlex.quote(str(p.subseed))}")
+        parts.append(f"--subseed-strength {shlex.quote(_num(strength))}")
+    defaults = Params()
+    for name in FIELDS:
+        value = get(name)
+        if name not in _SPELLED_OUT and value is not None and value != getattr(defaults, name):
+            parts.append(_opt("--" + name.replace("_", "-"), _num(value) if isinstance(value, float) else str(value)))
+    if dash_prompt:
+        parts += ["--", shlex.quote(p.prompt)]
+    return " ".join(parts)
+
+
+# Settings that don't change the picture, or that a note below already covers.
+_QUIET_KEYS = {
+    "Version", "Batch size", "Batch pos", "Hashes", "Template", "Negative Template", "Styles array", "Size-1",
+    "Size-2", "Schedule type", "RNG", "Clip skip", "ENSD", "Eta", "Lora hashes", "TI hashes", "VAE", "VAE hash",
+    "Seed resize from", "Denoising strength", "Emphasis",
+}
+_ATTENTION = re.compile(r"(?<!\\)[()\[\]]")
+
+
+def notes(found: ImageParameters) -> list[str]:
+    """What sdterm can't reproduce of ``found``, one short line each (empty when it can)."""
+    out: list[str] = []
+    x = found.extra
+    prompt, negative = found.params.prompt, found.params.negative
+    if found.sampler is not None and found.sampler.strip() != "DDIM":
+        out.append(f"sampler {found.sampler}: sdterm samples with DDIM")
+    if x.get("Schedule type", "Automatic").strip() not in ("Automatic", ""):
+        out.append(f"schedule type {x['Schedule type']}: sdterm uses DDIM's evenly spaced timesteps")
+    if found.source == "a1111":
+        rng = x.get("RNG", "GPU").strip()
+        if rng != "CPU":
+            out.append(f"A1111 drew the starting noise with its {rng} generator (RNG: {rng}); sdterm draws it on "
+                       "the CPU, as A1111's RNG: CPU does, so the same seed starts from different noise")
+    if x.get("Clip skip", "1").strip() not in ("1", ""):
+        out.append(f"Clip skip {x['Clip skip']} is not supported: sdterm uses CLIP's last layer")
+    if x.get("ENSD", "0").strip() not in ("0", ""):
+        out.append(f"ENSD {x['ENSD']} (eta noise seed delta) is not supported")
+    hires = sorted(k for k in x if k.startswith("Hires"))
+    if hires or "Denoising strength" in x:
+        out.append("hires fix is not supported: sdterm renders at the recorded size only")
+    if "Seed resize from" in x:
+        out.append(f"seed resize from {x['Seed resize from']} is not supported")
+    if "Lora hashes" in x or "<lora:" in prompt or "<lora:" in negative:
+        out.append("LoRA is not supported: <lora:...> tags are read as plain text")
+    if "TI hashes" in x:
+        out.append("textual-inversion embeddings are not supported: their names are read as plain words")
+    if "VAE" in x or "VAE hash" in x:
+        out.append(f"VAE {x.get('VAE') or x.get('VAE hash')}: sdterm uses the checkpoint's own VAE")
+    if found.source == "a1111":
+        if _ATTENTION.search(prompt) or _ATTENTION.search(negative):
+            out.append("A1111's attention syntax ((word), [word], (word:1.2)) is read as plain text: "
+                       "sdterm weights every token alike")
+        if re.search(r"\bBREAK\b", prompt + "\n" + negative):
+            out.append("BREAK is read as a plain word, not as a new 75-token chunk")
+    other = [k for k in x if k not in _QUIET_KEYS and not k.startswith("Hires")]
+    if found.source == "a1111" and other:
+        out.append("not used by sdterm: " + ", ".join(other))
+    if found.source == "sdterm" and x.get("demo") == "true":
+        out.append("made with the demo model (random weights): the image is noise")
+    for name in FIELDS:
+        value = found.get(name)
+        if name in ("prompt", "negative") or value is None:
+            continue
+        try:
+            Params(**{name: value}).validated()
+        except ConfigError as exc:
+            out.append(f"{exc}: sdterm will refuse it")
+    return out
+
+
+_BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (but newline and tab) and bidi overrides
+    become visible escapes, so an image can't send escape sequences to the screen."""
+    def esc(c: str) -> str:
+        if c in "\n\t" or (unicodedata.category(c) != "Cc" and c not in _BIDI):
+            return c
+        return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+
+    return "".join(esc(c) for c in text)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``sdterm show`` on ``parser.add_subparsers(...)``; returns its parser."""
+    p = subparsers.add_parser(
+        "show",
+        help="print an image's prompt and settings, and the sdterm generate line that remakes it",
+        description="Reads sdterm's PNGs and AUTOMATIC1111's (PNG parameters text; JPEG/WebP EXIF comment).",
+    )
+    p.add_argument("image", metavar="IMAGE", help="a PNG from sdterm or AUTOMATIC1111 (A1111 JPEG/WebP too)")
+    p.add_argument("--model", metavar="PATH", help="put --model PATH in the generate line")
+    p.add_argument("--json", action="store_true", help="one JSON object: the parameters, the command and notes")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """``sdterm show``: print the parameters, then the generate line (notes on stderr)."""
+    try:
+        found = read_png_parameters(args.image)
+    except MetadataError as exc:
+        raise UserError(str(exc)) from None
+    model = getattr(args, "model", None)
+    command = generate_command(found, model)
+    said = notes(found)
+    if model is None and found.model:
+        hashed = f" [{found.model_hash}]" if found.model_hash else ""
+        said.append(f"made with model {found.model}{hashed}; the line uses your default model "
+                    "(add --model PATH to name one)")
+    if args.json:
+        print(json.dumps({"file": str(args.image), **found.to_dict(), "command": command, "notes": said}))
+        return 0
+    p, get = found.params, found.get
+    rows: list[tuple[str, str]] = [("source", {"sdterm": "sdterm", "a1111": "AUTOMATIC1111 parameters"}[found.source]),
+                                   ("prompt", p.prompt)]
+    if p.negative:
+        rows.append(("negative", p.negative))
+    for label, value in (("seed", get("seed")), ("steps", get("steps")),
+                         ("cfg", None if get("cfg") is None else _num(p.cfg))):
+        if value is not None:
+            rows.append((label, str(value)))
+    if get("width") is not None:
+        rows.append(("size", f"{get('width')}x{get('height')}"))
+    if found.sampler:
+        rows.append(("sampler", found.sampler))
+    if get("eta"):
+        rows.append(("eta", _num(p.eta)))
+    if get("subseed_strength"):
+        rows.append(("variation", f"seed {get('subseed')}, strength {_num(p.subseed_strength)}"))
+    if found.model or found.model_hash:
+        rows.append(("model", " ".join(filter(None, [found.model, found.model_hash and f"[{found.model_hash}]"]))))
+    rows += list(found.extra.items())
+    width = max([10, *(len(label) + 1 for label, _ in rows if len(label) < 24)])
+    for label, value in rows:
+        pad = " " * (width + 1)
+        print(printable(f"{label:<{width}} {value}".replace("\n", "\n" + pad)))
+    print()
+    shown = printable(command)
+    print(shown)
+    if shown != command:
+        said.append("control characters are shown escaped above; `sdterm show --json` has the exact line")
+    for line in said:
+        print(f"note: {printable(line)}", file=sys.stderr)
+    return 0
