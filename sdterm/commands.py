@@ -18,7 +18,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import ConfigError
+from .errors import ConfigError, shorten
 from .params import MAX_SEED
 from .units import MIN_BUDGET, format_bytes, parse_budget, parse_wh
 
@@ -69,12 +69,6 @@ class SlashCommand:
     """Other names that run it."""
 
 
-def shown(text: str, limit: int = 30) -> str:
-    """``text`` made safe for a one-line message: single line, shortened."""
-    one = " ".join(text.split())
-    return one if len(one) <= limit else one[: limit - 1] + "…"
-
-
 def _number(text: str, kind: type) -> object:
     """``text`` as an int or float; unparsable text is passed on as it is, so the validator names
     the parameter in its message ("steps must be a whole number, got 'abc'")."""
@@ -119,7 +113,7 @@ def _size(session, arg: str) -> Outcome:
 
 def _neg(session, arg: str) -> Outcome:
     session.set(negative=arg)
-    return Outcome("message", f"negative prompt: {shown(arg, 60)}" if arg else "negative prompt cleared")
+    return Outcome("message", f"negative prompt: {shorten(arg, 60)}" if arg else "negative prompt cleared")
 
 
 def _budget(session, arg: str) -> Outcome:
@@ -186,14 +180,14 @@ def parse_command(text: str) -> Command | None:
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.6)
         hint = f" (did you mean /{close[0]}?)" if close else ""
-        raise CommandError(f"unknown command /{shown(name, 20)}{hint}; commands: {_COMMAND_LIST}")
+        raise CommandError(f"unknown command /{shorten(name, 20)}{hint}; commands: {_COMMAND_LIST}")
     command = COMMANDS[name]
     if command.arg == NO_ARG and arg:
-        raise CommandError(f"/{name} takes no argument, got {shown(arg)!r}")
+        raise CommandError(f"/{name} takes no argument, got {shorten(arg)!r}")
     if command.arg in (ONE_VALUE, REQUIRED_TEXT) and not arg:
         raise CommandError(f"/{name} needs a value: {command.usage}")
     if command.arg == ONE_VALUE and len(arg.split()) > 1:
-        raise CommandError(f"/{name} takes one value, got {shown(arg)!r}: {command.usage}")
+        raise CommandError(f"/{name} takes one value, got {shorten(arg)!r}: {command.usage}")
     return Command(name, arg)
 
 

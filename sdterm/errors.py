@@ -96,6 +96,13 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
     return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
 
 
+def shorten(text: str, limit: int = 30) -> str:
+    """``text`` (say, what the user typed) fit for a one-line message: blanks and line breaks
+    collapsed to single spaces, cut to ``limit`` characters."""
+    one = " ".join(str(text).split())
+    return one if len(one) <= limit else one[: limit - 1] + "…"
+
+
 def _oom_summary(exc: BaseException) -> str:
     """torch's out-of-memory line without its advice on allocator settings: the first three
     sentences (what was asked for, what the card has, what is free)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import ConfigError
+from .errors import ConfigError, shorten
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -43,13 +43,8 @@ def parse_budget(text: str | None, what: str = "budget") -> int | None:
         return None
     budget = parse_size(text, what)
     if budget < MIN_BUDGET:
-        raise ConfigError(f"{what} must be at least {format_bytes(MIN_BUDGET, 'size')}, got {_shown(str(text))}")
+        raise ConfigError(f"{what} must be at least {format_bytes(MIN_BUDGET, 'size')}, got {shorten(text)}")
     return budget
-
-
-def _shown(text: str, limit: int = 30) -> str:
-    one = " ".join(text.split())
-    return one if len(one) <= limit else one[: limit - 1] + "…"
 
 
 def parse_wh(text: str, what: str = "size") -> tuple[int, int]:
@@ -64,7 +59,7 @@ def parse_wh(text: str, what: str = "size") -> tuple[int, int]:
             return int(m.group(1)), int(m.group(2))
         except ValueError:  # more digits than int() converts
             pass
-    raise ConfigError(f"{what} must be WIDTHxHEIGHT such as 512x768, got {_shown(str(text))!r}")
+    raise ConfigError(f"{what} must be WIDTHxHEIGHT such as 512x768, got {shorten(text)!r}")
 
 
 def format_bytes(n: int | None, style: str = "long") -> str:

@@ -26,7 +26,7 @@ from ..service import RenderService, SaveError
 from ..session import VARIATION_STEP, Session
 from ..units import format_bytes
 from .messages import EngineEvent, RenderDone, RenderFailed
-from .screens import HelpScreen, HistoryProvider
+from .screens import HelpScreen, HistoryProvider, summary
 from .widgets.image_view import ImageView
 from .widgets.prompt import PromptInput
 from .widgets.stage_panel import StagePanel
@@ -283,7 +283,7 @@ class SdtermApp(App):
         box.cursor_position = len(params.prompt)
         self.query_one("#negative", Input).value = params.negative
         self.refresh_params()
-        self.notice(f"recalled: {_summary(params)}")
+        self.notice(f"recalled: {summary(params)}")
         if focus:
             box.focus()
 
@@ -332,7 +332,7 @@ class SdtermApp(App):
         except ConfigError as exc:
             self.notice(f"{path}: {exc}", "error")
             return
-        self.notice(f"loaded from {path}: {_summary(found.params)} — Enter renders it")
+        self.notice(f"loaded from {path}: {summary(found.params)} — Enter renders it")
 
     def show_last_path(self, fallback: str) -> None:
         path = self.session.last_path
@@ -397,10 +397,6 @@ class SdtermApp(App):
             return
         self.render_request(req)
         self.refresh_params()
-
-
-def _summary(p: Params) -> str:
-    return f"seed {p.seed} · {p.steps} steps · CFG {p.cfg:g} · {p.width}×{p.height}"
 
 
 def cache_stats_line(engine) -> str:

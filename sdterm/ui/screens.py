@@ -11,6 +11,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Markdown
 
 from ..commands import COMMANDS
+from ..params import Params
 
 HELP = """\
 # sdterm keys
@@ -58,6 +59,11 @@ class HelpScreen(ModalScreen[None]):
             yield Markdown(help_text())
 
 
+def summary(p: Params) -> str:
+    """``seed 1234 · 30 steps · CFG 7 · 512×768``: a render's settings in a line."""
+    return f"seed {p.seed} · {p.steps} steps · CFG {p.cfg:g} · {p.width}×{p.height}"
+
+
 class HistoryProvider(Provider):
     """Fuzzy search over earlier renders; choosing one restores its prompt and settings."""
 
@@ -67,7 +73,7 @@ class HistoryProvider(Provider):
         for rank, entry in enumerate(app.session.history.search(query, limit=30)):
             p = entry.params
             label = p.prompt or "(empty prompt)"
-            detail = f"seed {p.seed} · {p.steps} steps · CFG {p.cfg:g} · {p.width}×{p.height}"
+            detail = summary(p)
             # The session ranks; the palette sorts by score, so keep that order.
             yield Hit(1.0 - rank / 100, matcher.highlight(label), partial(app.restore_params, p), help=detail)
 
