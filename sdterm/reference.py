@@ -5,7 +5,7 @@ diffusers' own converters (so the key mapping is diffusers', not ours), then put
 fresh pipeline with the same DDIM schedule and tokenizer. ``bench_reference`` places it in each
 requested mode (all on the device, model CPU offload, sequential CPU offload) and times it like
 sdterm's rows: the prompt encoded once up front, one warm-up render, then the timed ones from
-the same x_T as sdterm's; rows come back as ``bench.Row``.
+the same x_T as sdterm's; rows come back as ``measure.Row``.
 
 diffusers (and accelerate, for the offload modes) are imported only inside the functions that need
 them, so this module, like ``bench``, imports without them.
@@ -18,14 +18,24 @@ import gc
 import time
 from dataclasses import dataclass
 
-from .bench import BenchOptions, Log, Row, budget_errors, clean_device, error_line, no_log, release_device, sync_device
+from .measure import (
+    BenchOptions,
+    Log,
+    Row,
+    budget_errors,
+    clean_device,
+    error_line,
+    no_log,
+    release_device,
+    sync_device,
+)
 
 MODE_PLANS = {
     "gpu": "pipe.to(device)",
     "model-offload": "enable_model_cpu_offload()",
     "sequential-offload": "enable_sequential_cpu_offload()",
 }
-"""How each of diffusers' placements (``bench.REFERENCE_MODES``) is set up, shown in the plan column."""
+"""How each of diffusers' placements (``measure.REFERENCE_MODES``) is set up, shown in the plan column."""
 
 
 # --------------------------------------------------------------------------------------------

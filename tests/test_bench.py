@@ -16,24 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from sdterm.bench import (
-    BenchOptions,
-    BenchReport,
-    Budget,
-    Row,
-    add_parser,
-    add_ratios,
-    bench_sdterm,
-    cmd_bench,
-    format_report,
-    parse_budgets,
-    parse_modes,
-    parse_sizes,
-    run_bench,
-)
+from sdterm.bench import add_parser, bench_sdterm, cmd_bench, parse_budgets, parse_modes, parse_sizes, run_bench
 from sdterm.cli import UserError
 from sdterm.engine.events import StageStats
 from sdterm.errors import ConfigError
+from sdterm.measure import BenchOptions, BenchReport, Budget, Row, add_ratios, format_report
 from sdterm.reference import reference_modes_to_run
 from sdterm.units import parse_size
 
