@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         for var in ("SDTERM_CACHE_DIR", "SDTERM_DATA_DIR", "SDTERM_CONFIG_DIR"):
             os.environ[var] = str(work / var.lower())
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from sdterm.engine.demo import write_demo_model
+        from sdterm.engine.loading.demo import write_demo_model
 
         model = write_demo_model(work / "demo")
         cwd = os.getcwd()

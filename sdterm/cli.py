@@ -181,7 +181,7 @@ def make_engine(source, args: argparse.Namespace):
     is reported now, before any work starts (or the screen opens)."""
     from . import paths
     from .engine.pipeline import Engine
-    from .engine.placement import resolve_device
+    from .engine.memory.placement import resolve_device
 
     try:  # an unusable --device is the user's to fix (the engine says so with a RuntimeError)
         resolve_device(args.device)
@@ -195,7 +195,7 @@ def make_engine(source, args: argparse.Namespace):
         cache=open_cache(args.no_cache),
         budget=parse_budget(args.vram_budget, "--vram-budget"),
     )
-    engine.tokenizer
+    engine.models.tokenizer
     return engine
 
 
@@ -238,7 +238,7 @@ def _batch_jobs(path: str, base: argparse.Namespace) -> list[tuple[str, argparse
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import paths
     from .engine.pipeline import open_model
-    from .engine.text import PromptError
+    from .engine.prompt.tokenizer import PromptError
     from .history import History, history_file
     from .resolve import apply_defaults, random_weights_source, resolve_model
     from .service import RenderService
@@ -319,7 +319,7 @@ def _render_one(service, params: Params, as_json: bool) -> None:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from .engine.demo import write_demo_model
+    from .engine.loading.demo import write_demo_model
 
     folder = Path(args.dir).expanduser()
     if folder.exists() and not folder.is_dir():

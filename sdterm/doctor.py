@@ -49,7 +49,7 @@ def check_torch() -> list[Check]:
 
 def check_models() -> list[Check]:
     from . import paths
-    from .engine.checkpoint import CheckpointError, open_checkpoint, remembered_sha256, short_hash
+    from .engine.loading.checkpoint import CheckpointError, open_checkpoint, remembered_sha256, short_hash
     from .resolve import find_models, models_dir, user_config
 
     out = []
@@ -81,7 +81,7 @@ def check_models() -> list[Check]:
 
 def check_tokenizer() -> Check:
     from . import paths
-    from .engine.text import TOKENIZER_REPO, find_tokenizer
+    from .engine.prompt.tokenizer import TOKENIZER_REPO, find_tokenizer
 
     found = find_tokenizer(None, paths.data_dir())
     if found:

@@ -88,7 +88,7 @@ DEFAULT_MODEL = "sd-v1-5"
 
 def tokenizer_dir(data_dir: Path) -> Path:
     """Where ``find_tokenizer(None, data_dir)`` looks (``engine.text.tokenizer_dir_candidates``)."""
-    from .engine.text import TOKENIZER_REPO
+    from .engine.prompt.tokenizer import TOKENIZER_REPO
 
     return Path(data_dir) / "tokenizers" / TOKENIZER_REPO.split("/")[-1]
 
@@ -151,7 +151,7 @@ def download_tokenizer(
 
     Files already there are kept (no network) unless ``force``. Raises ``DownloadError``.
     """
-    from .engine.text import TOKENIZER_FILES, TOKENIZER_REPO
+    from .engine.prompt.tokenizer import TOKENIZER_FILES, TOKENIZER_REPO
 
     target = tokenizer_dir(Path(data_dir).expanduser())
     for filename in TOKENIZER_FILES:
@@ -544,7 +544,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         path = download_model(spec.name, dest_dir, force=args.force)
         print(f"{'already there, ' if had else ''}sha256 ok: {path}", file=sys.stderr)
         if spec.sha256:
-            from .engine.checkpoint import remember_sha256
+            from .engine.loading.checkpoint import remember_sha256
 
             remember_sha256(path, spec.sha256, paths.cache_dir() / "model-hashes.json")
         tok = download_tokenizer(data, force=args.force)

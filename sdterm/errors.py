@@ -53,13 +53,13 @@ class ConfigError(ValueError):
 # (module, class name) of the project's error types whose message is already the one line to show.
 # They are looked up among the modules already imported: an exception of a class can only exist
 # once its module is loaded, and classifying a failure must not import torch.
-_USER_ERRORS = (
+USER_ERRORS = (
     ("sdterm.session", "CommandError"),
     ("sdterm.pngmeta", "MetadataError"),
     ("sdterm.download", "DownloadError"),
-    ("sdterm.engine.checkpoint", "CheckpointError"),
-    ("sdterm.engine.text", "PromptError"),
-    ("sdterm.engine.planner", "BudgetTooSmall"),
+    ("sdterm.engine.loading.checkpoint", "CheckpointError"),
+    ("sdterm.engine.prompt.tokenizer", "PromptError"),
+    ("sdterm.engine.memory.planner", "BudgetTooSmall"),
     ("sdterm.engine.pipeline", "OutOfMemory"),
 )
 
@@ -116,7 +116,7 @@ def _loaded_class(module: str, name: str) -> type | None:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    types = [UserError, ConfigError] + [c for c in (_loaded_class(m, n) for m, n in _USER_ERRORS) if c is not None]
+    types = [UserError, ConfigError] + [c for c in (_loaded_class(m, n) for m, n in USER_ERRORS) if c is not None]
     return isinstance(exc, tuple(types))
 
 

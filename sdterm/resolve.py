@@ -64,7 +64,7 @@ def resolve_model(given: str | None, cfg: UserConfig) -> str:
 
 def demo_model_dir() -> Path:
     """The demo model in the data folder, written on first use."""
-    from .engine.demo import write_demo_model
+    from .engine.loading.demo import write_demo_model
 
     folder = paths.data_dir() / "demo-model"
     if not all((folder / f).exists() for f in ("model.safetensors", "config.yaml", "tokenizer/vocab.json")):
@@ -108,7 +108,7 @@ def random_weights_source(config: str | None):
     """Full-size SD v1 modules (or ``config``'s architecture) with random weights, and a stand-in
     tokenizer: for memory and speed measurements without a checkpoint."""
     from .config import default_config_path, load_model_config
-    from .engine.demo import write_tokenizer
+    from .engine.loading.demo import write_tokenizer
     from .engine.pipeline import ModelSource
 
     cfg = load_model_config(config or default_config_path())

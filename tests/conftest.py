@@ -35,7 +35,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> Path:
     """The tiny random-weight model, written by the product's own writer."""
-    from sdterm.engine.demo import write_demo_model
+    from sdterm.engine.loading.demo import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("models") / "demo")
 

@@ -34,7 +34,7 @@ def tiny_config(tmp_path):
     from omegaconf import OmegaConf
 
     from sdterm.config import model_config_to_dict
-    from sdterm.engine.demo import demo_config, write_tokenizer
+    from sdterm.engine.loading.demo import demo_config, write_tokenizer
 
     vocab = write_tokenizer(tmp_path / "tok")  # the size of the vocabulary the random source uses
     path = tmp_path / "tiny.yaml"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdterm.engine.checkpoint import CheckpointError, open_checkpoint, remembered_sha256
+from sdterm.engine.loading.checkpoint import CheckpointError, open_checkpoint, remembered_sha256
 from sdterm.engine.pipeline import Engine, open_model
 
 from .conftest import small_request
@@ -186,11 +186,11 @@ def test_engine_reports_short_hash(demo_model):
     import hashlib
 
     e = Engine(open_model(demo_model), "cpu")
-    assert e.model_hash == hashlib.sha256((demo_model / "model.safetensors").read_bytes()).hexdigest()[:10]
+    assert e.models.model_hash == hashlib.sha256((demo_model / "model.safetensors").read_bytes()).hexdigest()[:10]
 
 
 def test_a_remembered_download_hash_is_used_without_reading_the_file(tmp_path):
-    from sdterm.engine.checkpoint import remember_sha256
+    from sdterm.engine.loading.checkpoint import remember_sha256
 
     f = tmp_path / "m.safetensors"
     save_file({"w": torch.zeros(3)}, f)

@@ -14,13 +14,15 @@ import torch
 from torch import nn
 
 from sdterm.config import ModelConfig
-from sdterm.engine import ddim
+from sdterm.engine import pipeline
 from sdterm.engine.embedding_cache import EmbeddingCache
 from sdterm.engine.events import Notice
+from sdterm.engine.memory.placement import Placement
+from sdterm.engine.memory.planner import GiB, MiB, Plan
+from sdterm.engine.memory.streaming import RingStreamer
+from sdterm.engine.memory.tiling import decode_latents
 from sdterm.engine.pipeline import Engine, ModelSource, open_model, to_image
-from sdterm.engine.placement import Placement, RingStreamer
-from sdterm.engine.planner import GiB, MiB, Plan
-from sdterm.engine.tiling import decode_latents
+from sdterm.engine.sampling import ddim
 
 from .conftest import small_request
 from .test_engine import SEED3_64x64_NOISE
@@ -49,7 +51,7 @@ def fresh_allocation_intact(placement: Placement, nbytes: int = 512 * MiB) -> bo
 @pytest.fixture(scope="module")
 def full_size(tmp_path_factory):
     """Full-size SD v1 with random weights (one engine, built once; plans change per render)."""
-    from sdterm.engine.demo import write_tokenizer
+    from sdterm.engine.loading.demo import write_tokenizer
 
     tok = tmp_path_factory.mktemp("tok")
     write_tokenizer(tok)
@@ -100,13 +102,13 @@ def test_streamed_render_leaves_no_pending_copy_and_no_memory(full_size, monkeyp
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()
     seen: list[RingStreamer] = []
-    real = engine.placement.streamed
+    real = pipeline.RingStreamer
 
     def spy(*args, **kwargs):
         seen.append(real(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(engine.placement, "streamed", spy)
+    monkeypatch.setattr(pipeline, "RingStreamer", spy)
     r = engine.generate(req)
     assert "streamed" in r.plan and len(seen) == 1
     s = seen[0]
@@ -155,7 +157,7 @@ def test_out_of_memory_in_each_stage_with_eta_gives_the_same_pixels(demo_model, 
     req = small_request(width=256, height=192, steps=5, eta=0.5, negative="blurry")
     base = Engine(open_model(demo_model), "cuda", plan=plan).generate(req)
     engine = Engine(open_model(demo_model), "cuda", plan=plan)
-    model = engine.module(stage)
+    model = engine.models.module(stage)
     original, calls = model.forward, {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -193,7 +195,7 @@ def test_same_seed_same_noise_on_cuda(demo_model, monkeypatch):
 
 def test_fp16_overflow_in_the_vae_is_decoded_again_in_fp32_on_cuda(demo_model):
     engine = Engine(open_model(demo_model), "cuda")
-    vae = engine.module("vae")
+    vae = engine.models.module("vae")
     with torch.no_grad():  # the first conv overflows fp16 (65504), not fp32
         vae.decoder.conv_in.weight.mul_(3000.0)
         vae.decoder.conv_in.bias.mul_(3000.0)

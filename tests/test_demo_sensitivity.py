@@ -43,7 +43,7 @@ def diff(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
 @pytest.mark.parametrize("steps", [3, 10])
 def test_removing_the_unet_changes_the_image(engine, monkeypatch, steps):
     ref = render(engine, steps=steps)
-    unet = engine.module("unet")
+    unet = engine.models.module("unet")
     monkeypatch.setattr(unet, "forward", lambda x, t, context: torch.zeros_like(x))
     without = render(engine, steps=steps)
     biggest, mean = diff(ref, without)
@@ -69,7 +69,7 @@ def test_the_negative_prompt_changes_the_image(engine):
 
 @pytest.mark.parametrize("steps,cfg", [(3, 7.5), (20, 7.5), (20, 1.0)])
 def test_sampling_stays_finite_and_the_image_is_not_saturated(engine, monkeypatch, steps, cfg):
-    unet = engine.module("unet")
+    unet = engine.models.module("unet")
     peaks = []
     forward = unet.forward
 

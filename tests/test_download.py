@@ -432,7 +432,7 @@ def test_force_replaces_the_file_only_after_verifying_the_new_one(hub, fake_sd15
 
 
 def _serve_tokenizer(hub: FakeHub, tmp_path: Path) -> Path:
-    from sdterm.engine.demo import write_tokenizer
+    from sdterm.engine.loading.demo import write_tokenizer
 
     src = tmp_path / "tokenizer-src"
     write_tokenizer(src)
@@ -442,7 +442,7 @@ def _serve_tokenizer(hub: FakeHub, tmp_path: Path) -> Path:
 
 
 def test_tokenizer_lands_where_find_tokenizer_looks(hub, tmp_path):
-    from sdterm.engine.text import find_tokenizer
+    from sdterm.engine.prompt.tokenizer import find_tokenizer
 
     src = _serve_tokenizer(hub, tmp_path)
     data = tmp_path / "data"

@@ -46,22 +46,22 @@ def test_hit_never_builds_or_loads_the_encoder(demo_model, tmp_path):
     def forbidden():
         raise AssertionError("the text encoder was built on a cache hit")
 
-    engine.factories["text"] = forbidden
+    engine.models.factories["text"] = forbidden
     # Every way to the weights (built on the host, or registered with the placement and uploaded)
     # asks Engine.module for them: on a hit the text stage must never ask.
     asked: list[str] = []
-    module = engine.module
+    module = engine.models.module
 
     def watched(stage: str):
         asked.append(stage)
         return module(stage)
 
-    engine.module = watched
+    engine.models.module = watched
     result = engine.generate(small_request())
     text = result.stages[0]
     assert text.cache == "hit" and text.skipped
     assert "text" not in asked and asked, asked  # the U-Net and the VAE were asked for: the spy works
-    assert "text" not in engine._modules
+    assert "text" not in engine.models._modules
 
 
 def test_hit_and_miss_and_no_cache_give_identical_pixels(demo_model, tmp_path):
@@ -74,7 +74,7 @@ def test_hit_and_miss_and_no_cache_give_identical_pixels(demo_model, tmp_path):
 
 
 def test_another_models_weights_miss(demo_model, tmp_path):
-    from sdterm.engine.demo import write_demo_model
+    from sdterm.engine.loading.demo import write_demo_model
 
     other = write_demo_model(tmp_path / "other", seed=1)
     _engine(demo_model, tmp_path / "c").generate(small_request())

@@ -18,8 +18,8 @@ from .conftest import small_request
 
 
 def test_full_size_unet_has_exact_parameter_count():
-    from sdterm.engine.unet import UNetModel
-    from sdterm.engine.vae import VAEDecoder
+    from sdterm.engine.networks.unet import UNetModel
+    from sdterm.engine.networks.vae import VAEDecoder
 
     with torch.device("meta"):
         unet = UNetModel(ModelConfig().unet)
@@ -31,8 +31,8 @@ def test_full_size_unet_has_exact_parameter_count():
 
 def test_full_size_keys_match_the_original_layout():
     """Spot-check names from sd-v1-4.ckpt / v1-5-pruned-emaonly.safetensors."""
-    from sdterm.engine.unet import UNetModel
-    from sdterm.engine.vae import VAEDecoder
+    from sdterm.engine.networks.unet import UNetModel
+    from sdterm.engine.networks.vae import VAEDecoder
 
     with torch.device("meta"):
         u = UNetModel(ModelConfig().unet).state_dict()
@@ -91,7 +91,7 @@ def test_cancel_stops_at_the_next_step(demo_engine):
 def test_long_prompt_is_chunked_not_cut(demo_engine):
     notices = []
     words = " ".join(["castle"] * 60)
-    tok = demo_engine.tokenizer(words)
+    tok = demo_engine.models.tokenizer(words)
     assert 75 < tok.n_tokens <= 150
     assert len(tok.chunks) == 2 and all(len(c) == 77 for c in tok.chunks)
     demo_engine.generate(small_request(prompt=words), emit=lambda e: isinstance(e, Notice) and notices.append(e.message))
@@ -124,7 +124,7 @@ same noise in every torch version and on every device (tests/test_cuda.py checks
 
 
 def test_initial_noise_matches_the_documented_cpu_draw():
-    from sdterm.engine.pipeline import latents_noise
+    from sdterm.engine.sampling.noise import latents_noise
 
     x, _ = latents_noise(42, 512, 768)
     ref = torch.randn((1, 4, 96, 64), generator=torch.Generator("cpu").manual_seed(42))
@@ -143,7 +143,7 @@ def test_request_validation_messages():
 
 def test_engine_imports_without_ui_or_omegaconf():
     code = (
-        "import sys, sdterm.engine.pipeline, sdterm.engine.demo, sdterm.engine.checkpoint;"
+        "import sys, sdterm.engine.pipeline, sdterm.engine.loading.demo, sdterm.engine.loading.checkpoint;"
         "bad=[m for m in ('textual','rich','omegaconf') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -152,7 +152,7 @@ def test_engine_imports_without_ui_or_omegaconf():
 
 
 def test_variation_seed_mixes_noise_spherically():
-    from sdterm.engine.pipeline import latents_noise
+    from sdterm.engine.sampling.noise import latents_noise
 
     base, _ = latents_noise(1, 64, 64)
     other, _ = latents_noise(2, 64, 64)
@@ -180,7 +180,7 @@ def test_sizes_that_are_multiples_of_8_but_not_64_render(demo_engine):
 
 def test_odd_latent_sizes_match_diffusers_upsample_rule():
     """With the full-size architecture's three downsamplings, a 65x67 latent still lines up."""
-    from sdterm.engine.unet import UNetModel
+    from sdterm.engine.networks.unet import UNetModel
 
     cfg = ModelConfig().unet
     tiny = type(cfg)(model_channels=32, channel_mult=(1, 2, 2, 2), attention_resolutions=(), num_heads=2,

@@ -14,10 +14,10 @@ import torch
 
 from sdterm import cli, errors, show
 from sdterm.cli import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, UserError
-from sdterm.engine.checkpoint import CheckpointError
+from sdterm.engine.loading.checkpoint import CheckpointError
 from sdterm.engine.pipeline import Cancelled, Engine, OutOfMemory
-from sdterm.engine.planner import BudgetTooSmall
-from sdterm.engine.text import PromptError
+from sdterm.engine.memory.planner import BudgetTooSmall
+from sdterm.engine.prompt.tokenizer import PromptError
 from sdterm.errors import ConfigError
 from sdterm.pngmeta import MetadataError
 
@@ -305,3 +305,15 @@ def test_the_error_log_keeps_tracebacks_and_stays_bounded(monkeypatch):
     text = path.read_text()
     assert path == errors.error_log_file() and "in injected_bug" in text and "ZeroDivisionError" in text
     assert path.stat().st_size <= 4000 + 2000 and text.startswith("----")
+
+
+def test_every_named_user_error_class_exists():
+    """The classifier finds the project's error types by module and name: a module that moves or a
+    class that is renamed must fail here, not silently turn user errors into "internal error"."""
+    import importlib
+
+    from sdterm.errors import USER_ERRORS
+
+    for module, name in USER_ERRORS:
+        cls = getattr(importlib.import_module(module), name)
+        assert isinstance(cls, type) and issubclass(cls, Exception), (module, name)

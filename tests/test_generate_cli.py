@@ -105,7 +105,7 @@ def test_random_weights_with_a_config(tmp_path, run_cli):
     from omegaconf import OmegaConf
 
     from sdterm.config import model_config_to_dict
-    from sdterm.engine.demo import demo_config
+    from sdterm.engine.loading.demo import demo_config
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(OmegaConf.to_yaml(OmegaConf.create(model_config_to_dict(demo_config(634)))))

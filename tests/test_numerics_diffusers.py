@@ -22,9 +22,9 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 )
 
 from sdterm.config import ScheduleConfig  # noqa: E402
-from sdterm.engine import ddim  # noqa: E402
-from sdterm.engine.checkpoint import UNET_PREFIX, VAE_PREFIX  # noqa: E402
-from sdterm.engine.demo import demo_config, demo_modules, original_state_dict  # noqa: E402
+from sdterm.engine.sampling import ddim, guidance  # noqa: E402
+from sdterm.engine.loading.checkpoint import UNET_PREFIX, VAE_PREFIX# noqa: E402
+from sdterm.engine.loading.demo import demo_config, demo_modules, original_state_dict# noqa: E402
 from sdterm.reference import diffusers_unet_kwargs, diffusers_vae_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,7 +183,7 @@ def test_ddim_guided_trajectory_matches_diffusers(modules, diffusers_unet, eta):
         calls.append(1)
         return next(fed)
 
-    ours = ddim.sample(ddim.guided(unet, cond, uncond, CFG_SCALE), x_T.clone(), schedule, eta=eta, noise=noise)
+    ours = ddim.sample(guidance.guided(unet, cond, uncond, CFG_SCALE), x_T.clone(), schedule, eta=eta, noise=noise)
     assert len(calls) == (steps if eta > 0 else 0)
 
     # diffusers
@@ -209,7 +209,7 @@ def test_unguided_trajectory_matches_diffusers(modules, diffusers_unet):
     steps = 5
     x_T = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(11))
     cond = torch.randn((1, 77, 32), generator=torch.Generator("cpu").manual_seed(12))
-    denoise = ddim.guided(unet, cond, torch.zeros_like(cond), 1.0)
+    denoise = guidance.guided(unet, cond, torch.zeros_like(cond), 1.0)
     ours = ddim.sample(denoise, x_T.clone(), ddim.Schedule.make(ScheduleConfig(), steps))
 
     sched = diffusers_scheduler()

@@ -10,8 +10,9 @@ import torch
 
 from sdterm.engine.events import Notice
 from sdterm.engine.pipeline import Engine, open_model
-from sdterm.engine.placement import Placement, RingStreamer
-from sdterm.engine.planner import GiB, Plan
+from sdterm.engine.memory.placement import Placement
+from sdterm.engine.memory.streaming import RingStreamer
+from sdterm.engine.memory.planner import GiB, Plan
 
 from .conftest import small_request
 
@@ -33,7 +34,7 @@ def baseline(demo_model):
 
 
 def _unit_bytes(engine):
-    unet = engine.module("unet")
+    unet = engine.models.module("unet")
     return [sum(p.numel() * p.element_size() for p in m.parameters()) for _, m, _ in unet.units()]
 
 
@@ -61,7 +62,7 @@ def test_streamed_matches_host_with_a_wrapping_ring(demo_model, baseline):
 
 def test_ring_streamer_copies_every_streamed_unit_each_pass(demo_model):
     engine = Engine(open_model(demo_model), "cpu")
-    unet = engine.module("unet")
+    unet = engine.models.module("unet")
     modules = [m for _, m, _ in unet.units()]
     placement = Placement(torch.device("cpu"))
     placement.register("unet", unet, modules)
@@ -98,7 +99,7 @@ def test_split_cfg_and_tiled_vae_are_close(demo_model, baseline):
 @pytest.mark.parametrize("stage", ["text", "unet", "vae"])
 def test_out_of_memory_in_a_stage_retries_with_a_cheaper_plan(demo_model, baseline, stage):
     engine = Engine(open_model(demo_model), "cpu", plan=Plan(GiB, text="resident", unet="resident", vae="resident"))
-    model = engine.module(stage)
+    model = engine.models.module(stage)
     original = model.forward
     calls = {"n": 0}
 
@@ -134,7 +135,7 @@ def test_oom_with_nothing_cheaper_is_one_clear_error(demo_model):
     from sdterm.engine.pipeline import OutOfMemory
 
     engine = Engine(open_model(demo_model), "cpu", plan=Plan(GiB, vae_tile=24))
-    vae = engine.module("vae")
+    vae = engine.models.module("vae")
 
     def always(*a, **k):
         raise torch.cuda.OutOfMemoryError("simulated")

@@ -6,17 +6,17 @@ import pytest
 import torch
 
 from sdterm.config import ModelConfig, VAEConfig
-from sdterm.engine.planner import GiB, MiB, BudgetTooSmall, ModelSizes, Plan, cheaper, plan_render
-from sdterm.engine.tiling import choose_tile, vae_activation_bytes
+from sdterm.engine.memory.planner import GiB, MiB, BudgetTooSmall, ModelSizes, Plan, cheaper, plan_render
+from sdterm.engine.memory.tiling import choose_tile, vae_activation_bytes
 
 
 @pytest.fixture(scope="module")
 def sizes() -> ModelSizes:
     from transformers import CLIPTextModel
 
-    from sdterm.engine.text import clip_config
-    from sdterm.engine.unet import UNetModel
-    from sdterm.engine.vae import VAEDecoder
+    from sdterm.engine.networks.clip import clip_config
+    from sdterm.engine.networks.unet import UNetModel
+    from sdterm.engine.networks.vae import VAEDecoder
 
     cfg = ModelConfig()
     with torch.device("meta"):

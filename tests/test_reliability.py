@@ -111,7 +111,7 @@ def test_fp16_overflow_in_the_vae_is_decoded_again_in_fp32(demo_engine, monkeypa
 def test_two_hundred_renders_keep_host_memory_flat(demo_model):
     """200 renders in one process: RSS after the first few stays within 5%."""
     from sdterm.engine.pipeline import Engine, open_model
-    from sdterm.engine.placement import host_rss
+    from sdterm.engine.memory.meter import host_rss
 
     engine = Engine(open_model(demo_model), "cpu")
     samples = []

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from sdterm.config import VAEConfig
-from sdterm.engine import ddim
 from sdterm.engine.events import Notice
-from sdterm.engine.pipeline import Engine, fp32_decode_tile, open_model, to_image
-from sdterm.engine.planner import GiB, Plan
-from sdterm.engine.tiling import decode_latents, tiled_decode_bytes
+from sdterm.engine.memory.planner import GiB, Plan
+from sdterm.engine.memory.tiling import decode_latents, fp32_decode_tile, tiled_decode_bytes
+from sdterm.engine.pipeline import Engine, open_model, to_image
+from sdterm.engine.sampling import ddim, guidance
 
 from .conftest import small_request
 
@@ -66,7 +66,7 @@ def test_eta_render_that_runs_out_of_memory_after_drawing_noise_gives_the_same_p
 @pytest.mark.parametrize("stage", ["text", "unet", "vae"])
 def test_out_of_memory_in_each_stage_with_eta_gives_the_same_image(demo_model, eta_baseline, stage):
     engine = Engine(open_model(demo_model), "cpu", plan=STAGED)
-    model = engine.module(stage)
+    model = engine.models.module(stage)
     original = model.forward
     calls = {"n": 0}
 
@@ -87,7 +87,7 @@ def test_out_of_memory_in_each_stage_with_eta_gives_the_same_image(demo_model, e
 
 def test_text_oom_with_the_unet_prefetch_in_flight_first_drops_the_prefetch(demo_model, eta_baseline):
     engine = Engine(open_model(demo_model), "cpu", plan=STAGED)
-    text = engine.module("text")
+    text = engine.models.module("text")
     original, calls = text.forward, {"n": 0}
     prefetched_at_failure = []
 
@@ -110,8 +110,8 @@ def test_text_oom_with_the_unet_prefetch_in_flight_first_drops_the_prefetch(demo
 def test_a_real_fp16_overflow_in_the_vae_is_decoded_again_in_fp32(demo_model):
     """fp16 on the CPU, with a decoder whose first conv overflows fp16 (x3000) but not fp32."""
     engine = Engine(open_model(demo_model), "cpu")
-    engine.dtype = torch.float16  # before any model is built: everything runs in fp16
-    vae = engine.module("vae")
+    engine.models.dtype = torch.float16  # before any model is built: everything runs in fp16
+    vae = engine.models.module("vae")
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(3000.0)
         vae.decoder.conv_in.bias.mul_(3000.0)
@@ -154,7 +154,7 @@ def test_embedding_cache_key_names_the_encoders_precision(demo_model, tmp_path):
     cache = EmbeddingCache(tmp_path)
     Engine(open_model(demo_model), "cpu", cache=cache).generate(small_request())
     half = Engine(open_model(demo_model), "cpu", cache=cache)
-    half.dtype = torch.float16
+    half.models.dtype = torch.float16
     r = half.generate(small_request())
     assert r.stages[0].cache == "miss"  # the fp32 entries are not served to an fp16 encoder
     again = half.generate(small_request())
@@ -165,7 +165,7 @@ def test_the_engine_imports_without_the_resource_module():
     """Windows has no ``resource``: the engine must import and report host memory anyway."""
     code = (
         "import sys; sys.modules['resource'] = None\n"
-        "import sdterm.engine.pipeline, sdterm.engine.placement as p\n"
+        "import sdterm.engine.pipeline, sdterm.engine.memory.meter as p\n"
         "print(type(p.host_rss()).__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -183,5 +183,5 @@ def test_guided_passes_match_what_the_denoiser_calls():
             return torch.zeros_like(x)
 
         ctx = torch.zeros(1, 3, 2)
-        ddim.guided(unet, ctx, ctx, scale, split=split)(torch.zeros(1, 4, 2, 2), 10)
-        assert len(calls) == ddim.unet_passes(scale, split=split), (scale, split)
+        guidance.guided(unet, ctx, ctx, scale, split=split)(torch.zeros(1, 4, 2, 2), 10)
+        assert len(calls) == guidance.unet_passes(scale, split=split), (scale, split)

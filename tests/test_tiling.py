@@ -17,10 +17,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from sdterm.engine import tiling
-from sdterm.engine import vae as vae_module
-from sdterm.engine.demo import demo_config, demo_modules
-from sdterm.engine.tiling import choose_tile, decode_latents, min_tile, tiled_decode_bytes, vae_activation_bytes
+from sdterm.engine.memory import tiling
+from sdterm.engine.networks import vae as vae_module
+from sdterm.engine.loading.demo import demo_config, demo_modules
+from sdterm.engine.memory.tiling import choose_tile, decode_latents, min_tile, tiled_decode_bytes, vae_activation_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from sdterm.engine.checkpoint import CheckpointError
-from sdterm.engine.text import TOKENIZER_REPO, fetch_tokenizer, find_tokenizer
+from sdterm.engine.loading.checkpoint import CheckpointError
+from sdterm.engine.prompt.tokenizer import TOKENIZER_REPO, fetch_tokenizer, find_tokenizer
 
 
 def test_fetch_once_into_data_dir_then_found_offline(demo_model, tmp_path, monkeypatch):

@@ -141,6 +141,12 @@ class EmbeddingCache:
         self.evict()
         return path
 
+    def put_many(self, entries: dict[str, tuple[torch.Tensor, str]], *, model_hash: str) -> None:
+        """Store each ``key: (embedding, prompt)`` (a dict: a text shared by two roles is stored once).
+        Raises OSError at the first entry that can't be written."""
+        for key, (embedding, prompt) in entries.items():
+            self.put(key, embedding, prompt=prompt, model_hash=model_hash)
+
     # ---- housekeeping ------------------------------------------------------------------------
 
     def evict(self, max_bytes: int | None = None) -> int:

@@ -1,6 +1,6 @@
 """``Engine.generate(request, *, emit, cancelled)``: encode -> denoise -> decode, written once.
 
-The engine keeps each model in host memory after its first use (see ``models.py``); for each
+The engine keeps each model in host memory after its first use (``loading/models.py``); for each
 render the planner decides where each model lives within the VRAM budget, and each stage runs
 under that plan (resident, staged, streamed), retrying with a cheaper plan on out-of-memory. It
 reports through typed events and never prints.
@@ -8,6 +8,7 @@ reports through typed events and never prints.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from dataclasses import dataclass, field
@@ -17,17 +18,20 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..errors import ConfigError
-from ..params import Params as RenderRequest  # the one parameter record (sdterm/params.py)
-from . import ddim
+from ..params import Params
 from .embedding_cache import EmbeddingCache, cache_key
 from .events import STAGE_TITLES, Emit, Notice, StageStats, StepDone, ignore
-from .models import Models, ModelSource, open_model
-from .placement import Placement, StageMeter, memory_sample, resolve_device, run_dtype
-from .planner import MARGIN, Plan, cheaper, plan_render
-from .text import Tokens, encode
-from .tiling import choose_tile, decode_latents, tiled_decode_bytes, vae_activation_bytes
-
+from .loading.models import Models, ModelSource, open_model
+from .memory.meter import StageMeter, memory_sample
+from .memory.placement import Placement, resolve_device, run_dtype
+from .memory.planner import MARGIN, Plan, cheaper, plan_render
+from .memory.streaming import RingStreamer
+from .memory.tiling import choose_tile, decode_latents, fp32_decode_tile, vae_activation_bytes
+from .networks.clip import encode
+from .prompt.tokenizer import Tokens
+from .sampling import DEFAULT_SAMPLER, SAMPLERS
+from .sampling.guidance import guided, pair_conditioning, unet_passes
+from .sampling.noise import latents_noise
 
 DEFAULT_BUDGET_MARGIN = 512 * 2**20
 """Without --vram-budget, leave this much of the device's free memory to others."""
@@ -40,7 +44,7 @@ class Cancelled(Exception):
 @dataclass
 class Result:
     image: Image.Image
-    request: RenderRequest
+    request: Params
     seconds: float
     stages: list[StageStats]
     model_name: str
@@ -52,44 +56,13 @@ class Result:
     """How the models were placed for this render (the planner's description)."""
 
 
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), treating each as one vector:
-    keeps the mix at the norm Gaussian noise has, unlike a linear blend."""
-    a_flat, b_flat = a.flatten().double(), b.flatten().double()
-    cos = torch.dot(a_flat / a_flat.norm(), b_flat / b_flat.norm()).clamp(-1.0, 1.0)
-    omega = torch.arccos(cos)
-    if omega.abs() < 1e-4:  # (nearly) parallel: a linear blend is exact enough
-        return ((1 - t) * a.double() + t * b.double()).to(a.dtype)
-    so = torch.sin(omega)
-    out = (torch.sin((1 - t) * omega) / so) * a.double() + (torch.sin(t * omega) / so) * b.double()
-    return out.to(a.dtype)
-
-
-def latents_noise(
-    seed: int, width: int, height: int, subseed: int = 0, subseed_strength: float = 0.0
-) -> tuple[torch.Tensor, torch.Generator]:
-    """The starting noise x_T, drawn on the CPU in fp32 so a seed means the same image on any device.
-
-    With a variation strength, the subseed's noise is mixed in by spherical interpolation
-    (AUTOMATIC1111's "variation seed"). Returns the seed's generator too: eta > 0 draws its
-    per-step noise from it, also on the CPU.
-    """
-    shape = (1, 4, height // 8, width // 8)
-    gen = torch.Generator("cpu").manual_seed(seed)
-    x = torch.randn(shape, generator=gen, dtype=torch.float32)
-    if subseed_strength > 0:
-        sub = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(subseed), dtype=torch.float32)
-        x = slerp(subseed_strength, x, sub)
-    return x, gen
-
-
 def to_image(decoded: torch.Tensor) -> Image.Image:
     """(1, 3, H, W) in [-1, 1] -> an RGB PIL image."""
     x = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB")
 
 
-class Engine(Models):
+class Engine:
     """The models of one checkpoint, rendering requests on one device within a VRAM budget."""
 
     def __init__(
@@ -106,7 +79,7 @@ class Engine(Models):
         plan: Plan | None = None,
     ):
         self.device = resolve_device(device)
-        super().__init__(
+        self.models = Models(
             source,
             run_dtype(self.device),
             data_dir=data_dir,
@@ -120,6 +93,15 @@ class Engine(Models):
         """A fixed plan instead of the planner's choice (tests, experiments)."""
         self.cache = cache
         self.placement = Placement(self.device)
+
+    @property
+    def source(self) -> ModelSource:
+        return self.models.source
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The run dtype (fp16 on CUDA, fp32 on the CPU): the models' dtype."""
+        return self.models.dtype
 
     # ---- planning ----------------------------------------------------------------------------
 
@@ -141,18 +123,18 @@ class Engine(Models):
         held = sum(self.placement.device_bytes(n) for n in self.placement.models)
         return free + held - DEFAULT_BUDGET_MARGIN
 
-    def plan(self, req: RenderRequest, text_needed: bool = True) -> Plan:
+    def plan(self, req: Params, text_needed: bool = True) -> Plan:
         budget = self.effective_budget()
         if budget is None:
             return Plan(None, text="host", unet="host", vae="host")
         lat_h, lat_w = req.height // 8, req.width // 8
         return plan_render(
-            self.sizes(),
+            self.models.sizes(),
             budget,
             req.width,
             req.height,
-            vae_decode_bytes=lambda: vae_activation_bytes(self.cfg.vae, lat_h, lat_w, self.dtype),
-            vae_tile_for=lambda avail: choose_tile(self.cfg.vae, lat_h, lat_w, self.dtype, avail),
+            vae_decode_bytes=lambda: vae_activation_bytes(self.models.cfg.vae, lat_h, lat_w, self.dtype),
+            vae_tile_for=lambda avail: choose_tile(self.models.cfg.vae, lat_h, lat_w, self.dtype, avail),
             cfg_batch=1 if req.cfg == 1.0 else 2,
             text_needed=text_needed,
         )
@@ -161,7 +143,7 @@ class Engine(Models):
 
     def generate(
         self,
-        request: RenderRequest,
+        request: Params,
         *,
         emit: Emit = ignore,
         cancelled: Callable[[], bool] = lambda: False,
@@ -180,7 +162,7 @@ class Engine(Models):
             if cancelled():
                 raise Cancelled()
 
-        tok = self.tokenizer
+        tok = self.models.tokenizer
         pos, neg = tok(req.prompt), tok(req.negative)
         if not req.prompt.strip():
             notice("empty prompt: rendering unconditionally")
@@ -202,7 +184,7 @@ class Engine(Models):
         embs, text_stats, plan = self._with_retry("text", plan, req, notice,
                                                   lambda p: self._text_stage(texts, cached, p, emit, notice))
         stages.append(text_stats)
-        cond, uncond = self._pair(embs)
+        cond, uncond = pair_conditioning(embs, self.dtype)
         check()
         x_t, gen = latents_noise(req.seed, req.width, req.height, req.subseed, req.subseed_strength)
         # Where a retry resumes: the step, its latent and the generator's state after it (eta > 0
@@ -221,14 +203,14 @@ class Engine(Models):
             seconds=time.perf_counter() - started,
             stages=stages,
             model_name=self.source.name,
-            model_hash=self.model_hash,
+            model_hash=self.models.model_hash,
             demo=self.source.demo,
             latents=latents.cpu(),
             notices=notices,
-            plan=plan.describe(self.sizes() if plan.unet != "host" else None),
+            plan=plan.describe(self.models.sizes() if plan.unet != "host" else None),
         )
 
-    def _with_retry(self, stage: str, plan: Plan, req: RenderRequest, notice, run):
+    def _with_retry(self, stage: str, plan: Plan, req: Params, notice, run):
         """Run a stage; on out-of-memory free everything, take the planner's cheaper plan and run
         the stage again (the U-Net resumes at the step it was on)."""
         while True:
@@ -241,20 +223,20 @@ class Engine(Models):
                 gc.collect()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                new = cheaper(plan, stage, self.sizes(), req.width, req.height) if plan.unet != "host" else None
+                new = cheaper(plan, stage, self.models.sizes(), req.width, req.height) if plan.unet != "host" else None
                 if new is None:
                     raise OutOfMemory(
                         f"out of GPU memory in the {STAGE_TITLES[stage]} stage even with the cheapest plan "
-                        f"({plan.describe(self.sizes())}); try a smaller size or close other GPU programs"
+                        f"({plan.describe(self.models.sizes())}); try a smaller size or close other GPU programs"
                     ) from None
-                notice(f"out of GPU memory in the {STAGE_TITLES[stage]}: retrying with {new.describe(self.sizes())}", "warning")
+                notice(f"out of GPU memory in the {STAGE_TITLES[stage]}: retrying with {new.describe(self.models.sizes())}", "warning")
                 plan = new
 
     def _acquire(self, stage: str, mode: str) -> torch.nn.Module:
         """The stage's model, built on first use and (unless running on the host) registered with
         the placement and uploaded (or joined with its prefetch)."""
         if mode == "host":
-            return self.module(stage)
+            return self.models.module(stage)
         model = self._registered(stage)
         if mode != "streamed":
             self.placement.upload(stage)
@@ -263,7 +245,7 @@ class Engine(Models):
 
     def _registered(self, stage: str) -> torch.nn.Module:
         """The stage's model, packed into the placement's units (the U-Net one unit per layer)."""
-        model = self.module(stage)
+        model = self.models.module(stage)
         units = [m for _, m, _ in model.units()] if stage == "unet" else None
         self.placement.register(stage, model, units)
         return model
@@ -275,20 +257,17 @@ class Engine(Models):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _precision(self) -> str:
-        """Where and in which dtype the text encoder runs: part of the embedding-cache key."""
-        return f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
+    def _key(self, text: str) -> str:
+        """The embedding-cache key of ``text`` for this encoder, tokenizer, device and dtype."""
+        precision = f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
+        return cache_key(self.models.encoder_id, self.models.tokenizer.identity, text, precision=precision)
 
     def _cached(self, texts: dict[str, tuple[str, Tokens]]) -> dict[str, torch.Tensor]:
         if self.cache is None:
             return {}
-        tok, dim = self.tokenizer, self.cfg.text.hidden_size
-        found = {}
-        for role, (text, _) in texts.items():
-            hit = self.cache.get(cache_key(self.encoder_id, tok.identity, text, precision=self._precision()), dim)
-            if hit is not None:
-                found[role] = hit
-        return found
+        dim = self.models.cfg.text.hidden_size
+        found = {role: self.cache.get(self._key(text), dim) for role, (text, _) in texts.items()}
+        return {role: emb for role, emb in found.items() if emb is not None}
 
     def _text_stage(self, texts: dict[str, tuple[str, Tokens]], cached: dict[str, torch.Tensor], plan: Plan, emit: Emit, notice):
         """Embeddings (fp16, (tokens, dim), on the host) for each role; the encoder is neither built
@@ -332,50 +311,33 @@ class Engine(Models):
     def _store(self, embs: dict[str, torch.Tensor], texts: dict[str, tuple[str, Tokens]], notice) -> None:
         if self.cache is None:
             return
-        stored: set[str] = set()
-        for role, emb in embs.items():
-            text = texts[role][0]
-            key = cache_key(self.encoder_id, self.tokenizer.identity, text, precision=self._precision())
-            if key in stored:
-                continue
-            stored.add(key)
-            try:
-                self.cache.put(key, emb, prompt=text, model_hash=self.model_hash)
-            except OSError as exc:
-                notice(f"embedding cache unusable ({exc.strerror or exc}): rendering without it", "warning")
-                self.cache = None
-                return
+        entries = {self._key(texts[role][0]): (emb, texts[role][0]) for role, emb in embs.items()}
+        try:
+            self.cache.put_many(entries, model_hash=self.models.model_hash)
+        except OSError as exc:
+            notice(f"embedding cache unusable ({exc.strerror or exc}): rendering without it", "warning")
+            self.cache = None
 
-    def _pair(self, embs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, tokens, dim) cond and uncond in the run dtype, with the same token count: cond and
-        uncond share one U-Net batch, so the shorter is padded with the empty prompt's chunk (as
-        AUTOMATIC1111 does)."""
-        cond, uncond = embs["prompt"], embs["negative"]
-        n = max(cond.shape[0], uncond.shape[0])
-        if "padding" in embs:
-            pad = embs["padding"]
-            cond = torch.cat([cond, *[pad] * ((n - cond.shape[0]) // pad.shape[0])])
-            uncond = torch.cat([uncond, *[pad] * ((n - uncond.shape[0]) // pad.shape[0])])
-        return cond[None].to(self.dtype), uncond[None].to(self.dtype)
-
-    def _unet_stage(self, req: RenderRequest, cond, uncond, plan: Plan, progress: dict, emit: Emit, check):
+    def _unet_stage(self, req: Params, cond, uncond, plan: Plan, progress: dict, emit: Emit, check):
         x_t, gen = progress["x"], progress["gen"]
         gen.set_state(progress["gen_state"])  # a retry draws the noise a first try would have
-        schedule = ddim.Schedule.make(self.cfg.schedule, req.steps)
+        sampler = SAMPLERS[DEFAULT_SAMPLER]
         meter = StageMeter("unet", self.device, emit)
         unet = self._acquire("unet", plan.unet)
-        streamer = None
-        if plan.unet == "streamed":
-            modules = [m for _, m, _ in unet.units()]
-            passes = (req.steps - progress["step"]) * ddim.unet_passes(req.cfg, split=plan.split_cfg)
-            streamer = self.placement.streamed("unet", modules, plan.resident_units, plan.ring_bytes, passes)
-            streamer.__enter__()
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._release, "unet", plan.unet)
+            if plan.unet == "streamed":
+                # Exactly the passes the rest of the render makes: nothing is prefetched past them.
+                calls = (req.steps - progress["step"]) * sampler.calls_per_step
+                passes = calls * unet_passes(req.cfg, split=plan.split_cfg)
+                modules = [m for _, m, _ in unet.units()]
+                stack.enter_context(RingStreamer(self.placement, "unet", modules, plan.resident_units,
+                                                 plan.ring_bytes, passes))
             if plan.prefetch_vae and plan.vae != "host":
                 self._acquire_prefetch("vae")
             meter.loaded()
             x = x_t.to(self.device)
-            denoise = ddim.guided(unet, cond.to(self.device), uncond.to(self.device), req.cfg, split=plan.split_cfg)
+            denoise = guided(unet, cond.to(self.device), uncond.to(self.device), req.cfg, split=plan.split_cfg)
             t0 = time.perf_counter()
 
             def on_step(i: int, t: int, x_now: torch.Tensor) -> None:
@@ -388,13 +350,9 @@ class Engine(Models):
                 return torch.randn(x_t.shape, generator=gen, dtype=torch.float32).to(self.device)
 
             with torch.inference_mode():
-                latents = ddim.sample(denoise, x, schedule, eta=req.eta, noise=noise, on_step=on_step,
-                                      start=progress["step"])
-        finally:
-            if streamer is not None:
-                streamer.__exit__(None, None, None)
-            self._release("unet", plan.unet)
-        note = plan.describe(self.sizes()) if plan.unet != "host" else "cpu"
+                latents = sampler.run(denoise, x, schedule=self.models.cfg.schedule, steps=req.steps, eta=req.eta,
+                                      noise=noise, on_step=on_step, start=progress["step"])
+        note = plan.describe(self.models.sizes()) if plan.unet != "host" else "cpu"
         return latents, meter.finish(note=note)
 
     def _vae_stage(self, latents: torch.Tensor, plan: Plan, emit: Emit, notice):
@@ -432,32 +390,12 @@ class Engine(Models):
         budget = self.effective_budget()
         if budget is None:
             return plan.vae_tile
-        available = budget - MARGIN - torch.cuda.memory_allocated(self.device) - 2 * self.sizes().vae
-        return fp32_decode_tile(self.cfg.vae, z.shape[-2], z.shape[-1], plan.vae_tile, available)
-
-
-def fp32_decode_tile(cfg, lat_h: int, lat_w: int, tile: int | None, available: int) -> int | None:
-    """The tile for decoding in fp32 with ``available`` bytes for activations: the plan's tile
-    if its fp32 decode fits, else the largest one that does (never larger than the plan's)."""
-    if tiled_decode_bytes(cfg, lat_h, lat_w, torch.float32, tile) <= available:
-        return tile
-    fitting = choose_tile(cfg, lat_h, lat_w, torch.float32, available)
-    if fitting is None:
-        return tile
-    return fitting if tile is None else min(tile, fitting)
+        available = budget - MARGIN - torch.cuda.memory_allocated(self.device) - 2 * self.models.sizes().vae
+        return fp32_decode_tile(self.models.cfg.vae, z.shape[-2], z.shape[-1], plan.vae_tile, available)
 
 
 class OutOfMemory(RuntimeError):
     """Out of device memory even with the cheapest plan; one line for the user."""
 
 
-__all__ = [
-    "Cancelled",
-    "OutOfMemory",
-    "ConfigError",
-    "Engine",
-    "ModelSource",
-    "Result",
-    "open_model",
-    "latents_noise",
-]
+__all__ = ["Cancelled", "Engine", "ModelSource", "OutOfMemory", "Result", "open_model", "to_image"]

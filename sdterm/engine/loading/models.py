@@ -15,7 +15,13 @@ from typing import Callable
 
 import torch
 
-from ..config import ModelConfig, default_config_path, load_model_config
+from ...config import ModelConfig, default_config_path, load_model_config
+from ..memory.placement import ALIGN
+from ..memory.planner import ModelSizes
+from ..networks.clip import build_text_encoder, verify_text_encoder
+from ..networks.unet import UNetModel
+from ..networks.vae import VAEDecoder
+from ..prompt.tokenizer import PromptTokenizer, fetch_tokenizer, find_tokenizer
 from .checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
@@ -29,11 +35,6 @@ from .checkpoint import (
     short_hash,
     verify_module,
 )
-from .placement import ALIGN
-from .planner import ModelSizes
-from .text import PromptTokenizer, build_text_encoder, fetch_tokenizer, find_tokenizer, verify_text_encoder
-from .unet import UNetModel
-from .vae import VAEDecoder
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ class Models:
     def sizes(self) -> ModelSizes:
         """Bytes of each model and U-Net unit in the run dtype (from meta-device modules)."""
         if self._sizes is None:
-            from .text import clip_config
+            from ..networks.clip import clip_config
 
             itemsize = torch.tensor([], dtype=self.dtype).element_size()
 

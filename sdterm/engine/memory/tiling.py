@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import VAEConfig
-from . import vae as _vae
-from .vae import VAEDecoder
+from ...config import VAEConfig
+from ..networks import vae as _vae
+from ..networks.vae import VAEDecoder
 
 # --------------------------------------------------------------------------------------------
 # Activation estimate
@@ -175,6 +175,17 @@ def choose_tile(
         if tiled_decode_bytes(cfg, lat_h, lat_w, dtype, tile, overlap) <= available_bytes:
             return tile
     return smallest
+
+
+def fp32_decode_tile(cfg: VAEConfig, lat_h: int, lat_w: int, tile: int | None, available: int) -> int | None:
+    """The tile for decoding in fp32 with ``available`` bytes for activations: the plan's tile
+    if its fp32 decode fits, else the largest one that does (never larger than the plan's)."""
+    if tiled_decode_bytes(cfg, lat_h, lat_w, torch.float32, tile) <= available:
+        return tile
+    fitting = choose_tile(cfg, lat_h, lat_w, torch.float32, available)
+    if fitting is None:
+        return tile
+    return fitting if tile is None else min(tile, fitting)
 
 
 # --------------------------------------------------------------------------------------------

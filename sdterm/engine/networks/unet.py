@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import UNetConfig
+from ...config import UNetConfig
 from .attention import SpatialTransformer
 
 

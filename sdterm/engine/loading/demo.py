@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, model_config_to_dict
-from ..fsutil import atomic_write_bytes
+from ...config import ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, model_config_to_dict
+from ...fsutil import atomic_write_bytes
+from ..networks.unet import UNetModel
+from ..networks.vae import VAEDecoder
 from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
-from .unet import UNetModel
-from .vae import VAEDecoder
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -110,7 +110,7 @@ def demo_config(vocab_size: int) -> ModelConfig:
 
 def _random_init(cfg: ModelConfig, dtype: torch.dtype, seed: int):
     """(text encoder, U-Net, VAE decoder) with PyTorch's/transformers' default random init."""
-    from .text import build_text_encoder
+    from ..networks.clip import build_text_encoder
 
     torch.manual_seed(seed)
     text = build_text_encoder(cfg.text, None, dtype)
@@ -166,8 +166,8 @@ engine's full-size random weights) keep the plain init.
 def demo_modules(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0):
     """(text encoder, U-Net, VAE decoder) with the demo model's random weights: the default init
     with :data:`DEMO_GAINS` applied."""
-    from .attention import CrossAttention
-    from .text import clip_inner
+    from ..networks.attention import CrossAttention
+    from ..networks.clip import clip_inner
 
     text, unet, vae = _random_init(cfg, dtype, seed)
     g = DEMO_GAINS
@@ -185,7 +185,7 @@ def demo_modules(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int
 
 def original_state_dict(text, unet, vae) -> dict[str, torch.Tensor]:
     """The three modules' weights under the original single-file checkpoint keys."""
-    from .text import clip_inner
+    from ..networks.clip import clip_inner
 
     sd: dict[str, torch.Tensor] = {}
     for prefix, module in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (TEXT_PREFIX + "text_model.", clip_inner(text))):

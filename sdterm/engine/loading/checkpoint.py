@@ -315,7 +315,7 @@ def remembered_sha256(path: str | os.PathLike, memo_file: Path | None) -> str:
             memo = {}
     digest = file_sha256(p)
     if memo_file is not None:
-        from ..fsutil import atomic_write_bytes
+        from ...fsutil import atomic_write_bytes
 
         memo[key] = {**stamp, "sha256": digest}
         try:
@@ -328,7 +328,7 @@ def remembered_sha256(path: str | os.PathLike, memo_file: Path | None) -> str:
 def remember_sha256(path: str | os.PathLike, digest: str, memo_file: Path) -> None:
     """Record a sha256 already verified elsewhere (e.g. by a download), so the first render does
     not read the whole file again. Failures to write the memo are ignored."""
-    from ..fsutil import atomic_write_bytes
+    from ...fsutil import atomic_write_bytes
 
     p = Path(path).resolve()
     st = p.stat()

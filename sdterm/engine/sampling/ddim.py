@@ -15,9 +15,8 @@ from typing import Callable
 
 import torch
 
-from ..config import ScheduleConfig
-
-Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+from ...config import ScheduleConfig
+from .base import Denoiser, Sampler
 
 
 def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
@@ -111,48 +110,12 @@ def sample(
     return x
 
 
-def unet_passes(scale: float, *, split: bool) -> int:
-    """U-Net forward passes per denoiser call of :func:`guided` (what a streamed U-Net prefetches)."""
-    return 2 if (split and scale != 1.0) else 1
+def run(denoise: Denoiser, x: torch.Tensor, *, schedule: ScheduleConfig, steps: int, eta: float = 0.0,
+        noise: Callable[[], torch.Tensor] | None = None,
+        on_step: Callable[[int, int, torch.Tensor], None] | None = None, start: int = 0) -> torch.Tensor:
+    """DDIM as a registered sampler (CompVis/diffusers form: ``steps`` updates, the last one to
+    alphas_cumprod[0])."""
+    return sample(denoise, x, Schedule.make(schedule, steps), eta=eta, noise=noise, on_step=on_step, start=start)
 
 
-def guided(
-    unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    scale: float,
-    *,
-    split: bool = False,
-) -> Denoiser:
-    """Classifier-free guidance: eps = eps_u + scale (eps_c - eps_u), both in one batch of two
-    (or, with ``split``, two passes of one: half the activation memory, same result).
-
-    ``cond``/``uncond`` are (1, tokens, dim) and must have the same token count. With scale == 1
-    the unconditional pass is pointless and is skipped.
-    """
-    if scale == 1.0:
-
-        def denoise_cond(x: torch.Tensor, t: int) -> torch.Tensor:
-            ts = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            return unet(x, ts, cond).to(x.dtype)
-
-        return denoise_cond
-
-    if split:
-
-        def denoise_split(x: torch.Tensor, t: int) -> torch.Tensor:
-            ts = torch.full((1,), t, device=x.device, dtype=torch.long)
-            eps_u = unet(x, ts, uncond).to(x.dtype)
-            eps_c = unet(x, ts, cond).to(x.dtype)
-            return eps_u + scale * (eps_c - eps_u)
-
-        return denoise_split
-
-    context = torch.cat([uncond, cond])  # (2, tokens, dim): [unconditional, conditional]
-
-    def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-        ts = torch.full((2,), t, device=x.device, dtype=torch.long)
-        eps_u, eps_c = unet(torch.cat([x, x]), ts, context).to(x.dtype).chunk(2)
-        return eps_u + scale * (eps_c - eps_u)
-
-    return denoise
+SAMPLER = Sampler("DDIM", run)

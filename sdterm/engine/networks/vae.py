@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import VAEConfig
+from ...config import VAEConfig
 
 ATTN_CHUNK_THRESHOLD = 4096
 """Above this many pixel tokens (a 64x64 latent: a 512x512 image) the mid-block attention runs in

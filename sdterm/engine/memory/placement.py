@@ -1,0 +1,227 @@
+"""Where each model lives: packed pinned host units, uploads (plain or prefetched on the side
+stream) and offloads, the device and its run dtype.
+
+Models are kept on the host (in the run dtype) between renders. A stage moves its model to the
+device, runs, and puts the host tensors back without a device-to-host copy (the weights never
+change).
+
+Streams. Everything computes on the current ("compute") stream; uploads that should overlap
+compute run on one side ("copy") stream. Two rules keep that safe, and every side-stream write
+goes through :meth:`Placement.copy_async`, which applies both:
+
+1. *Write after use*: a side-stream copy into memory the compute stream may have used (a block
+   the allocator handed out again, a ring region) first waits for that use (``wait_stream`` or
+   the region's release event).
+2. *Free after write*: a buffer the side stream writes is recorded on the side stream
+   (``record_stream``), so the caching allocator does not hand its memory to anyone, nor return
+   it to the driver in ``empty_cache``, until the copies issued before the free have finished.
+
+And at the end of a stage the compute stream joins the side stream (:meth:`Placement.join`): no
+copy is left pending behind a render, whatever happened during it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu. An unavailable 'cuda' is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
+    if dev.type not in ("cuda", "cpu"):
+        raise RuntimeError(f"unsupported device {name!r}: use auto, cpu or cuda")
+    return dev
+
+
+def use_expandable_segments() -> None:
+    """Ask torch's caching allocator for expandable segments: freed blocks of different sizes
+    coalesce instead of fragmenting, so reserved memory stays close to allocated (what matters on
+    a 4 GB card). Harmless where unsupported; PYTORCH_CUDA_ALLOC_CONF set by the user wins."""
+    import os
+
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):
+        pass
+
+
+def run_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA, fp32 on the CPU (CPU half-precision convolutions are slow and inexact)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+COMPUTE = object()
+"""``Placement.copy_async(after=COMPUTE)``: the copy waits for the compute stream's queued work."""
+
+ALIGN = 256
+"""Byte alignment of every tensor inside a packed unit (keeps kernels on their fast paths)."""
+
+
+@dataclass
+class _Slot:
+    owner: nn.Module
+    name: str
+    is_param: bool
+    shape: torch.Size
+    dtype: torch.dtype
+    offset: int
+    nbytes: int
+
+
+class Unit:
+    """Some modules' parameters and buffers packed into one flat byte buffer on the host (pinned
+    when the device is a GPU), so the unit moves to the device with a single copy."""
+
+    def __init__(self, modules: list[nn.Module], pin: bool):
+        slots: list[_Slot] = []
+        seen: set[int] = set()
+        offset = 0
+        for module in modules:
+            for owner in module.modules():
+                for name, t in list(owner._parameters.items()) + list(owner._buffers.items()):
+                    if t is None or id(t) in seen:
+                        continue
+                    seen.add(id(t))
+                    nbytes = t.numel() * t.element_size()
+                    slots.append(_Slot(owner, name, name in owner._parameters, t.shape, t.dtype, offset, nbytes))
+                    offset += -(-nbytes // ALIGN) * ALIGN
+        self.slots = slots
+        self.nbytes = max(offset, ALIGN)
+        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        for slot in slots:
+            src = self._get(slot)
+            self._view(self.host, 0, slot).copy_(src)
+            self._set(slot, self._view(self.host, 0, slot))  # the old tensor is freed here
+        self.device_buf: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+
+    @staticmethod
+    def _get(slot: _Slot) -> torch.Tensor:
+        table = slot.owner._parameters if slot.is_param else slot.owner._buffers
+        return table[slot.name].data
+
+    @staticmethod
+    def _set(slot: _Slot, view: torch.Tensor) -> None:
+        if slot.is_param:
+            slot.owner._parameters[slot.name].data = view
+        else:
+            slot.owner._buffers[slot.name] = view
+
+    @staticmethod
+    def _view(flat: torch.Tensor, start: int, slot: _Slot) -> torch.Tensor:
+        return flat[start + slot.offset : start + slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+
+    def bind(self, flat: torch.Tensor, start: int = 0) -> None:
+        """Point every tensor of the unit at its place in ``flat`` (host, device buffer or ring)."""
+        for slot in self.slots:
+            self._set(slot, self._view(flat, start, slot))
+
+
+class Placement:
+    """Moves packed models between pinned host memory and the device.
+
+    ``register(name, module, units)`` packs a model once (units: the sub-modules that move
+    separately, for streaming; default one unit). ``upload`` (optionally on the side stream, as a
+    prefetch), ``offload`` and ``streamed`` execute what the planner decided.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            use_expandable_segments()
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.models: dict[str, list[Unit]] = {}
+
+    def register(self, name: str, module: nn.Module, units: list[nn.Module] | None = None) -> None:
+        if name not in self.models:
+            self.models[name] = [Unit([m], pin=self.cuda) for m in (units or [module])]
+
+    def on_device(self, name: str) -> bool:
+        return all(u.device_buf is not None for u in self.models.get(name, []))
+
+    def device_bytes(self, name: str) -> int:
+        return sum(u.nbytes for u in self.models.get(name, []) if u.device_buf is not None)
+
+    def copy_async(self, dst: torch.Tensor, src: torch.Tensor, after: object = COMPUTE):
+        """Copy ``src`` (pinned host) into ``dst`` (device) on the side stream; returns the event
+        that marks the copy done (None on the CPU, where the copy is synchronous).
+
+        The copy first waits for ``after``: by default all work queued on the compute stream so
+        far (``dst`` may be memory that work used), or an event (the release of the region it
+        overwrites), or None when the caller has already ordered it. ``dst`` is recorded on the
+        side stream: the allocator can neither reuse nor release its memory before the copy has
+        finished, even if ``dst`` is freed at once.
+        """
+        if not self.cuda:
+            dst.copy_(src)
+            return None
+        stream = self.copy_stream
+        if after is COMPUTE:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        elif after is not None:
+            stream.wait_event(after)
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        dst.record_stream(stream)
+        return done
+
+    def join(self) -> None:
+        """Order everything the compute stream does from now on after every copy issued so far
+        (no CPU stall). Called at the end of each stage: no copy stays pending behind a render."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+
+    def pending_copies(self) -> bool:
+        """Whether the side stream still has unfinished work (a query, never a wait)."""
+        return self.cuda and not self.copy_stream.query()
+
+    def upload(self, name: str, *, prefetch: bool = False, units: list[int] | None = None) -> None:
+        """Copy the model (or some of its units) to the device. With ``prefetch`` the copy runs on
+        the side stream and overlaps whatever the compute stream is doing; ``wait`` joins it."""
+        for i, unit in enumerate(self.models[name]):
+            if (units is not None and i not in units) or unit.device_buf is not None:
+                continue
+            buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+            if prefetch:
+                unit.ready = self.copy_async(buf, unit.host)
+            else:
+                buf.copy_(unit.host, non_blocking=True)
+            unit.device_buf = buf
+            unit.bind(buf)
+
+    def wait(self, name: str) -> None:
+        """Make the compute stream wait for a prefetch of ``name`` (no CPU stall)."""
+        for unit in self.models.get(name, []):
+            if unit.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(unit.ready)
+                unit.ready = None
+
+    def offload(self, name: str) -> None:
+        """Back to the host copy; the device memory is released (no device-to-host copy: the
+        weights never change). Safe with a prefetch still in flight: its buffer was recorded on
+        the side stream, so the allocator waits for the copy before reusing the memory."""
+        for unit in self.models.get(name, []):
+            if unit.device_buf is not None:
+                unit.bind(unit.host)
+                unit.device_buf = None
+                unit.ready = None
+
+    def offload_all(self) -> None:
+        for name in self.models:
+            self.offload(name)

@@ -1,0 +1,85 @@
+"""The CLIP text encoder (transformers' CLIPTextModel) under the checkpoint's own key names:
+built, verified by name and shape, loaded, and run on a tokenized prompt chunk by chunk."""
+
+from __future__ import annotations
+
+import torch
+
+from ...config import TextConfig
+from ..loading.checkpoint import TEXT_PREFIX, Checkpoint, load_module, verify_module
+from ..prompt.tokenizer import Tokens
+
+
+def clip_config(cfg: TextConfig):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        hidden_act=cfg.hidden_act,
+        projection_dim=cfg.hidden_size,
+        # CLIP's vocabularies end with <|startoftext|>, <|endoftext|> (49406, 49407 for ViT-L/14).
+        bos_token_id=cfg.vocab_size - 2,
+        eos_token_id=cfg.vocab_size - 1,
+        pad_token_id=cfg.vocab_size - 1,
+    )
+
+
+def build_text_encoder(cfg: TextConfig, ckpt: Checkpoint | None, dtype: torch.dtype):
+    """transformers' CLIPTextModel with weights from ``cond_stage_model.transformer.*``.
+
+    With ``ckpt=None`` the weights are random (for measurements without a checkpoint).
+    """
+    from transformers import CLIPTextModel
+
+    config = clip_config(cfg)
+    config._attn_implementation = "sdpa"
+    if ckpt is None:
+        model = CLIPTextModel(config).to(dtype)
+        return model.eval().requires_grad_(False)
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    _load_clip(model, ckpt, dtype)
+    return model
+
+
+def clip_inner(model) -> torch.nn.Module:
+    """The module holding embeddings/encoder/final_layer_norm (transformers 4 nests it as text_model)."""
+    return getattr(model, "text_model", model)
+
+
+def _clip_prefix(ckpt: Checkpoint) -> str:
+    # SD v1 files store cond_stage_model.transformer.text_model.*; a few older ones lack "text_model.".
+    nested = TEXT_PREFIX + "text_model."
+    return nested if any(k.startswith(nested) for k in ckpt.keys()) else TEXT_PREFIX
+
+
+def verify_text_encoder(cfg: TextConfig, ckpt: Checkpoint) -> None:
+    """Check the checkpoint has every text-encoder tensor, without reading any."""
+    from transformers import CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel(clip_config(cfg))
+    verify_module(clip_inner(model), ckpt, _clip_prefix(ckpt), ignore=("position_ids",))
+
+
+def _load_clip(model, ckpt: Checkpoint, dtype: torch.dtype) -> None:
+    # position_ids is a buffer some files carry and some transformers versions persist: rebuilt below.
+    inner = clip_inner(model)
+    load_module(inner, ckpt, _clip_prefix(ckpt), dtype, ignore=("position_ids",))
+    emb = inner.embeddings
+    n = emb.position_embedding.weight.shape[0]
+    emb.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)
+    model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode(model, tokens: Tokens, device: torch.device) -> torch.Tensor:
+    """(chunks of 77 ids) -> (1, 77 * chunks, hidden): the last hidden state, chunks concatenated."""
+    ids = torch.tensor(tokens.chunks, dtype=torch.long, device=device)  # (chunks, 77)
+    hidden = model(input_ids=ids).last_hidden_state  # (chunks, 77, hidden)
+    return hidden.reshape(1, -1, hidden.shape[-1])
