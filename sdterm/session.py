@@ -45,6 +45,9 @@ class Session:
         """The prompt of the last render asked for; what the seed and variation keys re-render."""
         self.last_path: str | None = None
         """The last image saved, for /open."""
+        self.recalled = False
+        """True after :meth:`restore` until the next render: re-rendering the recalled prompt keeps
+        its seed even when the seed is unlocked (the parameter line says so)."""
 
     # ---- renders ---------------------------------------------------------------------------
 
@@ -58,6 +61,7 @@ class Session:
         """Validate ``trial`` for ``prompt``; on success it becomes the parameters."""
         request = trial.replace(prompt=prompt).validated()
         self.params = trial
+        self.recalled = False
         return request
 
     def request(self, prompt: str) -> Params:
@@ -75,6 +79,7 @@ class Session:
         """Render ``prompt`` again with the parameters as they are, seed included (even when unlocked)."""
         request = self.request(prompt)
         self.last_prompt = prompt
+        self.recalled = False
         return request
 
     def nudge_seed(self, delta: int) -> Params | None:
@@ -144,14 +149,24 @@ class Session:
         params.validated()
         self.params = params.replace(prompt="")
         self.last_prompt = params.prompt
+        self.recalled = True
 
     def describe(self) -> str:
         """One line for the parameter bar, e.g.
         ``seed 1234 (locked) · 50 steps · CFG 7.5 · 512×512 · eta 0 · var 0.10@567 · budget auto``.
+        An unlocked seed shows as ``seed random (last N)``: the next new prompt draws a new seed,
+        while the seed keys start from N, the last render's seed; after a recall, ``seed N
+        (recalled)``: the recalled prompt renders again with its own seed.
         The variation part appears only while the variation strength is above 0."""
         p = self.params
+        if self.seed_locked:
+            seed = f"seed {p.seed} (locked)"
+        elif self.recalled:
+            seed = f"seed {p.seed} (recalled)"
+        else:  # a new prompt draws a new seed: showing p.seed would name a seed that won't be used
+            seed = "seed random" + (f" (last {p.seed})" if self.last_prompt is not None else "")
         parts = [
-            f"seed {p.seed}" + (" (locked)" if self.seed_locked else ""),
+            seed,
             f"{p.steps} step" + ("" if p.steps == 1 else "s"),
             f"CFG {p.cfg:g}",
             f"{p.width}×{p.height}",

@@ -504,7 +504,25 @@ def test_describe(tmp_path):
     s = session(tmp_path, seed=1234, seed_locked=True, subseed_strength=0.1, subseed=567)
     assert s.describe() == "seed 1234 (locked) · 50 steps · CFG 7.5 · 512×512 · eta 0 · var 0.10@567 · budget auto"
     s = session(tmp_path, seed=1, steps=1, cfg=7.0, width=768, height=512, eta=0.5, budget=3 * 2**29)
-    assert s.describe() == "seed 1 · 1 step · CFG 7 · 768×512 · eta 0.5 · budget 1.5G"
+    assert s.describe() == "seed random · 1 step · CFG 7 · 768×512 · eta 0.5 · budget 1.5G"
+
+
+def test_an_unlocked_seed_shows_what_the_next_render_uses(tmp_path):
+    """The parameter line never names a seed the next render won't use (issue 12, bug 4)."""
+    s = session(tmp_path, seed=1)
+    assert s.describe().startswith("seed random ·")
+    first = s.new_prompt("a fox")
+    assert s.describe().startswith(f"seed random (last {first.seed}) ·")
+    assert s.nudge_seed(1).seed == first.seed + 1  # the seed keys start from the last seed shown
+    s.toggle_lock()
+    shown = s.describe()
+    assert shown.startswith(f"seed {first.seed + 1} (locked)")
+    assert s.new_prompt("a cat").seed == first.seed + 1  # locked: the shown seed is the one used
+    s.toggle_lock()
+    s.restore(first)
+    assert s.describe().startswith(f"seed {first.seed} (recalled) ·")
+    assert s.rerun("a fox").seed == first.seed  # what the app does on Enter with the recalled prompt
+    assert s.describe().startswith(f"seed random (last {first.seed}) ·")
 
 
 def test_session_module_imports_no_ui():
