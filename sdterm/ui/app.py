@@ -230,8 +230,7 @@ class SdtermApp(App):
         except CommandError as exc:
             self.notice(str(exc), "error")
             return
-        if command is not None:
-            self.query_one("#prompt", Input).value = ""
+        if command is not None:  # PromptInput cleared the box at the Enter, in key order
             self.run_command(command)
             return
         self.session.set_negative(self.query_one("#negative", Input).value)
