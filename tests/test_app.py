@@ -690,15 +690,14 @@ def exit_report(app) -> tuple[int, str]:
     """What ``sdterm`` prints and returns once the app has exited."""
     import io
 
-    from sdterm.cli import app_exit_code
+    from sdterm.cli.app import app_exit_code
 
     stream = io.StringIO()
     return app_exit_code(app, stream), stream.getvalue()
 
 
 async def test_a_bug_in_a_render_is_called_a_bug_with_its_traceback_logged(engine, tmp_path, monkeypatch):
-    from sdterm.cli import EXIT_INTERNAL
-    from sdterm.errors import error_log_file
+    from sdterm.errors import EXIT_INTERNAL, error_log_file
 
     monkeypatch.delenv("SDTERM_DEBUG", raising=False)
     monkeypatch.setattr(engine._engine, "generate", broken_generate(ZeroDivisionError("division by zero")))

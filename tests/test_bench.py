@@ -7,21 +7,20 @@ CUDA and are skipped with a note.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from sdterm.bench import add_parser, bench_sdterm, cmd_bench, parse_budgets, parse_modes, parse_sizes, run_bench
-from sdterm.cli import UserError
+from sdterm.bench.options import BenchOptions, Budget, parse_budgets, parse_modes, parse_sizes
+from sdterm.bench.reference import reference_modes_to_run
+from sdterm.bench.report import format_report
+from sdterm.bench.rows import BenchReport, Row, add_ratios
+from sdterm.bench.run import bench_sdterm, run_bench
 from sdterm.engine.events import StageStats
-from sdterm.errors import ConfigError
-from sdterm.measure import BenchOptions, BenchReport, Budget, Row, add_ratios, format_report
-from sdterm.reference import reference_modes_to_run
+from sdterm.errors import UserError
 from sdterm.units import parse_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,22 +43,11 @@ def tiny_config(tmp_path):
 
 @pytest.fixture
 def bench_cli(capsys):
-    """``sdterm bench ARGS`` in-process -> (exit code, stdout, stderr); through ``sdterm.cli.main``
-    once the command is wired there, else through this module's parser with main()'s error line."""
-    from sdterm import cli
+    """``sdterm bench ARGS`` in-process through ``sdterm.cli.main`` -> (exit code, stdout, stderr)."""
+    from sdterm.cli import main
 
     def run(*args):
-        argv = ["bench", *map(str, args)]
-        if "bench" in getattr(cli, "COMMANDS", {}):
-            code = cli.main(argv)
-        else:
-            parser = argparse.ArgumentParser(prog="sdterm")
-            add_parser(parser.add_subparsers(dest="command"))
-            try:
-                code = cmd_bench(parser.parse_args(argv))
-            except (UserError, ConfigError) as exc:
-                print(f"sdterm: error: {exc}", file=sys.stderr)
-                code = 1
+        code = main(["bench", *map(str, args)])
         out, err = capsys.readouterr()
         return code, out, err
 

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from sdterm import download as dl
-from sdterm.download import MODELS, DownloadError, download_model, download_tokenizer
+from sdterm.download import MODELS, DownloadError, command, download_model, download_tokenizer, partial_files
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SD15 = MODELS["sd-v1-5"]
@@ -281,7 +280,7 @@ def test_interrupted_run_keeps_the_partial_file_and_the_next_run_resumes_it(hub,
     msg = one_line(info)
     assert "503" in msg and "again to resume" in msg
     assert not (tmp_path / SD15.filename).exists()  # never a half file under the final name
-    (part,) = dl.partial_files(tmp_path, SD15.filename)
+    (part,) = partial_files(tmp_path, SD15.filename)
     kept = part.stat().st_size
     assert 0 < kept <= 100_000 and part.read_bytes() == fake_sd15.data[:kept]
 
@@ -289,7 +288,7 @@ def test_interrupted_run_keeps_the_partial_file_and_the_next_run_resumes_it(hub,
     path = download_model("sd-v1-5", tmp_path, endpoint=hub.url, progress=False)
     assert path.read_bytes() == fake_sd15.data
     assert hub.seen("cdn", "GET")[-1]["range"] == f"bytes={kept}-"
-    assert dl.partial_files(tmp_path, SD15.filename) == []
+    assert partial_files(tmp_path, SD15.filename) == []
 
 
 def test_xet_backed_file_comes_through_the_resolve_redirect_with_range_and_without_token_at_the_cdn(
@@ -316,7 +315,7 @@ def test_checksum_mismatch_is_one_line_and_leaves_no_file(hub, fake_sd15, tmp_pa
     msg = one_line(info)
     assert "sha256 mismatch" in msg and SD15.filename in msg
     assert not (tmp_path / SD15.filename).exists()
-    assert dl.partial_files(tmp_path, SD15.filename) == []
+    assert partial_files(tmp_path, SD15.filename) == []
 
 
 def test_hub_hash_differing_from_the_pinned_one_stops_before_downloading(hub, fake_sd15, tmp_path, monkeypatch):
@@ -471,17 +470,17 @@ def test_cli_command_downloads_both_and_prints_the_path(hub, fake_sd15, tmp_path
     _serve_tokenizer(hub, tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)  # read at call time, not only at huggingface_hub's import
     parser = argparse.ArgumentParser(prog="sdterm")
-    dl.add_parser(parser.add_subparsers(dest="command"))
+    command.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["download"])
     assert args.model == "sd-v1-5"
-    assert dl.cmd_download(args) == 0
+    assert command.run(args) == 0
     out, err = capsys.readouterr()
     expected = paths.data_dir() / "models" / SD15.filename
     assert out.strip() == str(expected) and expected.read_bytes() == fake_sd15.data
     assert "CreativeML OpenRAIL-M" in err and "tokenizer:" in err
 
     n = len(hub.requests)  # again: everything is there, nothing goes over the network
-    assert dl.cmd_download(parser.parse_args(["download", "sd-v1-5"])) == 0
+    assert command.run(parser.parse_args(["download", "sd-v1-5"])) == 0
     assert "already there" in capsys.readouterr().err and len(hub.requests) == n
 
 
@@ -489,8 +488,8 @@ def test_cli_dir_puts_the_checkpoint_elsewhere(hub, fake_sd15, tmp_path, monkeyp
     _serve_tokenizer(hub, tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     parser = argparse.ArgumentParser(prog="sdterm")
-    dl.add_parser(parser.add_subparsers(dest="command"))
-    assert dl.cmd_download(parser.parse_args(["download", "--dir", str(tmp_path / "elsewhere")])) == 0
+    command.add_parser(parser.add_subparsers(dest="command"))
+    assert command.run(parser.parse_args(["download", "--dir", str(tmp_path / "elsewhere")])) == 0
     out, err = capsys.readouterr()
     assert out.strip() == str(tmp_path / "elsewhere" / SD15.filename)
     assert "--model" in err
@@ -502,10 +501,10 @@ def test_cli_interrupt_says_how_to_resume(tmp_path, monkeypatch, capsys):
         (Path(dest_dir) / f"{SD15.filename}.abc.partial").write_bytes(b"x" * 2048)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dl, "download_model", interrupted)
+    monkeypatch.setattr(command, "download_model", interrupted)
     parser = argparse.ArgumentParser(prog="sdterm")
-    dl.add_parser(parser.add_subparsers(dest="command"))
-    assert dl.cmd_download(parser.parse_args(["download", "--dir", str(tmp_path / "m")])) == 130
+    command.add_parser(parser.add_subparsers(dest="command"))
+    assert command.run(parser.parse_args(["download", "--dir", str(tmp_path / "m")])) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "2 KiB kept" in err and "again to resume" in err
 
@@ -522,7 +521,7 @@ def test_a_second_download_of_the_same_file_stops_at_once(hub, fake_sd15, tmp_pa
 
 def test_cli_rejects_unknown_models():
     parser = argparse.ArgumentParser(prog="sdterm")
-    dl.add_parser(parser.add_subparsers(dest="command"))
+    command.add_parser(parser.add_subparsers(dest="command"))
     with pytest.raises(SystemExit):
         parser.parse_args(["download", "sd-v2"])
 

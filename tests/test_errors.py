@@ -37,7 +37,7 @@ def cache_raises(monkeypatch):
     """``sdterm cache stats`` raises ``exc`` from inside the command (no model needed)."""
 
     def arm(exc: BaseException) -> None:
-        monkeypatch.setattr(cli, "open_cache", fail_with(exc))
+        monkeypatch.setattr(cli.cache, "open_cache", fail_with(exc))
 
     return arm
 
@@ -99,7 +99,7 @@ def test_debug_or_sdterm_debug_prints_the_traceback(argv, env, run_cli, monkeypa
         monkeypatch.delenv("SDTERM_DEBUG", raising=False)
     else:
         monkeypatch.setenv("SDTERM_DEBUG", env)
-    monkeypatch.setattr(cli, "open_cache", injected_bug)
+    monkeypatch.setattr(cli.cache, "open_cache", injected_bug)
     code, out, err = run_cli(*argv)
     assert code == EXIT_INTERNAL
     lines = err.splitlines()
@@ -112,7 +112,7 @@ def test_debug_or_sdterm_debug_prints_the_traceback(argv, env, run_cli, monkeypa
 @pytest.mark.parametrize("value", ["0", "", "false", "no", "off"])
 def test_sdterm_debug_off_values_print_no_traceback(value, run_cli, monkeypatch):
     monkeypatch.setenv("SDTERM_DEBUG", value)
-    monkeypatch.setattr(cli, "open_cache", injected_bug)
+    monkeypatch.setattr(cli.cache, "open_cache", injected_bug)
     code, out, err = run_cli("cache", "stats")
     assert code == EXIT_INTERNAL and "Traceback" not in err and len(err.splitlines()) == 1
 
@@ -133,7 +133,7 @@ def test_the_real_process_exits_70_on_a_bug(tmp_path):
     code = ("import sdterm.cli as c\n"
             "def broken(args):\n"
             "    raise RuntimeError('boom')\n"
-            "c.COMMANDS['cache'] = broken\n"
+            "c.cache.run = broken\n"
             "c.entry()\n")
     env = {k: v for k, v in os.environ.items() if k != "SDTERM_DEBUG"}
     plain = subprocess.run([sys.executable, "-c", code, "cache", "path"], capture_output=True, text=True,

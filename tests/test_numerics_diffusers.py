@@ -25,7 +25,7 @@ from sdterm.config import ScheduleConfig  # noqa: E402
 from sdterm.engine.sampling import ddim, guidance  # noqa: E402
 from sdterm.engine.loading.checkpoint import UNET_PREFIX, VAE_PREFIX# noqa: E402
 from sdterm.engine.loading.demo import demo_config, demo_modules, original_state_dict# noqa: E402
-from sdterm.reference import diffusers_unet_kwargs, diffusers_vae_kwargs  # noqa: E402
+from sdterm.bench.reference import diffusers_unet_kwargs, diffusers_vae_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,10 +5,10 @@ diffusers' own converters (so the key mapping is diffusers', not ours), then put
 fresh pipeline with the same DDIM schedule and tokenizer. ``bench_reference`` places it in each
 requested mode (all on the device, model CPU offload, sequential CPU offload) and times it like
 sdterm's rows: the prompt encoded once up front, one warm-up render, then the timed ones from
-the same x_T as sdterm's; rows come back as ``measure.Row``.
+the same x_T as sdterm's; rows come back as ``rows.Row``.
 
 diffusers (and accelerate, for the offload modes) are imported only inside the functions that need
-them, so this module, like ``bench``, imports without them.
+them, so this module, like the rest of the bench, imports without them.
 """
 
 from __future__ import annotations
@@ -18,24 +18,16 @@ import gc
 import time
 from dataclasses import dataclass
 
-from .measure import (
-    BenchOptions,
-    Log,
-    Row,
-    budget_errors,
-    clean_device,
-    error_line,
-    no_log,
-    release_device,
-    sync_device,
-)
+from .device import budget_errors, clean_device, error_line, release_device, sync_device
+from .options import BenchOptions, Log, no_log
+from .rows import Row
 
 MODE_PLANS = {
     "gpu": "pipe.to(device)",
     "model-offload": "enable_model_cpu_offload()",
     "sequential-offload": "enable_sequential_cpu_offload()",
 }
-"""How each of diffusers' placements (``measure.REFERENCE_MODES``) is set up, shown in the plan column."""
+"""How each of diffusers' placements (``options.REFERENCE_MODES``) is set up, shown in the plan column."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,12 +97,12 @@ def reference_weights(engine) -> ReferenceWeights:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from .engine.demo import original_state_dict
+    from ..engine.loading.demo import original_state_dict
 
-    sd = original_state_dict(engine.module("text"), engine.module("unet"), engine.module("vae"))
+    sd = original_state_dict(engine.models.module("text"), engine.models.module("unet"), engine.models.module("vae"))
     with torch.device("meta"):
-        unet_cfg = dict(UNet2DConditionModel(**diffusers_unet_kwargs(engine.cfg.unet)).config)
-        vae_cfg = dict(AutoencoderKL(**diffusers_vae_kwargs(engine.cfg.vae)).config)
+        unet_cfg = dict(UNet2DConditionModel(**diffusers_unet_kwargs(engine.models.cfg.unet)).config)
+        vae_cfg = dict(AutoencoderKL(**diffusers_vae_kwargs(engine.models.cfg.vae)).config)
     return ReferenceWeights(convert_ldm_unet_checkpoint(sd, unet_cfg), convert_ldm_vae_checkpoint(sd, vae_cfg))
 
 
@@ -121,14 +113,14 @@ def build_pipeline(engine, weights: ReferenceWeights, dtype):
     from transformers import CLIPTokenizer
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**diffusers_unet_kwargs(engine.cfg.unet))
+        unet = UNet2DConditionModel(**diffusers_unet_kwargs(engine.models.cfg.unet))
     unet.load_state_dict(weights.unet, strict=True, assign=True)  # no copy of the U-Net's weights
     unet = unet.to(dtype).eval().requires_grad_(False)
 
     # sdterm has no VAE encoder: it keeps diffusers' own init (unused by text-to-image).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        vae = AutoencoderKL(**diffusers_vae_kwargs(engine.cfg.vae))
+        vae = AutoencoderKL(**diffusers_vae_kwargs(engine.models.cfg.vae))
     missing, unexpected = vae.load_state_dict(weights.vae, strict=False)
     stray = [k for k in missing if not k.startswith(("encoder.", "quant_conv."))]
     if unexpected or stray:
@@ -136,11 +128,11 @@ def build_pipeline(engine, weights: ReferenceWeights, dtype):
     vae = vae.to(dtype).eval().requires_grad_(False)
 
     # A copy: diffusers moves (and hooks) its text encoder, the engine's stays as it is.
-    text = copy.deepcopy(engine.module("text")).to(dtype).eval().requires_grad_(False)
+    text = copy.deepcopy(engine.models.module("text")).to(dtype).eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(
-        str(engine.tokenizer.folder), model_max_length=engine.cfg.text.max_positions
+        str(engine.models.tokenizer.folder), model_max_length=engine.models.cfg.text.max_positions
     )
-    s = engine.cfg.schedule
+    s = engine.models.cfg.schedule
     scheduler = DDIMScheduler(
         num_train_timesteps=s.num_train_timesteps,
         beta_start=s.beta_start,
@@ -214,7 +206,7 @@ def bench_reference(engine, opts: BenchOptions, modes: tuple[str, ...], log: Log
 def _bench_reference(engine, opts: BenchOptions, modes: tuple[str, ...], log: Log) -> list[Row]:
     import torch
 
-    from .engine.pipeline import latents_noise
+    from ..engine.sampling.noise import latents_noise
 
     device, dtype = engine.device, engine.dtype
     release_device(engine)

@@ -9,8 +9,8 @@ import platform
 import sys
 from dataclasses import asdict, dataclass
 
-from .errors import ConfigError
-from .units import format_bytes
+from ..errors import ConfigError
+from ..units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,9 @@ def check_torch() -> list[Check]:
 
 
 def check_models() -> list[Check]:
-    from . import paths
-    from .engine.loading.checkpoint import CheckpointError, open_checkpoint, remembered_sha256, short_hash
-    from .resolve import find_models, models_dir, user_config
+    from .. import paths
+    from ..engine.loading.checkpoint import CheckpointError, open_checkpoint, remembered_sha256, short_hash
+    from ..resolve import find_models, models_dir, user_config
 
     out = []
     try:
@@ -80,8 +80,8 @@ def check_models() -> list[Check]:
 
 
 def check_tokenizer() -> Check:
-    from . import paths
-    from .engine.prompt.tokenizer import TOKENIZER_REPO, find_tokenizer
+    from .. import paths
+    from ..engine.prompt.tokenizer import TOKENIZER_REPO, find_tokenizer
 
     found = find_tokenizer(None, paths.data_dir())
     if found:
@@ -91,7 +91,7 @@ def check_tokenizer() -> Check:
 
 
 def check_cache() -> Check:
-    from .resolve import open_cache
+    from ..resolve import open_cache
 
     try:
         cache = open_cache()
@@ -130,12 +130,15 @@ def run_checks() -> list[Check]:
     return checks
 
 
-def add_parser(sub) -> None:
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``sdterm doctor`` on ``parser.add_subparsers(...)``; returns its parser."""
     p = sub.add_parser("doctor", help="check Python, torch/CUDA, GPU memory, models, tokenizer, cache and terminal")
     p.add_argument("--json", action="store_true", help="one JSON object")
+    return p
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``sdterm doctor``: every check, as lines or one JSON object; exit 1 when one fails."""
     checks = run_checks()
     if args.json:
         print(json.dumps({"checks": [asdict(c) for c in checks]}))

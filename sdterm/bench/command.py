@@ -1,0 +1,69 @@
+"""``sdterm bench``: its flags (``add_parser``) and ``run``: measure, then print the table or the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..options import number, whole_number
+from .options import DEFAULT_BUDGETS, DEFAULT_PROMPT, DEFAULT_SIZES, REFERENCE_MODES, options_from_args
+from .report import format_report
+from .run import run_bench
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``sdterm bench`` on ``parser.add_subparsers(...)``; returns its parser."""
+    p = subparsers.add_parser(
+        "bench",
+        help="measure memory and speed per size x VRAM budget, beside diffusers on the same weights",
+        description=(
+            "Renders each size x budget (prompt cached, models already in host memory) and prints peak "
+            "device memory per stage, seconds per render and per step, and the plan chosen, beside "
+            "diffusers' StableDiffusionPipeline on the same weights when diffusers is installed."
+        ),
+    )
+    p.add_argument("--model", metavar="PATH",
+                   help="SD v1 checkpoint or model folder (default: full-size SD v1 with random weights)")
+    p.add_argument("--config", metavar="YAML", help="architecture file (default: configs/sd-v1.yaml)")
+    p.add_argument("--sizes", default=DEFAULT_SIZES, metavar="WxH,...",
+                   help=f"image sizes, comma-separated (default {DEFAULT_SIZES})")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS, metavar="SIZE,...",
+                   help=f"VRAM budgets such as 1G or 1536M; none = no budget (default {DEFAULT_BUDGETS})")
+    p.add_argument("--steps", type=whole_number, default=20, help="DDIM steps (default 20)")
+    p.add_argument("--cfg", type=number, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--repeats", type=whole_number, default=2, help="timed renders per row after a warm-up (default 2)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, metavar="TEXT", help="the prompt rendered")
+    p.add_argument("--seed", type=whole_number, default=1, help="seed of every render (default 1)")
+    p.add_argument("--no-reference", action="store_true", help="skip diffusers")
+    p.add_argument("--reference-modes", default=",".join(REFERENCE_MODES), metavar="MODE,...",
+                   help=f"diffusers placements to measure: {', '.join(REFERENCE_MODES)} (default all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (raw bytes and seconds)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """``sdterm bench``: measure, then print the table (or the JSON)."""
+    from .. import paths
+    from ..engine.pipeline import open_model
+    from ..resolve import random_weights_source
+
+    opts = options_from_args(args)
+    if args.model:
+        source = open_model(args.model, config_path=args.config, data_dir=paths.data_dir())
+        extra = {"data_dir": paths.data_dir(), "hash_memo": paths.cache_dir() / "model-hashes.json"}
+    else:
+        source = random_weights_source(args.config)
+        extra = {}
+
+    def log(line: str) -> None:
+        if not args.json:
+            print(line, file=sys.stderr, flush=True)
+
+    report = run_bench(source, args.device, opts, log=log, **extra)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(format_report(report))
+    return 0

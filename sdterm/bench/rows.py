@@ -1,0 +1,153 @@
+"""What ``sdterm bench`` measured: one ``Row`` per size x budget (sdterm) or size x mode (diffusers),
+the whole ``BenchReport``, and each row's speed against diffusers all on the GPU."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from .options import BenchOptions
+
+
+@dataclass
+class StagePeak:
+    """One sdterm stage over the timed renders: peaks are the max, seconds the median."""
+
+    stage: str
+    peak_allocated: int | None
+    peak_reserved: int | None
+    run_seconds: float
+    load_seconds: float
+    cache: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "peak_allocated": self.peak_allocated,
+            "peak_reserved": self.peak_reserved,
+            "run_seconds": round(self.run_seconds, 6),
+            "load_seconds": round(self.load_seconds, 6),
+            "cache": self.cache,
+        }
+
+
+@dataclass
+class Row:
+    who: str
+    """'sdterm' or 'diffusers'."""
+    width: int
+    height: int
+    label: str
+    """sdterm: the budget as written ('1G', 'none'); diffusers: the mode ('gpu', ...)."""
+    budget: int | None = None
+    mode: str | None = None
+    plan: str = ""
+    seconds: list[float] = field(default_factory=list)
+    """Each timed render, whole (text, denoise and decode)."""
+    step_seconds: list[float] = field(default_factory=list)
+    """Each timed render's seconds per denoising step."""
+    peak_allocated: int | None = None
+    """Peak bytes allocated on the device (max over stages and repeats); None on the CPU."""
+    peak_reserved: int | None = None
+    stages: list[StagePeak] = field(default_factory=list)
+    ratio: float | None = None
+    """s/render over diffusers all-on-GPU s/render at the same size."""
+    error: str | None = None
+    notices: list[str] = field(default_factory=list)
+    """sdterm: the engine's notices during the timed renders (e.g. an out-of-memory retry)."""
+    image: Any = field(default=None, repr=False)
+    """The last timed render's image (PIL); not part of the JSON."""
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def seconds_per_render(self) -> float | None:
+        return statistics.median(self.seconds) if self.seconds else None
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return statistics.median(self.step_seconds) if self.step_seconds else None
+
+    def to_dict(self) -> dict:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 6)
+
+        return {
+            "size": self.size,
+            "width": self.width,
+            "height": self.height,
+            "who": self.who,
+            "label": self.label,
+            "budget": self.budget,
+            "mode": self.mode,
+            "plan": self.plan,
+            "peak_allocated": self.peak_allocated,
+            "peak_reserved": self.peak_reserved,
+            "seconds_per_render": r(self.seconds_per_render),
+            "seconds_per_step": r(self.seconds_per_step),
+            "seconds": [r(s) for s in self.seconds],
+            "ratio_to_diffusers_gpu": r(self.ratio),
+            "stages": [s.to_dict() for s in self.stages],
+            "error": self.error,
+            "notices": self.notices,
+        }
+
+
+@dataclass
+class BenchReport:
+    card: str
+    device: str
+    dtype: str
+    torch_version: str
+    diffusers_version: str | None
+    date: str
+    model: str
+    demo: bool
+    options: BenchOptions
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        o = self.options
+        return {
+            "card": self.card,
+            "device": self.device,
+            "dtype": self.dtype,
+            "torch": self.torch_version,
+            "diffusers": self.diffusers_version,
+            "date": self.date,
+            "model": self.model,
+            "demo": self.demo,
+            "steps": o.steps,
+            "cfg": o.cfg,
+            "repeats": o.repeats,
+            "seed": o.seed,
+            "prompt": o.prompt,
+            "sizes": [f"{w}x{h}" for w, h in o.sizes],
+            "budgets": [b.bytes for b in o.budgets],
+            "reference_modes": list(o.reference_modes),
+            "timing": {
+                "seconds_per_render": "median over the timed renders, each from request to image (synchronized)",
+                "sdterm_seconds_per_step": "U-Net stage run seconds / steps (its upload is load time, not run time)",
+                "diffusers_seconds_per_step": "end of the first step to end of the last / (steps - 1)",
+                "peaks": "max over the timed renders; sdterm per stage (counters reset at each stage), "
+                "diffusers over the whole render",
+            },
+            "rows": [row.to_dict() for row in self.rows],
+            "notes": self.notes,
+        }
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Each row's s/render over diffusers all-on-GPU's at the same size (None without that row)."""
+    base = {
+        (r.width, r.height): r.seconds_per_render
+        for r in rows
+        if r.who == "diffusers" and r.mode == "gpu" and r.seconds_per_render
+    }
+    for r in rows:
+        b = base.get((r.width, r.height))
+        r.ratio = r.seconds_per_render / b if (b and r.seconds_per_render is not None) else None

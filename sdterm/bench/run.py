@@ -1,0 +1,157 @@
+"""Timing sdterm: one row per size x VRAM budget (a warm-up render, then the timed ones), and the
+whole run (``run_bench``): sdterm's rows, then the diffusers reference's, ratios filled in."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import platform
+import statistics
+import tempfile
+
+from ..errors import UserError
+from .device import budget_errors, clean_device, error_line, release_device
+from .options import BenchOptions, Log, no_log
+from .reference import bench_reference, reference_modes_to_run
+from .rows import BenchReport, Row, StagePeak, add_ratios
+
+
+def supports_budget(engine) -> bool:
+    return hasattr(engine, "set_budget")
+
+
+def make_engine(source, device: str, cache, budget: int | None, **kwargs):
+    """``Engine(...)``, passing ``budget=`` only when there is one (engines before the VRAM budget
+    take no such argument)."""
+    import inspect
+
+    from ..engine.pipeline import Engine
+
+    if budget is not None:
+        if "budget" not in inspect.signature(Engine).parameters:
+            raise UserError("this sdterm's engine has no VRAM budget yet: use --budgets none")
+        kwargs["budget"] = budget
+    return Engine(source, device, cache=cache, **kwargs)
+
+
+def bench_sdterm(engine, opts: BenchOptions, log: Log = no_log) -> list[Row]:
+    """One row per size x budget: a warm-up render (fills the embedding cache, builds the models in
+    host memory), then ``opts.repeats`` timed renders."""
+    rows: list[Row] = []
+    soft = budget_errors()
+    for w, h in opts.sizes:
+        req = opts.request(w, h)
+        for budget in opts.budgets:
+            row = Row("sdterm", w, h, budget.label, budget=budget.bytes)
+            rows.append(row)
+            log(f"sdterm {row.size} budget {budget.label}: warm-up + {opts.repeats} timed")
+            try:
+                if supports_budget(engine):
+                    engine.set_budget(budget.bytes)
+                elif budget.bytes is not None:
+                    raise UserError("this sdterm's engine has no VRAM budget yet: use --budgets none")
+                clean_device(engine.device)
+                engine.generate(req)  # warm-up
+                results = []
+                for _ in range(opts.repeats):
+                    gc.collect()  # the stage meters reset the peak counters themselves
+                    results.append(engine.generate(req))
+            except soft as exc:
+                row.error = error_line(exc)
+                log(f"  {row.error}")
+                clean_device(engine.device)
+                continue
+            _fill_sdterm_row(row, results, opts.steps)
+    release_device(engine)
+    return rows
+
+
+def _fill_sdterm_row(row: Row, results: list, steps: int) -> None:
+    row.plan = str(getattr(results[-1], "plan", "") or "")
+    row.seconds = [r.seconds for r in results]
+    by_stage: dict[str, list] = {}
+    for r in results:
+        for s in r.stages:
+            by_stage.setdefault(s.stage, []).append(s)
+    for stage, stats in by_stage.items():
+        allocs = [s.peak_allocated for s in stats if s.peak_allocated is not None]
+        reserved = [s.peak_reserved for s in stats if s.peak_reserved is not None]
+        row.stages.append(
+            StagePeak(
+                stage=stage,
+                peak_allocated=max(allocs) if allocs else None,
+                peak_reserved=max(reserved) if reserved else None,
+                run_seconds=statistics.median(s.run_seconds for s in stats),
+                load_seconds=statistics.median(s.load_seconds for s in stats),
+                cache=stats[-1].cache,
+            )
+        )
+        if stage == "unet":
+            row.step_seconds = [s.run_seconds / steps for s in stats]
+    allocs = [s.peak_allocated for s in row.stages if s.peak_allocated is not None]
+    reserved = [s.peak_reserved for s in row.stages if s.peak_reserved is not None]
+    row.peak_allocated = max(allocs) if allocs else None
+    row.peak_reserved = max(reserved) if reserved else None
+    row.image = results[-1].image
+    row.notices = list(dict.fromkeys(n for r in results for n in getattr(r, "notices", [])))
+
+
+def card_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine() or "CPU"
+    n = torch.get_num_threads()
+    return f"CPU ({cpu}, {n} thread{'s' if n != 1 else ''})"
+
+
+def run_bench(source, device: str, opts: BenchOptions, *, log: Log = no_log, **engine_kwargs) -> BenchReport:
+    """The whole measurement: sdterm's rows, then the reference's, ratios filled in.
+
+    ``source`` is a ``ModelSource``; ``engine_kwargs`` go to ``Engine`` (data_dir, hash_memo).
+    Each row keeps its last image (``Row.image``) so a caller can compare sdterm with diffusers.
+    """
+    import torch
+
+    from ..engine.embedding_cache import EmbeddingCache
+    from ..engine.memory.placement import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        import diffusers
+
+        diffusers_version: str | None = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+
+    with tempfile.TemporaryDirectory(prefix="sdterm-bench-") as tmp:
+        from pathlib import Path
+
+        engine = make_engine(source, device, EmbeddingCache(Path(tmp)), opts.budgets[0].bytes, **engine_kwargs)
+        if not supports_budget(engine) and any(b.bytes is not None for b in opts.budgets):
+            raise UserError("this sdterm's engine has no VRAM budget yet: use --budgets none")
+        engine.models.tokenizer  # a missing tokenizer is reported before any work starts
+        report = BenchReport(
+            card=card_name(dev),
+            device=str(dev),
+            dtype=str(engine.dtype).removeprefix("torch."),
+            torch_version=torch.__version__,
+            diffusers_version=diffusers_version,
+            date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            model=source.name,
+            demo=source.demo,
+            options=opts,
+        )
+        report.rows.extend(bench_sdterm(engine, opts, log))
+        modes = reference_modes_to_run(opts, dev, report.notes)
+        report.rows.extend(bench_reference(engine, opts, modes, log))
+        del engine
+        clean_device(dev)
+    add_ratios(report.rows)
+    if report.demo:
+        report.notes.append("random or demo weights: timings and memory are real, the images are noise")
+    return report

@@ -1,0 +1,89 @@
+"""The command line: ``sdterm`` (the app) and its subcommands, one module each.
+
+``SUBCOMMANDS`` is the one list of them; each module has ``add_parser(subparsers)`` (its flags,
+returning its parser) and ``run(args) -> int``. ``sdterm`` with no COMMAND opens the app
+(``app.py``, whose flags are the top-level parser's). Here: the parser built from that list,
+``main`` (every failure through :func:`sdterm.errors.report`: one line and an exit code, or an
+"internal error" with its traceback behind ``--debug``) and ``entry``, the ``sdterm`` script's and
+``python -m sdterm``'s entry point. Nothing else in sdterm imports this package.
+
+The commands: ``app.py``, ``generate.py`` (one prompt or a batch file to PNGs), ``cache.py`` (the
+prompt-embedding cache), ``doctor.py`` (what this machine has), ``demo_model.py``; ``sdterm bench``
+is ``sdterm/bench/``, ``sdterm download`` ``sdterm/download/`` and ``sdterm show`` ``sdterm/show.py``.
+Each imports torch, the engine and the UI inside ``run``, so ``sdterm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .. import show
+from ..bench import command as bench
+from ..download import command as download
+from ..errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, EXIT_USAGE, UserError, debug_enabled, report
+from . import app, cache, demo_model, doctor, generate
+
+__all__ = ["EXIT_CANCELLED", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "SUBCOMMANDS", "UserError", "build_parser",
+           "entry", "main"]
+
+SUBCOMMANDS = (generate, cache, bench, doctor, download, show, demo_model)
+"""Every ``sdterm COMMAND``, in the order ``sdterm --help`` lists them."""
+
+DEBUG_HELP = "print the traceback of a failure, for a bug report (also: SDTERM_DEBUG=1)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; each command's ``run`` is its parser's default for ``args.run``."""
+    parser = argparse.ArgumentParser(
+        prog="sdterm",
+        description="Stable Diffusion v1 text-to-image for small GPUs, in the terminal.",
+    )
+    app.add_arguments(parser)  # with no COMMAND, the app: sdterm --model PATH [--outdir DIR] [render options]
+    parser.set_defaults(run=app.run)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in SUBCOMMANDS:
+        command.add_parser(sub).set_defaults(run=command.run)
+
+    # --debug before or after the command: every subcommand takes it too. SUPPRESS keeps a
+    # subcommand's parser from resetting a --debug given before the command to False.
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+def _debug_in(argv: list[str]) -> bool:
+    """``--debug`` among the options (before a ``--``), for failures before the parser has run."""
+    return "--debug" in (argv[: argv.index("--")] if "--" in argv else argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run sdterm; returns the exit code (see :mod:`sdterm.errors`).
+
+    Known failures (sdterm's own errors, out of memory, file errors, Ctrl+C) end in one line; any
+    other exception is a bug and ends in an "internal error" line, with the traceback on stderr
+    when ``--debug`` is given or ``SDTERM_DEBUG=1`` is set.
+    """
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    debug = debug_enabled(_debug_in(argv))
+    try:
+        args = build_parser().parse_args(argv)
+        debug = debug_enabled(args.debug)
+        _quiet_libraries()
+        return args.run(args)
+    except (Exception, KeyboardInterrupt) as exc:  # SystemExit (argparse's usage errors) goes through
+        return report(exc, debug=debug, stream=sys.stderr)
+
+
+def entry() -> None:
+    sys.exit(main())

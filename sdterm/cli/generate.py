@@ -1,0 +1,201 @@
+"""``sdterm generate``: one prompt, or one per line of a ``--from-file`` batch, to PNGs through the
+render service; the engine's events as short lines on stderr, the paths (or ``--json``) on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+from pathlib import Path
+
+from ..errors import EXIT_ERROR, ConfigError, UserError
+from ..options import add_render_options, params_from_args
+from ..params import MAX_SEED, Params
+from ..resolve import user_config
+from ..units import format_bytes
+from .engine_setup import make_engine
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``sdterm generate`` on ``parser.add_subparsers(...)``; returns its parser."""
+    gen = sub.add_parser("generate", help="render one prompt to a PNG and print its path")
+    gen.add_argument("prompt", metavar="PROMPT", nargs="?", help="what to draw (or --from-file)")
+    gen.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="render one prompt per line; a line may carry its own flags (--seed 3 --steps 30 ...)",
+    )
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument(
+        "--model",
+        metavar="PATH",
+        help="SD v1 checkpoint (.safetensors/.ckpt) or a model folder (default: from sdterm.yaml or the models folder)",
+    )
+    src.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="full-size SD v1 with random weights (for memory/speed measurements; images are noise)",
+    )
+    gen.add_argument("--config", metavar="YAML", help="architecture file (default: configs/sd-v1.yaml)")
+    add_render_options(gen)
+    gen.add_argument("--outdir", metavar="DIR", help="where to write images (default ./outputs)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with the path, seed and per-stage figures")
+    gen.add_argument("--no-cache", action="store_true", help="don't read or write the prompt-embedding cache")
+    return gen
+
+
+def stage_line(s) -> str:
+    from ..engine.events import STAGE_TITLES
+
+    head = f"{STAGE_TITLES[s.stage]:<12} load {s.load_seconds:6.2f}s  run {s.run_seconds:6.2f}s"
+    if s.peak_allocated is not None:
+        mem = f"peak alloc {format_bytes(s.peak_allocated)}, reserved {format_bytes(s.peak_reserved)}"
+    else:
+        mem = f"host RSS {format_bytes(s.host_rss)}"
+    extra = f"  cache {s.cache}" if s.cache else ""
+    if s.skipped:
+        extra += " (encoder not loaded)"
+    return f"{head}  {mem}{extra}"
+
+
+class StderrProgress:
+    """Renders engine events as short lines on stderr (steps only when stderr is a terminal)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, event) -> None:
+        from ..engine.events import Notice, StageFinished, StepDone
+
+        if isinstance(event, Notice):
+            print(f"note: {event.message}", file=sys.stderr)
+        elif self.quiet:
+            return
+        elif isinstance(event, StepDone) and self.tty:
+            rate = event.step / event.elapsed if event.elapsed > 0 else 0.0
+            end = "\n" if event.step == event.total else ""
+            print(f"\r  step {event.step}/{event.total}  {rate:5.2f} it/s", end=end, file=sys.stderr, flush=True)
+        elif isinstance(event, StageFinished):
+            print("  " + stage_line(event.stats), file=sys.stderr)
+
+
+def _params_from(args: argparse.Namespace) -> Params:
+    """The validated parameters of a ``generate`` job; a random seed when ``--seed`` is left out."""
+    seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    return params_from_args(args).replace(seed=seed).validated()
+
+
+def _batch_jobs(path: str, base: argparse.Namespace) -> list[tuple[str, argparse.Namespace | str]]:
+    """One job per non-empty, non-comment line of ``path``: (where, namespace) or (where, error)."""
+    import shlex
+
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from None
+    line_parser = argparse.ArgumentParser(prog="line", add_help=False, exit_on_error=False)
+    line_parser.add_argument("words", nargs="*")
+    add_render_options(line_parser)
+    jobs: list[tuple[str, argparse.Namespace | str]] = []
+    for number, line in enumerate(lines, 1):
+        where = f"{path}:{number}"
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            ns = line_parser.parse_args(shlex.split(line))
+        except (ValueError, argparse.ArgumentError) as exc:
+            jobs.append((where, str(exc)))
+            continue
+        job = argparse.Namespace(**vars(base))
+        for key, value in vars(ns).items():
+            if key != "words" and value is not None and value != line_parser.get_default(key):
+                setattr(job, key, value)
+        job.prompt = " ".join(ns.words)
+        jobs.append((where, job))
+    return jobs
+
+
+def run(args: argparse.Namespace) -> int:
+    """``sdterm generate``: exit 1 when a line of a batch failed (the others still render)."""
+    from .. import paths
+    from ..engine.pipeline import open_model
+    from ..engine.prompt.tokenizer import PromptError
+    from ..history import History, history_file
+    from ..resolve import apply_defaults, random_weights_source, resolve_model
+    from ..service import RenderService
+
+    cfg = user_config()
+    apply_defaults(args, cfg)
+    if (args.prompt is None) == (args.from_file is None):
+        raise UserError("give a PROMPT or --from-file FILE (one of them)")
+    jobs = _batch_jobs(args.from_file, args) if args.from_file else [("", args)]
+    if not args.from_file:
+        _params_from(args)  # bad parameters are reported before the model loads
+    if args.random_weights:
+        source = random_weights_source(args.config)
+    else:
+        model = resolve_model(args.model, cfg)
+        source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
+    engine = make_engine(source, args)
+    outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
+    service = RenderService(engine, outdir, History(history_file()))
+    failed = 0
+    for where, job in jobs:
+        prefix = f"{where}: " if where else ""
+        if isinstance(job, str):
+            print(f"sdterm: error: {prefix}{job}", file=sys.stderr)
+            failed += 1
+            continue
+        try:
+            params = _params_from(job)
+            if job.seed is None and not args.json:
+                print(f"{prefix}seed {params.seed}", file=sys.stderr)
+            _render_one(service, params, args.json)
+        except (ConfigError, PromptError) as exc:
+            if not args.from_file:
+                raise
+            print(f"sdterm: error: {prefix}{exc}", file=sys.stderr)
+            failed += 1
+    return EXIT_ERROR if failed else 0
+
+
+def _render_one(service, params: Params, as_json: bool) -> None:
+    """Render, save and record one image (the render service), and say where it went."""
+    from ..service import SaveError
+
+    engine = service.engine
+    result = service.render(params, emit=StderrProgress(quiet=as_json))
+    try:
+        path = service.save(params, result)
+    except SaveError as exc:
+        kept = f"; the image was kept as {exc.kept}" if exc.kept else ""
+        raise UserError(f"cannot write to {exc.outdir} ({exc.strerror or exc}){kept}") from None
+    try:
+        service.record(params, path, result.model_hash)
+    except OSError as exc:
+        print(f"note: history not written ({exc.strerror or exc}): {service.history.path}", file=sys.stderr)
+    demo_note = "demo model (random weights): the image is noise"
+    if as_json:
+        out = {
+            "path": str(path),
+            "seed": params.seed,
+            "seconds": round(result.seconds, 4),
+            "model": result.model_name,
+            "model_hash": result.model_hash,
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "plan": result.plan,
+            "vram_budget": engine.budget,
+            "demo": result.demo,
+            "request": params.to_dict(),
+            "cache": result.stages[0].cache_texts,
+            "stages": [s.to_dict() for s in result.stages],
+            "notices": result.notices + ([demo_note] if result.demo else []),
+        }
+        print(json.dumps(out), flush=True)
+    else:
+        if result.demo:
+            print(f"note: {demo_note}", file=sys.stderr)
+        print(path, flush=True)

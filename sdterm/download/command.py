@@ -1,0 +1,62 @@
+"""``sdterm download``: its flags (``add_parser``) and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import EXIT_CANCELLED
+from .catalog import DEFAULT_MODEL, MODELS, download_model, download_tokenizer
+from .explain import size_text
+from .hub import partial_files
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``sdterm download`` on ``parser.add_subparsers(...)``; returns its parser."""
+    p = sub.add_parser(
+        "download",
+        help="fetch an SD v1 checkpoint and the CLIP tokenizer from the Hugging Face hub",
+        description="Download a Stable Diffusion v1 checkpoint (verified by sha256, resumable) into the models "
+        "folder, and the CLIP tokenizer beside it. HF_TOKEN / `hf auth login` and HF_ENDPOINT are honoured.",
+    )
+    listing = "; ".join(f"{s.name}: {s.repo}/{s.filename}" for s in MODELS.values())
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=tuple(MODELS), metavar="MODEL",
+                   help=f"which checkpoint (default {DEFAULT_MODEL}); {listing}")
+    p.add_argument("--dir", metavar="DIR", help="where the checkpoint goes (default: the data folder's models/)")
+    p.add_argument("--force", action="store_true", help="download again even when the files are there")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """``sdterm download``: the checkpoint, then the tokenizer; the checkpoint's path on stdout."""
+    from .. import paths
+
+    spec = MODELS[args.model]
+    data = paths.data_dir()
+    default_dir = data / "models"
+    dest_dir = Path(args.dir).expanduser() if args.dir else default_dir
+    dest = dest_dir / spec.filename
+    had = dest.is_file() and not args.force
+    print(f"{spec.name}: {spec.repo} {spec.filename}; licence {spec.licence}", file=sys.stderr)
+    if spec.note:
+        print(f"note: {spec.note}", file=sys.stderr)
+    try:
+        path = download_model(spec.name, dest_dir, force=args.force)
+        print(f"{'already there, ' if had else ''}sha256 ok: {path}", file=sys.stderr)
+        if spec.sha256:
+            from ..engine.loading.checkpoint import remember_sha256
+
+            remember_sha256(path, spec.sha256, paths.cache_dir() / "model-hashes.json")
+        tok = download_tokenizer(data, force=args.force)
+    except KeyboardInterrupt:
+        kept = partial_files(dest_dir, spec.filename)
+        tail = (f"; {size_text(kept[0].stat().st_size)} kept in {kept[0]}: run the same command again to resume"
+                if kept else "")
+        print(f"sdterm: interrupted{tail}", file=sys.stderr)
+        return EXIT_CANCELLED
+    print(f"tokenizer: {tok}", file=sys.stderr)
+    if dest_dir.resolve() != default_dir.resolve():
+        print(f"outside the models folder: use it with --model {path}", file=sys.stderr)
+    print(path)
+    return 0
