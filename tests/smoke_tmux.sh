@@ -2,7 +2,9 @@
 # Smoke test of the real app in a real terminal: sdterm runs in a detached tmux session (100x30);
 # the script types a prompt and Enter, waits for "saved", presses Tab and ] (seed + 1, a second
 # render), waits for it, quits with Ctrl+Q, and checks that the process ended with status 0, that
-# OUTDIR holds exactly two PNGs and that the screen never showed a traceback.
+# OUTDIR holds exactly two PNGs and that the screen never showed a traceback. The prompt has
+# brackets (``[/snow]``, invalid as markup): the app is then started again on the same history,
+# Ctrl+R finds the prompt, shown as written, Enter puts it back in the prompt box, Ctrl+Q quits.
 #
 #   tests/smoke_tmux.sh MODEL_DIR OUTDIR        (MODEL_DIR: e.g. written by `sdterm demo-model DIR`)
 #
@@ -87,7 +89,7 @@ tmux -S "$socket" -f /dev/null new-session -d -s "$session" -x 100 -y 30 "sleep 
 tmux -S "$socket" set-option -t "$session" remain-on-exit on >/dev/null
 
 wait_for "the app to start" 60 on_screen "no image yet"
-tmux -S "$socket" send-keys -t "$session" -l "a red fox"
+tmux -S "$socket" send-keys -t "$session" -l "a red fox [/snow]"
 tmux -S "$socket" send-keys -t "$session" Enter
 wait_for "the first image" 60 on_screen "saved "
 pngs_are 1 || fail "expected 1 PNG after the first render, found $(pngs)"
@@ -104,9 +106,27 @@ status=$(cat "$work/status")
 capture
 
 pngs_are 2 || fail "expected 2 PNGs, found $(pngs)"
+
+# A restart on the same history; Ctrl+R shows the bracketed prompt as written, Enter recalls it.
+rm -f "$work/status"
+tmux -S "$socket" clear-history -t "$session"
+tmux -S "$socket" respawn-pane -k -t "$session" "sleep 0.5; bash '$work/run.sh'"
+wait_for "the app to start again" 60 on_screen "no image yet"
+tmux -S "$socket" send-keys -t "$session" C-r
+wait_for "the history search" 30 on_screen "a red fox \[/snow\]"
+tmux -S "$socket" send-keys -t "$session" -l "snow"
+sleep 0.5
+tmux -S "$socket" send-keys -t "$session" Enter
+wait_for "the recalled prompt" 30 on_screen "recalled: seed"
+on_screen "a red fox \[/snow\]" || fail "the recalled prompt is not in the prompt box"
+tmux -S "$socket" send-keys -t "$session" C-q
+wait_for "the app to exit again" 30 exited
+status=$(cat "$work/status")
+[ "$status" = 0 ] || fail "sdterm exited with status $status after the restart"
+capture
 others=$(find "$outdir" -mindepth 1 ! -name '*.png' | wc -l)
 [ "$others" -eq 0 ] || fail "unexpected files in $outdir: $(ls -A "$outdir")"
 if grep -q "Traceback" "$seen"; then
     fail "a traceback was on the screen"
 fi
-echo "smoke: ok: two renders, quit cleanly ($(ls "$outdir" | tr '\n' ' '))"
+echo "smoke: ok: two renders, quit cleanly, restarted and recalled a bracketed prompt ($(ls "$outdir" | tr '\n' ' '))"

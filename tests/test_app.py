@@ -355,6 +355,103 @@ async def test_history_search_restores_the_chosen_entry(engine, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# User text is never markup (issue 12): prompts, model names, notices, errors
+# --------------------------------------------------------------------------------------------
+
+BRACKETED = ["[/snow]", "a fox in [snow]", "(red:1.3) [blurry]", "[b]bold[/b]", "\\[x]"]
+
+
+def seed_history(prompts) -> None:
+    from sdterm.history import HistoryEntry
+
+    history = History(history_file())
+    for i, prompt in enumerate(prompts):
+        history.append(HistoryEntry.now(Params(prompt=prompt, seed=100 + i, **SMALL), None, "0" * 10))
+
+
+def screen_text(app) -> str:
+    """The whole screen as drawn, borders included, one line per row."""
+    return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
+
+
+def palette_lines(app) -> list[str]:
+    """The command palette's options as drawn, one per line (prompt lines and help lines)."""
+    return [line.strip() for line in drawn(app.screen.query_one(CommandList)) if line.strip()]
+
+
+@pytest.mark.parametrize("key", ["ctrl+r", "ctrl+p"])
+async def test_history_search_shows_bracketed_prompts_exactly(engine, tmp_path, key):
+    seed_history(BRACKETED)
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        # Opened empty: every prompt listed as written (newest first), none parsed as markup.
+        await pilot.press(key)
+        await wait_until(pilot, lambda: isinstance(app.screen, CommandPalette), "the history search")
+        commands = app.screen.query_one(CommandList)
+        await wait_until(pilot, lambda: commands.option_count == len(BRACKETED), "every entry listed")
+        shown = palette_lines(app)
+        for prompt in BRACKETED:
+            assert prompt in shown, (prompt, shown)
+
+        # A query: the match is highlighted (spans on plain text), the text intact.
+        await pilot.press(*"snow")
+        await wait_until(pilot, lambda: commands.option_count == 2, "two matches for 'snow'")
+        shown = palette_lines(app)
+        assert "[/snow]" in shown and "a fox in [snow]" in shown, shown
+        prompt = commands.get_option_at_index(0).prompt
+        assert prompt.plain.split("\n")[0] in ("[/snow]", "a fox in [snow]")
+        assert any(span.style for span in prompt.spans), "the fuzzy match is not highlighted"
+
+        await pilot.press("end", "ctrl+u", *"blurry")
+        await wait_until(pilot, lambda: commands.option_count == 1, "one match for 'blurry'")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: not isinstance(app.screen, CommandPalette), "the search to close")
+        assert app.query_one("#prompt", Input).value == "(red:1.3) [blurry]"
+        assert app.session.params.seed == 102
+        assert app.is_running
+
+
+async def test_up_recalls_a_bracketed_prompt_and_it_renders(engine, tmp_path):
+    seed_history(["[/snow]"])
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("up")
+        assert app.query_one("#prompt", Input).value == "[/snow]"
+        await pilot.press("enter")
+        await settle(pilot)
+        assert engine.requests[-1].prompt == "[/snow]"
+        assert notice(app).startswith("saved ")
+
+
+async def test_a_bracketed_model_name_is_shown_in_full(demo_model, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(demo_model, tmp_path / "demo [fp16]")
+    app = make_app(Held(Engine(open_model(folder), "cpu")), tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        assert str(app.query_one("#params", Static).render()).endswith("· model demo [fp16]")
+        assert "model demo [fp16]" in screen_text(app)  # the stage panel's border title
+
+
+async def test_notices_and_errors_with_brackets_are_shown_as_written(engine, tmp_path):
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        app.notice("a notice with [/red] and [b]not bold[/b]", "warning")
+        await pilot.pause()
+        assert notice(app) == "a notice with [/red] and [b]not bold[/b]"
+        await enter(pilot, "/steps [/oops]")
+        await pilot.pause()
+        assert "[/oops]" in notice(app) and error_styled(app.query_one("#notice"))
+        await enter(pilot, "/load [x] missing.png")
+        await pilot.pause()
+        assert "[x] missing.png" in notice(app) and error_styled(app.query_one("#notice"))
+        app.query_one(ImageView).show(Image.new("RGB", (8, 8)), "caption [/i] [b]x")
+        await pilot.pause()
+        assert caption(app) == "caption [/i] [b]x"
+        assert app.is_running
+
+
+# --------------------------------------------------------------------------------------------
 # Focus and keys
 # --------------------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The real app in a real terminal: tests/smoke_tmux.sh runs ``python -m sdterm`` in tmux on the
-demo model, renders twice from the keyboard and quits. Skipped where tmux is not installed."""
+demo model, renders twice from the keyboard (a prompt with ``[/snow]`` in it) and quits, then starts it
+again and recalls that prompt with Ctrl+R. Skipped where tmux is not installed."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_the_app_renders_twice_and_quits_in_tmux(demo_model, tmp_path):
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "smoke: ok" in proc.stdout
+    assert "smoke: ok" in proc.stdout and "recalled a bracketed prompt" in proc.stdout
     names = sorted(p.name for p in out.iterdir())
     assert len(names) == 2 and all(n.endswith(".png") for n in names), names
     first, second = (int(n.split("-")[1].removesuffix(".png")) for n in names)

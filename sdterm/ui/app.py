@@ -27,6 +27,7 @@ from ..session import VARIATION_STEP, Session
 from ..units import format_bytes
 from .messages import EngineEvent, RenderDone, RenderFailed
 from .screens import HelpScreen, HistoryProvider, summary
+from .text import plain
 from .widgets.image_view import ImageView
 from .widgets.prompt import PromptInput
 from .widgets.stage_panel import StagePanel
@@ -83,8 +84,8 @@ class SdtermApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(StagePanel).border_title = f"model {self.engine.source.name}"
-        self.query_one(ImageView).border_title = "image"
+        self.query_one(StagePanel).border_title = plain(f"model {self.engine.source.name}")
+        self.query_one(ImageView).border_title = plain("image")
         self.query_one("#negative", Input).value = self.session.params.negative
         self.refresh_params()
         self.query_one("#prompt").focus()
@@ -95,9 +96,9 @@ class SdtermApp(App):
     # ---- helpers -----------------------------------------------------------------------------
 
     def notice(self, message: str | Text, level: str = "info") -> None:
+        """One line at the bottom; a str is shown exactly as written (never parsed as markup)."""
         style = {"info": "", "warning": "yellow", "error": "bold red"}[level]
-        text = message if isinstance(message, Text) else Text(message, style=style)
-        self.query_one("#notice", Static).update(text)
+        self.query_one("#notice", Static).update(message if isinstance(message, Text) else plain(message, style))
 
     def refresh_params(self) -> None:
         line = self.session.describe()
@@ -105,7 +106,7 @@ class SdtermApp(App):
             effective = self.engine.effective_budget()
             if effective is not None:
                 line += f" ({format_bytes(effective, 'short')})"
-        self.query_one("#params", Static).update(f"{line} · model {self.engine.source.name}")
+        self.query_one("#params", Static).update(plain(f"{line} · model {self.engine.source.name}"))
 
     @property
     def busy(self) -> bool:

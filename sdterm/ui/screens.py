@@ -12,6 +12,7 @@ from textual.widgets import Markdown
 
 from ..commands import COMMANDS
 from ..params import Params
+from .text import highlight, plain
 
 HELP = """\
 # sdterm keys
@@ -75,7 +76,8 @@ class HistoryProvider(Provider):
             label = p.prompt or "(empty prompt)"
             detail = summary(p)
             # The session ranks; the palette sorts by score, so keep that order.
-            yield Hit(1.0 - rank / 100, matcher.highlight(label), partial(app.restore_params, p), help=detail)
+            yield Hit(1.0 - rank / 100, highlight(matcher, label), partial(app.restore_params, p), text=label,
+                      help=plain(detail))
 
     async def discover(self) -> Hits:
         app = self.app
@@ -83,4 +85,4 @@ class HistoryProvider(Provider):
             p = entry.params
             label = p.prompt or "(empty prompt)"
             detail = f"seed {p.seed} · {p.steps} steps · {entry.time}"
-            yield DiscoveryHit(label, partial(app.restore_params, p), help=detail)
+            yield DiscoveryHit(plain(label), partial(app.restore_params, p), text=label, help=plain(detail))

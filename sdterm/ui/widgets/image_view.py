@@ -8,6 +8,8 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Static
 
+from ..text import plain
+
 PROTOCOLS = ("auto", "kitty", "sixel", "halfcell", "unicode")
 
 
@@ -51,10 +53,10 @@ class ImageView(Vertical, can_focus=True):
         self.banner = banner
 
     def compose(self) -> ComposeResult:
-        yield Static(self.banner, id="banner")
+        yield Static(plain(self.banner), id="banner")
         yield image_widget_class(self.protocol)(None, id="picture")
-        yield Static("no image yet: type a prompt and press Enter", id="caption")
+        yield Static(plain("no image yet: type a prompt and press Enter"), id="caption")
 
     def show(self, image: PILImage.Image, caption: str) -> None:
         self.query_one("#picture").image = image
-        self.query_one("#caption", Static).update(caption)
+        self.query_one("#caption", Static).update(plain(caption))

@@ -12,6 +12,7 @@ from textual.widgets import ProgressBar, Sparkline, Static
 
 from ...engine.events import STAGES, MemorySample, StageFinished, StageStarted, StepDone
 from ...units import format_bytes
+from ..text import plain
 
 SHORT_TITLES = {"text": "text enc", "unet": "U-Net", "vae": "VAE"}
 STATE_STYLE = {
@@ -68,7 +69,7 @@ class StagePanel(Vertical):
         self.reset(steps)
         bar = self.query_one("#progress", ProgressBar)
         bar.update(total=steps, progress=0)
-        self.query_one("#rate", Static).update("")
+        self.query_one("#rate", Static).update(plain(""))
         self.query_one("#mem-spark", Sparkline).data = [0.0]
         self.refresh_table()
 
@@ -114,7 +115,7 @@ class StagePanel(Vertical):
             self.rate = event.step / event.elapsed if event.elapsed > 0 else 0.0
             self.query_one("#progress", ProgressBar).update(total=event.total, progress=event.step)
             eta = (event.total - event.step) / self.rate if self.rate else 0.0
-            self.query_one("#rate", Static).update(f"step {event.step}/{event.total} · {self.rate:.1f} it/s · ETA {eta:.1f}s")
+            self.query_one("#rate", Static).update(plain(f"step {event.step}/{event.total} · {self.rate:.1f} it/s · ETA {eta:.1f}s"))
         self.refresh_table()
 
     def refresh_table(self) -> None:
@@ -133,13 +134,14 @@ class StagePanel(Vertical):
             seconds = row["seconds"]
             if seconds is None and stage in self.started and row["state"] in ("loading", "running"):
                 seconds = now - self.started[stage]
+            # A Rich table reads a str cell as markup: every cell is a Text.
             table.add_row(
-                SHORT_TITLES[stage],
+                Text(SHORT_TITLES[stage]),
                 Text(row["state"], style=STATE_STYLE.get(row["state"], "")),
-                "–" if seconds is None else f"{seconds:.2f}",
-                format_bytes(row["now"], "short"),
-                format_bytes(row["peak"], "short"),
-                format_bytes(row["reserved"], "short") if self.cuda else "–",
+                Text("–" if seconds is None else f"{seconds:.2f}"),
+                Text(format_bytes(row["now"], "short")),
+                Text(format_bytes(row["peak"], "short")),
+                Text(format_bytes(row["reserved"], "short") if self.cuda else "–"),
             )
         self.query_one("#stages", Static).update(table)
-        self.query_one("#memline", Static).update(self.device_line or ("GPU: idle" if self.cuda else "no GPU: on the CPU"))
+        self.query_one("#memline", Static).update(plain(self.device_line or ("GPU: idle" if self.cuda else "no GPU: on the CPU")))
