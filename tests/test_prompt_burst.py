@@ -89,3 +89,26 @@ async def test_keys_after_enter_start_the_next_line(engine, tmp_path):
         await wait_until(pilot, lambda: "needs a value" in notice(app), "the error")
         await wait_until(pilot, lambda: box.value.endswith("6"), "the last key")
         assert box.value == "/steps 6" and "needs a value" in notice(app)
+
+
+async def test_up_recalls_before_the_keys_typed_after_it(engine, tmp_path):
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.query_one("#prompt", Input)
+        burst(app, *keys("fox"), "enter")
+        await wait_until(pilot, lambda: engine.requests, "a render")
+        await settle(pilot)
+        burst(app, "ctrl+u", "up", *keys(" den"))
+        await wait_until(pilot, lambda: box.value.endswith("n"), "the last key")
+        assert box.value == "fox den"
+
+
+async def test_enter_in_the_negative_box_renders_the_prompt(engine, tmp_path):
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one("#prompt", Input).value = "fox"
+        app.query_one("#negative", Input).focus()
+        await pilot.press(*"blurry", "enter")
+        await wait_until(pilot, lambda: engine.requests, "a render")
+        await settle(pilot)
+        assert [(r.prompt, r.negative) for r in engine.requests] == [("fox", "blurry")]

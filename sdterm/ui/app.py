@@ -74,7 +74,8 @@ class SdtermApp(App):
         demo = self.engine.source.demo
         banner = "demo model: random weights, images are noise" if demo else ""
         with Vertical(id="top"):
-            yield PromptInput(placeholder="prompt — Enter renders · /help for commands", id="prompt")
+            yield PromptInput(placeholder="prompt — Enter renders · /help for commands", id="prompt",
+                              recall=self.recall_step)
             yield Input(placeholder="negative prompt", id="negative")
             yield Static(id="params")
         with Horizontal(id="main"):
@@ -258,10 +259,10 @@ class SdtermApp(App):
         if prompt and not prompt.startswith("/"):
             self.query_one("#prompt", Input).action_submit()
 
-    @on(PromptInput.Recall)
-    def _recall(self, message: PromptInput.Recall) -> None:
+    def recall_step(self, direction: int) -> None:
+        """Up (-1) / Down (+1) in the prompt box; PromptInput calls it at the key, in key order."""
         box = self.query_one("#prompt", Input)
-        if message.direction < 0:
+        if direction < 0:
             entry = self.recall.older(box.value)
         else:
             entry = self.recall.newer()

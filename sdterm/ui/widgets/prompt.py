@@ -14,9 +14,10 @@ check ``App._check_bindings`` would make, only before the event bubbles).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from textual import events
 from textual.binding import Binding
-from textual.message import Message
 from textual.suggester import Suggester
 from textual.widgets import Input
 
@@ -36,14 +37,12 @@ class PromptInput(Input):
         Binding("down", "recall_newer", "later prompt", show=False),
     ]
 
-    class Recall(Message):
-        def __init__(self, direction: int) -> None:
-            super().__init__()
-            self.direction = direction
-
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, *, recall: Callable[[int], None] | None = None, **kwargs) -> None:
+        """``recall(direction)``: Up (-1) / Down (+1), called at the key itself, so that a recalled
+        prompt is in the box before the keys typed after it (a message would arrive after them)."""
         kwargs.setdefault("suggester", CommandSuggester())
         super().__init__(**kwargs)
+        self._on_recall = recall
 
     async def _on_key(self, event: events.Key) -> None:
         # A printable key is Input's own (inserted by Input._on_key, never a binding: "?" types "?").
@@ -64,7 +63,7 @@ class PromptInput(Input):
                     return
             return
 
-    async def action_submit(self) -> None:
+    def action_submit(self) -> None:  # not async (Input's is): the app calls it directly too
         """Enter: submit the text as typed up to this key. A well-formed slash command is cleared
         from the box here, in key order, so that keys typed after the Enter start the next line
         (the app, handling the Submitted message later, must not clear the box again)."""
@@ -79,7 +78,9 @@ class PromptInput(Input):
         self.post_message(self.Submitted(self, value, validation))
 
     def action_recall_older(self) -> None:
-        self.post_message(self.Recall(-1))
+        if self._on_recall is not None:
+            self._on_recall(-1)
 
     def action_recall_newer(self) -> None:
-        self.post_message(self.Recall(+1))
+        if self._on_recall is not None:
+            self._on_recall(+1)
