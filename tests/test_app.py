@@ -291,7 +291,7 @@ async def test_history_survives_a_restart_and_up_recalls_the_settings(engine, tm
         p = app.session.params
         assert (p.seed, p.steps, p.cfg, p.width, p.height, p.negative) == (1234, 4, 5.0, 80, 64, "blurry")
         assert app.query_one("#negative", Input).value == "blurry"
-        assert str(app.query_one("#params", Static).render()).startswith("seed 1234 · 4 steps · CFG 5 · 80×64")
+        assert str(app.query_one("#params", Static).render()).startswith("seed 1234 (recalled) · 4 steps · CFG 5 · 80×64")
         assert notice(app) == "recalled: seed 1234 · 4 steps · CFG 5 · 80×64"
         await pilot.press("up")  # already at the oldest: stays
         assert box.value == "fox"
