@@ -134,3 +134,16 @@ def test_demo_flag_opens_the_app_on_the_demo_model(monkeypatch, run_cli):
     assert (seen["session"].params.width, seen["session"].params.steps) == (256, 20)
     assert seen["protocol"] == "auto" and seen["debug"] is False
     assert os.fspath(seen["engine"].source.checkpoint).startswith(os.fspath(paths.data_dir()))
+
+
+def test_from_file_unknown_flag_is_reported_with_its_line(demo_model, tmp_path, run_cli):
+    """An unknown flag on one line (issue 12): FILE:LINE and a one-line reason; the others render."""
+    batch = tmp_path / "prompts.txt"
+    batch.write_text("a red fox --seed 5\na cat --bogus-flag 3\na lake --seed 7\n")
+    code, out, err = run_cli("generate", "--from-file", batch, "--model", demo_model, "--outdir", tmp_path / "o",
+                             "--json", *SMALL)
+    assert code == 1
+    assert [json.loads(line)["seed"] for line in out.splitlines()] == [5, 7]
+    bad = [line for line in err.splitlines() if f"{batch}:2:" in line]
+    assert len(bad) == 1 and "--bogus-flag" in bad[0]
+    assert "Traceback" not in err and "usage:" not in err

@@ -87,6 +87,14 @@ def _params_from(args: argparse.Namespace) -> Params:
     return params_from_args(args).replace(seed=seed).validated()
 
 
+class _LineParser(argparse.ArgumentParser):
+    """The parser of one ``--from-file`` line: every error (an unknown flag included, which
+    ``exit_on_error=False`` does not cover) raises ``ValueError`` instead of exiting."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
 def _batch_jobs(path: str, base: argparse.Namespace) -> list[tuple[str, argparse.Namespace | str]]:
     """One job per non-empty, non-comment line of ``path``: (where, namespace) or (where, error)."""
     import shlex
@@ -95,7 +103,7 @@ def _batch_jobs(path: str, base: argparse.Namespace) -> list[tuple[str, argparse
         lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from None
-    line_parser = argparse.ArgumentParser(prog="line", add_help=False, exit_on_error=False)
+    line_parser = _LineParser(prog="line", add_help=False, exit_on_error=False)
     line_parser.add_argument("words", nargs="*")
     add_render_options(line_parser)
     jobs: list[tuple[str, argparse.Namespace | str]] = []
