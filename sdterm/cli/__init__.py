@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from .. import show
+from .. import __version__, show
 from ..bench import command as bench
 from ..download import command as download
 from ..errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, EXIT_USAGE, UserError, debug_enabled, report
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sdterm",
         description="Stable Diffusion v1 text-to-image for small GPUs, in the terminal.",
     )
+    parser.add_argument("--version", action="version", version=f"sdterm {__version__}")
     app.add_arguments(parser)  # with no COMMAND, the app: sdterm --model PATH [--outdir DIR] [render options]
     parser.set_defaults(run=app.run)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
