@@ -922,3 +922,20 @@ async def test_load_takes_the_parameters_stored_in_a_png(engine, tmp_path):
         await pilot.press("enter")
         await pilot.pause()
         assert "nowhere.png" in notice(app)
+
+
+async def test_memory_sparkline_is_flat_until_there_is_something_to_plot(engine, tmp_path):
+    """Textual draws a single value as a full-height bar: before any render (and after the first
+    sample of one) the sparkline must be a flat baseline, not a full bar (issue 12)."""
+    from rich.console import Console
+    from textual.widgets import Sparkline
+
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        spark = app.query_one("#mem-spark", Sparkline)
+        console = Console(width=40, record=True)
+        console.print(spark.render())
+        assert "█" not in console.export_text()
+        await render(pilot, "a fox")
+        assert len(spark.data) != 1

@@ -56,7 +56,7 @@ class StagePanel(Vertical):
     def compose(self) -> ComposeResult:
         yield Static(id="stages")
         yield Static(id="memline")
-        yield Sparkline([0.0], id="mem-spark")
+        yield Sparkline([], id="mem-spark")  # empty: a flat baseline (one value would draw a full bar)
         yield ProgressBar(total=1, show_eta=False, id="progress")
         yield Static("", id="rate")
 
@@ -70,7 +70,7 @@ class StagePanel(Vertical):
         bar = self.query_one("#progress", ProgressBar)
         bar.update(total=steps, progress=0)
         self.query_one("#rate", Static).update(plain(""))
-        self.query_one("#mem-spark", Sparkline).data = [0.0]
+        self.query_one("#mem-spark", Sparkline).data = []
         self.refresh_table()
 
     def cancelled(self) -> None:
@@ -102,7 +102,8 @@ class StagePanel(Vertical):
             row["now"] = event.allocated if self.cuda else event.host_rss
             value = event.allocated if self.cuda else event.host_rss
             self.samples.append(value / 2**20)
-            self.query_one("#mem-spark", Sparkline).data = self.samples[-200:]
+            # Textual draws a lone sample as a full-height bar: wait for two.
+            self.query_one("#mem-spark", Sparkline).data = self.samples[-200:] if len(self.samples) > 1 else []
             if self.cuda and event.device_total:
                 used = event.device_total - event.device_free
                 self.device_line = (
