@@ -607,7 +607,7 @@ async def test_a_budget_change_during_a_render_waits_for_it(engine, tmp_path):
         await enter(pilot, "fox")
         await held_reached(pilot, engine)
         await enter(pilot, "/budget 1G")
-        assert notice(app) == "VRAM budget 1G (after this render)"
+        assert notice(app) == "VRAM budget 1G: no effect here, rendering on the CPU (after this render)"
         assert engine.budget is None and app.busy
         engine.release()
         await settle(pilot)
@@ -682,7 +682,7 @@ async def test_slash_commands_set_the_next_render(engine, tmp_path):
             ("/size 80x64", "size 80×64"),
             ("/neg blurry", "negative prompt: blurry"),
             ("/eta 0.5", "eta 0.5"),
-            ("/budget 1G", "VRAM budget 1G"),
+            ("/budget 1G", "VRAM budget 1G: no effect here, rendering on the CPU"),
             ("/open", "nothing saved yet: render a prompt first"),
         ]
         for command, message in expected:
@@ -697,7 +697,7 @@ async def test_slash_commands_set_the_next_render(engine, tmp_path):
         assert str(app.query_one("#params", Static).render()) == (
             "seed 7 (locked) · 4 steps · CFG 5.5 · 80×64 · eta 0.5 · budget 1G · model demo")
         await enter(pilot, "/budget auto")
-        assert notice(app) == "VRAM budget automatic" and engine.budget is None
+        assert notice(app) == "VRAM budget automatic: no effect here, rendering on the CPU" and engine.budget is None
         await enter(pilot, "/cache")
         assert notice(app) == f"embedding cache {engine.cache.folder}: 0 entries, 0M of 256M"
         assert engine.requests == []
@@ -939,3 +939,22 @@ async def test_memory_sparkline_is_flat_until_there_is_something_to_plot(engine,
         assert "█" not in console.export_text()
         await render(pilot, "a fox")
         assert len(spark.data) != 1
+
+
+async def test_ctrl_p_opens_the_history_search_not_a_commands_promise(engine, tmp_path):
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+p")
+        await settle(pilot)
+        assert isinstance(app.screen, CommandPalette)
+        assert app.screen.query_one(Input).placeholder == "search earlier prompts…"
+
+
+async def test_budget_on_the_cpu_says_it_has_no_effect(engine, tmp_path):
+    assert engine.device.type == "cpu"
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await enter(pilot, "/budget 2G")
+        assert notice(app) == "VRAM budget 2G: no effect here, rendering on the CPU"

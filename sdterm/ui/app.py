@@ -15,6 +15,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.command import CommandPalette
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Input, Static
 
@@ -312,12 +313,15 @@ class SdtermApp(App):
         self.refresh_params()
 
     def _budget_changed(self, outcome: Outcome) -> None:
+        message = outcome.message
+        if self.engine.device.type != "cuda":  # kept for the record, but nothing is placed on a CPU
+            message += ": no effect here, rendering on the CPU"
         if self.busy:
             self._pending_budget = (True, self.session.budget)
-            self.notice(outcome.message + " (after this render)")
+            self.notice(message + " (after this render)")
         else:
             self.engine.set_budget(self.session.budget)
-            self.notice(outcome.message)
+            self.notice(message)
 
     def load_image_parameters(self, path: str) -> None:
         """/load: the prompt and settings stored in a PNG (sdterm's or AUTOMATIC1111's)."""
@@ -365,9 +369,13 @@ class SdtermApp(App):
             self.push_screen(HelpScreen())
 
     def action_search_history(self) -> None:
-        from textual.command import CommandPalette
-
         self.push_screen(CommandPalette(providers=[HistoryProvider], placeholder="search earlier prompts…"))
+
+    def action_command_palette(self) -> None:
+        """Ctrl+P (Textual's palette key) opens the same history search: the palette lists only
+        earlier prompts, so it must not promise "commands"."""
+        if not isinstance(self.screen, CommandPalette):
+            self.action_search_history()
 
     def action_quit(self) -> None:
         self._pending = None
