@@ -24,3 +24,29 @@ def test_version_prints_the_version_fast():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.splitlines() == [f"sdterm {sdterm.__version__}", "exit 0", "False"], proc.stderr
+
+
+class _Tty:
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stdin_tty", [False, True])
+def test_app_without_a_terminal_says_so(run_cli, monkeypatch, stdin_tty):
+    """``sdterm`` with stdin or stdout not a TTY (ssh without -t, a pipe): one line, exit 1, no Textual.
+    Under pytest's capture stdout is not a TTY."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", _Tty() if stdin_tty else io.StringIO(""))
+    code, out, err = run_cli("--demo")
+    assert code == 1
+    assert err.startswith("sdterm: error: the app needs a terminal") and len(err.strip().splitlines()) == 1
+    assert "ssh -t" in err and "sdterm generate" in err
+    assert out == ""
+
+
+def test_require_terminal_accepts_two_terminals():
+    from sdterm.cli.app import require_terminal
+
+    require_terminal(_Tty(), _Tty())
+

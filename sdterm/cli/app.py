@@ -8,7 +8,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from ..errors import EXIT_INTERNAL, debug_enabled
+from ..errors import EXIT_INTERNAL, UserError, debug_enabled
 from ..options import add_render_options, params_from_args
 from ..params import MAX_SEED
 from ..resolve import user_config
@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The interactive app (the default command)."""
+    """The interactive app (the default command); it needs a terminal on stdin and stdout."""
+    require_terminal()
     from .. import paths
     from ..engine.pipeline import open_model
     from ..history import History, history_file
@@ -63,6 +64,24 @@ def run(args: argparse.Namespace) -> int:
     app = SdtermApp(service, session, image_protocol=args.image_protocol, debug=debug_enabled(args.debug))
     app.run()
     return app_exit_code(app)
+
+
+NO_TERMINAL = ("the app needs a terminal (stdin or stdout is not a TTY): over SSH use `ssh -t HOST sdterm`; "
+               "for scripts and pipes use `sdterm generate`")
+
+
+def require_terminal(stdin=None, stdout=None) -> None:
+    """A :class:`UserError` (one line, exit 1) unless stdin and stdout are terminals: ``ssh host
+    sdterm`` without ``-t`` or a pipe would otherwise start Textual on no terminal at all."""
+    stdin = stdin if stdin is not None else sys.stdin
+    stdout = stdout if stdout is not None else sys.stdout
+    for stream in (stdin, stdout):
+        try:
+            tty = stream is not None and stream.isatty()
+        except (AttributeError, ValueError, OSError):
+            tty = False
+        if not tty:
+            raise UserError(NO_TERMINAL)
 
 
 def app_exit_code(app, stream=None) -> int:
