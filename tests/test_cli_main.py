@@ -50,3 +50,12 @@ def test_require_terminal_accepts_two_terminals():
 
     require_terminal(_Tty(), _Tty())
 
+
+def test_bare_cache_shows_the_stats(run_cli):
+    """``sdterm cache`` with no action is ``sdterm cache stats``."""
+    code, out, err = run_cli("cache")
+    assert code == 0, err
+    assert out == run_cli("cache", "stats")[1]
+    assert out.startswith("path ") and "entries" in out
+    code, out, err = run_cli("cache", "--json")
+    assert code == 0 and '"entries"' in out

@@ -13,13 +13,14 @@ from ..units import format_bytes
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``sdterm cache`` on ``parser.add_subparsers(...)``; returns its parser."""
     cache = sub.add_parser("cache", help="the prompt-embedding cache: path, stats, clear, prune")
-    cache.add_argument("action", choices=("path", "stats", "clear", "prune"))
+    cache.add_argument("action", nargs="?", default="stats", choices=("path", "stats", "clear", "prune"),
+                       help="what to do (default: stats)")
     cache.add_argument("--json", action="store_true", help="stats as one JSON object")
     return cache
 
 
 def run(args: argparse.Namespace) -> int:
-    """``sdterm cache ACTION``."""
+    """``sdterm cache [ACTION]`` (``stats`` when left out)."""
     import time
 
     from .. import paths
