@@ -31,13 +31,15 @@ def number(text: str) -> float:
 
 
 def add_render_options(p: argparse.ArgumentParser) -> None:
-    """The parameter flags shared by ``generate`` and the app (and the device and budget flags)."""
+    """The parameter flags shared by ``generate`` and the app (and the device and budget flags).
+
+    Short forms: ``-s`` steps, ``-S`` seed, ``-C`` cfg, ``-W`` width, ``-H`` height (``-h`` stays help)."""
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt (the unconditional text)")
-    p.add_argument("--seed", type=whole_number, default=None, help=f"0..{MAX_SEED}; random when left out")
-    p.add_argument("--steps", type=whole_number, default=None, help="DDIM steps (default 50)")
-    p.add_argument("--cfg", type=number, default=None, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--width", type=whole_number, default=None, help="multiple of 8 (default 512)")
-    p.add_argument("--height", type=whole_number, default=None, help="multiple of 8 (default 512)")
+    p.add_argument("-S", "--seed", type=whole_number, default=None, help=f"0..{MAX_SEED}; random when left out")
+    p.add_argument("-s", "--steps", type=whole_number, default=None, help="DDIM steps (default 50)")
+    p.add_argument("-C", "--cfg", type=number, default=None, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("-W", "--width", type=whole_number, default=None, help="multiple of 8 (default 512)")
+    p.add_argument("-H", "--height", type=whole_number, default=None, help="multiple of 8 (default 512)")
     p.add_argument("--eta", type=number, default=0.0, help="DDIM eta, 0..1 (default 0: deterministic)")
     p.add_argument("--subseed", type=whole_number, default=0, help="variation seed (mixed in by --subseed-strength)")
     p.add_argument("--subseed-strength", type=number, default=0.0, help="variation strength 0..1 (default 0)")

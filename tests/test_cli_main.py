@@ -59,3 +59,26 @@ def test_bare_cache_shows_the_stats(run_cli):
     assert out.startswith("path ") and "entries" in out
     code, out, err = run_cli("cache", "--json")
     assert code == 0 and '"entries"' in out
+
+
+@pytest.mark.parametrize("command", [["generate", "x"], []])
+def test_short_render_flags(command, capsys):
+    """-s steps, -S seed, -C cfg, -W width, -H height, on generate and the app; -h is still help."""
+    from sdterm.cli import build_parser
+
+    args = build_parser().parse_args([*command, "-s", "30", "-S", "5", "-C", "6.5", "-W", "640", "-H", "384"])
+    assert (args.steps, args.seed, args.cfg, args.width, args.height) == (30, 5, 6.5, 640, 384)
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([*command, "-h"])
+    assert exc.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_short_render_flags_on_a_batch_line(tmp_path):
+    from sdterm.cli.generate import _batch_jobs
+    from sdterm.cli import build_parser
+
+    batch = tmp_path / "b.txt"
+    batch.write_text("a fox -S 3 -s 4 -W 64 -H 128 -C 2\n")
+    base = build_parser().parse_args(["generate", "--from-file", str(batch)])
+    [(where, job)] = _batch_jobs(str(batch), base)
+    assert (job.prompt, job.seed, job.steps, job.width, job.height, job.cfg) == ("a fox", 3, 4, 64, 128, 2.0)
