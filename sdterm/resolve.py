@@ -91,6 +91,8 @@ def apply_defaults(args: argparse.Namespace, cfg: UserConfig, *, demo: bool = Fa
         args.outdir = d.outdir
     if getattr(args, "image_protocol", None) is None:
         args.image_protocol = d.image_protocol
+    if getattr(args, "threads", None) is None and d.threads:
+        args.threads = d.threads
 
 
 def open_cache(disabled: bool = False):

@@ -45,6 +45,8 @@ class Defaults:
     """VRAM budget such as 2G; empty: the device's free memory minus a margin."""
     image_protocol: str = "auto"
     """auto, kitty, sixel, halfcell or unicode."""
+    threads: int = 0
+    """CPU threads for torch (torch.set_num_threads); 0: torch's own default."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ def load_user_config(path: Path) -> UserConfig:
         Params(steps=d.steps, cfg=d.cfg, width=d.width, height=d.height).validated()
         if d.budget:
             parse_size(d.budget, "defaults.budget")
+        if not isinstance(d.threads, int) or isinstance(d.threads, bool) or d.threads < 0:
+            raise ConfigError(f"defaults.threads must be a whole number >= 0 (0: torch's default), got {d.threads!r}")
         if d.image_protocol not in IMAGE_PROTOCOLS:
             raise ConfigError(f"defaults.image_protocol must be auto, kitty, sixel, halfcell or unicode, got {d.image_protocol!r}")
     except ConfigError as exc:

@@ -82,3 +82,47 @@ def test_short_render_flags_on_a_batch_line(tmp_path):
     base = build_parser().parse_args(["generate", "--from-file", str(batch)])
     [(where, job)] = _batch_jobs(str(batch), base)
     assert (job.prompt, job.seed, job.steps, job.width, job.height, job.cfg) == ("a fox", 3, 4, 64, 128, 2.0)
+
+
+@pytest.fixture
+def thread_calls(monkeypatch):
+    """torch.set_num_threads recorded, not applied (the test process keeps its threads)."""
+    import torch
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    return calls
+
+
+SMALL = ["--width", "64", "--height", "64", "--steps", "2", "--seed", "1"]
+
+
+def test_threads_flag_and_setting(demo_model, tmp_path, run_cli, thread_calls):
+    """--threads N sets torch's CPU threads; defaults.threads in sdterm.yaml when the flag is left
+    out; neither: torch's default is left alone."""
+    from sdterm import paths
+
+    code, out, err = run_cli("generate", "x", "--model", demo_model, "--outdir", tmp_path, *SMALL)
+    assert code == 0, err
+    assert thread_calls == []
+    code, out, err = run_cli("generate", "x", "--model", demo_model, "--outdir", tmp_path, "--threads", 3, *SMALL)
+    assert code == 0, err
+    assert thread_calls == [3]
+    settings = paths.user_config_file()
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text("defaults:\n  threads: 2\n")
+    code, out, err = run_cli("generate", "x", "--model", demo_model, "--outdir", tmp_path, *SMALL)
+    assert code == 0, err
+    assert thread_calls == [3, 2]
+    code, out, err = run_cli("generate", "x", "--model", demo_model, "--outdir", tmp_path, "--threads", 1, *SMALL)
+    assert code == 0, err
+    assert thread_calls == [3, 2, 1]  # the flag wins
+    settings.write_text("defaults:\n  threads: -1\n")
+    code, out, err = run_cli("generate", "x", "--model", demo_model, "--outdir", tmp_path, *SMALL)
+    assert code == 1 and "defaults.threads" in err
+
+
+def test_app_takes_threads(run_cli):
+    from sdterm.cli import build_parser
+
+    assert build_parser().parse_args(["--threads", "4"]).threads == 4

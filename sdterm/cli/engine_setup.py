@@ -1,5 +1,5 @@
-"""The engine the command line's flags ask for (``--device``, ``--vram-budget``, ``--no-cache``),
-shared by ``sdterm generate`` and the app."""
+"""The engine the command line's flags ask for (``--device``, ``--vram-budget``, ``--no-cache``,
+``--threads``), shared by ``sdterm generate`` and the app."""
 
 from __future__ import annotations
 
@@ -8,6 +8,24 @@ import argparse
 from ..errors import UserError
 from ..resolve import open_cache
 from ..units import parse_budget
+from ..options import whole_number
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads (``defaults.threads`` in sdterm.yaml; else torch's default)."""
+    p.add_argument("--threads", metavar="N", type=whole_number, default=None,
+                   help="CPU threads for torch (default: defaults.threads in sdterm.yaml, else torch's default)")
+
+
+def apply_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when the user set it; torch's default otherwise."""
+    if threads is None or threads == 0:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def make_engine(source, args: argparse.Namespace):
@@ -21,6 +39,7 @@ def make_engine(source, args: argparse.Namespace):
         resolve_device(args.device)
     except RuntimeError as exc:
         raise UserError(str(exc)) from None
+    apply_threads(getattr(args, "threads", None))
     engine = Engine(
         source,
         args.device,

@@ -14,7 +14,7 @@ from ..options import add_render_options, params_from_args
 from ..params import MAX_SEED, Params
 from ..resolve import user_config
 from ..units import format_bytes
-from .engine_setup import make_engine
+from .engine_setup import add_threads_option, make_engine
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -42,6 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     gen.add_argument("--outdir", metavar="DIR", help="where to write images (default ./outputs)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the path, seed and per-stage figures")
     gen.add_argument("--no-cache", action="store_true", help="don't read or write the prompt-embedding cache")
+    add_threads_option(gen)
     return gen
 
 
