@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 from textual import events
-from textual.widgets import Input, Static
+from textual.widgets import Input
 
 from tests.test_app import SIZE, engine, make_app, notice, real_engine, settle, wait_until  # noqa: F401 (fixtures)
 
