@@ -112,3 +112,17 @@ async def test_enter_in_the_negative_box_renders_the_prompt(engine, tmp_path):
         await wait_until(pilot, lambda: engine.requests, "a render")
         await settle(pilot)
         assert [(r.prompt, r.negative) for r in engine.requests] == [("fox", "blurry")]
+
+
+async def test_tab_then_a_seed_key_in_one_burst_nudges_the_seed(engine, tmp_path):
+    """Tab moves the focus to the image at once: the `]` right behind it is the image's seed key,
+    not a character typed into the prompt (the tmux smoke test's sequence)."""
+    app = make_app(engine, tmp_path, seed=41, seed_locked=True, steps=2, width=64, height=64)
+    async with app.run_test(size=SIZE) as pilot:
+        box = app.query_one("#prompt", Input)
+        burst(app, *keys("fox"), "enter")
+        await wait_until(pilot, lambda: len(engine.outcomes) == 1, "the first render")
+        burst(app, "tab", "]")
+        await wait_until(pilot, lambda: len(engine.outcomes) == 2, "the seed+1 render")
+        assert [r.seed for r in engine.requests] == [41, 42]
+        assert "]" not in box.value

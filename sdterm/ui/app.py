@@ -354,7 +354,9 @@ class SdtermApp(App):
         order = [self.query_one("#prompt"), self.query_one(ImageView), self.query_one("#negative")]
         focused = self.focused
         index = order.index(focused) if focused in order else -1
-        order[(index + direction) % len(order)].focus()
+        # Screen.set_focus at once, not Widget.focus() (which defers it with call_later): a key
+        # typed right after Tab must go to the newly focused widget (`Tab ]` in one burst).
+        self.screen.set_focus(order[(index + direction) % len(order)])
 
     def action_cancel(self) -> None:
         if isinstance(self.screen, HelpScreen):
