@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in SUBCOMMANDS:
         command.add_parser(sub).set_defaults(run=command.run)
+    parser.commands = sub.choices  # each command's own parser, for its own usage in errors
 
     # --debug before or after the command: every subcommand takes it too. SUPPRESS keeps a
     # subcommand's parser from resetting a --debug given before the command to False.
@@ -78,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     debug = debug_enabled(_debug_in(argv))
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extras = parser.parse_known_args(argv)
+        if extras:  # argparse would blame the top-level parser and print its usage, not the command's
+            owner = parser.commands.get(args.command, parser) if args.command else parser
+            owner.error("unrecognized arguments: " + " ".join(extras))
         debug = debug_enabled(args.debug)
         _quiet_libraries()
         return args.run(args)
