@@ -699,7 +699,7 @@ async def test_slash_commands_set_the_next_render(engine, tmp_path):
         await enter(pilot, "/budget auto")
         assert notice(app) == "VRAM budget automatic: no effect here, rendering on the CPU" and engine.budget is None
         await enter(pilot, "/cache")
-        assert notice(app) == f"embedding cache {engine.cache.folder}: 0 entries, 0M of 256M"
+        assert notice(app) == f"embedding cache {engine.cache.folder}: 0 entries, 0 KiB of 256 MiB"
         assert engine.requests == []
 
         await render(pilot, "fox")
@@ -715,6 +715,12 @@ async def test_slash_commands_set_the_next_render(engine, tmp_path):
         assert notice(app) == f"last image: {path}"
         await enter(pilot, "/cache")
         assert notice(app).startswith(f"embedding cache {engine.cache.folder}: 2 entries")
+        # in the units `sdterm doctor` and `sdterm cache stats` use (it said "0M" here while
+        # doctor said "116 KiB" for the same folder)
+        from sdterm.units import format_bytes
+
+        size = format_bytes(engine.cache.stats().bytes)
+        assert size != "0 KiB" and notice(app).endswith(f"2 entries, {size} of 256 MiB")
 
 
 BAD_COMMANDS = [

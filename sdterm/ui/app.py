@@ -415,5 +415,5 @@ def cache_stats_line(engine) -> str:
     if cache is None:
         return "embedding cache: off"
     st = cache.stats()
-    return (f"embedding cache {cache.folder}: {st.entries} entries, {format_bytes(st.bytes, 'short')} of "
-            f"{format_bytes(cache.max_bytes, 'short')}")
+    # The same figures, in the same units, as `sdterm doctor` and `sdterm cache stats`.
+    return f"embedding cache {cache.folder}: {st.entries} entries, {format_bytes(st.bytes)} of {format_bytes(cache.max_bytes)}"
