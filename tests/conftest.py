@@ -55,6 +55,25 @@ def small_request(**kw):
     return Params(**base)
 
 
+def oom_on_call(fn, n: int, before=None):
+    """``fn`` wrapped to raise CUDA's out-of-memory error on its ``n``-th call (after calling
+    ``before()``, when given), and to call through otherwise: an OOM injected where the engine
+    would meet a real one."""
+    import torch
+
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            if before is not None:
+                before()
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return fn(*args, **kwargs)
+
+    return flaky
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run ``sdterm ARGS`` in-process; returns (exit code, stdout, stderr)."""

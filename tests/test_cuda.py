@@ -24,7 +24,7 @@ from sdterm.engine.memory.tiling import decode_latents
 from sdterm.engine.pipeline import Engine, ModelSource, open_model, to_image
 from sdterm.engine.sampling import ddim
 
-from .conftest import small_request
+from .conftest import oom_on_call, small_request
 from .test_engine import SEED3_64x64_NOISE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -158,15 +158,7 @@ def test_out_of_memory_in_each_stage_with_eta_gives_the_same_pixels(demo_model, 
     base = Engine(open_model(demo_model), "cuda", plan=plan).generate(req)
     engine = Engine(open_model(demo_model), "cuda", plan=plan)
     model = engine.models.module(stage)
-    original, calls = model.forward, {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == (3 if stage == "unet" else 1):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return original(*args, **kwargs)
-
-    model.forward = flaky
+    model.forward = oom_on_call(model.forward, 3 if stage == "unet" else 1)
     notices: list[str] = []
     r = engine.generate(req, emit=lambda e: isinstance(e, Notice) and notices.append(e.message))
     assert any("retrying" in n for n in notices), notices

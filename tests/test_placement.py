@@ -14,7 +14,7 @@ from sdterm.engine.memory.placement import Placement
 from sdterm.engine.memory.streaming import RingStreamer
 from sdterm.engine.memory.planner import GiB, Plan
 
-from .conftest import small_request
+from .conftest import oom_on_call, small_request
 
 REQ = dict(width=64, height=48, steps=3, negative="blurry")
 
@@ -100,16 +100,7 @@ def test_split_cfg_and_tiled_vae_are_close(demo_model, baseline):
 def test_out_of_memory_in_a_stage_retries_with_a_cheaper_plan(demo_model, baseline, stage):
     engine = Engine(open_model(demo_model), "cpu", plan=Plan(GiB, text="resident", unet="resident", vae="resident"))
     model = engine.models.module(stage)
-    original = model.forward
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == (2 if stage == "unet" else 1):  # the U-Net fails on its second step
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(*args, **kwargs)
-
-    model.forward = flaky
+    model.forward = oom_on_call(model.forward, 2 if stage == "unet" else 1)  # the U-Net: its second step
     notices = []
     steps = []
     from sdterm.engine.events import StepDone

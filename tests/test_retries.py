@@ -20,7 +20,7 @@ from sdterm.engine.memory.tiling import decode_latents, fp32_decode_tile, tiled_
 from sdterm.engine.pipeline import Engine, open_model, to_image
 from sdterm.engine.sampling import ddim, guidance
 
-from .conftest import small_request
+from .conftest import oom_on_call, small_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,16 +46,7 @@ def test_eta_render_that_runs_out_of_memory_after_drawing_noise_gives_the_same_p
 ):
     """The OOM strikes inside a step after that step's noise was drawn: the retry must restore
     the generator, or it would draw the next step's noise instead."""
-    real = ddim.ddim_step
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ddim, "ddim_step", flaky)
+    monkeypatch.setattr(ddim, "ddim_step", oom_on_call(ddim.ddim_step, 2))
     notices: list[str] = []
     r = Engine(open_model(demo_model), "cpu", plan=STAGED).generate(small_request(**REQ), emit=collect(notices))
     assert any("retrying" in n for n in notices), notices
@@ -67,16 +58,7 @@ def test_eta_render_that_runs_out_of_memory_after_drawing_noise_gives_the_same_p
 def test_out_of_memory_in_each_stage_with_eta_gives_the_same_image(demo_model, eta_baseline, stage):
     engine = Engine(open_model(demo_model), "cpu", plan=STAGED)
     model = engine.models.module(stage)
-    original = model.forward
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == (3 if stage == "unet" else 1):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(*args, **kwargs)
-
-    model.forward = flaky
+    model.forward = oom_on_call(model.forward, 3 if stage == "unet" else 1)
     notices: list[str] = []
     r = engine.generate(small_request(**REQ), emit=collect(notices))
     assert any("retrying" in n for n in notices), notices
@@ -88,17 +70,9 @@ def test_out_of_memory_in_each_stage_with_eta_gives_the_same_image(demo_model, e
 def test_text_oom_with_the_unet_prefetch_in_flight_first_drops_the_prefetch(demo_model, eta_baseline):
     engine = Engine(open_model(demo_model), "cpu", plan=STAGED)
     text = engine.models.module("text")
-    original, calls = text.forward, {"n": 0}
     prefetched_at_failure = []
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            prefetched_at_failure.append(engine.placement.on_device("unet"))
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(*args, **kwargs)
-
-    text.forward = flaky
+    text.forward = oom_on_call(text.forward, 1, before=lambda: prefetched_at_failure.append(
+        engine.placement.on_device("unet")))
     notices: list[str] = []
     r = engine.generate(small_request(**REQ), emit=collect(notices))
     assert prefetched_at_failure == [True]  # the U-Net prefetch was in flight when the text stage failed

@@ -187,10 +187,6 @@ class Placement:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
 
-    def pending_copies(self) -> bool:
-        """Whether the side stream still has unfinished work (a query, never a wait)."""
-        return self.cuda and not self.copy_stream.query()
-
     def upload(self, name: str, *, prefetch: bool = False, units: list[int] | None = None) -> None:
         """Copy the model (or some of its units) to the device. With ``prefetch`` the copy runs on
         the side stream and overlaps whatever the compute stream is doing; ``wait`` joins it."""
