@@ -138,3 +138,19 @@ def _check_float(name: str, value: Any, lo: float, hi: float) -> None:
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if not lo <= value <= hi:
         raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")
+
+
+MAX_BATCH = 64
+"""The most images one batch (``generate -n``, the app's ``/n``) renders in a row."""
+
+
+def batch(params: Params, count: int) -> list[Params]:
+    """``count`` renders in a row, as AUTOMATIC1111's "Batch count" makes them: image ``i`` has
+    seed + i (and, with a variation, variation seed + i), wrapping at 2^32. ConfigError for a count
+    outside 1 ... :data:`MAX_BATCH`."""
+    _check_int("batch count", count, 1, MAX_BATCH)
+    return [
+        params.replace(seed=(params.seed + i) % (MAX_SEED + 1),
+                       subseed=(params.subseed + i) % (MAX_SEED + 1) if params.subseed_strength > 0 else params.subseed)
+        for i in range(count)
+    ]

@@ -173,3 +173,16 @@ def test_leaf_modules_import_nothing_heavy():
             "[m for m in ('torch', 'textual', 'rich', 'omegaconf', 'PIL') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] []"
+
+
+def test_batch_counts_seeds_up_as_a1111_and_wraps():
+    from sdterm.params import batch
+
+    base = Params(prompt="x", seed=MAX_SEED - 1, subseed=7, subseed_strength=0.0)
+    seeds = [p.seed for p in batch(base, 3)]
+    assert seeds == [MAX_SEED - 1, MAX_SEED, 0]
+    assert [p.subseed for p in batch(base, 3)] == [7, 7, 7]  # no variation: the subseed is not in play
+    varied = base.replace(subseed_strength=0.3)
+    assert [p.subseed for p in batch(varied, 3)] == [7, 8, 9]
+    with pytest.raises(ConfigError, match="batch count"):
+        batch(base, 0)
