@@ -1,28 +1,38 @@
 """The render history: one JSON object per line in ``data_dir()/history.jsonl`` (renders of the app
-and of ``sdterm generate``, recorded by ``sdterm/service.py``), appended and never rewritten (a line
-torn by a crash is isolated and skipped), with the app's Up/Down recall and fuzzy search. No UI
-imports."""
+and of ``sdterm generate``, recorded by ``sdterm/service.py``), numbered 1, 2, ... in file order, with
+the app's Up/Down recall and fuzzy search. No UI imports.
+
+Writers lock the sibling ``history.jsonl.lock`` (the app and a ``generate`` may append at once). A
+line torn by a crash is repaired at the next load, under the lock: the file is rewritten atomically
+without it and the line appended to ``history.jsonl.bad``: reported once, nothing lost."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import stat
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from . import paths
+from .fsutil import write_temp
 from .params import LEGACY_NAMES, Params
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock; appends are still single O_APPEND writes
+    fcntl = None  # type: ignore[assignment]
 
 def history_file() -> Path:
     """Where the prompt history lives: ``data_dir()/history.jsonl`` (``SDTERM_DATA_DIR``)."""
     return paths.data_dir() / "history.jsonl"
 
 
-# --------------------------------------------------------------------------------------------
-# History: one JSON object per line, appended and never rewritten
-# --------------------------------------------------------------------------------------------
+# ---- History: one JSON object per line, appended under a lock, repaired at load ----------------
 
 
 def _reject_constant(name: str) -> float:
@@ -33,12 +43,10 @@ def _reject_constant(name: str) -> float:
 class HistoryEntry:
     """One finished render: its parameters, where its image went, the model, when.
 
-    A line of ``history.jsonl`` is one JSON object: ``time``, then every field of
-    :meth:`Params.to_dict`, then ``path`` and ``model_hash``. The variation fields are also written
-    under their :data:`~sdterm.params.LEGACY_NAMES` (``variation``, ``variation_seed``), the only names
-    lines written by earlier versions have for them, so an earlier sdterm still reads a newer
-    history (a superset of the old line); a line written before a parameter existed reads back
-    with that parameter's default.
+    A line of ``history.jsonl`` is one JSON object: ``time``, every field of :meth:`Params.to_dict`,
+    ``path`` and ``model_hash``. The variation fields are also written under their
+    :data:`~sdterm.params.LEGACY_NAMES`, the only names earlier versions know, so an earlier sdterm
+    still reads a newer history; a line written before a parameter existed reads back with its default.
     """
 
     params: Params
@@ -64,12 +72,9 @@ class HistoryEntry:
     @classmethod
     def from_json(cls, line: str) -> "HistoryEntry":
         """Parse a line written by :meth:`to_json` (now or by an earlier sdterm); ValueError for
-        anything malformed.
-
-        Unknown keys are ignored (a newer sdterm may add some); a missing ``time``, ``path`` or
-        ``model_hash``, wrong types, non-finite numbers and parameters outside the renderable ranges
-        are errors (:meth:`Params.from_dict` says which parameters may be missing).
-        """
+        anything malformed. Unknown keys are ignored (a newer sdterm may add some); a missing
+        ``time``, ``path`` or ``model_hash``, wrong types, non-finite numbers and parameters outside
+        the renderable ranges are errors (:meth:`Params.from_dict` says which may be missing)."""
         try:
             data = json.loads(line, parse_constant=_reject_constant)
         except RecursionError:
@@ -96,27 +101,30 @@ class HistoryEntry:
 
 
 class History:
-    """The prompt history: ``history.jsonl``, read once at start, appended to after each render.
+    """The prompt history: ``history.jsonl``, read at start, appended to after each render.
 
-    Appends are single ``O_APPEND`` writes followed by fsync, so several sdterm processes can
-    share one file and a crash leaves at most one torn last line. Lines that do not parse are
-    skipped (and counted in :attr:`skipped`), never repaired or rewritten.
-    """
+    Appends are single ``O_APPEND`` writes with fsync, under the lock. Lines that are not a JSON
+    object (torn by a crash, garbage) are moved to :attr:`quarantine` at load; JSON objects this
+    version cannot read (edited by hand, written by a newer sdterm) stay, skipped, as does
+    everything in a read-only file or folder."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.entries: list[HistoryEntry] = []
-        """Oldest first."""
+        """Oldest first; entry ``n`` (numbered from 1) is ``entries[n - 1]``."""
         self.skipped = 0
-        """Lines skipped at load because they did not parse (torn by a crash, or edited by hand)."""
+        """Lines skipped because they did not parse (and were not moved to :attr:`quarantine`)."""
+        self.repaired = 0
+        """Unreadable lines moved out of the file at load, into :attr:`quarantine`."""
+        self.quarantine: Path | None = None
+        """Where :attr:`repaired` lines went (``history.jsonl.bad``, appended to); None if none moved."""
+        self._size = 0  # bytes of the file that entries reflect
         self._load()
 
-    def _load(self) -> None:
-        """Read the file; a missing file is an empty history. Other read errors (OSError) propagate."""
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return
+    def _parse(self, raw: bytes) -> tuple[list[bytes], list[bytes]]:
+        """Read ``raw`` into entries; (lines to keep, lines that are not a JSON object)."""
+        self.entries, self.skipped, self._size = [], 0, len(raw)
+        keep, junk = [], []  # type: list[bytes], list[bytes]
         # Split on "\n" only: str.splitlines() would also split inside a prompt at U+2028 and friends.
         for chunk in raw.split(b"\n"):
             if not chunk.strip():
@@ -125,35 +133,88 @@ class History:
                 self.entries.append(HistoryEntry.from_json(chunk.decode("utf-8")))
             except ValueError:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
                 self.skipped += 1
+                if not _json_object(chunk):
+                    junk.append(chunk)
+                    continue
+            keep.append(chunk)
+        return keep, junk
+
+    def _load(self) -> None:
+        """Read the file (missing: an empty history; other OSErrors propagate) and repair it."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        if self._parse(raw)[1]:
+            with suppress(OSError):  # read-only, disk full: the file stays as it is, those lines skipped
+                self._repair()
+
+    def _repair(self) -> None:
+        """Move the lines that are not JSON objects to ``history.jsonl.bad``. Under the lock, so a
+        line that only looked torn because another process was writing it is seen whole."""
+        with _locked(self.path) as held:
+            if not held:
+                return
+            keep, junk = self._parse(self.path.read_bytes())
+            if not junk:
+                return
+            target = Path(os.path.realpath(self.path))  # a symlinked history stays a symlink
+            bad = self.path.with_name(self.path.name + ".bad")
+            data = b"".join(chunk + b"\n" for chunk in keep)
+            tmp = write_temp(target.parent, data, prefix=f".{target.name}.")
+            try:
+                os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+                _append_bytes(bad, b"".join(chunk + b"\n" for chunk in junk))
+                os.replace(tmp, target)
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self._size = len(data)
+            self.skipped -= len(junk)
+            self.repaired, self.quarantine = len(junk), bad
+
+    def refresh(self) -> None:
+        """Take in what other processes appended since (a stat when nothing changed); the entries
+        stay as they are when the file cannot be read."""
+        try:
+            if os.stat(self.path).st_size != self._size:
+                self._parse(self.path.read_bytes())
+        except FileNotFoundError:
+            self._parse(b"")
+        except OSError:
+            pass
 
     def append(self, entry: HistoryEntry) -> None:
-        """Add ``entry`` as one line at the end of the file (folders created as needed).
-
-        If the file does not end with a newline (a crash in the middle of an earlier write), a
-        newline goes first so that the torn line stays a line of its own, skipped at load, and
-        this entry is not glued to it. Raises OSError for the caller to report; the entry is
-        added to :attr:`entries` only once it is on disk.
-        """
+        """Add ``entry`` as one line at the end of the file (folders created as needed), after taking
+        in what other processes appended (:attr:`entries` stays in file order). OSError for the
+        caller to report; the entry is added to :attr:`entries` only once it is on disk."""
         line = entry.to_json().encode("utf-8") + b"\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
-        fd = os.open(self.path, flags, 0o666)
-        try:
-            size = os.fstat(fd).st_size
-            if size:
-                os.lseek(fd, size - 1, os.SEEK_SET)
-                if os.read(fd, 1) != b"\n":
-                    line = b"\n" + line
-            # One write call: with O_APPEND the kernel places it at the end as a whole, so lines
-            # from two processes appending at once never interleave within a line.
-            view = memoryview(line)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with _locked(self.path):
+            self.refresh()
+            self._size = _append_bytes(self.path, line)
         self.entries.append(entry)
+
+    def numbered(self, last: int | None = None) -> list[tuple[int, HistoryEntry]]:
+        """(number, entry), oldest first, numbered 1, 2, ... in file order (stable while the file
+        only grows); only the ``last`` newest when given."""
+        self.refresh()
+        pairs = list(enumerate(self.entries, 1))
+        return pairs if last is None else pairs[max(0, len(pairs) - last):]
+
+    def get(self, number: int) -> HistoryEntry | None:
+        """Entry ``number`` (1 is the oldest), or None."""
+        self.refresh()
+        return self.entries[number - 1] if 1 <= number <= len(self.entries) else None
+
+    def by_image(self, ref: str) -> HistoryEntry | None:
+        """The newest entry whose image is ``ref``: a path, a file name (``00042-1234.png``, the
+        ``.png`` may be left out) or the image's number (``42``, as in ``NNNNN-SEED.png``)."""
+        self.refresh()
+        ref = ref.strip()
+        full = _absolute(ref) if "/" in ref or os.sep in ref else None
+        return next((e for e in reversed(self.entries) if e.path and _shows(e.path, ref, full)), None)
 
     def prompts(self) -> list[HistoryEntry]:
         """Newest first, without consecutive repeats of the same prompt and parameters."""
@@ -166,12 +227,10 @@ class History:
 
     def search(self, query: str, limit: int = 50) -> list[HistoryEntry]:
         """Entries whose prompt contains the letters of ``query`` in order (case-insensitive).
-
         Ranked: the prompt starts with the query, then the query appears whole at a word start,
         then anywhere, then as a scattered subsequence (scored by letters on word starts and
         letters that follow each other); ties go to the newer entry. Repeats of the same prompt
-        and parameters appear once (the newest). An empty query lists :meth:`prompts`.
-        """
+        and parameters appear once (the newest). An empty query lists :meth:`prompts`."""
         needle = " ".join(query.lower().split())
         if not needle:
             return self.prompts()[:limit]
@@ -191,16 +250,74 @@ class History:
         return out
 
 
+_IMAGE_NUMBER = re.compile(r"(\d+)-")
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _shows(path: str, ref: str, full: str | None) -> bool:
+    """Whether the image at ``path`` is the one ``ref`` names (``full``: ref as an absolute path)."""
+    if full is not None:
+        return _absolute(path) == full
+    name = os.path.basename(path)
+    number = _IMAGE_NUMBER.match(name)
+    return name in (ref, ref + ".png") or (ref.isdigit() and number is not None and int(number[1]) == int(ref))
+
+
+def _json_object(chunk: bytes) -> bool:
+    """True if the line is a JSON object (then it is kept even if this version cannot read it)."""
+    try:
+        return isinstance(json.loads(chunk.decode("utf-8")), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[bool]:
+    """Hold the exclusive lock on ``path``'s sibling ``.lock`` file (never replaced, unlike the history);
+    yields False when it cannot be had (a read-only folder, no ``fcntl``): the caller goes on unlocked."""
+    try:
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError:
+        yield False
+        return
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fcntl is not None
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _append_bytes(path: Path, data: bytes) -> int:
+    """Append ``data`` in one write and fsync; the new size. A newline goes first if the file does not
+    end with one (a crash mid-write), so the torn line stays a line of its own, not glued to ``data``."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":
+                data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
 def _word_start(text: str, i: int) -> bool:
     return i == 0 or (text[i].isalnum() and not text[i - 1].isalnum())
 
 
 def _match_rank(needle: str, text: str) -> tuple[int, float] | None:
     """(tier, score) of ``needle`` in ``text`` (both lower case), or None if it does not match.
-
-    Tier 0: prefix; 1: substring at a word start; 2: substring; 3: subsequence. Higher scores
-    rank first within a tier.
-    """
+    Tier 0: prefix; 1: substring at a word start; 2: substring; 3: subsequence. Higher scores first."""
     if text.startswith(needle):
         return 0, 0.0
     at = text.find(needle)
@@ -223,11 +340,8 @@ _GAP = 0.01
 def _subsequence_score(needle: str, text: str) -> float:
     """Best alignment of ``needle`` as a subsequence of ``text``: a letter on a word start scores
     3, a letter right after the previous matched one 2, any other letter 0, less 0.01 for each
-    letter skipped between two matches (so a tighter match wins a tie).
-
-    Dynamic programming over the positions where each letter occurs (not over all of ``text``),
-    so a search through thousands of prompts stays fast enough for every keystroke.
-    """
+    letter skipped between two matches (so a tighter match wins a tie). Dynamic programming over
+    the positions where each letter occurs, fast enough for every keystroke over thousands of prompts."""
     where: dict[str, list[int]] = {}
     for j, ch in enumerate(text):
         where.setdefault(ch, []).append(j)
@@ -252,9 +366,7 @@ def _subsequence_score(needle: str, text: str) -> float:
     return max((score for _, score in prev), default=0.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Up/Down recall in the prompt box
-# --------------------------------------------------------------------------------------------
+# ---- Up/Down recall in the prompt box -------------------------------------------------------------
 
 
 class Recall:
@@ -266,9 +378,7 @@ class Recall:
 
     def __init__(self, history: History):
         self.history = history
-        self._entries: list[HistoryEntry] = []
-        self._index: int | None = None  # None: at the present (the draft)
-        self._draft = ""
+        self.reset()
 
     @property
     def active(self) -> bool:
@@ -303,8 +413,8 @@ class Recall:
 
     def reset(self) -> None:
         """Back to the present (after a render, or when the user types)."""
-        self._index = None
-        self._entries = []
+        self._entries: list[HistoryEntry] = []
+        self._index: int | None = None  # None: at the present (the draft)
         self._draft = ""
 
 
