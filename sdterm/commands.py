@@ -6,20 +6,38 @@ of argument it takes, its usage and help text, and its handler. The parser
 and the prompt box's completion all read :data:`COMMANDS`, so adding a command is one entry here.
 
 A handler gets the session and the argument and returns an :class:`Outcome`: what the front end
-should do next ("message", "budget", "open", "load", "cache", "help", "quit"). It changes the
-session only through its public API (``params``, ``set``, ``seed_locked``, ``budget``,
-``last_path``) and raises :class:`CommandError` (one line) with nothing changed for a bad value.
-No UI imports; nothing here imports the session.
+should do next, and the one string it needs:
+
+- ``message``: show ``message`` on the notice line (a value was set).
+- ``budget``: the VRAM budget changed; ``message`` says to what.
+- ``open``: show the image at path ``message`` in the image panel.
+- ``load``: take the prompt and settings stored in the PNG at path ``message``.
+- ``recall``: ``message`` is a history entry's number (digits): restore that entry's parameters
+  (``session.recall_entry(message).params``).
+- ``history``: list the last ``message`` (digits) entries of the numbered history.
+- ``model``: switch to the model named ``message``; ``""``: list the models.
+- ``cache``, ``help``, ``quit``: show the embedding cache, show the commands (``message``: one line), leave.
+
+A handler changes the session only through its public API (``params``, ``set``, ``seed_locked``,
+``budget``, ``batch_count``, ``last_path``, ``recall_entry``) and raises :class:`CommandError` (one
+line) with nothing changed for a bad value. ``!N`` typed in the prompt box is ``/recall N``.
+
+:func:`complete` completes command names and, for a command whose entry names a kind of value
+(``values``), the value: "path" (PNG files and folders, built in) and any kind the front end
+provides (``complete(text, {"model": lambda typed: names})``). No UI imports; nothing here imports
+the session.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError, shorten
-from .params import MAX_SEED
+from .params import MAX_BATCH, MAX_SEED
 from .units import MIN_BUDGET, format_bytes, parse_budget, parse_wh
 
 
@@ -27,8 +45,11 @@ class CommandError(ValueError):
     """A slash command or its value is not valid; the message is one line meant for the user."""
 
 
-NO_ARG, ONE_VALUE, TEXT, REQUIRED_TEXT = "none", "value", "text", "required text"
-"""Argument kinds: nothing; exactly one word; any text, maybe empty; any text, not empty."""
+NO_ARG, ONE_VALUE, OPTIONAL_VALUE, TEXT, REQUIRED_TEXT = "none", "value", "optional value", "text", "required text"
+"""Argument kinds: nothing; exactly one word; one word or nothing; any text, maybe empty; any text, not empty."""
+
+HISTORY_LENGTH = 20
+"""How many entries ``/history`` lists without a number."""
 
 
 @dataclass(frozen=True)
@@ -36,9 +57,11 @@ class Outcome:
     """What the front end should do after a command."""
 
     action: str
-    """"message" | "budget" | "open" | "load" | "cache" | "help" | "quit"."""
+    """"message" | "budget" | "open" | "load" | "recall" | "history" | "model" | "cache" | "help" |
+    "quit" (the module's docstring says what each asks for)."""
     message: str = ""
-    """What to show on the notice line (for "open" and "load": the file)."""
+    """What to show on the notice line; for "open" and "load" the file, for "recall" the entry's
+    number, for "history" how many entries, for "model" the name."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +81,7 @@ class SlashCommand:
     name: str
     """Typed after the slash."""
     arg: str
-    """:data:`NO_ARG`, :data:`ONE_VALUE`, :data:`TEXT` or :data:`REQUIRED_TEXT`."""
+    """:data:`NO_ARG`, :data:`ONE_VALUE`, :data:`OPTIONAL_VALUE`, :data:`TEXT` or :data:`REQUIRED_TEXT`."""
     usage: str
     """How it is typed, e.g. ``/steps N``."""
     help: str
@@ -67,6 +90,8 @@ class SlashCommand:
     """(session, argument) -> Outcome; CommandError for a bad value."""
     aliases: tuple[str, ...] = ()
     """Other names that run it."""
+    values: str | None = None
+    """The kind of value :func:`complete` completes for it ("path", "model", ...); None: none."""
 
 
 def _number(text: str, kind: type) -> object:
@@ -126,9 +151,39 @@ def _budget(session, arg: str) -> Outcome:
 
 
 def _open(session, arg: str) -> Outcome:
+    if arg:
+        path = os.path.expanduser(arg)
+        if not os.path.isfile(path):
+            raise CommandError(f"no image {shorten(arg)!r}")
+        return Outcome("open", path)
     if session.last_path is None:
         return Outcome("message", "nothing saved yet: render a prompt first")
     return Outcome("open", session.last_path)
+
+
+def _whole(text: str, name: str, lo: int, hi: int) -> int:
+    """``text`` as a whole number in lo ... hi, else CommandError in the validator's words."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise CommandError(f"{name} must be a whole number, got {shorten(text)!r}") from None
+    if not lo <= value <= hi:
+        raise CommandError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _batch(session, arg: str) -> Outcome:
+    session.batch_count = _whole(arg, "batch count", 1, MAX_BATCH)
+    n = session.batch_count
+    return Outcome("message", "one image per render" if n == 1 else f"{n} images per render (seed, seed+1, ...)")
+
+
+def _history(session, arg: str) -> Outcome:
+    return Outcome("history", str(_whole(arg, "history length", 1, 10**9) if arg else HISTORY_LENGTH))
+
+
+def _recall(session, arg: str) -> Outcome:
+    return Outcome("recall", str(session.recall_entry(arg)[0]))
 
 
 def _help(session, arg: str) -> Outcome:
@@ -144,14 +199,22 @@ COMMANDS: dict[str, SlashCommand] = {
         SlashCommand("steps", ONE_VALUE, "/steps N", "DDIM steps (1 ... 1000)", _steps),
         SlashCommand("cfg", ONE_VALUE, "/cfg F", "guidance scale (0 ... 50; 1 = no guidance)", _cfg),
         SlashCommand("size", REQUIRED_TEXT, "/size WxH", "image size, multiples of 8, e.g. /size 512x768", _size),
+        SlashCommand("n", ONE_VALUE, "/n N", f"images per render, seeds in a row (1 ... {MAX_BATCH})", _batch, ("batch",)),
         SlashCommand("neg", TEXT, "/neg TEXT", "negative prompt (/neg alone clears it)", _neg, ("negative",)),
         SlashCommand("eta", ONE_VALUE, "/eta F", "DDIM eta (0 ... 1)", _eta),
         SlashCommand("budget", ONE_VALUE, "/budget SIZE|auto",
                      f"VRAM budget, e.g. /budget 2G (at least {format_bytes(MIN_BUDGET, 'size')})", _budget),
-        SlashCommand("open", NO_ARG, "/open", "show the last image's path", _open),
+        SlashCommand("open", TEXT, "/open [IMAGE.png]", "show the last image (or IMAGE.png) in the image panel",
+                     _open, values="path"),
         SlashCommand("load", REQUIRED_TEXT, "/load IMAGE.png",
                      "take the prompt and settings stored in a PNG (sdterm or AUTOMATIC1111)",
-                     lambda session, arg: Outcome("load", arg)),
+                     lambda session, arg: Outcome("load", arg), values="path"),
+        SlashCommand("history", OPTIONAL_VALUE, "/history [N]", f"list the last N renders, numbered (default {HISTORY_LENGTH})",
+                     _history),
+        SlashCommand("recall", REQUIRED_TEXT, "/recall N|IMAGE.png",
+                     "take the prompt and settings of history entry N (also !N) or of an image's render", _recall),
+        SlashCommand("model", TEXT, "/model [NAME]", "switch to the model NAME (/model alone lists them)",
+                     lambda session, arg: Outcome("model", arg), values="model"),
         SlashCommand("cache", NO_ARG, "/cache", "show the prompt-embedding cache", lambda session, arg: Outcome("cache")),
         SlashCommand("help", NO_ARG, "/help", "show the commands and keys", _help, ("?",)),
         SlashCommand("quit", NO_ARG, "/quit", "leave sdterm", lambda session, arg: Outcome("quit"), ("exit", "q")),
@@ -164,11 +227,19 @@ ALIASES = {alias: c.name for c in COMMANDS.values() for alias in c.aliases}
 _COMMAND_LIST = " ".join(f"/{name}" for name in COMMANDS)
 
 
+_RECALL = re.compile(r"!([0-9]+)")
+"""``!12``: history entry 12, as in a shell; any other text starting with "!" is a prompt."""
+
+
 def parse_command(text: str) -> Command | None:
-    """``"/steps 30"`` -> Command("steps", "30"); None when ``text`` is not a command (does not
-    start with "/"). CommandError (one line) for an unknown command or a missing or extra
-    argument; the argument's value is checked by the command's handler."""
+    """``"/steps 30"`` -> Command("steps", "30"), ``"!12"`` -> Command("recall", "12"); None when
+    ``text`` is not a command (does not start with "/" and is not "!" and digits). CommandError (one
+    line) for an unknown command or a missing or extra argument; the argument's value is checked by
+    the command's handler."""
     stripped = text.strip()
+    recall = _RECALL.fullmatch(stripped)
+    if recall:
+        return Command("recall", recall[1])
     if not stripped.startswith("/"):
         return None
     parts = stripped[1:].split(None, 1)
@@ -186,7 +257,7 @@ def parse_command(text: str) -> Command | None:
         raise CommandError(f"/{name} takes no argument, got {shorten(arg)!r}")
     if command.arg in (ONE_VALUE, REQUIRED_TEXT) and not arg:
         raise CommandError(f"/{name} needs a value: {command.usage}")
-    if command.arg == ONE_VALUE and len(arg.split()) > 1:
+    if command.arg in (ONE_VALUE, OPTIONAL_VALUE) and len(arg.split()) > 1:
         raise CommandError(f"/{name} takes one value, got {shorten(arg)!r}: {command.usage}")
     return Command(name, arg)
 
@@ -196,15 +267,76 @@ def help_line() -> str:
     return " · ".join(c.usage for c in COMMANDS.values())
 
 
-def complete(text: str) -> str | None:
-    """The prompt box's completion of a partly typed command name: ``"/st"`` -> ``"/steps "`` (a
-    space after a name that takes an argument); None when ``text`` is no command name's beginning."""
-    if not text.startswith("/") or any(c.isspace() for c in text):
+ValueSource = Callable[[str], Iterable[str]]
+"""Candidates for a partly typed value (given what is typed so far; those that do not start with it
+are left out by :func:`complete`)."""
+
+
+def image_paths(typed: str) -> list[str]:
+    """Folders (with a trailing "/") and ``.png`` files whose path starts with ``typed``, spelled as
+    typed (``~`` is expanded to list the folder, kept in the result). Hidden names only when typed."""
+    if typed == "~":
+        return ["~/"]
+    base = typed.rpartition("/")[2]
+    head = typed[: len(typed) - len(base)]
+    folder = os.path.expanduser(head) if head else "."
+    out: list[str] = []
+    try:
+        with os.scandir(folder) as it:
+            for i, item in enumerate(it):
+                if i >= _MAX_LISTED:
+                    break
+                if not item.name.startswith(base) or (item.name.startswith(".") and not base.startswith(".")):
+                    continue
+                if item.is_dir():
+                    out.append(head + item.name + "/")
+                elif item.name.lower().endswith(".png") and item.is_file():
+                    out.append(head + item.name)
+    except OSError:
+        return []
+    return sorted(out)
+
+
+_MAX_LISTED = 5000
+"""Entries of one folder looked at while completing (a keystroke must stay fast)."""
+
+VALUE_SOURCES: dict[str, ValueSource] = {"path": image_paths}
+"""Built-in kinds of value; :func:`complete`'s ``values`` adds to them (and may replace them)."""
+
+
+def complete(text: str, values: Mapping[str, ValueSource] | None = None) -> str | None:
+    """The prompt box's completion of ``text``, or None when there is nothing to add.
+
+    A partly typed command name: ``"/st"`` -> ``"/steps "`` (a space after a name that takes an
+    argument; the first in the registry's order). A partly typed value of a command whose entry
+    names a kind of value (:attr:`SlashCommand.values`), from :data:`VALUE_SOURCES` and ``values``
+    (kind -> callable given the typed value, returning candidates): ``"/model de"`` -> ``"/model
+    demo"``, ``"/open out/000"`` -> ``"/open out/00042-1234.png"``. One candidate completes whole;
+    several complete as far as they agree, and once they agree no further, to the first longer one.
+    """
+    if not text.startswith("/"):
         return None
-    typed = text[1:].lower()
-    if not typed:
+    split = re.match(r"/(\S*)(\s+)(.*)\Z", text, re.DOTALL)
+    if split is None:
+        typed = text[1:].lower()
+        for command in COMMANDS.values() if typed else ():
+            if command.name.startswith(typed):
+                return "/" + command.name + ("" if command.arg == NO_ARG else " ")
         return None
-    for command in COMMANDS.values():
-        if command.name.startswith(typed):
-            return "/" + command.name + ("" if command.arg == NO_ARG else " ")
-    return None
+    name = split[1].lower()
+    command = COMMANDS.get(ALIASES.get(name, name))
+    typed = split[3]
+    if command is None or command.values is None or (command.arg in (ONE_VALUE, OPTIONAL_VALUE) and " " in typed):
+        return None
+    source = {**VALUE_SOURCES, **(values or {})}.get(command.values)
+    best = _pick(typed, list(source(typed)) if source else [])
+    return None if best is None or best == typed else text[: split.start(3)] + best
+
+
+def _pick(typed: str, candidates: list[str]) -> str | None:
+    """The completion of ``typed`` among ``candidates`` (case-insensitive if no case matches)."""
+    matches = [c for c in candidates if c.startswith(typed)] or [c for c in candidates if c.lower().startswith(typed.lower())]
+    if not matches:
+        return None
+    common = os.path.commonprefix(matches)
+    return common if len(common) > len(typed) else next((m for m in matches if len(m) > len(typed)), None)

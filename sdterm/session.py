@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 
 from .commands import COMMANDS, Command, CommandError, Outcome
-from .errors import ConfigError
-from .history import History
+from .errors import ConfigError, shorten
+from .history import History, HistoryEntry
 from .params import MAX_SEED, Params
 from .units import format_bytes
 
@@ -48,6 +48,9 @@ class Session:
         self.recalled = False
         """True after :meth:`restore` until the next render: re-rendering the recalled prompt keeps
         its seed even when the seed is unlocked (the parameter line says so)."""
+        self.batch_count = 1
+        """Images per render (``/n``), 1 ... MAX_BATCH: the front end renders
+        ``sdterm.params.batch(params, batch_count)`` for each Params a method here returns."""
 
     # ---- renders ---------------------------------------------------------------------------
 
@@ -81,6 +84,11 @@ class Session:
         self.last_prompt = prompt
         self.recalled = False
         return request
+
+    def rerender(self) -> Params | None:
+        """The last prompt again with the settings as they are now, seed included (Enter on the
+        image); None when nothing was rendered yet. ConfigError on bad values."""
+        return None if self.last_prompt is None else self.rerun(self.last_prompt)
 
     def nudge_seed(self, delta: int) -> Params | None:
         """Seed + ``delta`` (modulo 2^32) and re-render the last prompt; None (and nothing
@@ -142,6 +150,24 @@ class Session:
 
     # ---- history ---------------------------------------------------------------------------
 
+    def recall_entry(self, ref: str) -> tuple[int, HistoryEntry]:
+        """(number, entry) of history entry ``ref``: its number ("12", as ``!12`` and ``/history``
+        show it), else an image it made (a file name or path, ``00042-1234.png``). CommandError
+        (one line) when there is none. Nothing changes: :meth:`restore` takes its parameters."""
+        ref = ref.strip()
+        numbered = self.history.numbered()
+        if ref.isascii() and ref.isdigit():
+            number = int(ref)
+            if 1 <= number <= len(numbered):
+                return numbered[number - 1]
+            span = f"1 ... {len(numbered)}" if numbered else "the history is empty"
+            raise CommandError(f"no history entry {shorten(ref, 20)} ({span})")
+        entry = self.history.by_image(ref)
+        for pair in reversed(numbered):
+            if pair[1] is entry:
+                return pair
+        raise CommandError(f"no history entry for the image {shorten(ref)!r}")
+
     def restore(self, params: Params) -> None:
         """Take the parameters of an earlier render (the budget and the seed lock stay as they are);
         its prompt becomes the last prompt, so the seed keys tweak it. ConfigError, with nothing
@@ -153,7 +179,8 @@ class Session:
 
     def describe(self) -> str:
         """One line for the parameter bar, e.g.
-        ``seed 1234 (locked) · 50 steps · CFG 7.5 · 512×512 · eta 0 · var 0.10@567 · budget auto``.
+        ``seed 1234 (locked) · ×4 · 50 steps · CFG 7.5 · 512×512 · eta 0 · var 0.10@567 · budget auto``
+        (``×4``: a batch of 4 images per render, shown only above 1).
         An unlocked seed shows as ``seed random (last N)``: the next new prompt draws a new seed,
         while the seed keys start from N, the last render's seed; after a recall, ``seed N
         (recalled)``: the recalled prompt renders again with its own seed.
@@ -172,6 +199,8 @@ class Session:
             f"{p.width}×{p.height}",
             f"eta {p.eta:g}",
         ]
+        if self.batch_count > 1:
+            parts.insert(1, f"×{self.batch_count}")
         if p.subseed_strength > 0:
             parts.append(f"var {p.subseed_strength:.2f}@{p.subseed}")
         parts.append("budget " + ("auto" if self.budget is None else format_bytes(self.budget, "size")))
