@@ -10,8 +10,8 @@ should do next, and the one string it needs:
 
 - ``message``: show ``message`` on the notice line (a value was set).
 - ``budget``: the VRAM budget changed; ``message`` says to what.
-- ``open``: show the image at path ``message`` in the image panel.
-- ``load``: take the prompt and settings stored in the PNG at path ``message``.
+- ``open``: show the image at path ``message`` (``~`` expanded) in the image panel.
+- ``load``: take the prompt and settings stored in the PNG at path ``message`` (``~`` expanded).
 - ``recall``: ``message`` is a history entry's number (digits): restore that entry's parameters
   (``session.recall_entry(message).params``).
 - ``history``: list the last ``message`` (digits) entries of the numbered history.
@@ -208,11 +208,12 @@ COMMANDS: dict[str, SlashCommand] = {
                      _open, values="path"),
         SlashCommand("load", REQUIRED_TEXT, "/load IMAGE.png",
                      "take the prompt and settings stored in a PNG (sdterm or AUTOMATIC1111)",
-                     lambda session, arg: Outcome("load", arg), values="path"),
+                     lambda session, arg: Outcome("load", os.path.expanduser(arg)), values="path"),
         SlashCommand("history", OPTIONAL_VALUE, "/history [N]", f"list the last N renders, numbered (default {HISTORY_LENGTH})",
                      _history),
         SlashCommand("recall", REQUIRED_TEXT, "/recall N|IMAGE.png",
-                     "take the prompt and settings of history entry N (also !N) or of an image's render", _recall),
+                     "take the prompt and settings of history entry N (also !N) or of an image's render", _recall,
+                     values="path"),
         SlashCommand("model", TEXT, "/model [NAME]", "switch to the model NAME (/model alone lists them)",
                      lambda session, arg: Outcome("model", arg), values="model"),
         SlashCommand("cache", NO_ARG, "/cache", "show the prompt-embedding cache", lambda session, arg: Outcome("cache")),

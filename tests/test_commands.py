@@ -241,6 +241,8 @@ def test_open_and_model_commands(tmp_path, monkeypatch):
         s.apply(parse_command("/open y.png"))
     s.last_path = "outputs/00000-1.png"
     assert s.apply(parse_command("/open")) == Outcome("open", "outputs/00000-1.png")
+    assert s.apply(parse_command("/load ~/x.png")) == Outcome("load", str(tmp_path / "x.png"))
+    assert complete("/recall x") == "/recall x.png"
     assert s.apply(parse_command("/model")) == Outcome("model", "")
     assert s.apply(parse_command("/model demo [fp16]")) == Outcome("model", "demo [fp16]")
 
