@@ -128,20 +128,21 @@ def _batch_jobs(path: str, base: argparse.Namespace) -> list[tuple[str, argparse
 
 def run(args: argparse.Namespace) -> int:
     """``sdterm generate``: exit 1 when a line of a batch failed (the others still render)."""
+    if (args.prompt is None) == (args.from_file is None):  # before torch is imported: answered at once
+        raise UserError("give a PROMPT or --from-file FILE (one of them)")
+    from ..resolve import apply_defaults, random_weights_source, resolve_model
+
+    cfg = user_config()
+    apply_defaults(args, cfg)
+    jobs = _batch_jobs(args.from_file, args) if args.from_file else [("", args)]
+    if not args.from_file:
+        _params_from(args)  # bad parameters are reported before torch is imported and the model loads
     from .. import paths
     from ..engine.pipeline import open_model
     from ..engine.prompt.tokenizer import PromptError
     from ..history import History, history_file
-    from ..resolve import apply_defaults, random_weights_source, resolve_model
     from ..service import RenderService
 
-    cfg = user_config()
-    apply_defaults(args, cfg)
-    if (args.prompt is None) == (args.from_file is None):
-        raise UserError("give a PROMPT or --from-file FILE (one of them)")
-    jobs = _batch_jobs(args.from_file, args) if args.from_file else [("", args)]
-    if not args.from_file:
-        _params_from(args)  # bad parameters are reported before the model loads
     if args.random_weights:
         source = random_weights_source(args.config)
     else:

@@ -19,8 +19,10 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only where a tensor is read or written: `sdterm cache` never imports it
+    import torch
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
@@ -90,6 +92,7 @@ class EmbeddingCache:
         except OSError:
             return None
         try:
+            import torch
             from safetensors.torch import load
 
             meta = _read_header(data).get("__metadata__") or {}
@@ -124,6 +127,7 @@ class EmbeddingCache:
     def put(self, key: str, embedding: torch.Tensor, *, prompt: str, model_hash: str) -> Path:
         """Store ``embedding`` (any float dtype; stored as fp16 (tokens, dim)). Raises OSError if the
         folder is unwritable; the caller decides whether that matters."""
+        import torch
         from safetensors.torch import save
 
         from ..fsutil import atomic_write_bytes

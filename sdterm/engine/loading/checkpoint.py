@@ -223,18 +223,25 @@ def identify(ckpt: Checkpoint) -> str | None:
 def _match(module: nn.Module, ckpt: Checkpoint, prefix: str, ignore: tuple[str, ...]) -> dict[str, str]:
     """Map each parameter/persistent buffer of ``module`` to its checkpoint key, or raise one line
     saying what is missing or mis-shaped (and what the file is, where recognisable)."""
+    shapes = {name: tuple(ref.shape) for name, ref in module.state_dict(keep_vars=True).items()}
+    return match_shapes(shapes, ckpt, prefix, ignore)
+
+
+def match_shapes(shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint, prefix: str,
+                 ignore: tuple[str, ...] = ()) -> dict[str, str]:
+    """:func:`_match` for a module known by its tensors' names and shapes (no module built)."""
     keyset = set(ckpt.keys())
     found: dict[str, str] = {}
     missing: list[str] = []
     wrong: list[str] = []
-    for name, ref in module.state_dict(keep_vars=True).items():
+    for name, shape in shapes.items():
         if name.endswith(ignore):
             continue
         key = prefix + name
         if key not in keyset:
             missing.append(key)
-        elif tuple(ckpt.shape(key)) != tuple(ref.shape):
-            wrong.append(f"{key} is {list(ckpt.shape(key))}, expected {list(ref.shape)}")
+        elif tuple(ckpt.shape(key)) != tuple(shape):
+            wrong.append(f"{key} is {list(ckpt.shape(key))}, expected {list(shape)}")
         else:
             found[name] = key
     if missing or wrong:

@@ -18,7 +18,7 @@ import torch
 from ...config import ModelConfig, default_config_path, load_model_config
 from ..memory.placement import ALIGN
 from ..memory.planner import ModelSizes
-from ..networks.clip import build_text_encoder, verify_text_encoder
+from ..networks.clip import build_text_encoder, text_encoder_shapes, verify_text_encoder
 from ..networks.unet import UNetModel
 from ..networks.vae import VAEDecoder
 from ..prompt.tokenizer import PromptTokenizer, fetch_tokenizer, find_tokenizer
@@ -168,7 +168,9 @@ class Models:
                 if self.data_dir is None:
                     raise CheckpointError("no CLIP tokenizer found (set SDTERM_TOKENIZER to a folder with vocab.json and merges.txt)")
                 folder = fetch_tokenizer(self.data_dir)
-            self._tokenizer = PromptTokenizer(folder, self.cfg.text.max_positions)
+            # The token memo sits beside the hash memo (the user's cache folder; none in tests that give none).
+            memo = self.hash_memo.parent / "prompt-tokens" if self.hash_memo is not None else None
+            self._tokenizer = PromptTokenizer(folder, self.cfg.text.max_positions, memo=memo)
         return self._tokenizer
 
     @property
@@ -198,18 +200,20 @@ class Models:
     def sizes(self) -> ModelSizes:
         """Bytes of each model and U-Net unit in the run dtype (from meta-device modules)."""
         if self._sizes is None:
-            from ..networks.clip import clip_config
+            import math
 
             itemsize = torch.tensor([], dtype=self.dtype).element_size()
 
-            def nbytes(m: torch.nn.Module) -> int:
-                return sum(-(-t.numel() * itemsize // ALIGN) * ALIGN for t in m.parameters())
+            def aligned(numel: int) -> int:
+                return -(-numel * itemsize // ALIGN) * ALIGN
 
-            from transformers import CLIPTextModel
+            def nbytes(m: torch.nn.Module) -> int:
+                return sum(aligned(t.numel()) for t in m.parameters())
 
             with torch.device("meta"):
-                unet, vae, text = UNetModel(self.cfg.unet), VAEDecoder(self.cfg.vae), CLIPTextModel(clip_config(self.cfg.text))
+                unet, vae = UNetModel(self.cfg.unet), VAEDecoder(self.cfg.vae)
+            text = sum(aligned(math.prod(shape)) for shape in text_encoder_shapes(self.cfg.text).values())
             units = tuple((name, nbytes(m), level) for name, m, level in unet.units())
-            self._sizes = ModelSizes(nbytes(text), sum(b for _, b, _ in units), nbytes(vae), units)
+            self._sizes = ModelSizes(text, sum(b for _, b, _ in units), nbytes(vae), units)
         return self._sizes
 

@@ -1,12 +1,14 @@
 """The CLIP text encoder (transformers' CLIPTextModel) under the checkpoint's own key names:
-built, verified by name and shape, loaded, and run on a tokenized prompt chunk by chunk."""
+built, verified by name and shape, loaded, and run on a tokenized prompt chunk by chunk.
+
+transformers is imported only where the encoder is built (a cache miss): it costs seconds."""
 
 from __future__ import annotations
 
 import torch
 
 from ...config import TextConfig
-from ..loading.checkpoint import TEXT_PREFIX, Checkpoint, load_module, verify_module
+from ..loading.checkpoint import TEXT_PREFIX, Checkpoint, load_module, match_shapes
 from ..prompt.tokenizer import Tokens
 
 
@@ -58,13 +60,36 @@ def _clip_prefix(ckpt: Checkpoint) -> str:
     return nested if any(k.startswith(nested) for k in ckpt.keys()) else TEXT_PREFIX
 
 
-def verify_text_encoder(cfg: TextConfig, ckpt: Checkpoint) -> None:
-    """Check the checkpoint has every text-encoder tensor, without reading any."""
-    from transformers import CLIPTextModel
+def text_encoder_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+    """The CLIP text model's tensors (names under ``text_model.``) and shapes, from the config
+    alone: checking a checkpoint and sizing the encoder need no transformers import
+    (tests/test_startup.py holds this table to CLIPTextModel's own)."""
+    h, inner = cfg.hidden_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "embeddings.token_embedding.weight": (cfg.vocab_size, h),
+        "embeddings.position_embedding.weight": (cfg.max_positions, h),
+    }
+    for i in range(cfg.num_layers):
+        layer = f"encoder.layers.{i}."
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            shapes[f"{layer}self_attn.{proj}.weight"] = (h, h)
+            shapes[f"{layer}self_attn.{proj}.bias"] = (h,)
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[f"{layer}{norm}.weight"] = (h,)
+            shapes[f"{layer}{norm}.bias"] = (h,)
+        shapes[f"{layer}mlp.fc1.weight"] = (inner, h)
+        shapes[f"{layer}mlp.fc1.bias"] = (inner,)
+        shapes[f"{layer}mlp.fc2.weight"] = (h, inner)
+        shapes[f"{layer}mlp.fc2.bias"] = (h,)
+    shapes["final_layer_norm.weight"] = (h,)
+    shapes["final_layer_norm.bias"] = (h,)
+    return shapes
 
-    with torch.device("meta"):
-        model = CLIPTextModel(clip_config(cfg))
-    verify_module(clip_inner(model), ckpt, _clip_prefix(ckpt), ignore=("position_ids",))
+
+def verify_text_encoder(cfg: TextConfig, ckpt: Checkpoint) -> None:
+    """Check the checkpoint has every text-encoder tensor, without reading any (or importing
+    transformers: this runs for every model opened, cache hit or not)."""
+    match_shapes(text_encoder_shapes(cfg), ckpt, _clip_prefix(ckpt))
 
 
 def _load_clip(model, ckpt: Checkpoint, dtype: torch.dtype) -> None:

@@ -1,0 +1,100 @@
+"""What each command imports: argument errors, help and the cache commands never import torch or
+transformers; a render whose prompts are all in the embedding cache never imports transformers.
+
+Checked on ``sys.modules`` in a fresh interpreter (no timings: machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sdterm.config import TextConfig
+
+HEAVY = ("torch", "transformers")
+
+PROBE = """
+import contextlib, io, json, sys
+from sdterm.cli import main
+out, err = io.StringIO(), io.StringIO()
+try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "err": err.getvalue(),
+                  "loaded": [m for m in ("torch", "transformers") if m in sys.modules]}))
+"""
+
+
+def imports_of(*args) -> dict:
+    """Run ``sdterm ARGS`` in a fresh interpreter: its exit code, stderr and which of torch and
+    transformers it imported."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"],
+    ["generate", "--help"],
+    ["generate", "--steps", "x"],
+    ["generate", "a cat", "--bogus-flag"],
+    ["generate"],  # no prompt
+    ["generate", "a cat", "--steps", "0"],  # a bad value, found by the validator
+    ["cache"],
+    ["cache", "stats"],
+    ["cache", "stats", "--json"],
+    ["cache", "path"],
+])
+def test_quick_answers_import_neither_torch_nor_transformers(args):
+    got = imports_of(*args)
+    assert got["loaded"] == [], f"sdterm {' '.join(args)} imported {got['loaded']}"
+    assert got["code"] in (0, 1, 2)
+
+
+def test_cache_hit_render_never_imports_transformers(demo_model, tmp_path):
+    args = ["generate", "a red fox", "--model", demo_model, "--seed", 1, "--steps", 2, "--width", 64,
+            "--height", 64, "--outdir", tmp_path]
+    first = imports_of(*args)
+    assert first["code"] == 0, first["err"]
+    assert "transformers" in first["loaded"]  # a miss: the tokenizer and encoder are needed
+    second = imports_of(*args)
+    assert second["code"] == 0, second["err"]
+    assert "cache hit" in second["err"]
+    assert second["loaded"] == ["torch"]
+    # A new text is a miss again: the tokenizer loads, and the render still works.
+    third = imports_of(*args[:1], "a blue fox", *args[2:])
+    assert third["code"] == 0 and "transformers" in third["loaded"]
+
+
+def test_memoized_tokens_are_the_tokenizers_own(demo_model, tmp_path):
+    """The token memo gives exactly what CLIPTokenizer gives (a fresh tokenizer reads the memo)."""
+    from sdterm.engine.prompt.tokenizer import PromptTokenizer
+
+    texts = ["a red fox", "", "a (castle:1.2) [snow]", "word " * 90]
+    live = PromptTokenizer(demo_model / "tokenizer", memo=tmp_path)
+    want = [live(t) for t in texts]
+    memo = PromptTokenizer(demo_model / "tokenizer", memo=tmp_path)
+    assert [memo(t) for t in texts] == want
+    assert memo._tok is None  # never loaded: every text came from the memo
+    assert len(want[-1].chunks) > 1
+
+
+def test_text_encoder_shape_table_matches_transformers():
+    """The hand-written table (checkpoint checks and sizes without transformers) is CLIPTextModel's."""
+    import torch
+    from transformers import CLIPTextModel
+
+    from sdterm.engine.networks.clip import clip_config, clip_inner, text_encoder_shapes
+
+    for cfg in (TextConfig(), TextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_layers=2,
+                                         num_heads=2, max_positions=77)):
+        with torch.device("meta"):
+            model = CLIPTextModel(clip_config(cfg))
+        real = {k: tuple(v.shape) for k, v in clip_inner(model).state_dict().items() if not k.endswith("position_ids")}
+        assert text_encoder_shapes(cfg) == real
