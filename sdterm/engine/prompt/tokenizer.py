@@ -18,6 +18,8 @@ from ..loading.checkpoint import CheckpointError
 TOKENIZER_REPO = "openai/clip-vit-large-patch14"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 MAX_CHUNKS = 8  # 600 prompt tokens
+MEMO_TEXTS = 1000
+"""Texts remembered per tokenizer in the token memo (the oldest are dropped beyond it)."""
 
 
 class PromptError(ValueError):
@@ -52,50 +54,149 @@ def find_tokenizer(model_path: Path | None, data_dir: Path | None) -> Path | Non
     return None
 
 
+def manual_fix(target: Path) -> str:
+    """The manual workaround, naming the files and where they go."""
+    files = " and ".join(TOKENIZER_FILES)
+    return (f"copy {files} from https://huggingface.co/{TOKENIZER_REPO} (or from a machine where "
+            f"`sdterm download` ran) into {target}, or set SDTERM_TOKENIZER to a folder holding them")
+
+
+def offline_reason(timeout: float = 3.0) -> str | None:
+    """Why the hub can't be reached now, in a few words, or None when it may be: HF_HUB_OFFLINE,
+    else one DNS look-up and one TCP connection (to the HTTPS proxy, where one is set), with no
+    retries, so an offline machine is told at once instead of after huggingface_hub's backoff."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true"):
+        return "HF_HUB_OFFLINE is set"
+    hub = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    target = hub
+    proxy = urllib.request.getproxies().get(hub.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(hub.hostname or ""):
+        target = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return f"cannot resolve {host} (offline?)"
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"cannot connect to {host}:{port} ({getattr(exc, 'strerror', None) or exc})"
+    return None
+
+
 def fetch_tokenizer(data_dir: Path) -> Path:
-    """Download the standard CLIP tokenizer files once (needs internet; never at import or in tests)."""
+    """Download the standard CLIP tokenizer files once (needs internet; never at import or in
+    tests). Offline, fail at once with the manual workaround (no retries)."""
     target = data_dir / "tokenizers" / TOKENIZER_REPO.split("/")[-1]
+    missing = f"the CLIP tokenizer is not on this machine ({', '.join(TOKENIZER_FILES)})"
+    why = offline_reason()
+    if why:
+        raise CheckpointError(f"{missing} and cannot be downloaded: {why}; {manual_fix(target)}")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
-        raise CheckpointError("the CLIP tokenizer is missing and huggingface_hub is not installed") from None
+        raise CheckpointError(f"{missing} and huggingface_hub is not installed; {manual_fix(target)}") from None
     target.mkdir(parents=True, exist_ok=True)
     try:
         for name in TOKENIZER_FILES:
             hf_hub_download(TOKENIZER_REPO, name, local_dir=target)
     except Exception as exc:
         raise CheckpointError(
-            f"the CLIP tokenizer is not on this machine and could not be downloaded ({type(exc).__name__}); "
-            f"put vocab.json and merges.txt from {TOKENIZER_REPO} in {target} or set SDTERM_TOKENIZER"
+            f"{missing} and could not be downloaded ({type(exc).__name__}); {manual_fix(target)}"
         ) from None
     return target
 
 
 class PromptTokenizer:
-    def __init__(self, folder: Path, max_positions: int = 77):
-        from transformers import CLIPTokenizer
+    """The CLIP tokenizer of ``folder``. transformers' CLIPTokenizer (seconds to import) is loaded
+    on the first text not in the token memo: with ``memo`` (a folder), each text's ids are
+    remembered per tokenizer identity, so a render whose embeddings are all cached never
+    imports transformers."""
 
-        try:
-            self.tok = CLIPTokenizer.from_pretrained(str(folder))
-        except Exception as exc:
-            raise CheckpointError(f"{folder}: not a usable CLIP tokenizer ({type(exc).__name__})") from None
+    def __init__(self, folder: Path, max_positions: int = 77, memo: Path | None = None):
         self.folder = folder
         self.max_positions = max_positions
         h = hashlib.sha256()
-        for name in TOKENIZER_FILES:
-            h.update((folder / name).read_bytes())
+        try:
+            for name in TOKENIZER_FILES:
+                h.update((folder / name).read_bytes())
+        except OSError as exc:
+            raise CheckpointError(f"{folder}: not a usable CLIP tokenizer ({exc.strerror or exc})") from None
         self.identity = f"clip-bpe:{h.hexdigest()}"
         """Changes whenever the vocabulary or merges do (part of the embedding cache key)."""
-        self.bos = self.tok.bos_token_id
-        self.eos = self.tok.eos_token_id
-        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
+        self._tok = None
+        self._memo_file = memo / f"{h.hexdigest()[:24]}.json" if memo is not None else None
+        self._memo: dict | None = None
+
+    @property
+    def tok(self):
+        """transformers' CLIPTokenizer, loaded on first use."""
+        if self._tok is None:
+            from transformers import CLIPTokenizer
+
+            try:
+                self._tok = CLIPTokenizer.from_pretrained(str(self.folder))
+            except Exception as exc:
+                raise CheckpointError(f"{self.folder}: not a usable CLIP tokenizer ({type(exc).__name__})") from None
+        return self._tok
 
     @property
     def chunk_tokens(self) -> int:
         return self.max_positions - 2
 
+    def _specials(self) -> list[int]:
+        tok = self.tok
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return [tok.bos_token_id, tok.eos_token_id, pad]
+
+    def _ids(self, text: str) -> tuple[list[int], list[int]]:
+        """(the text's ids without BOS/EOS, [bos, eos, pad]): from the memo, else the tokenizer."""
+        memo = self._load_memo()
+        if text in memo["texts"] and len(memo["specials"]) == 3:
+            return memo["texts"][text], memo["specials"]
+        ids = list(self.tok(text, add_special_tokens=False, truncation=False)["input_ids"])
+        memo["specials"] = self._specials()
+        memo["texts"][text] = ids
+        self._save_memo(memo)
+        return ids, memo["specials"]
+
+    def _load_memo(self) -> dict:
+        if self._memo is None:
+            self._memo = {"specials": [], "texts": {}}
+            if self._memo_file is not None:
+                import json
+
+                try:
+                    data = json.loads(self._memo_file.read_text(encoding="utf-8"))
+                    if data.get("identity") == self.identity and isinstance(data.get("texts"), dict):
+                        self._memo = {"specials": list(data.get("specials") or []), "texts": data["texts"]}
+                except (OSError, ValueError, AttributeError):
+                    pass  # no memo (or a torn one): tokenize, and write a fresh one
+        return self._memo
+
+    def _save_memo(self, memo: dict) -> None:
+        if self._memo_file is None:
+            return
+        import json
+
+        from ...fsutil import atomic_write_bytes
+
+        texts = memo["texts"]
+        while len(texts) > MEMO_TEXTS:  # the oldest first
+            del texts[next(iter(texts))]
+        data = {"identity": self.identity, "specials": memo["specials"], "texts": texts}
+        try:
+            atomic_write_bytes(self._memo_file, json.dumps(data).encode("utf-8"))
+        except OSError:
+            pass  # a memo is an optimisation only
+
     def __call__(self, text: str) -> Tokens:
-        ids = self.tok(text, add_special_tokens=False, truncation=False)["input_ids"]
+        ids, (bos, eos, pad) = self._ids(text)
         per = self.chunk_tokens
         n_chunks = max(1, -(-len(ids) // per))
         if n_chunks > MAX_CHUNKS:
@@ -105,7 +206,7 @@ class PromptTokenizer:
         chunks = []
         for i in range(n_chunks):
             body = ids[i * per : (i + 1) * per]
-            window = [self.bos, *body, self.eos]
-            window += [self.pad] * (self.max_positions - len(window))
+            window = [bos, *body, eos]
+            window += [pad] * (self.max_positions - len(window))
             chunks.append(tuple(window))
         return Tokens(tuple(chunks), len(ids))
