@@ -93,6 +93,8 @@ def apply_defaults(args: argparse.Namespace, cfg: UserConfig, *, demo: bool = Fa
         args.image_protocol = d.image_protocol
     if getattr(args, "threads", None) is None and d.threads:
         args.threads = d.threads
+    if getattr(args, "history", None) is None:
+        args.history = d.history
 
 
 def open_cache(disabled: bool = False):

@@ -47,6 +47,8 @@ class Defaults:
     """auto, kitty, sixel, halfcell or unicode."""
     threads: int = 0
     """CPU threads for torch (torch.set_num_threads); 0: torch's own default."""
+    history: bool = True
+    """False: ``sdterm generate`` records nothing in the history (as ``--no-history``)."""
 
 
 @dataclass(frozen=True)

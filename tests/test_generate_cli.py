@@ -127,3 +127,74 @@ def test_console_entry_point_subprocess(demo_model, tmp_path):
     data = json.loads(proc.stdout)
     assert Path(data["path"]).is_file()
     assert "Traceback" not in proc.stderr
+
+
+def _meta(path) -> dict:
+    return json.loads(Image.open(path).text["sdterm"])["request"]
+
+
+def test_batch_count_renders_seed_then_seed_plus_one(demo_model, tmp_path, run_cli):
+    """-n 3: three PNGs, seeds S, S+1, S+2 in their metadata, three history lines (A1111's batch count)."""
+    from sdterm.history import history_file
+
+    code, out, err = run_cli("generate", "a red fox", "--model", demo_model, "-S", 41, "-n", 3, "--outdir", tmp_path, *SMALL)
+    assert code == 0, err
+    paths = out.split()
+    assert len(paths) == 3 and len(set(paths)) == 3
+    assert [_meta(p)["seed"] for p in paths] == [41, 42, 43]
+    assert [p.endswith(f"-{s}.png") for p, s in zip(paths, (41, 42, 43))] == [True] * 3
+    lines = [json.loads(line) for line in history_file().read_text().splitlines()]
+    assert [(e["seed"], e["path"]) for e in lines] == [(s, p) for s, p in zip((41, 42, 43), paths)]
+    # The same seeds give the same pixels as one render each.
+    code, out, err = run_cli("generate", "a red fox", "--model", demo_model, "-S", 42, "--outdir", tmp_path, *SMALL)
+    assert (pixels(out.strip()) == pixels(paths[1])).all()
+
+
+def test_batch_count_with_a_random_seed_and_json(demo_model, tmp_path, run_cli):
+    code, out, err = run_cli("generate", "x", "--model", demo_model, "--batch-count", 2, "--json", "--outdir", tmp_path, *SMALL)
+    assert code == 0, err
+    first, second = (json.loads(line) for line in out.splitlines())
+    assert second["seed"] == (first["seed"] + 1) % 2**32
+
+
+def test_batch_count_applies_to_each_line_of_a_file(demo_model, tmp_path, run_cli):
+    batch = tmp_path / "prompts.txt"
+    batch.write_text("a cat --seed 5\na dog --seed 9\n")
+    code, out, err = run_cli("generate", "--from-file", batch, "--model", demo_model, "-n", 2, "--outdir", tmp_path, *SMALL)
+    assert code == 0, err
+    got = [(_meta(p)["prompt"], _meta(p)["seed"]) for p in out.split()]
+    assert got == [("a cat", 5), ("a cat", 6), ("a dog", 9), ("a dog", 10)]
+
+
+def test_batch_count_out_of_range_is_one_line(tmp_path, run_cli):
+    for n in (0, 65):
+        code, out, err = run_cli("generate", "x", "-n", n, "--outdir", tmp_path)
+        assert code != 0 and out == "" and err.count("\n") == 1 and "--batch-count" in err
+
+
+def test_no_history_flag_and_setting_leave_the_history_alone(demo_model, tmp_path, run_cli):
+    from sdterm import paths
+    from sdterm.history import history_file
+
+    args = ["generate", "x", "--model", demo_model, "-S", 1, "--outdir", tmp_path, *SMALL]
+    assert run_cli(*args)[0] == 0
+    before = history_file().read_bytes()
+    assert len(before.splitlines()) == 1
+    code, out, err = run_cli(*args, "--no-history")
+    assert code == 0 and Path(out.strip()).is_file(), err
+    assert history_file().read_bytes() == before
+    paths.user_config_file().parent.mkdir(parents=True, exist_ok=True)
+    paths.user_config_file().write_text("defaults:\n  history: false\n")
+    assert run_cli(*args)[0] == 0
+    assert history_file().read_bytes() == before
+    assert run_cli(*args, "--history")[0] == 0  # the flag wins over the setting
+    assert len(history_file().read_bytes().splitlines()) == 2
+
+
+def test_history_setting_must_be_true_or_false(tmp_path, run_cli):
+    from sdterm import paths
+
+    paths.user_config_file().parent.mkdir(parents=True, exist_ok=True)
+    paths.user_config_file().write_text("defaults:\n  history: maybe\n")
+    code, out, err = run_cli("generate", "x", "--outdir", tmp_path)
+    assert code != 0 and "defaults.history" in err and err.count("\n") == 1

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from ..errors import EXIT_ERROR, ConfigError, UserError
-from ..options import add_render_options, params_from_args
-from ..params import MAX_SEED, Params
+from ..options import add_render_options, params_from_args, whole_number
+from ..params import MAX_BATCH, MAX_SEED, Params, batch
 from ..resolve import user_config
 from ..units import format_bytes
 from .engine_setup import add_threads_option, make_engine
@@ -40,7 +40,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     gen.add_argument("--config", metavar="YAML", help="architecture file (default: configs/sd-v1.yaml)")
     add_render_options(gen)
     gen.add_argument("--outdir", metavar="DIR", help="where to write images (default ./outputs)")
-    gen.add_argument("--json", action="store_true", help="print one JSON object with the path, seed and per-stage figures")
+    gen.add_argument("-n", "--batch-count", metavar="N", type=whole_number, default=1,
+                     help=f"N images in a row, seeds SEED, SEED+1, ... (1..{MAX_BATCH}; each line of --from-file N times)")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object per image with the path, seed and per-stage figures")
+    gen.add_argument("--history", action=argparse.BooleanOptionalAction, default=None,
+                     help="record each image in the history, as the app does (default: defaults.history "
+                          "in sdterm.yaml, else yes)")
     gen.add_argument("--no-cache", action="store_true", help="don't read or write the prompt-embedding cache")
     add_threads_option(gen)
     return gen
@@ -135,8 +141,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = user_config()
     apply_defaults(args, cfg)
     jobs = _batch_jobs(args.from_file, args) if args.from_file else [("", args)]
+    if not 1 <= args.batch_count <= MAX_BATCH:  # bad values are reported before torch is imported
+        raise UserError(f"-n/--batch-count must be between 1 and {MAX_BATCH}, got {args.batch_count}")
     if not args.from_file:
-        _params_from(args)  # bad parameters are reported before torch is imported and the model loads
+        _params_from(args)
     from .. import paths
     from ..engine.pipeline import open_model
     from ..engine.prompt.tokenizer import PromptError
@@ -150,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
     engine = make_engine(source, args)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
-    service = RenderService(engine, outdir, History(history_file()))
+    service = RenderService(engine, outdir, History(history_file()) if args.history else None)
     failed = 0
     for where, job in jobs:
         prefix = f"{where}: " if where else ""
@@ -161,8 +169,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             params = _params_from(job)
             if job.seed is None and not args.json:
-                print(f"{prefix}seed {params.seed}", file=sys.stderr)
-            _render_one(service, params, args.json)
+                more = f" (to {batch(params, args.batch_count)[-1].seed})" if args.batch_count > 1 else ""
+                print(f"{prefix}seed {params.seed}{more}", file=sys.stderr)
+            for one in batch(params, args.batch_count):  # A1111's batch count: seed, seed+1, ...
+                _render_one(service, one, args.json)
         except (ConfigError, PromptError) as exc:
             if not args.from_file:
                 raise
