@@ -250,7 +250,7 @@ class History:
         return out
 
 
-_IMAGE_NUMBER = re.compile(r"(\d+)-")
+_IMAGE_NUMBER = re.compile(r"([0-9]+)-")
 
 
 def _absolute(path: str) -> str:
@@ -263,7 +263,7 @@ def _shows(path: str, ref: str, full: str | None) -> bool:
         return _absolute(path) == full
     name = os.path.basename(path)
     number = _IMAGE_NUMBER.match(name)
-    return name in (ref, ref + ".png") or (ref.isdigit() and number is not None and int(number[1]) == int(ref))
+    return name in (ref, ref + ".png") or (ref.isascii() and ref.isdigit() and number is not None and int(number[1]) == int(ref))
 
 
 def _json_object(chunk: bytes) -> bool:

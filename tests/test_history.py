@@ -369,7 +369,7 @@ def test_by_image(tmp_path, monkeypatch):
     assert h.by_image(str(tmp_path / "outputs" / "00042-1234.png")).params.prompt == "a"
     assert h.by_image("outputs/00007-5.png").params.prompt == "d"
     assert h.by_image("7").params.prompt == "d"
-    for missing in ("43", "nothing.png", "other/00042-1234.png", "", "  "):
+    for missing in ("43", "nothing.png", "other/00042-1234.png", "", "  ", "٤٢", "²"):
         assert h.by_image(missing) is None, missing
 
 
