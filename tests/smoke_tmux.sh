@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test of the real app in a real terminal: sdterm runs in a detached tmux session (100x30);
-# the script types a prompt and Enter, waits for "saved", presses Tab and ] (seed + 1, a second
+# the script types a prompt and Enter, waits for "saved", sends "/cfg 4" Enter in one burst (the
+# command must run, the prompt stay, nothing render), presses Tab and ] (seed + 1, a second
 # render), waits for it, quits with Ctrl+Q, and checks that the process ended with status 0, that
 # OUTDIR holds exactly two PNGs and that the screen never showed a traceback. The prompt has
 # brackets (``[/snow]``, invalid as markup): the app is then started again on the same history,
@@ -94,6 +95,14 @@ tmux -S "$socket" send-keys -t "$session" Enter
 wait_for "the first image" 60 on_screen "saved "
 pngs_are 1 || fail "expected 1 PNG after the first render, found $(pngs)"
 
+# A burst, as type-ahead over a slow link sends it (one write): a command right after the render.
+# It must change the CFG without appending to the prompt or rendering.
+tmux -S "$socket" send-keys -t "$session" "/cfg 4" Enter
+wait_for "the /cfg command" 30 on_screen "CFG 4"
+sleep 1
+pngs_are 1 || fail "the command after the render started a render"
+on_screen "a red fox \[/snow\]" || fail "the prompt did not come back after the command"
+
 tmux -S "$socket" send-keys -t "$session" Tab
 tmux -S "$socket" send-keys -t "$session" -l "]"
 second() { pngs_are 2 && on_screen "cache hit"; }
@@ -117,7 +126,7 @@ wait_for "the history search" 30 on_screen "a red fox \[/snow\]"
 tmux -S "$socket" send-keys -t "$session" -l "snow"
 sleep 0.5
 tmux -S "$socket" send-keys -t "$session" Enter
-wait_for "the recalled prompt" 30 on_screen "recalled: seed"
+wait_for "the recalled prompt" 30 on_screen "(recalled) · 3 steps"
 on_screen "a red fox \[/snow\]" || fail "the recalled prompt is not in the prompt box"
 tmux -S "$socket" send-keys -t "$session" C-q
 wait_for "the app to exit again" 30 exited

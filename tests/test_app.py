@@ -269,7 +269,7 @@ async def test_repeated_prompt_is_a_text_encoder_cache_hit(engine, tmp_path):
         assert [e["seed"] for e in history_lines()] == [first, second]
 
 
-async def test_history_survives_a_restart_and_up_recalls_the_settings(engine, tmp_path):
+async def test_history_survives_a_restart_and_up_recalls_the_prompts(engine, tmp_path):
     fox = dict(seed=1234, seed_locked=True, steps=4, cfg=5.0, width=80, height=64, negative="blurry")
     app = make_app(engine, tmp_path, **fox)
     async with app.run_test(size=SIZE) as pilot:
@@ -280,19 +280,18 @@ async def test_history_survives_a_restart_and_up_recalls_the_settings(engine, tm
     assert [e["prompt"] for e in history_lines()] == ["fox", "owl"]
 
     # A new app, as after a restart, with other settings; the history comes from the file.
-    app = make_app(engine, tmp_path, seed=5, negative="sharp")
+    app = make_app(engine, tmp_path, seed=5, seed_locked=True, negative="sharp")
     async with app.run_test(size=SIZE) as pilot:
         box = app.query_one("#prompt", Input)
         await pilot.press(*"dra")
         await pilot.press("up")
-        assert box.value == "owl" and app.session.params.seed == 99
+        assert box.value == "owl" and app.query_one("#negative", Input).value == ""
         await pilot.press("up")
-        assert box.value == "fox"
+        assert box.value == "fox" and app.query_one("#negative", Input).value == "blurry"
         p = app.session.params
-        assert (p.seed, p.steps, p.cfg, p.width, p.height, p.negative) == (1234, 4, 5.0, 80, 64, "blurry")
-        assert app.query_one("#negative", Input).value == "blurry"
-        assert str(app.query_one("#params", Static).render()).startswith("seed 1234 (recalled) · 4 steps · CFG 5 · 80×64")
-        assert notice(app) == "recalled: seed 1234 · 4 steps · CFG 5 · 80×64"
+        # The words come back; the settings of this session stay (Ctrl+R and !N restore those).
+        assert (p.seed, p.steps, p.cfg, p.width, p.height, p.negative) == (5, 3, 7.5, 64, 64, "blurry")
+        assert "settings kept" in notice(app) and "seed 1234 · 4 steps · CFG 5 · 80×64" in notice(app)
         await pilot.press("up")  # already at the oldest: stays
         assert box.value == "fox"
         await pilot.press("down")
@@ -300,33 +299,29 @@ async def test_history_survives_a_restart_and_up_recalls_the_settings(engine, tm
         await pilot.press("down")  # past the newest: the draft comes back
         assert box.value == "dra"
 
-        # Enter on a recalled prompt renders it again with its seed (this session is unlocked).
+        # Enter on the recalled prompt renders it with this session's settings.
         await pilot.press("up", "up", "enter")
         await settle(pilot)
-        assert engine.requests[-1].seed == 1234 and not app.session.seed_locked
-        assert outputs(tmp_path)[-1] == "00002-1234.png"
-        with Image.open(tmp_path / "out" / "00002-1234.png") as im:
-            assert im.size == (80, 64)
-        assert "Negative prompt: blurry" in png_parameters(tmp_path / "out" / "00002-1234.png")
-        lines = history_lines()
-        assert len(lines) == 3
-        params = ("prompt", "negative", "seed", "steps", "cfg", "width", "height", "eta", "variation")
-        assert {k: lines[2][k] for k in params} == {k: lines[0][k] for k in params}
-        # The same prompt was cached by the first app's render.
-        assert stage_state(app, "text enc") == "cache hit"
+        assert (engine.requests[-1].prompt, engine.requests[-1].seed, engine.requests[-1].negative) == ("fox", 5, "blurry")
+        assert outputs(tmp_path)[-1] == "00002-5.png"
+        assert "Negative prompt: blurry" in png_parameters(tmp_path / "out" / "00002-5.png")
+        assert len(history_lines()) == 3
 
 
-async def test_unreadable_history_lines_are_skipped_and_reported(engine, tmp_path):
+async def test_unreadable_history_lines_are_moved_aside_and_reported(engine, tmp_path):
     history_file().parent.mkdir(parents=True, exist_ok=True)
     history_file().write_text('not json\n{"prompt": "half a line', encoding="utf-8")
     app = make_app(engine, tmp_path)
     async with app.run_test(size=SIZE) as pilot:
-        assert notice(app) == "history: skipped 2 unreadable line(s)"
+        bad = history_file().with_name("history.jsonl.bad")
+        assert notice(app) == f"history: moved 2 unreadable line(s) to {bad}"
+        assert bad.read_text(encoding="utf-8").splitlines() == ["not json", '{"prompt": "half a line']
         await pilot.press("up")
         assert app.query_one("#prompt", Input).value == ""
         await render(pilot, "fox")
+    # The file was rewritten without them; the new render is the one line, whole.
     lines = history_file().read_text(encoding="utf-8").split("\n")
-    assert lines[:2] == ["not json", '{"prompt": "half a line'] and json.loads(lines[2])["prompt"] == "fox"
+    assert lines[1:] == [""] and json.loads(lines[0])["prompt"] == "fox"
 
 
 async def test_history_search_restores_the_chosen_entry(engine, tmp_path):
@@ -522,14 +517,15 @@ async def test_seed_and_variation_keys_rerender(engine, tmp_path):
         await settle(pilot)
         assert app.session.params.subseed_strength == 0.0
 
-        assert [r.prompt for r in engine.requests] == ["fox"] * 6
-        assert [r.seed for r in engine.requests] == [100, 101, 100, rerolled, rerolled, rerolled]
-        assert [r.subseed_strength for r in engine.requests] == [0, 0, 0, 0, 0.05, 0]
-        assert engine.requests[4].subseed == variation_seed
-        assert len(outputs(tmp_path)) == 6
+        # Seed 100 (after [) and the unvaried image (after V) were made already: shown, not rendered.
+        assert [r.prompt for r in engine.requests] == ["fox"] * 4
+        assert [r.seed for r in engine.requests] == [100, 101, rerolled, rerolled]
+        assert [r.subseed_strength for r in engine.requests] == [0, 0, 0, 0.05]
+        assert engine.requests[3].subseed == variation_seed
+        assert len(outputs(tmp_path)) == 4
         lines = history_lines()
-        assert [e["seed"] for e in lines] == [100, 101, 100, rerolled, rerolled, rerolled]
-        assert [e["variation"] for e in lines] == [0, 0, 0, 0, 0.05, 0]
+        assert [e["seed"] for e in lines] == [100, 101, rerolled, rerolled]
+        assert [e["variation"] for e in lines] == [0, 0, 0, 0.05]
         assert app.focused is app.query_one(ImageView)
 
 
@@ -574,7 +570,7 @@ async def test_a_tweak_during_a_render_replaces_the_pending_one(engine, tmp_path
         await enter(pilot, "fox")
         await held_reached(pilot, engine)
         await pilot.press("tab", *["right_square_bracket"] * 5)
-        assert notice(app) == "queued seed 505 (replaces the earlier queued render)"
+        assert notice(app) == "queued seed 505 after this render (replaces the earlier queued render)"
         engine.release()
         await settle(pilot)
 
@@ -712,7 +708,7 @@ async def test_slash_commands_set_the_next_render(engine, tmp_path):
         for part in parts:
             assert part in info
         await enter(pilot, "/open")
-        assert notice(app) == f"last image: {path}"
+        assert notice(app) == f"showing {path}" and caption(app).startswith(path.name)
         await enter(pilot, "/cache")
         assert notice(app).startswith(f"embedding cache {engine.cache.folder}: 2 entries")
         # in the units `sdterm doctor` and `sdterm cache stats` use (it said "0M" here while
@@ -738,7 +734,7 @@ BAD_COMMANDS = [
     ("/size 65x64", "multiple of 8"),
     ("/budget 1M", "budget must be at least 256M"),
     ("/budget lots", "budget"),
-    ("/open now", "/open takes no argument"),
+    ("/open now", "no image 'now'"),
     ("/quit please", "/quit takes no argument"),
 ]
 

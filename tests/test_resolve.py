@@ -117,8 +117,12 @@ def test_demo_flag_opens_the_app_on_the_demo_model(monkeypatch, run_cli):
         error_log = None
         return_code = 0
 
-        def __init__(self, service, session, image_protocol, debug=False):
-            seen.update(engine=service.engine, session=session, protocol=image_protocol, debug=debug)
+        def __init__(self, service, session, *, load, model_names, image_protocol, debug=False):
+            # The app loads the model itself, once its screen is up: do what its worker does.
+            assert service is None
+            steps = []
+            loaded = load(None, steps.append)
+            seen.update(engine=loaded.engine, session=session, protocol=image_protocol, debug=debug, steps=steps)
 
         def run(self):
             seen["ran"] = True
@@ -134,6 +138,7 @@ def test_demo_flag_opens_the_app_on_the_demo_model(monkeypatch, run_cli):
     code, out, err = run_cli("--demo", "--device", "cpu")
     assert code == 0, err
     assert seen["ran"] and seen["engine"].source.demo
+    assert seen["steps"][-1] == "setting up the engine"  # what the loading line showed
     assert (seen["session"].params.width, seen["session"].params.steps) == (256, 20)
     assert seen["protocol"] == "auto" and seen["debug"] is False
     assert os.fspath(seen["engine"].source.checkpoint).startswith(os.fspath(paths.data_dir()))

@@ -37,34 +37,88 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The interactive app (the default command); it needs a terminal on stdin and stdout."""
+    """The interactive app (the default command); it needs a terminal on stdin and stdout. The
+    screen comes up at once; the model loads behind it (:class:`AppModels`)."""
     require_terminal()
     from .. import paths
-    from ..engine.pipeline import open_model
     from ..history import History, history_file
     from ..resolve import apply_defaults, demo_model_dir, resolve_model
-    from ..service import RenderService
     from ..session import Session
+    from ..units import parse_budget
 
     cfg = user_config()
     apply_defaults(args, cfg, demo=args.demo)
     model = str(demo_model_dir()) if args.demo else resolve_model(args.model, cfg)
-    source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
-    engine = make_engine(source, args)
+    budget = parse_budget(args.vram_budget, "--vram-budget")
+    if args.device not in ("auto", "cpu"):  # an unusable --device is said before the screen opens
+        from ..engine.memory.placement import resolve_device
+
+        try:
+            resolve_device(args.device)
+        except RuntimeError as exc:
+            raise UserError(str(exc)) from None
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1)
     params = params_from_args(args).replace(seed=seed).validated()
     history = History(history_file())
-    session = Session(params, history, seed_locked=args.seed is not None, budget=engine.budget)
+    session = Session(params, history, seed_locked=args.seed is not None, budget=budget)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
-    service = RenderService(engine, outdir, history)
+    models = AppModels(args, model, outdir, history)
     from ..ui.app import SdtermApp
     from ..ui.terminal import prepare_graphics
 
     prepare_graphics()  # textual-image's terminal queries must run before Textual starts
 
-    app = SdtermApp(service, session, image_protocol=args.image_protocol, debug=debug_enabled(args.debug))
+    app = SdtermApp(None, session, load=models.load, model_names=models.names, image_protocol=args.image_protocol,
+                    debug=debug_enabled(args.debug))
     app.run()
     return app_exit_code(app)
+
+
+class AppModels:
+    """The app's models: the one it starts on and those ``/model NAME`` switches to (a name in the
+    models folder, or a path). :meth:`load` runs on the app's worker thread."""
+
+    def __init__(self, args: argparse.Namespace, model: str, outdir: Path, history) -> None:
+        self.args = args
+        self.model = model
+        self.outdir = outdir
+        self.history = history
+
+    def names(self) -> list[str]:
+        """The models in the models folder, by name (what ``/model`` completes)."""
+        from ..resolve import find_models
+
+        return [p.name for p in find_models()]
+
+    def path_for(self, name: str) -> str:
+        from ..resolve import find_models
+
+        for path in find_models():
+            if name in (path.name, path.stem):
+                return str(path)
+        if Path(name).expanduser().exists():
+            return str(Path(name).expanduser())
+        listed = ", ".join(self.names()) or "none"
+        raise UserError(f"no model {name!r} in the models folder (there: {listed}); give a name from there or a path")
+
+    def load(self, name: str | None, progress):
+        """The render service for model ``name`` (None: the one the app started with)."""
+        import gc
+
+        from .. import paths
+        from ..service import RenderService
+
+        model = self.model if name is None else self.path_for(name)
+        gc.collect()  # the previous model's engine, dropped by the app, goes before the next loads
+        progress("starting torch")
+        from ..engine.pipeline import open_model
+
+        progress(f"reading {Path(model).name}")
+        source = open_model(model, config_path=self.args.config, data_dir=paths.data_dir())
+        progress("setting up the engine")
+        engine = make_engine(source, self.args)
+        self.model = model
+        return RenderService(engine, self.outdir, self.history)
 
 
 NO_TERMINAL = ("the app needs a terminal (stdin or stdout is not a TTY): over SSH use `ssh -t HOST sdterm`; "

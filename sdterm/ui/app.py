@@ -1,99 +1,134 @@
 """The sdterm app: prompt, live stage panel, image, history recall and seed tweaking.
 
+The model loads in a thread worker while the screen is already up (typing works at once; a render
+asked for meanwhile starts when the model is ready), and ``/model`` loads another the same way.
 Renders go through the render service (``sdterm/service.py``: render, save, record) in a thread
 worker; the engine reports through its events, posted here as messages, so the screen never waits
 on it. All session state is touched on the UI thread only.
+
+What the prompt box and the slash commands do is :class:`~sdterm.ui.prompting.PromptFlow`; the keys
+on the image (seed, variation, re-render, zoom) are :class:`~sdterm.ui.keys.Keys`.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 from pathlib import Path
+from typing import Callable
 
+from PIL import Image
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.command import CommandPalette
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Input, Static
 
-from ..commands import CommandError, Outcome, parse_command
-from ..errors import ConfigError, debug_enabled
-from ..history import Recall
-from ..params import Params
+from ..errors import debug_enabled
+from ..params import Params, batch
 from ..service import RenderService, SaveError
-from ..session import VARIATION_STEP, Session
+from ..session import Session
 from ..units import format_bytes
-from .messages import EngineEvent, RenderDone, RenderFailed
-from .screens import HelpScreen, HistoryProvider, summary
+from .keys import Keys
+from .messages import EngineEvent, LoadProgress, ModelFailed, ModelLoaded, RenderDone, RenderFailed, failure_line
+from .prompting import PromptFlow
+from .screens import HistoryProvider
 from .text import plain
 from .widgets.image_view import ImageView
 from .widgets.prompt import PromptInput
 from .widgets.stage_panel import StagePanel
 
+Loader = Callable[[str | None, Callable[[str], None]], RenderService]
+"""``load(name, progress)``: the render service for model ``name`` (None: the configured one);
+``progress(text)`` says what it is doing. Runs on a worker thread; raises what the command line would."""
 
-class SdtermApp(App):
+
+class SdtermApp(PromptFlow, Keys, App):
     CSS_PATH = "app.tcss"
     TITLE = "sdterm"
     COMMANDS = {HistoryProvider}
     BINDINGS = [
         Binding("ctrl+q", "quit", "quit", priority=True),
+        Binding("f1", "help", "help", priority=True),
         Binding("escape", "cancel", "cancel"),
         Binding("ctrl+r", "search_history", "history"),
-        Binding("question_mark", "help", "help"),
+        Binding("question_mark", "help", "help", show=False),
+        Binding("z", "zoom", "zoom", show=False),
         Binding("tab", "focus_cycle(1)", "focus", show=False, priority=True),
         Binding("shift+tab", "focus_cycle(-1)", "focus", show=False, priority=True),
     ]
 
-    def __init__(self, service: RenderService, session: Session, *, image_protocol: str = "auto",
+    def __init__(self, service: RenderService | None, session: Session, *, load: Loader | None = None,
+                 model_names: Callable[[], list[str]] | None = None, image_protocol: str = "auto",
                  debug: bool = False) -> None:
+        """``service``: a ready model; or None, and ``load`` loads one once the screen is up."""
         super().__init__()
+        if service is None and load is None:
+            raise TypeError("SdtermApp needs a render service or a loader")
         self.service = service
-        self.engine = service.engine
         self.session = session
+        self.load_model = load
+        self.model_names = model_names or (lambda: [])
         self.image_protocol = image_protocol
-        self.recall = Recall(session.history)
         self._ids = itertools.count(1)
         self._current: int | None = None
         self._cancel: threading.Event | None = None
-        self._pending: Params | None = None
+        self._job: list[Params] = []
+        """The renders of the running batch still to start."""
+        self._pending: list[Params] = []
+        """The next batch (or single render), queued while a render runs or the model loads."""
         self._pending_budget: tuple[bool, int | None] = (False, None)
+        self._pending_model: str | None = None
+        self._sheet: list[tuple[Params, Image.Image, str | None]] | None = None
+        """The running batch's finished renders (the contact sheet); None for a single render."""
+        self._rendered: dict[Params, str] = {}
+        """Finished renders of this model: request -> image file (what the seed keys may show again)."""
+        self._loading: tuple[str, float] | None = None
+        self._load_timer = None
         self.last_result = None
-        self._recalled: Params | None = None
         self.print_tracebacks = debug_enabled(debug)
         """--debug / SDTERM_DEBUG=1: the caller prints ``internal_errors`` after the app exits."""
         self.internal_errors: list[str] = []
-        """The traceback of each internal error (bug) caught in a render, oldest first."""
+        """The traceback of each internal error (bug) caught, oldest first."""
         self.error_log: Path | None = None
         """The file those tracebacks were also appended to (None until one was written)."""
+        self.init_prompt_flow(session)
+
+    @property
+    def engine(self):
+        """The loaded model's engine; None while a model loads (or none could be loaded)."""
+        return self.service.engine if self.service is not None else None
 
     # ---- layout ------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        demo = self.engine.source.demo
-        banner = "demo model: random weights, images are noise" if demo else ""
         with Vertical(id="top"):
-            yield PromptInput(placeholder="prompt — Enter renders · /help for commands", id="prompt",
-                              recall=self.recall_step)
-            yield Input(placeholder="negative prompt", id="negative")
+            yield PromptInput(placeholder="prompt — Enter renders · /help for commands · F1 keys", id="prompt",
+                              recall=self.recall_step, paste=self.paste_block, help=self.action_help,
+                              values={"model": lambda typed: self.model_names()})
+            yield Input(placeholder="negative prompt", id="negative", select_on_focus=False)
             yield Static(id="params")
         with Horizontal(id="main"):
-            yield ImageView(self.image_protocol, banner, id="view")
-            yield StagePanel(cuda=self.engine.device.type == "cuda", id="panel")
+            yield ImageView(self.image_protocol, "", id="view")
+            yield StagePanel(cuda=False, id="panel")
         yield Static(id="notice")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(StagePanel).border_title = plain(f"model {self.engine.source.name}")
         self.query_one(ImageView).border_title = plain("image")
         self.query_one("#negative", Input).value = self.session.params.negative
-        self.refresh_params()
         self.query_one("#prompt").focus()
-        skipped = self.session.history.skipped
-        if skipped:
-            self.notice(f"history: skipped {skipped} unreadable line(s)", "warning")
+        history = self.session.history
+        if getattr(history, "repaired", 0):
+            self.notice(f"history: moved {history.repaired} unreadable line(s) to {history.quarantine}", "warning")
+        elif history.skipped:
+            self.notice(f"history: skipped {history.skipped} unreadable line(s)", "warning")
+        if self.service is not None:
+            self._model_ready(self.service)
+        else:
+            self.begin_load(None)
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -104,37 +139,148 @@ class SdtermApp(App):
 
     def refresh_params(self) -> None:
         line = self.session.describe()
-        if self.session.budget is None and not self.busy:
-            effective = self.engine.effective_budget()
+        engine = self.engine
+        if engine is not None and self.session.budget is None and not self.busy:
+            effective = engine.effective_budget()
             if effective is not None:
                 line += f" ({format_bytes(effective, 'short')})"
-        self.query_one("#params", Static).update(plain(f"{line} · model {self.engine.source.name}"))
+        if engine is not None:
+            line += f" · model {engine.source.name}"
+        elif self._loading is not None:
+            line += f" · loading {self._loading[0]}…"
+        else:
+            line += " · no model: /model NAME loads one"
+        self.query_one("#params", Static).update(plain(line))
 
     @property
     def busy(self) -> bool:
         return self._current is not None
 
+    # ---- the model ---------------------------------------------------------------------------
+
+    def begin_load(self, name: str | None) -> None:
+        """Load model ``name`` (None: the configured one) on a worker; the screen stays live."""
+        self.service = None
+        self._rendered.clear()
+        self._loading = (name or "the model", time.monotonic())
+        self._load_step = "starting"
+        self._load_timer = self.set_interval(0.5, self._show_loading)
+        self._show_loading()
+        self.refresh_params()
+        self._load_worker(name)
+
+    def _show_loading(self) -> None:
+        if self._loading is not None:
+            name, started = self._loading
+            self.notice(f"loading {name}: {self._load_step}… {time.monotonic() - started:.0f}s (type away; "
+                        "Enter queues the render)")
+
+    @work(thread=True, group="load", exclusive=True)
+    def _load_worker(self, name: str | None) -> None:
+        started = time.monotonic()
+        try:
+            service = self.load_model(name, lambda text: self.post_message(LoadProgress(text)))
+        except Exception as exc:  # the one line on the notice line; the app stays up
+            line, tb, log = failure_line(exc, self.print_tracebacks, "loading a model")
+            self.post_message(ModelFailed(line, tb, log))
+            return
+        self.post_message(ModelLoaded(service, time.monotonic() - started))
+
+    @on(LoadProgress)
+    def _load_progress(self, message: LoadProgress) -> None:
+        self._load_step = message.text
+        self._show_loading()
+
+    def _stop_loading(self) -> None:
+        self._loading = None
+        if self._load_timer is not None:
+            self._load_timer.stop()
+            self._load_timer = None
+
+    @on(ModelLoaded)
+    def _model_loaded(self, message: ModelLoaded) -> None:
+        self._stop_loading()
+        self._model_ready(message.service)
+        self.notice(f"model {message.service.engine.source.name} ready ({message.seconds:.1f}s)")
+        if self._pending:
+            self._start_job(self._take_pending())
+
+    @on(ModelFailed)
+    def _model_failed(self, message: ModelFailed) -> None:
+        self._stop_loading()
+        if message.traceback is not None:
+            self.internal_errors.append(message.traceback)
+            self.error_log = message.log or self.error_log
+        self._pending = []
+        self.refresh_params()
+        self.notice(f"{message.message} — /model NAME loads another, Ctrl+Q quits", "error")
+
+    def _model_ready(self, service: RenderService) -> None:
+        self.service = service
+        engine = service.engine
+        panel = self.query_one(StagePanel)
+        panel.cuda = engine.device.type == "cuda"
+        panel.border_title = plain(f"model {engine.source.name}")
+        panel.refresh_table()
+        banner = "demo model: random weights, images are noise" if engine.source.demo else ""
+        self.query_one(ImageView).query_one("#banner", Static).update(plain(banner))
+        if self.session.budget is not None or engine.budget is not None:
+            engine.set_budget(self.session.budget)
+        self.refresh_params()
+
+    def switch_model(self, name: str) -> None:
+        """``/model NAME``: after the render in flight (if any), unload this model and load ``name``."""
+        if self.load_model is None:
+            self.notice("this session cannot switch models (started on a fixed model)", "warning")
+        elif self.busy:
+            self._pending_model = name
+            self.notice(f"loading {name} after this render")
+        elif self._loading is not None:
+            self.notice(f"still loading {self._loading[0]}: try again when it is ready", "warning")
+        else:
+            self.begin_load(name)
+
     # ---- rendering ---------------------------------------------------------------------------
 
-    def render_request(self, req: Params | None) -> None:
-        """Start ``req`` now, or make it the one pending render (the latest wins)."""
+    def render_request(self, req: Params | None, *, reuse: bool = False) -> None:
+        """Start ``req`` (as many renders as the batch count) now, or make it the pending job (the
+        latest wins). ``reuse``: a render this model already made is shown again, not re-rendered."""
         if req is None:
             self.notice("nothing rendered yet: type a prompt first", "warning")
             return
-        if self.busy:
-            replaced = self._pending is not None
-            self._pending = req
-            self.notice(f"queued seed {req.seed}" + (" (replaces the earlier queued render)" if replaced else ""))
+        job = batch(req, self.session.batch_count)
+        if reuse and len(job) == 1 and self.show_existing(req):
             return
-        self._start(req)
+        if self.busy or self.service is None:
+            replaced = bool(self._pending)
+            self._pending = job
+            why = "the model loads" if self.service is None and self._loading else "this render"
+            what = f"{len(job)} renders from seed {req.seed}" if len(job) > 1 else f"seed {req.seed}"
+            self.notice(f"queued {what} after {why}" + (" (replaces the earlier queued render)" if replaced else ""))
+            if self.service is None and self._loading is None:
+                self._pending = []
+                self.notice("no model loaded: /model NAME loads one", "error")
+            return
+        self._start_job(job)
 
-    def _start(self, req: Params) -> None:
+    def _take_pending(self) -> list[Params]:
+        job, self._pending = self._pending, []
+        return job
+
+    def _start_job(self, job: list[Params]) -> None:
+        self._sheet = [] if len(job) > 1 else None
+        self._job = list(job)
+        self._start_next()
+
+    def _start_next(self) -> None:
+        req = self._job.pop(0)
         render_id = next(self._ids)
         self._current = render_id
         self._cancel = threading.Event()
         self.query_one(StagePanel).start(req.steps)
         self.refresh_params()
-        self.notice(f"rendering seed {req.seed}…")
+        part = f" ({len(self._sheet) + 1} of {len(self._sheet) + 1 + len(self._job)})" if self._sheet is not None else ""
+        self.notice(f"rendering seed {req.seed}{part}…")
         self._render(req, render_id, self._cancel)
 
     @work(thread=True, group="render")
@@ -166,9 +312,14 @@ class SdtermApp(App):
             self.engine.set_budget(budget)
             self._pending_budget = (False, None)
             self.refresh_params()
-        if self._pending is not None:
-            req, self._pending = self._pending, None
-            self._start(req)
+        if self._pending_model is not None:
+            name, self._pending_model = self._pending_model, None
+            self._job = []
+            self.begin_load(name)
+        elif self._pending:
+            self._start_job(self._take_pending())
+        elif self._job:
+            self._start_next()
 
     @on(EngineEvent)
     def _engine_event(self, message: EngineEvent) -> None:
@@ -188,9 +339,18 @@ class SdtermApp(App):
         req = result.request
         demo = " · demo model: the image is noise" if result.demo else ""
         caption = f"seed {req.seed} · {req.width}×{req.height} · {result.seconds:.1f}s · {result.plan}{demo}"
-        self.query_one(ImageView).show(result.image, caption)
+        view = self.query_one(ImageView)
+        if self._sheet is None:
+            view.show(result.image, caption)
+        else:
+            self._sheet.append((req, result.image, message.path))
+            if len(self._sheet) == 1:
+                view.show_sheet([result.image], [caption])
+            else:
+                view.add_to_sheet(result.image, caption)
         if message.path is not None:
             self.session.last_path = message.path
+            self._remember(req, message.path)
         try:
             self.service.record(req, message.path, result.model_hash)
             history_error = None
@@ -201,12 +361,13 @@ class SdtermApp(App):
         elif history_error:
             self.notice(f"saved {message.path}, but {history_error}", "warning")
         else:
-            path = Path(message.path).resolve()
             text = Text("saved ")
-            text.append(str(message.path), style=f"link {path.as_uri()}")
+            text.append(str(message.path), style=f"link {Path(message.path).resolve().as_uri()}")
             cache = result.stages[0].cache
             if cache:
                 text.append(f" · text encoder cache {cache}")
+            if self._sheet is not None and not self._job:
+                text.append(" · ← → pick an image, Enter works on it")
             self.notice(text)
         self.recall.reset()
         self._finished()
@@ -216,204 +377,10 @@ class SdtermApp(App):
         if message.traceback is not None:
             self.internal_errors.append(message.traceback)
             self.error_log = message.log or self.error_log
+        self._job = []  # the rest of a batch after a failure: not started
         if message.cancelled:
             self.query_one(StagePanel).cancelled()
             self.notice(message.message, "warning")
         else:
             self.notice(message.message, "error")
         self._finished()
-
-    # ---- input -------------------------------------------------------------------------------
-
-    @on(Input.Submitted, "#prompt")
-    def _submitted(self, event: Input.Submitted) -> None:
-        text = event.value
-        try:
-            command = parse_command(text)
-        except CommandError as exc:
-            self.notice(str(exc), "error")
-            return
-        if command is not None:  # PromptInput cleared the box at the Enter, in key order
-            self.run_command(command)
-            return
-        self.session.set_negative(self.query_one("#negative", Input).value)
-        recalled, self._recalled = self._recalled, None
-        try:
-            if recalled is not None and recalled.prompt == text:
-                # A recalled render runs again as it was, seed included (even when unlocked).
-                req = self.session.rerun(text)
-            else:
-                req = self.session.new_prompt(text)
-        except ConfigError as exc:
-            self.notice(str(exc), "error")
-            return
-        self.recall.reset()
-        self.render_request(req)
-
-    @on(Input.Changed, "#negative")
-    def _negative_changed(self, event: Input.Changed) -> None:
-        self.session.set_negative(event.value)
-
-    @on(Input.Submitted, "#negative")
-    def _negative_submitted(self, event: Input.Submitted) -> None:
-        prompt = self.query_one("#prompt", Input).value
-        if prompt and not prompt.startswith("/"):
-            self.query_one("#prompt", Input).action_submit()
-
-    def recall_step(self, direction: int) -> None:
-        """Up (-1) / Down (+1) in the prompt box; PromptInput calls it at the key, in key order."""
-        box = self.query_one("#prompt", Input)
-        if direction < 0:
-            entry = self.recall.older(box.value)
-        else:
-            entry = self.recall.newer()
-        if entry is None:
-            return
-        if isinstance(entry, str):  # back to the draft being typed
-            box.value = entry
-        else:
-            self.restore_params(entry.params, focus=False)
-        box.cursor_position = len(box.value)
-
-    def restore_params(self, params: Params, focus: bool = True) -> None:
-        """Put an earlier render's prompt and settings back (history recall and search, /load);
-        the seed keys then tweak it. ConfigError, with nothing changed, when it can't be rendered."""
-        self.session.restore(params)
-        self._recalled = params
-        box = self.query_one("#prompt", Input)
-        box.value = params.prompt
-        box.cursor_position = len(params.prompt)
-        self.query_one("#negative", Input).value = params.negative
-        self.refresh_params()
-        self.notice(f"recalled: {summary(params)}")
-        if focus:
-            box.focus()
-
-    def run_command(self, command) -> None:
-        """A slash command: its registry entry's handler (in the session), then what it asks of the app."""
-        try:
-            outcome = self.session.apply(command)
-        except CommandError as exc:
-            self.notice(str(exc), "error")
-            return
-        effects = {
-            "quit": lambda o: self.action_quit(),
-            "help": lambda o: self.action_help(),
-            "open": lambda o: self.show_last_path(o.message),
-            "cache": lambda o: self.notice(cache_stats_line(self.engine)),
-            "load": lambda o: self.load_image_parameters(o.message),
-            "budget": self._budget_changed,
-        }
-        effect = effects.get(outcome.action)
-        if effect is not None:
-            effect(outcome)
-        elif outcome.message:
-            self.notice(outcome.message)
-        self.query_one("#negative", Input).value = self.session.params.negative
-        self.refresh_params()
-
-    def _budget_changed(self, outcome: Outcome) -> None:
-        message = outcome.message
-        if self.engine.device.type != "cuda":  # kept for the record, but nothing is placed on a CPU
-            message += ": no effect here, rendering on the CPU"
-        if self.busy:
-            self._pending_budget = (True, self.session.budget)
-            self.notice(message + " (after this render)")
-        else:
-            self.engine.set_budget(self.session.budget)
-            self.notice(message)
-
-    def load_image_parameters(self, path: str) -> None:
-        """/load: the prompt and settings stored in a PNG (sdterm's or AUTOMATIC1111's)."""
-        from ..pngmeta import MetadataError, read_png_parameters
-
-        try:
-            found = read_png_parameters(Path(path).expanduser())
-        except MetadataError as exc:
-            self.notice(str(exc), "error")
-            return
-        try:
-            self.restore_params(found.params)
-        except ConfigError as exc:
-            self.notice(f"{path}: {exc}", "error")
-            return
-        self.notice(f"loaded from {path}: {summary(found.params)} — Enter renders it")
-
-    def show_last_path(self, fallback: str) -> None:
-        path = self.session.last_path
-        if not path:
-            self.notice(fallback or "nothing rendered yet", "warning")
-            return
-        text = Text("last image: ")
-        text.append(path, style=f"link {Path(path).resolve().as_uri()}")
-        self.notice(text)
-
-    # ---- actions -----------------------------------------------------------------------------
-
-    def action_focus_cycle(self, direction: int) -> None:
-        order = [self.query_one("#prompt"), self.query_one(ImageView), self.query_one("#negative")]
-        focused = self.focused
-        index = order.index(focused) if focused in order else -1
-        # Screen.set_focus at once, not Widget.focus() (which defers it with call_later): a key
-        # typed right after Tab must go to the newly focused widget (`Tab ]` in one burst).
-        self.screen.set_focus(order[(index + direction) % len(order)])
-
-    def action_cancel(self) -> None:
-        if isinstance(self.screen, HelpScreen):
-            return
-        self._pending = None
-        if self._cancel is not None:
-            self._cancel.set()
-            self.notice("cancelling at the next step…", "warning")
-
-    def action_help(self) -> None:
-        if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
-
-    def action_search_history(self) -> None:
-        self.push_screen(CommandPalette(providers=[HistoryProvider], placeholder="search earlier prompts…"))
-
-    def action_command_palette(self) -> None:
-        """Ctrl+P (Textual's palette key) opens the same history search: the palette lists only
-        earlier prompts, so it must not promise "commands"."""
-        if not isinstance(self.screen, CommandPalette):
-            self.action_search_history()
-
-    def action_quit(self) -> None:
-        self._pending = None
-        if self._cancel is not None:
-            self._cancel.set()
-        self.exit()
-
-    def action_nudge(self, delta: int) -> None:
-        self.render_request(self.session.nudge_seed(delta))
-        self.refresh_params()
-
-    def action_reroll(self) -> None:
-        self.render_request(self.session.reroll())
-        self.refresh_params()
-
-    def action_lock(self) -> None:
-        locked = self.session.toggle_lock()
-        self.notice("seed locked: new prompts keep it" if locked else "seed unlocked: each new prompt gets a new seed")
-        self.refresh_params()
-
-    def action_variation(self, direction: int) -> None:
-        if self.session.last_prompt is None:
-            self.render_request(None)
-            return
-        req = self.session.change_variation(VARIATION_STEP * direction)
-        if req is None:
-            self.notice(f"variation strength is already {self.session.params.subseed_strength:g}", "warning")
-            return
-        self.render_request(req)
-        self.refresh_params()
-
-
-def cache_stats_line(engine) -> str:
-    cache = engine.cache
-    if cache is None:
-        return "embedding cache: off"
-    st = cache.stats()
-    # The same figures, in the same units, as `sdterm doctor` and `sdterm cache stats`.
-    return f"embedding cache {cache.folder}: {st.entries} entries, {format_bytes(st.bytes)} of {format_bytes(cache.max_bytes)}"

@@ -55,20 +55,54 @@ class RenderFailed(Message):
     def from_exception(cls, exc: BaseException, render_id: int, print_tracebacks: bool) -> "RenderFailed":
         """The message for a render that raised ``exc`` (on the worker thread): the user's one line
         for a known failure; a bug's traceback goes to the error log, and its line says so."""
-        failure = classify(exc)
-        if failure.kind == "cancelled":
+        if classify(exc).kind == "cancelled":
             return cls(render_id, "cancelled: nothing was written", cancelled=True)
-        if not failure.internal:
-            return cls(render_id, failure.line)
-        log = log_traceback(exc, "in a render")
-        if log is not None:
-            where = f"traceback in {_short_path(log)}"
-        elif print_tracebacks:
-            where = "traceback printed when sdterm exits"
-        else:
-            where = "restart with --debug for the traceback"
-        # What matters comes first: the notice line is one row, cut at the terminal's width.
-        return cls(render_id, f"internal error (a bug; {where}): {failure.line}", traceback=traceback_text(exc), log=log)
+        line, tb, log = failure_line(exc, print_tracebacks, "in a render")
+        return cls(render_id, line, traceback=tb, log=log)
+
+
+class ModelLoaded(Message):
+    """The model (and its engine, in a render service) is ready."""
+
+    def __init__(self, service, seconds: float) -> None:
+        super().__init__()
+        self.service = service
+        self.seconds = seconds
+
+
+class ModelFailed(Message):
+    """The model could not be loaded: the one line, and a bug's traceback (as :class:`RenderFailed`)."""
+
+    def __init__(self, message: str, traceback: str | None = None, log=None) -> None:
+        super().__init__()
+        self.message = message
+        self.traceback = traceback
+        self.log = log
+
+
+class LoadProgress(Message):
+    """What the model loader is doing now ("reading the checkpoint", ...)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+def failure_line(exc: BaseException, print_tracebacks: bool, where: str) -> tuple[str, str | None, Path | None]:
+    """The notice line for ``exc`` raised on a worker thread, and for a bug its traceback and the
+    error log it was appended to: a known failure is the user's one line; a bug says it is one."""
+    failure = classify(exc)
+    if not failure.internal:
+        return failure.line, None, None
+    log = log_traceback(exc, where)
+    if log is not None:
+        place = f"traceback in {_short_path(log)}"
+    elif print_tracebacks:
+        place = "traceback printed when sdterm exits"
+    else:
+        place = "restart with --debug for the traceback"
+    # What matters comes first: the notice line is one row, cut at the terminal's width.
+    return f"internal error (a bug; {place}): {failure.line}", traceback_text(exc), log
 
 
 def _short_path(path: Path) -> str:

@@ -8,7 +8,8 @@ from textual.app import ComposeResult
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Markdown
+from textual.widgets import Markdown, OptionList
+from textual.widgets.option_list import Option
 
 from ..commands import COMMANDS
 from ..params import Params
@@ -20,22 +21,28 @@ HELP = """\
 | where | key | does |
 |---|---|---|
 | prompt | **Enter** | render (or run a `/command`) |
-| prompt | **↑ / ↓** | earlier / later prompts, with their settings |
-| anywhere | **Ctrl+R** | search the history |
-| anywhere | **Tab / Shift+Tab** | prompt ↔ image and panel ↔ negative prompt |
-| image/panel | **] / [** | seed +1 / −1 and render |
-| image/panel | **r** | a new random seed and render |
-| image/panel | **l** | lock / unlock the seed (locked: new prompts keep it) |
-| image/panel | **v / V** | variation strength +0.05 / −0.05 and render |
-| anywhere | **Esc** | cancel the render at the next step |
-| outside the prompt | **?** | this help (or `/help`) |
+| prompt | **/** right after a render | a command line: the prompt waits aside and comes back (Esc: back now) |
+| prompt | **↑ / ↓** | earlier / later prompts (your settings stay) |
+| prompt | **!N** Enter | history entry N with its settings (`/history` lists them) |
+| prompt | paste | an A1111 parameters block sets the prompt and every setting in it |
+| anywhere | **Ctrl+R** | search the history (restores that render's settings) |
+| anywhere | **Tab / Shift+Tab** | prompt → image → negative prompt |
+| image | **Enter** | render again with the current settings |
+| image | **] / [** | seed +1 / −1 and render (an image made before is shown again) |
+| image | **r** | a new random seed and render |
+| image | **l** | lock / unlock the seed (locked: new prompts keep it) |
+| image | **v / V** | variation strength +0.05 / −0.05 and render |
+| image | **z** | zoom: the image fills the screen (z or Tab back) |
+| contact sheet | **← → ↑ ↓**, **Enter** | pick an image of a batch (`/n N`), then work on it |
+| anywhere | **Esc** | cancel the render at the next step (and the queued ones) |
+| anywhere | **F1** | this help; **?** too, outside the prompt or in an empty one |
 | anywhere | **Ctrl+Q** | quit (cancels a render cleanly) |
 
 # Commands (type in the prompt; → completes a name)
 
 {commands}
 
-Press Esc or ? to close.
+Press Esc, ? or F1 to close.
 """
 
 
@@ -49,7 +56,7 @@ def help_text() -> str:
 
 
 class HelpScreen(ModalScreen[None]):
-    BINDINGS = [("escape", "dismiss", "close"), ("question_mark", "dismiss", "close")]
+    BINDINGS = [("escape", "dismiss", "close"), ("question_mark", "dismiss", "close"), ("f1", "dismiss", "close")]
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
     HelpScreen > VerticalScroll { width: 90%; max-width: 100; height: 90%; border: round $accent; background: $panel; }
@@ -86,3 +93,31 @@ class HistoryProvider(Provider):
             label = p.prompt or "(empty prompt)"
             detail = f"seed {p.seed} · {p.steps} steps · {entry.time}"
             yield DiscoveryHit(plain(label), partial(app.restore_params, p), text=label, help=plain(detail))
+
+
+class HistoryScreen(ModalScreen[None]):
+    """``/history``: the last renders, numbered as ``!N`` recalls them; Enter restores one (its
+    prompt and settings), Esc closes."""
+
+    BINDINGS = [("escape", "dismiss", "close")]
+    DEFAULT_CSS = """
+    HistoryScreen { align: center middle; }
+    HistoryScreen > OptionList { width: 90%; max-width: 140; height: 80%; border: round $accent; }
+    """
+
+    def __init__(self, history, last: int, restore) -> None:
+        super().__init__()
+        self.entries = history.numbered(last)
+        self.restore = restore
+
+    def compose(self) -> ComposeResult:
+        options = [Option(plain(f"!{n:<4} {entry.params.prompt or '(empty prompt)'}  ·  {summary(entry.params)}"))
+                   for n, entry in reversed(self.entries)]
+        box = OptionList(*options) if options else OptionList(Option(plain("no history yet"), disabled=True))
+        box.border_title = plain("history: Enter restores · Esc closes")
+        yield box
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        n, entry = list(reversed(self.entries))[event.option_index]
+        self.dismiss()
+        self.restore(entry.params, what=f"history !{n}")
