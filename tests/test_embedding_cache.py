@@ -190,10 +190,23 @@ def test_cache_cli_path_stats_prune_clear(demo_model, tmp_path, run_cli):
     os.utime(stray, (time.time() - 7200,) * 2)
     code, out, _ = run_cli("cache", "prune")
     assert code == 0 and not stray.exists()
+    memos = Path(os.environ["SDTERM_CACHE_DIR"]) / "prompt-tokens"
+    assert any(memos.glob("*.json")), "the render wrote no token memo"
     code, out, _ = run_cli("cache", "clear")
-    assert "removed 2" in out
+    assert "removed 2" in out and "prompt token memo" in out
+    assert not any(memos.glob("*.json")), "cache clear left prompts on disk in the token memo"
     _, out, _ = run_cli("cache", "stats")
     assert "entries  0" in out
+
+
+def test_no_cache_writes_no_prompt_anywhere_in_the_cache_folder(demo_model, tmp_path, run_cli):
+    code, _, err = run_cli("generate", "a secret prompt", "--model", demo_model, "--seed", 1, "--outdir", tmp_path,
+                           "--no-cache", *SMALL)
+    assert code == 0, err
+    cache_dir = Path(os.environ["SDTERM_CACHE_DIR"])
+    for path in cache_dir.rglob("*"):
+        if path.is_file():
+            assert b"secret" not in path.read_bytes(), path
 
 
 def test_cache_size_comes_from_user_config(tmp_path, run_cli):

@@ -198,3 +198,16 @@ def test_history_setting_must_be_true_or_false(tmp_path, run_cli):
     paths.user_config_file().write_text("defaults:\n  history: maybe\n")
     code, out, err = run_cli("generate", "x", "--outdir", tmp_path)
     assert code != 0 and "defaults.history" in err and err.count("\n") == 1
+
+
+def test_a_torn_history_line_is_moved_aside_and_said_once(demo_model, tmp_path, run_cli):
+    from sdterm.history import history_file
+
+    history_file().parent.mkdir(parents=True, exist_ok=True)
+    history_file().write_text('{"prompt": "torn by a cra', encoding="utf-8")
+    args = ["generate", "x", "--model", demo_model, "-S", 1, "--outdir", tmp_path, *SMALL]
+    code, out, err = run_cli(*args)
+    assert code == 0 and "moved 1 unreadable line(s) to" in err and "history.jsonl.bad" in err
+    code, out, err = run_cli(*args)
+    assert code == 0 and "unreadable" not in err
+    assert len(history_file().read_text(encoding="utf-8").splitlines()) == 2

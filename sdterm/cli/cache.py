@@ -34,6 +34,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "clear":
             print(f"removed {cache.clear()} entries from {cache.folder}")
+            memos = paths.cache_dir() / "prompt-tokens"  # the text -> token ids memo (prompts too)
+            removed = 0
+            for memo in memos.glob("*.json") if memos.is_dir() else ():
+                memo.unlink()
+                removed += 1
+            if removed:
+                print(f"removed {removed} prompt token memo(s) from {memos}")
             return 0
         if args.action == "prune":
             print(f"removed {cache.prune()} entries (unreadable, stale or over the cap) from {cache.folder}")

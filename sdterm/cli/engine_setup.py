@@ -48,5 +48,6 @@ def make_engine(source, args: argparse.Namespace):
         cache=open_cache(args.no_cache),
         budget=parse_budget(args.vram_budget, "--vram-budget"),
     )
+    engine.models.token_memo = not args.no_cache  # --no-cache: no prompt text in the cache folder at all
     engine.models.tokenizer
     return engine

@@ -158,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
         source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
     engine = make_engine(source, args)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
-    service = RenderService(engine, outdir, History(history_file()) if args.history else None)
+    history = History(history_file()) if args.history else None
+    if history is not None and history.repaired:
+        print(f"note: history: moved {history.repaired} unreadable line(s) to {history.quarantine}", file=sys.stderr)
+    service = RenderService(engine, outdir, history)
     failed = 0
     for where, job in jobs:
         prefix = f"{where}: " if where else ""

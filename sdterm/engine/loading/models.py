@@ -91,6 +91,8 @@ class Models:
         self.random_seed = random_seed
         self.data_dir = data_dir
         self.hash_memo = hash_memo
+        self.token_memo = True
+        """False: no text -> token ids memo on disk (``--no-cache``: no prompt is written to the cache folder)."""
         self._tokenizer_dir = tokenizer_dir or source.tokenizer_dir
         self._tokenizer: PromptTokenizer | None = None
         self._modules: dict[str, torch.nn.Module] = {}
@@ -169,7 +171,7 @@ class Models:
                     raise CheckpointError("no CLIP tokenizer found (set SDTERM_TOKENIZER to a folder with vocab.json and merges.txt)")
                 folder = fetch_tokenizer(self.data_dir)
             # The token memo sits beside the hash memo (the user's cache folder; none in tests that give none).
-            memo = self.hash_memo.parent / "prompt-tokens" if self.hash_memo is not None else None
+            memo = self.hash_memo.parent / "prompt-tokens" if self.hash_memo is not None and self.token_memo else None
             self._tokenizer = PromptTokenizer(folder, self.cfg.text.max_positions, memo=memo)
         return self._tokenizer
 
