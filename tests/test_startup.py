@@ -98,3 +98,35 @@ def test_text_encoder_shape_table_matches_transformers():
             model = CLIPTextModel(clip_config(cfg))
         real = {k: tuple(v.shape) for k, v in clip_inner(model).state_dict().items() if not k.endswith("position_ids")}
         assert text_encoder_shapes(cfg) == real
+
+
+def test_the_app_draws_before_torch_is_imported(demo_model):
+    """The app's screen comes up before the model loads: everything up to ``app.run()`` — the
+    command line, settings, history, the UI modules — imports neither torch nor transformers (the
+    model's loader imports them on its worker thread, with the screen already drawn)."""
+    probe = """
+import json, sys
+import sdterm.cli.app as cli_app
+import sdterm.ui.app as ui_app
+from sdterm.cli import main
+
+seen = {}
+class Stop(Exception):
+    pass
+def run(self):
+    seen["loaded"] = [m for m in ("torch", "transformers") if m in sys.modules]
+    raise Stop
+ui_app.SdtermApp.run = run
+cli_app.require_terminal = lambda: None
+import sdterm.ui.terminal as terminal
+terminal.prepare_graphics = lambda: None
+try:
+    main(["--model", sys.argv[1], "--device", "cpu"])
+except Stop:
+    pass
+print(json.dumps(seen))
+"""
+    proc = subprocess.run([sys.executable, "-c", probe, str(demo_model)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"loaded": []}
