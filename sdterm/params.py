@@ -3,8 +3,8 @@ render, what a history line and an image's ``sdterm`` PNG chunk store.
 
 :class:`Params` is a frozen dataclass with its limits, its validator (the one validator: the
 command line, the slash commands, the settings file and stored records all go through it) and
-its conversion to and from a plain dict (JSON). A leaf: it imports only :mod:`sdterm.errors`, so
-the engine may import it.
+its conversion to and from a plain dict (JSON). A leaf: it imports only :mod:`sdterm.errors` and the
+names of :mod:`sdterm.samplers`, so the engine may import it.
 
 Adding a parameter (a sampler, clip skip, a LoRA) is one field here, with its default and its check
 in :meth:`Params.validated`; stored records written before it read back with the default. Only
@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .samplers import DEFAULT_RNG, DEFAULT_SAMPLER, DEFAULT_SCHEDULE, RNGS, SAMPLERS, SCHEDULES
 
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 1000
@@ -38,7 +39,7 @@ class Params:
     seed: int = 0
     """0 ... 2^32-1; the starting noise is drawn on the CPU from this seed."""
     steps: int = 50
-    """DDIM steps, 1 ... 1000."""
+    """Sampling steps, 1 ... 1000."""
     cfg: float = 7.5
     """Classifier-free guidance scale; 1 disables guidance (one U-Net pass per step)."""
     width: int = 512
@@ -51,6 +52,18 @@ class Params:
     """Variation seed (AUTOMATIC1111): a second seed whose noise is mixed into the first."""
     subseed_strength: float = 0.0
     """Variation strength 0..1: spherical interpolation from the seed's noise toward the subseed's."""
+    sampler: str = DEFAULT_SAMPLER
+    """The sampler, by its AUTOMATIC1111 name (``sdterm/samplers.py``)."""
+    schedule: str = DEFAULT_SCHEDULE
+    """A1111's "Schedule type" ("Automatic": the sampler's own default)."""
+    rng: str = DEFAULT_RNG
+    """Where the noise comes from: "cpu" (torch's CPU generator), "nv" (A1111's NV: the numbers an
+    NVIDIA GPU gives, on any device) or "gpu" (torch.randn on CUDA)."""
+    eta_ancestral: float = 1.0
+    """A1111's "Eta" for the ancestral and SDE samplers (``eta`` is DDIM's own, as in A1111)."""
+    ensd: int = 0
+    """A1111's eta noise seed delta ("ENSD"): added to the seed for the per-step noise of the
+    samplers that use it."""
 
     def validated(self) -> "Params":
         """``self``, or ConfigError with one line naming the first bad parameter and the allowed range."""
@@ -62,6 +75,11 @@ class Params:
         _check_float("eta", self.eta, 0.0, 1.0)
         _check_int("variation seed", self.subseed, 0, MAX_SEED)
         _check_float("variation strength", self.subseed_strength, 0.0, 1.0)
+        _check_float("eta (ancestral)", self.eta_ancestral, 0.0, 1.0)
+        _check_int("ENSD", self.ensd, 0, MAX_SEED)
+        _check_name("sampler", self.sampler, tuple(SAMPLERS))
+        _check_name("schedule", self.schedule, SCHEDULES)
+        _check_name("rng", self.rng, RNGS)
         for name, side in (("width", self.width), ("height", self.height)):
             _check_int(name, side, 8, MAX_SIDE)
             if side % 8:
@@ -117,6 +135,11 @@ REQUIRED = ("prompt", "seed", "steps", "cfg", "width", "height")
 LEGACY_NAMES = {"subseed": "variation_seed", "subseed_strength": "variation"}
 """Field -> the name history lines have given it since before the fields had one name. History
 lines carry both names (see ``sdterm/history.py``); :meth:`Params.from_dict` reads either."""
+
+
+def _check_name(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {name} {value!r}; one of: {', '.join(allowed)}")
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:

@@ -60,7 +60,8 @@ class StepDone:
     step: int
     """1-based."""
     total: int
-    timestep: int
+    timestep: float
+    """The step's timestep (DDIM, PLMS...) or sigma (the k-diffusion samplers), for display."""
     elapsed: float
     """Seconds since the first step started."""
 

@@ -29,7 +29,8 @@ from .memory.streaming import RingStreamer
 from .memory.tiling import choose_tile, decode_latents, fp32_decode_tile, vae_activation_bytes
 from .networks.clip import encode
 from .prompt.tokenizer import Tokens
-from .sampling import DEFAULT_SAMPLER, SAMPLERS
+from ..samplers import resolve_schedule
+from .sampling import SamplingContext, get_sampler
 from .sampling.guidance import guided, pair_conditioning, unet_passes
 from .sampling.noise import latents_noise
 
@@ -187,9 +188,10 @@ class Engine:
         cond, uncond = pair_conditioning(embs, self.dtype)
         check()
         x_t, gen = latents_noise(req.seed, req.width, req.height, req.subseed, req.subseed_strength)
-        # Where a retry resumes: the step, its latent and the generator's state after it (eta > 0
-        # draws noise every step; a retried step must draw the same noise as a first try would).
-        progress = {"step": 0, "x": x_t, "gen": gen, "gen_state": gen.get_state()}
+        # Where a retry resumes: the sampler's state after its last completed step (its carry: the
+        # step, the latent, a multistep sampler's history) and the generator's state after it (the
+        # per-step noise of a retried step must be what a first try would have drawn).
+        progress = {"carry": {}, "x": x_t, "gen": gen, "gen_state": gen.get_state()}
         latents, unet_stats, plan = self._with_retry("unet", plan, req, notice,
                                                      lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check))
         stages.append(unet_stats)
@@ -319,16 +321,16 @@ class Engine:
             self.cache = None
 
     def _unet_stage(self, req: Params, cond, uncond, plan: Plan, progress: dict, emit: Emit, check):
-        x_t, gen = progress["x"], progress["gen"]
+        x_t, gen, carry = progress["x"], progress["gen"], progress["carry"]
         gen.set_state(progress["gen_state"])  # a retry draws the noise a first try would have
-        sampler = SAMPLERS[DEFAULT_SAMPLER]
+        sampler = get_sampler(req.sampler)
         meter = StageMeter("unet", self.device, emit)
         unet = self._acquire("unet", plan.unet)
         with contextlib.ExitStack() as stack:
             stack.callback(self._release, "unet", plan.unet)
             if plan.unet == "streamed":
                 # Exactly the passes the rest of the render makes: nothing is prefetched past them.
-                calls = (req.steps - progress["step"]) * sampler.calls_per_step
+                calls = sampler.info.calls(req.steps, carry.get("step", 0))
                 passes = calls * unet_passes(req.cfg, split=plan.split_cfg)
                 modules = [m for _, m, _ in unet.units()]
                 stack.enter_context(RingStreamer(self.placement, "unet", modules, plan.resident_units,
@@ -336,12 +338,12 @@ class Engine:
             if plan.prefetch_vae and plan.vae != "host":
                 self._acquire_prefetch("vae")
             meter.loaded()
-            x = x_t.to(self.device)
-            denoise = guided(unet, cond.to(self.device), uncond.to(self.device), req.cfg, split=plan.split_cfg)
+            if "x" in carry:
+                carry["x"] = carry["x"].to(self.device)
             t0 = time.perf_counter()
 
-            def on_step(i: int, t: int, x_now: torch.Tensor) -> None:
-                progress["step"], progress["x"], progress["gen_state"] = i + 1, x_now, gen.get_state()
+            def on_step(i: int, t: float, x_now: torch.Tensor) -> None:
+                progress["gen_state"] = gen.get_state()
                 check()
                 emit(StepDone(i + 1, req.steps, t, time.perf_counter() - t0))
                 emit(memory_sample("unet", self.device))
@@ -349,9 +351,13 @@ class Engine:
             def noise() -> torch.Tensor:
                 return torch.randn(x_t.shape, generator=gen, dtype=torch.float32).to(self.device)
 
+            ctx = SamplingContext(
+                eps=guided(unet, cond.to(self.device), uncond.to(self.device), req.cfg, split=plan.split_cfg),
+                model=self.models.cfg.schedule, steps=req.steps, schedule=resolve_schedule(req.sampler, req.schedule),
+                eta=req.eta, eta_ancestral=req.eta_ancestral, noise=noise, on_step=on_step, carry=carry,
+                info=sampler.info)
             with torch.inference_mode():
-                latents = sampler.run(denoise, x, schedule=self.models.cfg.schedule, steps=req.steps, eta=req.eta,
-                                      noise=noise, on_step=on_step, start=progress["step"])
+                latents = sampler.run(ctx, x_t.to(self.device))
         note = plan.describe(self.models.sizes()) if plan.unet != "host" else "cpu"
         return latents, meter.finish(note=note)
 

@@ -1,18 +1,24 @@
-"""Samplers as plain functions over a denoiser callable (k-diffusion's shape), and their registry.
+"""Samplers as plain functions over a sampling context (k-diffusion's shape), and their registry.
 
-A sampler is one module here that defines ``SAMPLER`` (a :class:`Sampler`: its A1111 name and its
-``run`` function) plus one entry in :data:`SAMPLERS` below. ``guidance.py`` turns a U-Net and the
-text embeddings into the denoiser every sampler calls.
+The names, call counts and where each sampler's function lives are ``sdterm/samplers.py`` (a leaf:
+the command line checks names without torch); :func:`get_sampler` imports the function when a
+render needs it. A new sampler is one function in a module here and one entry there.
+``guidance.py`` turns a U-Net and the text embeddings into the denoiser every sampler calls.
 """
 
 from __future__ import annotations
 
-from . import ddim
-from .base import Denoiser, Sampler
+import importlib
 
-SAMPLERS: dict[str, Sampler] = {s.name: s for s in (ddim.SAMPLER,)}
-"""Every sampler by its A1111 name."""
+from ...samplers import DEFAULT_SAMPLER, SAMPLERS as SAMPLER_INFO
+from .base import Denoiser, Sampler, SamplingContext
 
-DEFAULT_SAMPLER = "DDIM"
 
-__all__ = ["DEFAULT_SAMPLER", "Denoiser", "SAMPLERS", "Sampler"]
+def get_sampler(name: str) -> Sampler:
+    """The sampler called ``name`` (an A1111 name of :data:`sdterm.samplers.SAMPLERS`); KeyError otherwise."""
+    info = SAMPLER_INFO[name]
+    module = importlib.import_module(f"{__name__}.{info.module}")
+    return Sampler(info, getattr(module, info.function))
+
+
+__all__ = ["DEFAULT_SAMPLER", "Denoiser", "Sampler", "SamplingContext", "get_sampler"]

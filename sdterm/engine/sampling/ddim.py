@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ...config import ScheduleConfig
-from .base import Denoiser, Sampler
+from .base import Denoiser, SamplingContext
 
 
 def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
@@ -110,12 +110,11 @@ def sample(
     return x
 
 
-def run(denoise: Denoiser, x: torch.Tensor, *, schedule: ScheduleConfig, steps: int, eta: float = 0.0,
-        noise: Callable[[], torch.Tensor] | None = None,
-        on_step: Callable[[int, int, torch.Tensor], None] | None = None, start: int = 0) -> torch.Tensor:
+def run(ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
     """DDIM as a registered sampler (CompVis/diffusers form: ``steps`` updates, the last one to
-    alphas_cumprod[0])."""
-    return sample(denoise, x, Schedule.make(schedule, steps), eta=eta, noise=noise, on_step=on_step, start=start)
-
-
-SAMPLER = Sampler("DDIM", run)
+    alphas_cumprod[0]); the starting noise is x_T as it is. Resumes from ``ctx.carry``."""
+    start = ctx.resume()
+    if start:
+        x = ctx.carry["x"]
+    return sample(ctx.eps, x, Schedule.make(ctx.model, ctx.steps), eta=ctx.eta, noise=ctx.noise,
+                  on_step=lambda i, t, x_now: ctx.step_done(i, t, x_now), start=start)

@@ -27,20 +27,22 @@ def guided(
     (or, with ``split``, two passes of one: half the activation memory, same result).
 
     ``cond``/``uncond`` are (1, tokens, dim) and must have the same token count. With scale == 1
-    the unconditional pass is pointless and is skipped.
+    the unconditional pass is pointless and is skipped. The timestep may be fractional (the
+    k-diffusion samplers interpolate it from sigma): it goes to the U-Net as float32, which embeds
+    an integer timestep exactly as before.
     """
     if scale == 1.0:
 
-        def denoise_cond(x: torch.Tensor, t: int) -> torch.Tensor:
-            ts = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        def denoise_cond(x: torch.Tensor, t: float) -> torch.Tensor:
+            ts = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
             return unet(x, ts, cond).to(x.dtype)
 
         return denoise_cond
 
     if split:
 
-        def denoise_split(x: torch.Tensor, t: int) -> torch.Tensor:
-            ts = torch.full((1,), t, device=x.device, dtype=torch.long)
+        def denoise_split(x: torch.Tensor, t: float) -> torch.Tensor:
+            ts = torch.full((1,), t, device=x.device, dtype=torch.float32)
             eps_u = unet(x, ts, uncond).to(x.dtype)
             eps_c = unet(x, ts, cond).to(x.dtype)
             return eps_u + scale * (eps_c - eps_u)
@@ -49,8 +51,8 @@ def guided(
 
     context = torch.cat([uncond, cond])  # (2, tokens, dim): [unconditional, conditional]
 
-    def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-        ts = torch.full((2,), t, device=x.device, dtype=torch.long)
+    def denoise(x: torch.Tensor, t: float) -> torch.Tensor:
+        ts = torch.full((2,), t, device=x.device, dtype=torch.float32)
         eps_u, eps_c = unet(torch.cat([x, x]), ts, context).to(x.dtype).chunk(2)
         return eps_u + scale * (eps_c - eps_u)
 
