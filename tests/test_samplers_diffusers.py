@@ -178,3 +178,174 @@ def test_resume_after_a_failed_step_is_bit_identical(name, steps, k):
     resumed = RUNS[name](ctx2, torch.full_like(x, float("nan")))  # x is ignored on resume
     assert torch.equal(resumed, full)
     assert counter.calls == SAMPLERS[name].calls(steps, start=k + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# UniPC
+# ------------------------------------------------------------------------------------------------
+
+
+def a1111_unipc_times(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """A1111's UniPC schedule, written from its description (NoiseScheduleVP "discrete" and
+    get_time_steps "time_uniform"): (model timesteps of the steps + 1 points, their VE sigmas)."""
+    t = np.linspace(1.0, 1e-3, steps + 1)
+    log_alpha = np.interp(t, np.arange(1, 1001) / 1000.0, 0.5 * np.log(ac64().numpy()))
+    alpha = np.exp(log_alpha)
+    return (t - 1e-3) * 1000.0, np.sqrt(1.0 - alpha**2) / alpha
+
+
+def unipc_scheduler(steps: int, dtype, a1111_times: bool):
+    s = diffusers.UniPCMultistepScheduler(**SD, solver_order=3, prediction_type="epsilon", predict_x0=True,
+                                          solver_type="bh1", lower_order_final=True, timestep_spacing="linspace",
+                                          final_sigmas_type="sigma_min")
+    s.set_timesteps(steps)
+    if a1111_times:  # diffusers rounds timesteps to whole numbers; give it A1111's (fractional) ones
+        model_t, sigmas = a1111_unipc_times(steps)
+        s.timesteps = torch.tensor(model_t[:-1], dtype=torch.float64)
+        s.sigmas = torch.tensor(sigmas, dtype=dtype)
+    return s
+
+
+def diffusers_unipc(steps: int, x: torch.Tensor, dtype, a1111_times: bool) -> torch.Tensor:
+    s = unipc_scheduler(steps, dtype, a1111_times)
+    sample = x
+    for t in s.timesteps:
+        sample = s.step(tiny_eps(sample, float(t)), t, sample).prev_sample
+    return sample
+
+
+WHOLE = [1, 3, 9, 27]
+"""Step counts whose A1111 timesteps, linspace(999, 0, steps + 1), are whole numbers."""
+
+
+@pytest.mark.parametrize("steps", WHOLE)
+def test_unipc_matches_diffusers_unipc_as_configured(steps):
+    """No help given to diffusers: its own "linspace" timesteps and sigma_min final sigma."""
+    x = start_noise(torch.float32)
+    s = unipc_scheduler(steps, torch.float32, a1111_times=False)
+    model_t, _ = a1111_unipc_times(steps)
+    np.testing.assert_allclose(s.timesteps.numpy(), model_t[:-1], atol=1e-9)
+    ref = diffusers_unipc(steps, x, torch.float32, a1111_times=False)
+    ours = unipc.run(make_ctx("UniPC", steps), x)
+    assert rel(ours, ref) < 1e-4, rel(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 10, 20, 25, 50])
+def test_unipc_matches_diffusers_on_a1111s_timesteps(steps, dtype):
+    x = start_noise(dtype)
+    ref = diffusers_unipc(steps, x, dtype, a1111_times=True)
+    ours = unipc.run(make_ctx("UniPC", steps), x)
+    assert ours.dtype == dtype
+    assert rel(ours, ref) < TOL[dtype], rel(ours, ref)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 20])
+def test_unipc_asks_the_model_at_a1111s_timesteps(steps):
+    counter = Counter()
+    unipc.run(make_ctx("UniPC", steps, eps=counter), start_noise())
+    model_t, _ = a1111_unipc_times(steps)
+    np.testing.assert_allclose(counter.ts, model_t[:-1], rtol=0, atol=1e-9)
+
+
+def test_unipc_webui_step_counts():
+    # A1111 v1.6+: steps=len(range(0, 1000, 1000 // steps))
+    assert [unipc.webui_steps(n) for n in (1, 3, 10, 20, 25, 30, 50)] == [1, 4, 10, 20, 25, 31, 50]
+
+
+# ------------------------------------------------------------------------------------------------
+# LCM
+# ------------------------------------------------------------------------------------------------
+
+
+def a1111_lcm_schedule(steps: int) -> tuple[np.ndarray, list[int]]:
+    """A1111's LCM sigmas (with the final 0) and the timesteps its denoiser asks the model at,
+    written from its description: 50 valid timesteps 20k + 19; get_sigmas(n) = t_to_sigma of
+    linspace(999, 19, n) (index (t - 19) / 20, log-sigma interpolated); sigma_to_t = nearest valid
+    timestep in log-sigma."""
+    valid = ac64().numpy()[np.arange(50) * 20 + 19]
+    log_sigmas = np.log(np.sqrt((1 - valid) / valid))
+    idx = (np.linspace(999, 19, steps) - 19) / 20
+    sigmas = np.exp(np.interp(idx, np.arange(50), log_sigmas))
+    ts = [int(np.abs(np.log(s) - log_sigmas).argmin()) * 20 + 19 for s in sigmas]
+    return np.append(sigmas, 0.0), ts
+
+
+def diffusers_lcm(steps: int, x: torch.Tensor, noises: list[torch.Tensor], dtype, monkeypatch,
+                  a1111_c_skip: bool = False) -> torch.Tensor:
+    import diffusers.schedulers.scheduling_lcm as scheduling_lcm
+
+    sigmas, ts = a1111_lcm_schedule(steps)
+    s = diffusers.LCMScheduler(**SD, original_inference_steps=50, timestep_scaling=10.0)
+    if dtype == torch.float64:
+        s.alphas_cumprod = ac64()
+    s.set_timesteps(timesteps=ts)
+    if a1111_c_skip:  # A1111 applies c_skip to the sigma-scaled latent: sample / sqrt(alphas_cumprod[t])
+        scalings = s.get_scalings_for_boundary_condition_discrete
+
+        def a1111_scalings(t):
+            c_skip, c_out = scalings(int(t))  # a Python int: diffusers' own formula, in float64
+            return c_skip / float(s.alphas_cumprod[int(t)]) ** 0.5, c_out
+
+        s.get_scalings_for_boundary_condition_discrete = a1111_scalings
+    assert [int(t) for t in s.timesteps] == ts
+    it = iter(noises)
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda *a, **k: next(it))
+    # A1111 starts at noise * sigma_max in its (sigma-scaled) space: x * sigma / sqrt(sigma^2 + 1) here
+    sample = x * float(sigmas[0] / math.sqrt(sigmas[0] ** 2 + 1))
+    for t in s.timesteps:
+        sample = s.step(tiny_eps(sample, int(t)), t, sample).prev_sample
+    return sample
+
+
+ON_GRID = [1, 2, 8, 50]
+"""Step counts whose A1111 sigmas fall on the 50 original timesteps (steps - 1 divides 49), where
+diffusers (whole timesteps only) can follow."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("steps", ON_GRID)
+def test_lcm_matches_diffusers_lcm_with_the_same_noise(steps, dtype, monkeypatch):
+    x = start_noise(dtype)
+    noises = noise_list(steps, dtype)
+    ref = diffusers_lcm(steps, x, noises, dtype, monkeypatch)
+    ours = lcm.run(make_ctx("LCM", steps, noises=noises), x)
+    assert ours.dtype == dtype
+    # A1111 applies c_skip to the sigma-scaled latent, diffusers to the unit-variance one: ~1e-7 apart
+    assert rel(ours, ref) < (1e-4 if dtype == torch.float32 else 1e-6), rel(ours, ref)
+    exact = diffusers_lcm(steps, x, noises, dtype, monkeypatch, a1111_c_skip=True)
+    assert rel(ours, exact) < TOL[dtype], rel(ours, exact)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 8, 10, 25, 50])
+def test_lcm_schedule_is_a1111s(steps):
+    sigmas, ts = a1111_lcm_schedule(steps)
+    sched = lcm.LCMSchedule(ac64())
+    np.testing.assert_allclose(sched.sigmas(steps), sigmas, rtol=1e-12)
+    assert [sched.timestep(float(s)) for s in sigmas[:-1]] == ts
+    counter = Counter()
+    lcm.run(make_ctx("LCM", steps, eps=counter, noises=noise_list(steps)), start_noise())
+    assert counter.ts == ts
+
+
+def test_lcm_off_grid_noise_level_is_the_interpolated_sigma():
+    """4 steps: the model is told timesteps 999, 679, 339, 19, but the latent carries noise at the
+    interpolated sigmas (A1111's mismatch, kept): the model's input at step 1 is (denoised + sigma_1
+    z) / sqrt(sigma_1^2 + 1) with sigma_1 between those of 659 and 679."""
+    sigmas, ts = a1111_lcm_schedule(4)
+    assert ts == [999, 679, 339, 19]
+    seen = []
+
+    def eps(x, t):
+        seen.append(x.clone())
+        return tiny_eps(x, t)
+
+    x = start_noise()
+    z = noise_list(4)
+    lcm.run(make_ctx("LCM", 4, eps=eps, noises=z), x)
+    s0, s1 = sigmas[0], sigmas[1]
+    c_in0 = 1 / math.sqrt(s0**2 + 1)
+    assert torch.allclose(seen[0], x * s0 * c_in0)
+    st = 9990.0
+    denoised = st / math.sqrt(st**2 + 0.25) * (x * s0 - s0 * tiny_eps(seen[0], 999)) + 0.25 / (st**2 + 0.25) * x * s0
+    assert torch.allclose(seen[1], (denoised + s1 * z[0]) / math.sqrt(s1**2 + 1), rtol=1e-12, atol=1e-12)
