@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError, shorten
-from .params import MAX_BATCH, MAX_SEED
+from .params import MAX_BATCH, MAX_SEED, Params
+from .samplers import RNGS, SAMPLER_LIST, SAMPLERS, SCHEDULES, combined_name, resolve_schedule, schedule_name, split_sampler
 from .units import MIN_BUDGET, format_bytes, parse_budget, parse_wh
 
 
@@ -127,6 +128,46 @@ def _eta(session, arg: str) -> Outcome:
     return Outcome("message", f"eta {session.params.eta:g}")
 
 
+def sampler_label(p: Params) -> str:
+    """The sampler as the parameter line and the notices name it: "DPM++ 2M Karras" (with the
+    schedule it runs, its own default included), "Euler a", "DDIM" (no schedule applies)."""
+    return combined_name(p.sampler, resolve_schedule(p.sampler, p.schedule))
+
+
+def _sampler(session, arg: str) -> Outcome:
+    if not arg:
+        return Outcome("message", f"sampler {sampler_label(session.params)}; /sampler NAME: {', '.join(SAMPLERS)}")
+    split = split_sampler(arg)
+    if split is None:
+        raise CommandError(f"unknown sampler {shorten(arg)!r}; one of: {', '.join(SAMPLERS)}")
+    name, schedule = split  # a combined name ("LMS Karras") sets the schedule; a bare one keeps it
+    if schedule is not None and schedule == SAMPLERS[name].default_schedule:
+        schedule = "Automatic"
+    session.set(sampler=name, **({} if schedule is None else {"schedule": schedule}))
+    return Outcome("message", f"sampler {sampler_label(session.params)}")
+
+
+def _schedule(session, arg: str) -> Outcome:
+    if not arg:
+        return Outcome("message", f"schedule {session.params.schedule}; /schedule NAME: {', '.join(SCHEDULES)}")
+    name = schedule_name(arg)
+    if name is None:
+        raise CommandError(f"unknown schedule {shorten(arg)!r}; one of: {', '.join(SCHEDULES)}")
+    session.set(schedule=name)
+    p = session.params
+    unused = "" if SAMPLERS[p.sampler].k_diffusion else f" (not used by {p.sampler}: it brings its own timesteps)"
+    return Outcome("message", f"schedule {name}: sampler {sampler_label(p)}{unused}")
+
+
+def _rng(session, arg: str) -> Outcome:
+    if not arg:
+        return Outcome("message", f"rng {session.params.rng}; /rng NAME: {', '.join(RNGS)}")
+    if arg.lower() not in RNGS:
+        raise CommandError(f"unknown rng {shorten(arg)!r}; one of: {', '.join(RNGS)}")
+    session.set(rng=arg.lower())
+    return Outcome("message", f"rng {arg.lower()}")
+
+
 def _size(session, arg: str) -> Outcome:
     try:
         width, height = parse_wh(arg, "size")
@@ -196,7 +237,13 @@ COMMANDS: dict[str, SlashCommand] = {
     c.name: c
     for c in (
         SlashCommand("seed", ONE_VALUE, "/seed N", f"set the seed (0 ... {MAX_SEED}) and lock it", _seed),
-        SlashCommand("steps", ONE_VALUE, "/steps N", "DDIM steps (1 ... 1000)", _steps),
+        SlashCommand("steps", ONE_VALUE, "/steps N", "sampling steps (1 ... 1000)", _steps),
+        SlashCommand("sampler", TEXT, "/sampler NAME", "sampler, e.g. /sampler DPM++ 2M Karras (/sampler alone lists them)",
+                     _sampler, values="sampler"),
+        SlashCommand("schedule", TEXT, "/schedule NAME", "schedule type, e.g. /schedule Karras (Automatic: the sampler's)",
+                     _schedule, values="schedule"),
+        SlashCommand("rng", OPTIONAL_VALUE, "/rng cpu|nv|gpu", "noise source (nv: A1111's GPU noise on any device)",
+                     _rng, values="rng"),
         SlashCommand("cfg", ONE_VALUE, "/cfg F", "guidance scale (0 ... 50; 1 = no guidance)", _cfg),
         SlashCommand("size", REQUIRED_TEXT, "/size WxH", "image size, multiples of 8, e.g. /size 512x768", _size),
         SlashCommand("n", ONE_VALUE, "/n N", f"images per render, seeds in a row (1 ... {MAX_BATCH})", _batch, ("batch",)),
@@ -301,7 +348,12 @@ def image_paths(typed: str) -> list[str]:
 _MAX_LISTED = 5000
 """Entries of one folder looked at while completing (a keystroke must stay fast)."""
 
-VALUE_SOURCES: dict[str, ValueSource] = {"path": image_paths}
+_SAMPLER_NAMES = [s.name for s in SAMPLER_LIST] + [f"{s.name} {schedule}" for s in SAMPLER_LIST if s.k_diffusion
+                                                   for schedule in SCHEDULES[2:]]
+"""Completion candidates of /sampler: the names, then the combined names (Karras, Exponential...)."""
+
+VALUE_SOURCES: dict[str, ValueSource] = {"path": image_paths, "sampler": lambda typed: _SAMPLER_NAMES,
+                                         "schedule": lambda typed: SCHEDULES, "rng": lambda typed: RNGS}
 """Built-in kinds of value; :func:`complete`'s ``values`` adds to them (and may replace them)."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from .params import FIELDS, MAX_SEED, Params
+from .samplers import RNGS, SAMPLERS, SCHEDULES, schedule_name, split_sampler
 
 
 def whole_number(text: str) -> int:
@@ -30,19 +31,53 @@ def number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def sampler_choice(text: str) -> str:
+    """argparse type: a sampler by A1111's name, any case, an alias (``k_euler_a``) or an old combined
+    name ("DPM++ 2M Karras"); the canonical text, which :func:`params_from_args` splits."""
+    split = split_sampler(text)
+    if split is None:
+        raise argparse.ArgumentTypeError(f"unknown sampler {text!r}; one of: {', '.join(SAMPLERS)}")
+    return split[0] if split[1] is None else f"{split[0]} {split[1]}"
+
+
+def schedule_choice(text: str) -> str:
+    """argparse type: a schedule type by A1111's label or internal name, any case."""
+    name = schedule_name(text)
+    if name is None:
+        raise argparse.ArgumentTypeError(f"unknown schedule {text!r}; one of: {', '.join(SCHEDULES)}")
+    return name
+
+
+def rng_choice(text: str) -> str:
+    """argparse type: cpu, nv or gpu (any case: A1111 writes "NV")."""
+    if text.strip().lower() not in RNGS:
+        raise argparse.ArgumentTypeError(f"unknown rng {text!r}; one of: {', '.join(RNGS)}")
+    return text.strip().lower()
+
+
 def add_render_options(p: argparse.ArgumentParser) -> None:
     """The parameter flags shared by ``generate`` and the app (and the device and budget flags).
 
     Short forms: ``-s`` steps, ``-S`` seed, ``-C`` cfg, ``-W`` width, ``-H`` height (``-h`` stays help)."""
     p.add_argument("--negative", default="", metavar="TEXT", help="negative prompt (the unconditional text)")
     p.add_argument("-S", "--seed", type=whole_number, default=None, help=f"0..{MAX_SEED}; random when left out")
-    p.add_argument("-s", "--steps", type=whole_number, default=None, help="DDIM steps (default 50)")
+    p.add_argument("-s", "--steps", type=whole_number, default=None, help="sampling steps (default 50)")
     p.add_argument("-C", "--cfg", type=number, default=None, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("-W", "--width", type=whole_number, default=None, help="multiple of 8 (default 512)")
     p.add_argument("-H", "--height", type=whole_number, default=None, help="multiple of 8 (default 512)")
     p.add_argument("--eta", type=number, default=0.0, help="DDIM eta, 0..1 (default 0: deterministic)")
     p.add_argument("--subseed", type=whole_number, default=0, help="variation seed (mixed in by --subseed-strength)")
     p.add_argument("--subseed-strength", type=number, default=0.0, help="variation strength 0..1 (default 0)")
+    p.add_argument("--sampler", type=sampler_choice, default=None, metavar="NAME",
+                   help='A1111\'s name, e.g. "DPM++ 2M", "Euler a" (default DDIM); "DPM++ 2M Karras" sets the schedule too')
+    p.add_argument("--schedule", type=schedule_choice, default=None, metavar="NAME",
+                   help="schedule type: Automatic (the sampler's own; default), Uniform, Karras, Exponential...")
+    p.add_argument("--rng", type=rng_choice, default=None, metavar="cpu|nv|gpu",
+                   help="noise source: cpu (default), nv (A1111's default GPU noise, on any device), gpu")
+    p.add_argument("--eta-ancestral", type=number, default=None, metavar="F",
+                   help="A1111's Eta for the ancestral and SDE samplers, 0..1 (default 1)")
+    p.add_argument("--ensd", type=whole_number, default=None, metavar="N",
+                   help="A1111's eta noise seed delta for the ancestral samplers' noise (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
     p.add_argument(
         "--vram-budget",
@@ -56,4 +91,8 @@ def params_from_args(args: argparse.Namespace) -> Params:
     """The parameters the parsed flags give (not validated): each field from the attribute of its
     name, its default where the namespace has none (or None: a flag left out)."""
     given = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    if "sampler" in given and (split := split_sampler(given["sampler"])) is not None:
+        given["sampler"] = split[0]  # a combined name's schedule, unless --schedule names one
+        if split[1] is not None:
+            given.setdefault("schedule", split[1])
     return Params(**given)

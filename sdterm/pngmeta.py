@@ -7,12 +7,11 @@ and sdterm's own ``sdterm`` JSON chunk.
 * :func:`read_png_parameters` reads them back, best first: sdterm's chunk, checked by the one
   parameter validator before it is trusted; else the infotext (PNG text chunk, or the EXIF
   UserComment of an A1111 JPEG/WebP): prompt lines, an optional ``Negative prompt:`` part, and a
-  last line of ``Key: value`` pairs.
+  last line of ``Key: value`` pairs. The sampler, schedule, RNG, eta and ENSD keys: ``infotext_sampler.py``.
 
 The infotext parser never raises on odd text except :class:`MetadataError` when nothing usable is
 in it, and its work is linear in the length of the text (no backtracking regex over a whole line).
-Printing what was read (``sdterm show``) is ``sdterm/show.py``.
-"""
+Printing what was read (``sdterm show``) is ``sdterm/show.py``."""
 
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from .errors import ConfigError
+from .infotext_sampler import read_sampler, schedule_pairs, tail_pairs
 from .params import FIELDS, Params
 from .units import parse_wh
 
@@ -46,6 +46,7 @@ class ImageParameters:
     recorded: frozenset[str] = frozenset(FIELDS)
     """The :class:`Params` fields the image recorded (:meth:`get` gives None for the others)."""
     sampler: str | None = None
+    """The ``Sampler`` text as recorded ("DPM++ 2M Karras"; ``params.sampler``: "DPM++ 2M", if known)."""
     model: str | None = None
     """The model's name as recorded (a file stem, not a path)."""
     model_hash: str | None = None
@@ -59,7 +60,8 @@ class ImageParameters:
     def to_dict(self) -> dict[str, Any]:
         """One flat object (``sdterm show --json``): source, each parameter (None when not recorded),
         sampler, model, model_hash, extra."""
-        return {"source": self.source, **{name: self.get(name) for name in FIELDS}, "sampler": self.sampler,
+        return {"source": self.source, **{name: self.get(name) for name in FIELDS},
+                "sampler": self.get("sampler") or self.sampler,
                 "model": self.model, "model_hash": self.model_hash, "extra": dict(self.extra)}
 
 
@@ -82,7 +84,9 @@ INFOTEXT_KEYS: dict[str, tuple[str, ...]] = {
     "seed": ("Seed",),
     "subseed": ("Variation seed",),
     "subseed_strength": ("Variation seed strength",),
-    "eta": ("Eta DDIM", "Eta"),
+    "eta": ("Eta DDIM",),
+    "eta_ancestral": ("Eta",),
+    "ensd": ("ENSD",),
 }
 """:class:`Params` field -> its infotext key (the one written first, then other spellings read).
 ``width`` and ``height`` share ``Size: WxH``; the prompt and the negative are lines of their own."""
@@ -90,7 +94,8 @@ INFOTEXT_KEYS: dict[str, tuple[str, ...]] = {
 DETAIL_KEYS = {"sampler": "Sampler", "model": "Model", "model_hash": "Model hash"}
 """:class:`ImageParameters` fields that are no render parameter -> their infotext key."""
 
-_WRITTEN_IN_ORDER = ("steps", "cfg", "seed", "subseed", "subseed_strength", "eta")
+_WRITTEN_IN_ORDER = ("steps", "cfg", "seed", "subseed", "subseed_strength", "eta", "eta_ancestral", "ensd", "sampler",
+                     "schedule", "rng")  # the others: written when not their default
 
 
 def _infotext_value(value: Any) -> str:
@@ -106,14 +111,13 @@ def infotext(params: Params, model_name: str, model_hash: str) -> str:
     lines = [p.prompt]
     if p.negative:
         lines.append(f"{NEGATIVE_PREFIX} {p.negative}")
-    settings = [f"Steps: {p.steps}", "Sampler: DDIM", f"CFG scale: {p.cfg:g}", f"Seed: {p.seed}"]
+    settings = [f"Steps: {p.steps}", f"Sampler: {p.sampler}", *schedule_pairs(p), f"CFG scale: {p.cfg:g}",
+                f"Seed: {p.seed}"]
     if p.subseed_strength:
         settings += [f"Variation seed: {p.subseed}", f"Variation seed strength: {p.subseed_strength:g}"]
-    settings += [f"Size: {p.width}x{p.height}", f"Model hash: {model_hash}", f"Model: {model_name}"]
-    if p.eta:
-        settings.append(f"Eta DDIM: {p.eta:g}")
+    settings += [f"Size: {p.width}x{p.height}", f"Model hash: {model_hash}", f"Model: {model_name}", *tail_pairs(p)]
     defaults = Params()
-    for name, keys in INFOTEXT_KEYS.items():  # a parameter added later: written when it isn't its default
+    for name, keys in INFOTEXT_KEYS.items():
         if name not in _WRITTEN_IN_ORDER and getattr(p, name) != getattr(defaults, name):
             settings.append(f"{keys[0]}: {_infotext_value(getattr(p, name))}")
     lines.append(", ".join(settings))
@@ -222,9 +226,9 @@ def parse_infotext(text: str) -> dict:
 
     Returns ``prompt``, ``negative``, ``settings`` (every ``Key: value`` of the last line, values
     unquoted, as text) and the typed fields: each :class:`Params` field of :data:`INFOTEXT_KEYS`
-    (``steps``, ``cfg``, ``seed``, ``eta``, ``subseed``, ``subseed_strength``), ``width`` and ``height``
-    (from ``Size``), and ``sampler``, ``model``, ``model_hash``: each None when missing or not of
-    its type (the text stays in ``settings``).
+    (``steps``, ``cfg``, ``seed``, ``eta``, ``eta_ancestral``, ``ensd``...), ``width`` and ``height``
+    (from ``Size``), and ``sampler`` (as written), ``model``, ``model_hash``: each None when missing or
+    not of its type (the text stays in ``settings``). :func:`params_from_infotext` reads the sampler.
 
     As A1111 reads it: the last line holds the settings when it has at least three pairs; the
     first line that starts (after blanks) with ``Negative prompt:`` begins the negative, and every
@@ -267,9 +271,11 @@ def params_from_infotext(text: str) -> ImageParameters:
     parsed = parse_infotext(text)
     settings = dict(parsed["settings"])
     found = _typed_settings(settings)
-    for _, key in found.values():
+    typed = {name: value for name, (value, _) in found.items() if name in FIELDS and name not in DETAIL_KEYS}
+    named, used = read_sampler(settings, typed)
+    for key in {key for _, key in found.values()} | used:
         settings.pop(key, None)
-    params = {name: value for name, (value, _) in found.items() if name in FIELDS}
+    params = {**typed, **named}
     return ImageParameters(
         source="a1111",
         params=Params(prompt=parsed["prompt"], negative=parsed["negative"], **params),
@@ -307,7 +313,7 @@ def params_from_sdterm_json(text: str) -> ImageParameters:
             raise MetadataError(f"the sdterm chunk's {name} is not text")
     extra = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in payload.items()
              if k not in ("request", "model", "model_hash")}
-    return ImageParameters(source="sdterm", params=params, sampler="DDIM", model=payload.get("model"),
+    return ImageParameters(source="sdterm", params=params, sampler=params.sampler, model=payload.get("model"),
                            model_hash=payload.get("model_hash"), extra=extra)
 
 
@@ -328,8 +334,7 @@ def png_bytes(image: Image.Image, params: Params, model_name: str, model_hash: s
 MAX_DECODE_PIXELS = 64 * 2**20
 """Text chunks after the pixel data are read only from images up to this size (Pillow decodes them)."""
 
-EXIF_IFD = 0x8769
-USER_COMMENT = 0x9286
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
 
 
 def _one_line(text: str) -> str:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import random
 
-from .commands import COMMANDS, Command, CommandError, Outcome
+from .commands import COMMANDS, Command, CommandError, Outcome, sampler_label
 from .errors import ConfigError, shorten
 from .history import History, HistoryEntry
 from .params import MAX_SEED, Params
+from .samplers import SAMPLERS
 from .units import format_bytes
 
 VARIATION_STEP = 0.05
@@ -184,7 +185,9 @@ class Session:
         An unlocked seed shows as ``seed random (last N)``: the next new prompt draws a new seed,
         while the seed keys start from N, the last render's seed; after a recall, ``seed N
         (recalled)``: the recalled prompt renders again with its own seed.
-        The variation part appears only while the variation strength is above 0."""
+        The variation part appears only while the variation strength is above 0. A sampler other
+        than DDIM shows before the steps (``DPM++ 2M Karras · 20 steps``), with its own eta (the
+        ancestral and SDE samplers') or none; ``rng nv``/``rng gpu`` and ``ENSD N`` when set."""
         p = self.params
         if self.seed_locked:
             seed = f"seed {p.seed} (locked)"
@@ -197,8 +200,16 @@ class Session:
             f"{p.steps} step" + ("" if p.steps == 1 else "s"),
             f"CFG {p.cfg:g}",
             f"{p.width}×{p.height}",
-            f"eta {p.eta:g}",
         ]
+        info = SAMPLERS[p.sampler]
+        if p.sampler != "DDIM":
+            parts.insert(1, sampler_label(p))
+        if p.sampler == "DDIM" or (info.uses_eta and info.k_diffusion):
+            parts.append(f"eta {p.eta if p.sampler == 'DDIM' else p.eta_ancestral:g}")
+        if p.rng != "cpu":
+            parts.append(f"rng {p.rng}")
+        if p.ensd:
+            parts.append(f"ENSD {p.ensd}")
         if self.batch_count > 1:
             parts.insert(1, f"×{self.batch_count}")
         if p.subseed_strength > 0:

@@ -81,19 +81,17 @@ def notes(found: ImageParameters) -> list[str]:
     out: list[str] = []
     x = found.extra
     prompt, negative = found.params.prompt, found.params.negative
-    if found.sampler is not None and found.sampler.strip() != "DDIM":
-        out.append(f"sampler {found.sampler}: sdterm samples with DDIM")
-    if x.get("Schedule type", "Automatic").strip() not in ("Automatic", ""):
-        out.append(f"schedule type {x['Schedule type']}: sdterm uses DDIM's evenly spaced timesteps")
-    if found.source == "a1111":
-        rng = x.get("RNG", "GPU").strip()
-        if rng != "CPU":
-            out.append(f"A1111 drew the starting noise with its {rng} generator (RNG: {rng}); sdterm draws it on "
-                       "the CPU, as A1111's RNG: CPU does, so the same seed starts from different noise")
+    if found.sampler is not None and found.get("sampler") is None:
+        out.append(f"sampler {found.sampler}: sdterm doesn't have it; the line uses {found.params.sampler}")
+    if x.get("Schedule type", "").strip():  # a known one is read into the schedule field
+        out.append(f"schedule type {x['Schedule type']}: sdterm doesn't have it; the line uses Automatic")
+    if x.get("RNG", "").strip():
+        out.append(f"RNG {x['RNG']}: sdterm doesn't have it; the line uses its CPU noise (--rng cpu)")
+    if found.source == "a1111" and found.get("sampler") == "DDIM":
+        out.append("A1111 (1.6 and later) runs DDIM one update short of sdterm's DDIM (the CompVis form): "
+                   "the image comes out slightly different")
     if x.get("Clip skip", "1").strip() not in ("1", ""):
         out.append(f"Clip skip {x['Clip skip']} is not supported: sdterm uses CLIP's last layer")
-    if x.get("ENSD", "0").strip() not in ("0", ""):
-        out.append(f"ENSD {x['ENSD']} (eta noise seed delta) is not supported")
     hires = sorted(k for k in x if k.startswith("Hires"))
     if hires or "Denoising strength" in x:
         out.append("hires fix is not supported: sdterm renders at the recorded size only")
@@ -181,10 +179,18 @@ def run(args: argparse.Namespace) -> int:
             rows.append((label, str(value)))
     if get("width") is not None:
         rows.append(("size", f"{get('width')}x{get('height')}"))
-    if found.sampler:
-        rows.append(("sampler", found.sampler))
+    if get("sampler"):
+        rows.append(("sampler", p.sampler if p.schedule == "Automatic" else f"{p.sampler}, schedule {p.schedule}"))
+    elif found.sampler:
+        rows.append(("sampler", f"{found.sampler} (not one sdterm has)"))
+    if get("rng"):
+        rows.append(("rng", p.rng))
     if get("eta"):
         rows.append(("eta", _num(p.eta)))
+    if get("eta_ancestral") is not None and p.eta_ancestral != 1.0:
+        rows.append(("eta (ancestral)", _num(p.eta_ancestral)))
+    if get("ensd"):
+        rows.append(("ENSD", str(p.ensd)))
     if get("subseed_strength"):
         rows.append(("variation", f"seed {get('subseed')}, strength {_num(p.subseed_strength)}"))
     if found.model or found.model_hash:

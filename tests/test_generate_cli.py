@@ -57,9 +57,10 @@ def test_png_carries_a1111_parameters_and_request(demo_model, tmp_path, run_cli)
     assert lines[0] == "a red fox"
     assert lines[1] == "Negative prompt: blurry"
     assert lines[2].startswith("Steps: 3, Sampler: DDIM, CFG scale: 5, Seed: 42, Size: 64x64, Model hash: ")
-    assert lines[2].endswith(", Model: demo")
+    assert lines[2].endswith(", Model: demo, RNG: CPU")  # A1111 writes RNG unless it is its default (GPU)
     meta = json.loads(img.text["sdterm"])
     assert meta["request"]["negative"] == "blurry" and meta["request"]["seed"] == 42
+    assert (meta["request"]["sampler"], meta["request"]["schedule"], meta["request"]["rng"]) == ("DDIM", "Automatic", "cpu")
 
 
 def test_random_seed_is_printed_and_used(demo_model, tmp_path, run_cli):

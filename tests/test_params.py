@@ -34,14 +34,16 @@ OLD_INFOTEXT = (
     "Variation seed: 7, Variation seed strength: 0.1, Size: 512x768, Model hash: 6ce0161689, "
     "Model: v1-5-pruned-emaonly, Eta DDIM: 0.25"
 )
+NEW_KEYS = {"sampler": "DDIM", "schedule": "Automatic", "rng": "cpu", "eta_ancestral": 1.0, "ensd": 0}
+"""The fields issue 13 added, at their defaults: today's images (DDIM, torch's CPU noise)."""
 THE_RENDER = Params(prompt="a red fox\nin the snow", negative="blurry", seed=3_000_000_001, steps=30, cfg=7.0,
                     width=512, height=768, eta=0.25, subseed=7, subseed_strength=0.1)
 
 
 def test_fields_and_defaults():
     assert FIELDS == ("prompt", "negative", "seed", "steps", "cfg", "width", "height", "eta", "subseed",
-                      "subseed_strength")
-    assert Params() == Params("", "", 0, 50, 7.5, 512, 512, 0.0, 0, 0.0)
+                      "subseed_strength", *NEW_KEYS)
+    assert Params() == Params("", "", 0, 50, 7.5, 512, 512, 0.0, 0, 0.0, *NEW_KEYS.values())
     assert set(REQUIRED) <= set(FIELDS) and set(LEGACY_NAMES) <= set(FIELDS)
 
 
@@ -141,7 +143,8 @@ def test_a_new_history_line_is_the_old_line_and_more():
     """An earlier sdterm reads the new line: every old key is there with the same value."""
     old, new = json.loads(OLD_HISTORY_LINE), json.loads(HistoryEntry.from_json(OLD_HISTORY_LINE).to_json())
     assert {k: new[k] for k in old} == old
-    assert set(new) - set(old) == {"subseed", "subseed_strength"}
+    assert set(new) - set(old) == {"subseed", "subseed_strength", *NEW_KEYS}
+    assert {k: new[k] for k in NEW_KEYS} == NEW_KEYS
     assert list(new)[:1] == ["time"] and list(new)[-2:] == ["path", "model_hash"]
 
 
@@ -156,14 +159,31 @@ def test_an_old_sdterm_chunk_reads_back(tmp_path):
     assert found.extra == {"demo": "false"}
 
 
-def test_the_png_texts_are_written_as_before():
-    assert sdterm_chunk(THE_RENDER, "v1-5-pruned-emaonly", "6ce0161689", {"demo": False}) == OLD_SDTERM_CHUNK
-    assert infotext(THE_RENDER, "v1-5-pruned-emaonly", "6ce0161689") == OLD_INFOTEXT
+# What the same render writes since issue 13: the chunk is the old one and the new fields; the text
+# is the old one and "RNG: CPU" where A1111 1.10 puts it (a text without RNG means A1111's GPU noise).
+# A1111 would also write "Schedule type: Automatic" after the sampler; sdterm leaves it out (a text
+# without it reads as Automatic in both).
+NEW_INFOTEXT = OLD_INFOTEXT.replace("Model: v1-5-pruned-emaonly,", "Model: v1-5-pruned-emaonly, RNG: CPU,")
+
+
+def test_the_png_texts_are_written_as_before_and_more():
+    chunk = json.loads(sdterm_chunk(THE_RENDER, "v1-5-pruned-emaonly", "6ce0161689", {"demo": False}))
+    old = json.loads(OLD_SDTERM_CHUNK)
+    assert chunk == {**old, "request": {**old["request"], **NEW_KEYS}}
+    assert NEW_INFOTEXT != OLD_INFOTEXT and infotext(THE_RENDER, "v1-5-pruned-emaonly", "6ce0161689") == NEW_INFOTEXT
     import io
 
     with Image.open(io.BytesIO(png_bytes(Image.new("RGB", (8, 8)), THE_RENDER, "v1-5-pruned-emaonly",
                                          "6ce0161689", {"demo": False}))) as im:
-        assert (im.info["sdterm"], im.info["parameters"]) == (OLD_SDTERM_CHUNK, OLD_INFOTEXT)
+        assert (json.loads(im.info["sdterm"]), im.info["parameters"]) == (chunk, NEW_INFOTEXT)
+
+
+def test_the_old_infotext_reads_as_a1111_text_and_the_new_one_as_the_render():
+    from sdterm.pngmeta import params_from_infotext
+
+    old = params_from_infotext(OLD_INFOTEXT)  # no RNG: A1111's GPU noise, which sdterm's nv reproduces
+    assert old.params == THE_RENDER.replace(rng="nv")
+    assert params_from_infotext(NEW_INFOTEXT).params == THE_RENDER
 
 
 def test_leaf_modules_import_nothing_heavy():

@@ -124,10 +124,10 @@ def test_a1111_png(tmp_path):
     assert (p.sampler, p.model, p.model_hash) == ("Euler a", "v1-5-pruned-emaonly", "abcdef1234")
     assert (p.get("eta"), p.get("subseed"), p.get("subseed_strength")) == (None, None, None)
     assert p.extra == {"Lora hashes": "x: 1, y: 2", "Version": "v1.6.0"}
+    assert (p.get("sampler"), p.get("schedule"), p.get("rng")) == ("Euler a", "Automatic", "nv")  # no RNG: A1111's GPU
     found = notes(p)
-    assert "sampler Euler a: sdterm samples with DDIM" in found
+    assert not any("sampler" in n or "RNG" in n for n in found)  # sdterm renders Euler a, and A1111's GPU noise
     assert any("LoRA" in n for n in found) and any("attention syntax" in n for n in found)
-    assert any("RNG: GPU" in n for n in found)
     assert not any("not used by sdterm" in n for n in found)  # Version changes nothing; LoRA has its own note
 
 
@@ -165,7 +165,7 @@ def test_a1111_details():
     # Eta for ancestral samplers, quoted values with escapes, a comma inside an unquoted value,
     # a settings line of fewer than three pairs (then it is prompt text, as in A1111).
     p = params_from_infotext('x\nSteps: 4, Seed: 5, Sampler: Euler a, Eta: 0.5, Note: "say \\"hi\\", ok"')
-    assert (p.get("eta"), p.extra) == (0.5, {"Note": 'say "hi", ok'})
+    assert (p.get("eta"), p.get("eta_ancestral"), p.extra) == (None, 0.5, {"Note": 'say "hi", ok'})
     p = params_from_infotext("x\nSteps: 4, Seed: 5, Model: my model, v2, Size: 8x8")
     assert (p.model, p.get("width")) == ("my model, v2", 8)
     p = params_from_infotext("a cat\nSteps: 20, Seed: 5")
@@ -507,9 +507,10 @@ def test_show_prints_settings_then_the_generate_line(tmp_path, capsys):
     assert "Lora hashes  x: 1, y: 2" in lines and lines[-2] == ""
     assert lines[-1] == (
         "sdterm generate 'a cat, (masterpiece:1.2)' --model /m/sd15.safetensors --negative 'ugly, blurry' "
-        "--seed 1234 --steps 20 --cfg 7 --width 512 --height 768"
+        "--seed 1234 --steps 20 --cfg 7 --width 512 --height 768 --sampler 'Euler a' --rng nv"
     )
-    assert "note: sampler Euler a: sdterm samples with DDIM" in err.splitlines()
+    assert "sampler      Euler a" in lines and "rng          nv" in lines
+    assert "sampler" not in err
 
 
 def test_show_json_is_one_object(tmp_path, capsys):

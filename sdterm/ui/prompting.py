@@ -19,7 +19,7 @@ from textual.widgets import Input
 from ..commands import Command, CommandError, Outcome, parse_command
 from ..errors import ConfigError
 from ..history import Recall
-from ..params import Params
+from ..params import FIELDS, Params
 from ..units import format_bytes
 from .screens import HistoryScreen, summary
 from .widgets.prompt import PromptInput
@@ -154,17 +154,16 @@ class PromptFlow:
         """Restore the parameters an image or a pasted block recorded; what it didn't record keeps
         the session's value."""
         mine = self.session.params
-        params = found.params.replace(**{name: getattr(mine, name) for name in ("seed", "steps", "cfg", "width", "height",
-                                                                              "eta", "subseed", "subseed_strength")
-                                         if found.get(name) is None})
+        params = found.params.replace(**{name: getattr(mine, name) for name in FIELDS
+                                         if name not in ("prompt", "negative") and found.get(name) is None})
         try:
             self.restore_params(params, what=what)
         except ConfigError as exc:
             self.notice(f"{what}: {exc}", "error")
             return True
-        if found.sampler and found.sampler != "DDIM":
-            self.notice(f"{what}: {summary(params)} — sampler {found.sampler} is not rendered yet: DDIM will be "
-                        "used; Enter renders it", "warning")
+        if found.sampler and found.get("sampler") is None:
+            self.notice(f"{what}: {summary(params)} — sampler {found.sampler} is not one sdterm has: "
+                        f"{params.sampler} will be used; Enter renders it", "warning")
         return True
 
     # ---- commands ----------------------------------------------------------------------------
