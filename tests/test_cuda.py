@@ -235,3 +235,116 @@ def test_allocated_memory_returns_to_baseline_after_every_render(demo_model, tmp
     for seed in range(20):
         engine.generate(small_request(seed=seed, width=96, height=64))
         assert torch.cuda.memory_allocated() == baseline
+
+
+# --- The "nv" generator against torch's CUDA generator (issue 13) ----------------------------
+
+NV_SEEDS = [0, 1, 42, 12345, 2**32 - 1, 2**32 + 31336]  # the last: a seed + ENSD past 32 bits
+NV_SHAPES = [(1, 4, 64, 64), (1, 4, 96, 64), (2, 4, 8, 8), (1, 4, 13, 7), (3, 4), (1,), (1, 4, 128, 128)]
+
+
+def _cuda_generator(seed: int) -> torch.Generator:
+    return torch.Generator("cuda").manual_seed(seed)
+
+
+@pytest.mark.parametrize("shape", NV_SHAPES)
+def test_nv_philox_words_are_the_cuda_generators_bit_for_bit(shape):
+    """What the CPU emulation and torch's CUDA kernel share exactly: the Philox blocks (key = seed,
+    subsequence = element, one counter step per call). torch.randint shows them: an int64 range of
+    2^62 takes the kernel's 64-bit path, (w0 << 32 | w1) modulo the range, so word 1 whole and the
+    low 30 bits of word 0. A randn draw between two randint draws checks that it moves the CUDA
+    generator's offset on by one block, as PhiloxGenerator moves its counter."""
+    from sdterm.engine.sampling.rng import PhiloxGenerator
+
+    n = int(np.prod(shape))
+    for seed in NV_SEEDS:
+        g, ours = _cuda_generator(seed), PhiloxGenerator(seed)
+        for call in range(3):
+            if call == 1:
+                torch.randn(shape, device="cuda", generator=g)
+                ours.randn(shape)
+                continue
+            got = torch.randint(0, 2**62, shape, device="cuda", generator=g, dtype=torch.int64).cpu().numpy().ravel()
+            w = ours.words(n).astype(np.uint64)
+            ours.offset += 1
+            expected = ((w[0] & np.uint64(2**30 - 1)) << np.uint64(32)) | w[1]
+            assert np.array_equal(got.astype(np.uint64), expected), (seed, call)
+
+
+@pytest.mark.parametrize("shape", NV_SHAPES)
+def test_nv_randn_is_torch_randn_on_cuda(shape):
+    """PhiloxGenerator(s).randn(shape) against torch.randn(shape, device="cuda",
+    generator=torch.Generator("cuda").manual_seed(s)), first and second draw.
+
+    Not bit for bit, and A1111's NV generator isn't either: the Philox words are the same (above),
+    but the Box-Muller step here is A1111's (float64, rounded once), where curand computes u in
+    float32 (near u = 1, that is, near-zero outputs, it keeps fewer bits of the word) and uses
+    logf and the hardware's approximate __sincosf. Seen on an H100 (torch 2.11, CUDA 13): about 16%
+    of the numbers equal, the median gap 1.2e-7 (one unit in the last place at 1), 99.9% within
+    1.6e-6, the largest 2.3e-5 (at an output of -0.0006), relative gaps under 2.2e-5 for |x| > 0.1."""
+    from sdterm.engine.sampling.rng import PhiloxGenerator
+
+    for seed in NV_SEEDS:
+        g, ours = _cuda_generator(seed), PhiloxGenerator(seed)
+        for draw in range(2):
+            ref = torch.randn(shape, device="cuda", generator=g).cpu()
+            got = ours.randn(shape)
+            assert got.shape == ref.shape and got.dtype == ref.dtype
+            gap = (got.double() - ref.double()).abs()
+            assert float(gap.max()) <= 5e-5, (seed, draw)
+            if gap.numel() >= 100:  # most numbers a unit in the last place apart at most
+                assert float(gap.median()) <= 2.5e-7, (seed, draw)
+            if gap.numel() >= 1000:
+                assert float(gap.flatten().quantile(0.999)) <= 3e-6, (seed, draw)
+            big = ref.abs() > 0.1
+            if big.any():
+                assert float((gap[big] / ref[big].double().abs()).max()) <= 5e-5, (seed, draw)
+
+
+def test_gpu_mode_is_torch_randn_on_cuda_and_nv_follows_it():
+    from sdterm.engine.sampling.rng import ImageRNG
+
+    for seed, (w, h) in [(0, (512, 512)), (42, (512, 768)), (2**32 - 1, (72, 104))]:
+        gpu = ImageRNG(seed, w, h, rng="gpu")
+        nv = ImageRNG(seed, w, h, rng="nv", device="cuda")
+        g = _cuda_generator(seed)
+        shape = (1, 4, h // 8, w // 8)
+        for draw in range(3):
+            x = gpu.next()
+            assert x.device.type == "cuda"
+            assert torch.equal(x, torch.randn(shape, device="cuda", generator=g))
+            assert torch.allclose(nv.next(), x, rtol=0, atol=5e-5)
+    # ENSD: the per-step generator is a fresh one seeded with seed + ENSD, on both.
+    gpu, nv = ImageRNG(7, 64, 64, rng="gpu", ensd=31337), ImageRNG(7, 64, 64, rng="nv", ensd=31337, device="cuda")
+    assert torch.allclose(gpu.first(), nv.first(), rtol=0, atol=5e-5)
+    step = torch.randn((1, 4, 8, 8), device="cuda", generator=_cuda_generator(7 + 31337))
+    assert torch.equal(gpu.next(), step) and torch.allclose(nv.next(), step, rtol=0, atol=5e-5)
+    # A retry on the GPU generator draws the same again.
+    state = gpu.get_state()
+    a = gpu.next()
+    gpu.set_state(state)
+    assert torch.equal(gpu.next(), a)
+
+
+@pytest.mark.filterwarnings("ignore:Should have tb<=t1:UserWarning")
+def test_brownian_gpu_is_kdiffusions_sampler_on_cuda_and_cpu_nv_move_with_the_latent():
+    """A1111's "GPU" Brownian noise is torchsde's own draws on CUDA; "cpu" and "nv" draw where
+    their generator lives and give the same noise for a latent on the CPU or on CUDA."""
+    pytest.importorskip("torchsde")
+    from sdterm.engine.sampling.rng import ImageRNG
+
+    from .test_rng import kdiffusion_sampling
+
+    kd = kdiffusion_sampling()
+    sigmas = torch.tensor([14.6146, 6.0, 2.5, 0.9, 0.3, 0.0292, 0.0])
+    smin, smax = sigmas[sigmas > 0].min(), sigmas.max()
+    x = torch.zeros(1, 4, 8, 8, device="cuda")
+    ref = kd.BrownianTreeNoiseSampler(x, smin.cuda(), smax.cuda(), seed=[1234])
+    ours = ImageRNG(1234, 64, 64, rng="gpu").brownian(x, smin.cuda(), smax.cuda())
+    for s, s_next in zip(sigmas[:-2].cuda(), sigmas[1:-1].cuda()):
+        assert torch.equal(ours(s, s_next), ref(s, s_next))
+    for rng in ("cpu", "nv"):
+        on_cpu = ImageRNG(1234, 64, 64, rng=rng).brownian(x.cpu(), smin, smax)
+        on_gpu = ImageRNG(1234, 64, 64, rng=rng).brownian(x, smin.cuda(), smax.cuda())
+        for s, s_next in zip(sigmas[:-2], sigmas[1:-1]):
+            assert torch.allclose(on_gpu(s.cuda(), s_next.cuda()).cpu(), on_cpu(s, s_next), rtol=0, atol=1e-5)
