@@ -308,3 +308,57 @@ async def test_open_shows_an_image_file_in_the_panel(engine, tmp_path):
         await enter(pilot, "/open missing.png")
         await pilot.pause()
         assert "missing.png" in notice(app) and "16×8" in caption(app)
+
+
+# ---- the sampler (issue 13) --------------------------------------------------------------------------
+
+
+async def test_s_on_the_image_picks_the_sampler_and_the_next_render_uses_it(engine, tmp_path):
+    from sdterm.samplers import SAMPLER_LIST
+    from sdterm.ui.screens import SamplerScreen
+    from textual.widgets import OptionList
+
+    app = make_app(engine, tmp_path, steps=3, seed=5, seed_locked=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await render(pilot, "fox")
+        await pilot.press("tab")  # the image
+        await pilot.press("s")
+        await pilot.pause()
+        assert isinstance(app.screen, SamplerScreen)
+        box = app.screen.query_one(OptionList)
+        names = [s.name for s in SAMPLER_LIST]
+        assert box.highlighted == names.index("DDIM") and box.option_count == len(names)
+        await pilot.press("escape")  # Esc changes nothing
+        await pilot.pause()
+        assert not isinstance(app.screen, SamplerScreen) and app.session.params.sampler == "DDIM"
+        await pilot.press("s", "home", "enter")  # the first: DPM++ 2M
+        await pilot.pause()
+        assert not isinstance(app.screen, SamplerScreen)
+        assert app.session.params.sampler == "DPM++ 2M" and notice(app) == "sampler DPM++ 2M Karras"
+        assert "DPM++ 2M Karras · 3 steps" in params_line(app)
+        # The next render carries it (what the engine makes of it is the engine's tests').
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(engine.requests) == 2, "the render with the new sampler")
+        await settle(pilot)
+        assert (engine.requests[-1].sampler, engine.requests[-1].schedule) == ("DPM++ 2M", "Automatic")
+        # In the prompt box "s" is a letter, not the picker.
+        await pilot.press("tab", "tab")
+        assert app.focused is app.query_one("#prompt", Input)
+        await pilot.press("s")
+        assert not isinstance(app.screen, SamplerScreen)
+
+
+async def test_sampler_commands_in_the_app_complete_and_set(engine, tmp_path):
+    app = make_app(engine, tmp_path, steps=3)
+    async with app.run_test(size=SIZE) as pilot:
+        await enter(pilot, "/sampler lms karras")
+        await pilot.pause()
+        assert (app.session.params.sampler, app.session.params.schedule) == ("LMS", "Karras")
+        assert notice(app) == "sampler LMS Karras" and "LMS Karras" in params_line(app)
+        await enter(pilot, "/rng nv")
+        await pilot.pause()
+        assert app.session.params.rng == "nv" and "rng nv" in params_line(app)
+        await enter(pilot, "/sampler Euler b")
+        await pilot.pause()
+        assert notice(app).startswith("unknown sampler 'Euler b'; one of: DPM++ 2M, ")
+        assert app.session.params.sampler == "LMS"

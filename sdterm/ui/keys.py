@@ -10,9 +10,10 @@ from PIL import Image
 from rich.text import Text
 from textual.command import CommandPalette
 
+from ..commands import Command
 from ..params import Params
 from ..session import VARIATION_STEP
-from .screens import HelpScreen, HistoryProvider
+from .screens import HelpScreen, HistoryProvider, SamplerScreen
 from .widgets.image_view import ImageView
 
 REUSE_LIMIT = 64
@@ -96,6 +97,12 @@ class Keys:
         if self._cancel is not None:
             self._cancel.set()
             self.notice("cancelling at the next step…", "warning")
+
+    def action_pick_sampler(self) -> None:
+        """``s`` on the image: a list of the samplers; Enter sets one, as ``/sampler NAME`` does."""
+        if not isinstance(self.screen, SamplerScreen):
+            self.push_screen(SamplerScreen(self.session.params.sampler,
+                                           lambda name: self.run_command(Command("sampler", name))))
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

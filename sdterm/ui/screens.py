@@ -13,6 +13,7 @@ from textual.widgets.option_list import Option
 
 from ..commands import COMMANDS
 from ..params import Params
+from ..samplers import SAMPLER_LIST
 from .text import highlight, plain
 
 HELP = """\
@@ -33,6 +34,7 @@ HELP = """\
 | image | **l** | lock / unlock the seed (locked: new prompts keep it) |
 | image | **v / V** | variation strength +0.05 / −0.05 and render |
 | image | **z** | zoom: the image fills the screen (z or Tab back) |
+| image | **s** | pick the sampler (`/schedule` sets the schedule) |
 | contact sheet | **← → ↑ ↓**, **Enter** | pick an image of a batch (`/n N`), then work on it |
 | anywhere | **Esc** | cancel the render at the next step (and the queued ones) |
 | anywhere | **F1** | this help; **?** too, outside the prompt or in an empty one |
@@ -121,3 +123,38 @@ class HistoryScreen(ModalScreen[None]):
         n, entry = list(reversed(self.entries))[event.option_index]
         self.dismiss()
         self.restore(entry.params, what=f"history !{n}")
+
+
+class SamplerScreen(ModalScreen[None]):
+    """``s`` on the image: the samplers, the current one highlighted, with their model calls per step
+    and their default schedule; Enter sets one (as ``/sampler NAME``), Esc closes."""
+
+    BINDINGS = [("escape", "dismiss", "close")]
+    DEFAULT_CSS = """
+    SamplerScreen { align: center middle; }
+    SamplerScreen > OptionList { width: 72; max-width: 95%; height: auto; max-height: 90%; border: round $accent; }
+    """
+
+    def __init__(self, current: str, choose) -> None:
+        super().__init__()
+        self.current = current
+        self.choose = choose
+        """Called with the sampler's name (the app runs ``/sampler NAME``)."""
+
+    def compose(self) -> ComposeResult:
+        def row(s) -> str:
+            calls = "2 calls/step" if s.second_order else "1 call/step"
+            noise = "deterministic" if s.deterministic else "stochastic"
+            schedule = f"{s.default_schedule} schedule" if s.k_diffusion else "own timesteps"
+            return f"{s.name:<13} {calls:<13} {noise:<14} {schedule}"
+
+        box = OptionList(*[Option(plain(row(s)), id=s.name) for s in SAMPLER_LIST])
+        box.border_title = plain("sampler: Enter sets it · Esc closes")
+        names = [s.name for s in SAMPLER_LIST]
+        box.highlighted = names.index(self.current) if self.current in names else 0
+        yield box
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        name = SAMPLER_LIST[event.option_index].name
+        self.dismiss()
+        self.choose(name)

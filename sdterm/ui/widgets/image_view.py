@@ -45,6 +45,7 @@ class ImageView(Vertical, can_focus=True):
         Binding("left_square_bracket", "app.nudge(-1)", "seed−1", show=False),
         Binding("r", "app.reroll", "new seed"),
         Binding("l", "app.lock", "lock seed"),
+        Binding("s", "app.pick_sampler", "sampler", show=False),  # the footer is full at 120 columns; F1 lists it
         Binding("v", "app.variation(1)", "var+"),
         Binding("V", "app.variation(-1)", "var−"),
         Binding("enter", "rerender", "again"),
