@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from ...samplers import SamplerInfo
 from .base import SamplingContext
 from .kdiffusion import DiscreteSigmas, append_zero, discrete_sigmas
 
@@ -187,9 +188,13 @@ def get_sigmas(name: str, steps: int, d: DiscreteSigmas, *, discard_next_to_last
 
 
 def sigmas_for(ctx: SamplingContext) -> torch.Tensor:
-    """The sigmas a k-diffusion sampler runs over for ``ctx`` (its resolved schedule and steps)."""
+    """The sigmas a k-diffusion sampler runs over for ``ctx`` (its resolved schedule and steps;
+    "Automatic" is resolved here too, to the sampler's default, or Uniform without ``ctx.info``)."""
     discard = bool(ctx.info is not None and ctx.info.discard_next_to_last_sigma)
-    return get_sigmas(ctx.schedule, ctx.steps, discrete_sigmas(ctx.model), discard_next_to_last=discard)
+    name = ctx.schedule
+    if name == "Automatic":
+        name = ctx.info.default_schedule if ctx.info is not None else "Uniform"
+    return get_sigmas(name, ctx.steps, discrete_sigmas(ctx.model), discard_next_to_last=discard)
 
 
 def schedule_steps(name: str, steps: int, *, discard_next_to_last: bool = False, train_steps: int = 1000) -> int:
@@ -200,3 +205,17 @@ def schedule_steps(name: str, steps: int, *, discard_next_to_last: bool = False,
     n = steps + 1 if discard_next_to_last else steps
     count = len(range(1, train_steps, max(train_steps // n, 1)))
     return count - 1 if discard_next_to_last else count
+
+
+def model_calls(info: SamplerInfo, schedule: str, steps: int) -> int:
+    """The denoiser calls a k-diffusion sampler makes with this schedule: ``info.calls`` of the
+    steps the schedule really makes (:func:`schedule_steps`), except that KL Optimal ends at
+    sigma_min, not 0, so a second-order sampler calls twice on its last step too. (With an
+    ancestral eta above 1 a second-order ancestral step can reach sigma_down = 0 early and call
+    once: not counted.)"""
+    if schedule == "Automatic":
+        schedule = info.default_schedule
+    n = schedule_steps(schedule, steps, discard_next_to_last=info.discard_next_to_last_sigma)
+    if schedule == "KL Optimal" and info.second_order:
+        return 2 * n
+    return info.calls(n)
