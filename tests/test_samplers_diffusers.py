@@ -26,7 +26,7 @@ from sdterm.samplers import SAMPLERS
 
 diffusers = pytest.importorskip("diffusers")
 
-SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 SHAPE = (1, 4, 8, 8)
 
 
@@ -273,7 +273,7 @@ def a1111_lcm_schedule(steps: int) -> tuple[np.ndarray, list[int]]:
 
 def diffusers_lcm(steps: int, x: torch.Tensor, noises: list[torch.Tensor], dtype, monkeypatch,
                   a1111_c_skip: bool = False) -> torch.Tensor:
-    import diffusers.schedulers.scheduling_lcm as scheduling_lcm
+    from diffusers.schedulers import scheduling_lcm
 
     sigmas, ts = a1111_lcm_schedule(steps)
     s = diffusers.LCMScheduler(**SD, original_inference_steps=50, timestep_scaling=10.0)

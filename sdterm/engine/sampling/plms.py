@@ -23,6 +23,8 @@ divide 1000 it is :func:`run` stopped one step early); :func:`run` is what the r
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 from .base import SamplingContext
@@ -111,5 +113,5 @@ def run_webui(ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
     cfg = ctx.model
     ac = alphas_cumprod(cfg)
     ts = webui_timesteps(cfg.num_train_timesteps, ctx.steps)[::-1]
-    plan = [(t, t_next, float(ac[t]), float(ac[t_next])) for t, t_next in zip(ts[:-1], ts[1:])]
+    plan = [(t, t_next, float(ac[t]), float(ac[t_next])) for t, t_next in pairwise(ts)]
     return _sample(ctx, x, plan, extra_first=True)

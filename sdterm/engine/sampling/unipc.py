@@ -47,7 +47,7 @@ class NoiseSchedule:
     def log_alpha_at(self, t: float) -> float:
         """log alpha_t, piecewise linear in t through (k + 1) / N -> 0.5 log alphas_cumprod[k]."""
         pos = t * self.n - 1.0  # fractional index into alphas_cumprod
-        k = min(max(int(math.floor(pos)), 0), self.n - 2)
+        k = min(max(math.floor(pos), 0), self.n - 2)
         la = self.log_alpha
         return la[k] + (pos - k) * (la[k + 1] - la[k])
 
