@@ -20,11 +20,11 @@ INSTALL_HINT = "pip install --no-deps k-diffusion==0.1.1.post1"
 
 def _package_dir() -> Path:
     if "k_diffusion" in sys.modules and getattr(sys.modules["k_diffusion"], "__path__", None):
-        return Path(list(sys.modules["k_diffusion"].__path__)[0])
+        return Path(next(iter(sys.modules["k_diffusion"].__path__)))
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"k-diffusion (the test reference) is not installed: {INSTALL_HINT}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _load(name: str, path: Path) -> types.ModuleType:

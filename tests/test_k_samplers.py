@@ -18,7 +18,7 @@ from sdterm.config import ScheduleConfig
 from sdterm.engine.sampling import k_samplers, schedules
 from sdterm.engine.sampling.base import SamplingContext
 from sdterm.engine.sampling.kdiffusion import denoiser, discrete_sigmas
-from sdterm.samplers import SAMPLER_LIST, SAMPLERS, SCHEDULES
+from sdterm.samplers import SAMPLER_LIST, SCHEDULES
 
 from . import kdiff_reference
 
@@ -209,7 +209,7 @@ def test_lms_coefficients_to_1e10():
         for order in (1, 2, 3, 4):
             for i in range(order - 1, 7):
                 for j in range(order):
-                    def fn(tau):
+                    def fn(tau, t=t, i=i, j=j, order=order):
                         return math.prod((tau - t[i - k]) / (t[i - j] - t[i - k]) for k in range(order) if k != j)
                     want = integrate.quad(fn, t[i], t[i + 1], epsrel=1e-13, epsabs=1e-15)[0]
                     got = k_samplers.lms_coefficient(order, t, i, j)
@@ -302,7 +302,8 @@ def test_call_counts(kd, info):
     for schedule in SCHEDULES:
         for steps in range(1, 7):
             calls = []
-            _ours(info, schedule, steps, x, torch.float32, kd, eps=lambda x, t: calls.append(t) or eps_fn(x, t))
+            _ours(info, schedule, steps, x, torch.float32, kd,
+                  eps=lambda x, t, calls=calls: calls.append(t) or eps_fn(x, t))
             assert len(calls) == schedules.model_calls(info, schedule, steps), (schedule, steps)
             assert all(0 <= t <= 999 for t in calls)
             if schedule not in ("DDIM", "KL Optimal"):  # those two can differ from the steps asked for
@@ -324,7 +325,7 @@ def test_resume_is_bit_identical(kd, info):
     for k in (0, 2, 5):
         ctx, _ = _ours(info, info.default_schedule, steps, x, torch.float32, kd)  # fresh noise stream
         it = iter(_noises(4 * steps + 8, torch.float32))
-        ctx.noise, ctx.carry = (lambda: next(it)), {}
+        ctx.noise, ctx.carry = (lambda it=it: next(it)), {}
 
         def stop(i, t, x_now, k=k):
             if i == k:
@@ -340,14 +341,14 @@ def test_resume_is_bit_identical(kd, info):
         it = iter(_noises(4 * steps + 8, torch.float32))
         calls = [0]
 
-        def flaky(x_in, t, fail_at=fail_at):
+        def flaky(x_in, t, fail_at=fail_at, calls=calls):
             calls[0] += 1
             if calls[0] == fail_at:
                 raise MemoryError
             return eps_fn(x_in, t)
 
         ctx, _ = _ours(info, info.default_schedule, 1, x, torch.float32, kd)
-        ctx.eps, ctx.steps, ctx.noise, ctx.carry = flaky, steps, (lambda: next(it)), {}
+        ctx.eps, ctx.steps, ctx.noise, ctx.carry = flaky, steps, (lambda it=it: next(it)), {}
         with pytest.raises(MemoryError):
             getattr(k_samplers, info.function)(ctx, x)
         assert torch.equal(getattr(k_samplers, info.function)(ctx, x), whole), fail_at

@@ -21,7 +21,8 @@ query (not A1111's noise, and a retry within DPM++ SDE's step would then shift t
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -22,8 +22,8 @@ on it lands on k-diffusion's numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import torch
 
