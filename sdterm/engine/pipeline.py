@@ -32,7 +32,7 @@ from .prompt.tokenizer import Tokens
 from ..samplers import resolve_schedule
 from .sampling import SamplingContext, get_sampler
 from .sampling.guidance import guided, pair_conditioning, unet_passes
-from .sampling.noise import latents_noise
+from .sampling.rng import ImageRNG
 
 DEFAULT_BUDGET_MARGIN = 512 * 2**20
 """Without --vram-budget, leave this much of the device's free memory to others."""
@@ -187,11 +187,13 @@ class Engine:
         stages.append(text_stats)
         cond, uncond = pair_conditioning(embs, self.dtype)
         check()
-        x_t, gen = latents_noise(req.seed, req.width, req.height, req.subseed, req.subseed_strength)
+        rng = ImageRNG(req.seed, req.width, req.height, subseed=req.subseed, subseed_strength=req.subseed_strength,
+                       rng=req.rng, ensd=req.ensd)
+        x_t = rng.first()
         # Where a retry resumes: the sampler's state after its last completed step (its carry: the
         # step, the latent, a multistep sampler's history) and the generator's state after it (the
         # per-step noise of a retried step must be what a first try would have drawn).
-        progress = {"carry": {}, "x": x_t, "gen": gen, "gen_state": gen.get_state()}
+        progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state()}
         latents, unet_stats, plan = self._with_retry("unet", plan, req, notice,
                                                      lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check))
         stages.append(unet_stats)
@@ -321,8 +323,8 @@ class Engine:
             self.cache = None
 
     def _unet_stage(self, req: Params, cond, uncond, plan: Plan, progress: dict, emit: Emit, check):
-        x_t, gen, carry = progress["x"], progress["gen"], progress["carry"]
-        gen.set_state(progress["gen_state"])  # a retry draws the noise a first try would have
+        x_t, rng, carry = progress["x"], progress["rng"], progress["carry"]
+        rng.set_state(progress["rng_state"])  # a retry draws the noise a first try would have
         sampler = get_sampler(req.sampler)
         meter = StageMeter("unet", self.device, emit)
         unet = self._acquire("unet", plan.unet)
@@ -343,18 +345,19 @@ class Engine:
             t0 = time.perf_counter()
 
             def on_step(i: int, t: float, x_now: torch.Tensor) -> None:
-                progress["gen_state"] = gen.get_state()
+                progress["rng_state"] = rng.get_state()
                 check()
                 emit(StepDone(i + 1, req.steps, t, time.perf_counter() - t0))
                 emit(memory_sample("unet", self.device))
 
             def noise() -> torch.Tensor:
-                return torch.randn(x_t.shape, generator=gen, dtype=torch.float32).to(self.device)
+                return rng.next().to(self.device)
 
             ctx = SamplingContext(
                 eps=guided(unet, cond.to(self.device), uncond.to(self.device), req.cfg, split=plan.split_cfg),
                 model=self.models.cfg.schedule, steps=req.steps, schedule=resolve_schedule(req.sampler, req.schedule),
-                eta=req.eta, eta_ancestral=req.eta_ancestral, noise=noise, on_step=on_step, carry=carry,
+                eta=req.eta, eta_ancestral=req.eta_ancestral, noise=noise, brownian=rng.brownian, on_step=on_step,
+                carry=carry,
                 info=sampler.info)
             with torch.inference_mode():
                 latents = sampler.run(ctx, x_t.to(self.device))
