@@ -135,6 +135,20 @@ def test_plms_webui_form_is_one_update_short(steps):
     assert rel(ours, trace[steps - 2]) < 1e-9
 
 
+@pytest.mark.parametrize("steps,asked", [
+    (1, []),  # one timestep, no update: A1111 v1.6+ returns the noise
+    (3, [999, 667, 667, 334]),  # 1000 // 3 = 333: four timesteps (1, 334, 667, 999), three updates
+    (4, [751, 501, 501, 251]),
+])
+def test_plms_webui_form_asks_the_model_where_a1111_does(steps, asked):
+    counter = Counter()
+    x = start_noise()
+    out = plms.run_webui(make_ctx("PLMS", steps, eps=counter), x)
+    assert counter.ts == asked
+    if not asked:
+        assert torch.equal(out, x)
+
+
 # ------------------------------------------------------------------------------------------------
 # call counts and resume (all three)
 # ------------------------------------------------------------------------------------------------
