@@ -12,8 +12,10 @@ noise estimates of the last steps (Adams-Bashforth on eps):
 Timesteps: CompVis's / diffusers' "leading" spacing, ``i * (1000 // steps) + 1`` (981, 961, ..., 1
 for 50), ``steps`` updates, the last one to alphas_cumprod[0] -- the same trajectory as diffusers'
 ``PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)`` and as A1111 up to
-v1.5 (which ran CompVis's sampler) whenever ``steps`` divides 1000. With one step there is no
-"next" timestep: it is a plain DDIM step (one model call), as in diffusers.
+v1.5 (which ran CompVis's sampler) whenever ``steps`` divides 1000. (For other step counts CompVis
+takes ``range(0, 1000, 1000 // steps) + 1`` and so runs more updates, 8 for 7; A1111 v1.5 also
+turned 3 into 4, 9 into 10, 27 into 28. sdterm runs exactly ``steps``, as its DDIM does.) With one
+step there is no "next" timestep: it is a plain DDIM step (one model call), as in diffusers.
 
 A1111 v1.6 and later (``sd_samplers_timesteps_impl.plms``) make one update fewer, like their DDIM:
 they take ``range(0, 1000, 1000 // steps) + 1`` (clipped to 999) and stop at the lowest timestep

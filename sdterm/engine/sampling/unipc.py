@@ -8,12 +8,14 @@ DPM-Solver/UniPC), sigma_t = sqrt(1 - alpha_t^2), lambda_t = log(alpha_t / sigma
 walks ``steps`` equal steps in t from 1 to 1/1000 and asks the model at timestep ``(t - 1/1000) *
 1000`` (999 ... 0 evenly, so mostly fractional). Each step: a predictor of the given order from the
 kept x0 estimates, then (all but the last step) the model at the predicted point, which is both the
-corrector's input (the step is redone with it) and the newest kept estimate. One model call per
-step: the first at t = 1, then one per step but the last.
+corrector's input (the step is redone with it) and the newest kept estimate. ``steps`` model
+calls in all, one per step as :func:`run` arranges them.
 
 A1111 v1.6+ runs ``len(range(0, 1000, 1000 // steps))`` UniPC steps, which is ``steps`` whenever
-``steps`` divides 1000 but one more otherwise (30 -> 31; :func:`webui_steps`); this function runs
-``ctx.steps``. A1111 refuses fewer steps than the order; here the order drops to the step count.
+``steps`` divides 1000 but more otherwise (30 -> 31, 300 -> 334; :func:`webui_steps`); A1111 up to
+v1.5 ran ``steps`` (but 4 for 3, 10 for 9, 28 for 27: its ``adjust_steps_if_invalid``). This
+function runs ``ctx.steps``. A1111 refuses fewer steps than the order (v1.5 raised them to 3);
+here the order drops to the step count.
 """
 
 from __future__ import annotations
