@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdterm.bench.options import BenchOptions, Budget, parse_budgets, parse_modes, parse_sizes
+from sdterm.bench.options import BenchOptions, Budget, options_from_args, parse_budgets, parse_modes, parse_sizes
 from sdterm.bench.reference import reference_modes_to_run
 from sdterm.bench.report import format_report
 from sdterm.bench.rows import BenchReport, Row, add_ratios
@@ -269,3 +269,85 @@ def test_reference_renders_the_same_image_from_the_same_weights(demo_model):
         assert a.std() > 5  # a real picture, not a flat or saturated one
         diff = np.abs(a - b)
         assert diff.max() <= 3 and diff.mean() < 0.1, (diff.max(), diff.mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers (issue 13)
+# --------------------------------------------------------------------------------------------
+
+
+def bench_options(*argv: str) -> BenchOptions:
+    import argparse
+
+    from sdterm.bench.command import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    return options_from_args(parser.parse_args(["bench", *argv]))
+
+
+@pytest.mark.parametrize(
+    "argv, sampler, schedule, calls",
+    [
+        ((), "DDIM", "Automatic", 20),
+        (("--sampler", "DPM++ 2M Karras"), "DPM++ 2M", "Karras", 20),
+        (("--sampler", "k_euler_a"), "Euler a", "Automatic", 20),
+        (("--sampler", "LMS Karras", "--schedule", "exponential"), "LMS", "Exponential", 20),
+        (("--sampler", "Heun"), "Heun", "Automatic", 39),  # two calls a step but the last
+        (("--sampler", "DPM++ SDE", "--steps", "10"), "DPM++ SDE", "Automatic", 19),
+        (("--sampler", "PLMS"), "PLMS", "Automatic", 21),  # one more on the first step
+    ],
+)
+def test_sampler_options_reach_the_requests(argv, sampler, schedule, calls):
+    opts = bench_options(*argv)
+    assert (opts.sampler, opts.schedule, opts.model_calls) == (sampler, schedule, calls)
+    req = opts.request(64, 64)
+    assert (req.sampler, req.schedule) == (sampler, schedule)
+
+
+def test_an_unknown_sampler_is_one_line(bench_cli, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_cli("--sampler", "Euler b")
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == "" and "Traceback" not in err
+    assert err.splitlines()[-1].endswith("argument --sampler: unknown sampler 'Euler b'; one of: DPM++ 2M, DPM++ SDE, "
+                                         "DPM++ 2M SDE, DPM++ 2S a, DPM++ 3M SDE, Euler a, Euler, LMS, Heun, DPM2, "
+                                         "DPM2 a, DDIM, PLMS, UniPC, LCM")
+
+
+def test_the_renders_use_the_sampler_and_the_reference_is_skipped_for_another_than_ddim():
+    class Recording(FakeEngine):
+        requests: list = []
+
+        def generate(self, req):
+            self.requests.append(req)
+            return super().generate(req)
+
+    engine = Recording()
+    opts = BenchOptions(sizes=((64, 64),), steps=4, repeats=1, sampler="Heun", schedule="Karras")
+    bench_sdterm(engine, opts)
+    assert {(r.sampler, r.schedule, r.steps) for r in engine.requests} == {("Heun", "Karras", 4)}
+    notes: list[str] = []
+    assert reference_modes_to_run(opts, torch.device("cpu"), notes) == ()
+    assert notes == ["no diffusers reference rows: they render with DDIM, not Heun"]
+
+
+def test_the_table_and_json_say_model_calls_per_step():
+    def report(**kw):
+        return BenchReport(card="c", device="cuda", dtype="float16", torch_version="2.x", diffusers_version=None,
+                           date="d", model="m", demo=False, options=BenchOptions(steps=20, **kw))
+
+    assert "20 steps of DDIM, cfg" in format_report(report()).splitlines()[1]
+    assert "20 steps of DPM++ 2M Karras, cfg" in format_report(report(sampler="DPM++ 2M")).splitlines()[1]
+    heun = format_report(report(sampler="Heun")).splitlines()[1]
+    assert "20 steps of Heun (39 model calls: an s/step figure is 1.9 calls)" in heun
+    data = report(sampler="Heun").to_dict()
+    assert (data["sampler"], data["schedule"], data["model_calls"]) == ("Heun", "Automatic", 39)
+
+
+def test_a_real_run_with_a_second_order_sampler(bench_cli, tiny_config):
+    code, out, err = bench_cli("--config", tiny_config, *SMALL, "--no-reference", "--json", "--sampler", "Heun")
+    assert code == 0, err
+    data = json.loads(out)
+    assert (data["sampler"], data["steps"], data["model_calls"]) == ("Heun", 2, 3)
+    assert data["rows"][0]["error"] is None and data["rows"][0]["seconds_per_step"] > 0

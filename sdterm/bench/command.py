@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..options import number, whole_number
+from ..options import number, sampler_choice, schedule_choice, whole_number
 from .options import DEFAULT_BUDGETS, DEFAULT_PROMPT, DEFAULT_SIZES, REFERENCE_MODES, options_from_args
 from .report import format_report
 from .run import run_bench
@@ -30,7 +30,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"image sizes, comma-separated (default {DEFAULT_SIZES})")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, metavar="SIZE,...",
                    help=f"VRAM budgets such as 1G or 1536M; none = no budget (default {DEFAULT_BUDGETS})")
-    p.add_argument("--steps", type=whole_number, default=20, help="DDIM steps (default 20)")
+    p.add_argument("--steps", type=whole_number, default=20, help="sampling steps (default 20)")
+    p.add_argument("--sampler", type=sampler_choice, default="DDIM", metavar="NAME",
+                   help='sampler by A1111\'s name, e.g. "DPM++ 2M Karras", "Euler a" (default DDIM)')
+    p.add_argument("--schedule", type=schedule_choice, default=None, metavar="NAME",
+                   help="schedule type (default Automatic: the sampler's own, or a combined name's)")
     p.add_argument("--cfg", type=number, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--repeats", type=whole_number, default=2, help="timed renders per row after a warm-up (default 2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")

@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..errors import ConfigError, UserError
 from ..params import Params
+from ..samplers import SAMPLERS, split_sampler
 from ..units import parse_size, parse_wh
 
 REFERENCE_MODES = ("gpu", "model-offload", "sequential-offload")
@@ -47,12 +48,22 @@ class BenchOptions:
     prompt: str = DEFAULT_PROMPT
     negative: str = ""
     seed: int = 1
+    sampler: str = "DDIM"
+    """A1111's name; the diffusers reference renders with DDIM only (skipped for another sampler)."""
+    schedule: str = "Automatic"
 
     def request(self, width: int, height: int) -> Params:
         return Params(
             prompt=self.prompt, negative=self.negative, seed=self.seed, steps=self.steps, cfg=self.cfg,
-            width=width, height=height,
+            width=width, height=height, sampler=self.sampler, schedule=self.schedule,
         ).validated()
+
+    @property
+    def model_calls(self) -> int:
+        """U-Net (denoiser) calls of one render: steps, or more for a second-order sampler (Heun,
+        DPM2...: two a step but the last) and PLMS (one more on the first step). With CFG each call
+        runs the U-Net on the prompt and the negative together (or one after the other)."""
+        return SAMPLERS[self.sampler].calls(self.steps)
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
@@ -105,6 +116,15 @@ def parse_modes(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _sampler_options(args: argparse.Namespace) -> dict:
+    """``sampler`` and ``schedule`` from ``--sampler`` (a combined name sets the schedule) and ``--schedule``."""
+    split = split_sampler(getattr(args, "sampler", None) or "DDIM")
+    if split is None:
+        raise UserError(f"--sampler: unknown sampler {args.sampler!r}; one of: {', '.join(SAMPLERS)}")
+    schedule = getattr(args, "schedule", None) or split[1] or "Automatic"
+    return {"sampler": split[0], "schedule": schedule}
+
+
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     """Validate every option before any work starts (one line on the first bad one)."""
     if args.repeats < 1:
@@ -118,6 +138,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         reference_modes=() if args.no_reference else parse_modes(args.reference_modes),
         prompt=args.prompt,
         seed=args.seed,
+        **_sampler_options(args),
     )
     for w, h in opts.sizes:
         opts.request(w, h)  # steps, cfg, seed: ConfigError names the bad one

@@ -177,6 +177,9 @@ def reference_modes_to_run(opts: BenchOptions, device, notes: list[str]) -> tupl
         if opts.reference_modes:
             notes.append("diffusers is not installed: no reference rows (pip install diffusers)")
         return ()
+    if opts.reference_modes and opts.sampler != "DDIM":
+        notes.append(f"no diffusers reference rows: they render with DDIM, not {opts.sampler}")
+        return ()
     out = []
     for mode in opts.reference_modes:
         if mode != "gpu" and device.type != "cuda":

@@ -16,13 +16,24 @@ def _fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _sampler_text(o) -> str:
+    """"20 steps of DDIM", "20 steps of Heun (39 model calls: s/step is two calls but the last)"."""
+    from ..samplers import combined_name, resolve_schedule
+
+    name = combined_name(o.sampler, resolve_schedule(o.sampler, o.schedule))
+    text = f"{o.steps} steps of {name}"
+    if o.model_calls != o.steps:
+        text += f" ({o.model_calls} model calls: an s/step figure is {o.model_calls / o.steps:.2g} calls)"
+    return text
+
+
 def format_report(report: BenchReport) -> str:
     o = report.options
     lines = [
         f"sdterm bench  {report.card}  torch {report.torch_version}"
         + (f"  diffusers {report.diffusers_version}" if report.diffusers_version else "")
         + f"  {report.date}",
-        f"model {report.model}, {report.dtype} on {report.device}, {o.steps} steps, cfg {o.cfg:g}, "
+        f"model {report.model}, {report.dtype} on {report.device}, {_sampler_text(o)}, cfg {o.cfg:g}, "
         f"{o.repeats} timed render(s) after a warm-up (median; peaks are the max), prompt cached",
         "",
     ]

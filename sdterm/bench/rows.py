@@ -122,6 +122,9 @@ class BenchReport:
             "model": self.model,
             "demo": self.demo,
             "steps": o.steps,
+            "sampler": o.sampler,
+            "schedule": o.schedule,
+            "model_calls": o.model_calls,
             "cfg": o.cfg,
             "repeats": o.repeats,
             "seed": o.seed,
@@ -131,7 +134,8 @@ class BenchReport:
             "reference_modes": list(o.reference_modes),
             "timing": {
                 "seconds_per_render": "median over the timed renders, each from request to image (synchronized)",
-                "sdterm_seconds_per_step": "U-Net stage run seconds / steps (its upload is load time, not run time)",
+                "sdterm_seconds_per_step": "U-Net stage run seconds / steps (its upload is load time, not run time); "
+                "a step of a second-order sampler is two model calls (model_calls: the render's)",
                 "diffusers_seconds_per_step": "end of the first step to end of the last / (steps - 1)",
                 "peaks": "max over the timed renders; sdterm per stage (counters reset at each stage), "
                 "diffusers over the whole render",
