@@ -102,3 +102,23 @@ def test_an_out_of_memory_retry_mid_render_resumes_the_sampler_exactly(demo_mode
         completed += 1
     redone = done - (info.calls(request.steps) - info.calls(request.steps, completed))
     assert made["n"] == info.calls(request.steps) + redone + 1
+
+
+@pytest.mark.parametrize("name, schedule, steps", [("Euler", "DDIM", 7), ("Heun", "KL Optimal", 3), ("DPM2", "DDIM", 6)])
+def test_schedules_that_change_the_step_count_are_planned_and_shown_as_they_run(engine, name, schedule, steps):
+    """A1111's "DDIM" schedule strides 1000 // steps (7 asked, 8 made); KL Optimal ends above 0 (a
+    second-order sampler calls twice on its last step too): the progress bar and the streamer's
+    pass count follow what the sampler really does."""
+    from sdterm.engine.sampling.schedules import sampler_plan
+
+    total, planned = sampler_plan(SAMPLERS[name], schedule, steps)
+    calls, restore = counted_unet(engine)
+    events = []
+    try:
+        engine.generate(small_request(sampler=name, schedule=schedule, steps=steps),
+                        emit=lambda e: isinstance(e, StepDone) and events.append(e))
+    finally:
+        restore()
+    assert [e.step for e in events] == list(range(1, total + 1)) and {e.total for e in events} == {total}
+    assert calls["n"] == planned
+    assert (total, planned) != (steps, SAMPLERS[name].calls(steps))  # these cases do differ

@@ -31,6 +31,7 @@ from .networks.clip import encode
 from .prompt.tokenizer import Tokens
 from ..samplers import resolve_schedule
 from .sampling import SamplingContext, get_sampler
+from .sampling.schedules import sampler_plan
 from .sampling.guidance import guided, pair_conditioning, unet_passes
 from .sampling.rng import ImageRNG
 
@@ -326,13 +327,14 @@ class Engine:
         x_t, rng, carry = progress["x"], progress["rng"], progress["carry"]
         rng.set_state(progress["rng_state"])  # a retry draws the noise a first try would have
         sampler = get_sampler(req.sampler)
+        schedule = resolve_schedule(req.sampler, req.schedule)
+        total, calls = sampler_plan(sampler.info, schedule, req.steps, carry.get("step", 0))
         meter = StageMeter("unet", self.device, emit)
         unet = self._acquire("unet", plan.unet)
         with contextlib.ExitStack() as stack:
             stack.callback(self._release, "unet", plan.unet)
             if plan.unet == "streamed":
                 # Exactly the passes the rest of the render makes: nothing is prefetched past them.
-                calls = sampler.info.calls(req.steps, carry.get("step", 0))
                 passes = calls * unet_passes(req.cfg, split=plan.split_cfg)
                 modules = [m for _, m, _ in unet.units()]
                 stack.enter_context(RingStreamer(self.placement, "unet", modules, plan.resident_units,
@@ -347,7 +349,7 @@ class Engine:
             def on_step(i: int, t: float, x_now: torch.Tensor) -> None:
                 progress["rng_state"] = rng.get_state()
                 check()
-                emit(StepDone(i + 1, req.steps, t, time.perf_counter() - t0))
+                emit(StepDone(i + 1, total, t, time.perf_counter() - t0))
                 emit(memory_sample("unet", self.device))
 
             def noise() -> torch.Tensor:
@@ -355,7 +357,7 @@ class Engine:
 
             ctx = SamplingContext(
                 eps=guided(unet, cond.to(self.device), uncond.to(self.device), req.cfg, split=plan.split_cfg),
-                model=self.models.cfg.schedule, steps=req.steps, schedule=resolve_schedule(req.sampler, req.schedule),
+                model=self.models.cfg.schedule, steps=req.steps, schedule=schedule,
                 eta=req.eta, eta_ancestral=req.eta_ancestral, noise=noise, brownian=rng.brownian, on_step=on_step,
                 carry=carry,
                 info=sampler.info)
@@ -408,3 +410,4 @@ class OutOfMemory(RuntimeError):
 
 
 __all__ = ["Cancelled", "Engine", "ModelSource", "OutOfMemory", "Result", "open_model", "to_image"]
+

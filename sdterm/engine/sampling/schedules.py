@@ -207,15 +207,25 @@ def schedule_steps(name: str, steps: int, *, discard_next_to_last: bool = False,
     return count - 1 if discard_next_to_last else count
 
 
-def model_calls(info: SamplerInfo, schedule: str, steps: int) -> int:
+def model_calls(info: SamplerInfo, schedule: str, steps: int, start: int = 0) -> int:
     """The denoiser calls a k-diffusion sampler makes with this schedule: ``info.calls`` of the
     steps the schedule really makes (:func:`schedule_steps`), except that KL Optimal ends at
     sigma_min, not 0, so a second-order sampler calls twice on its last step too. (With an
     ancestral eta above 1 a second-order ancestral step can reach sigma_down = 0 early and call
-    once: not counted.)"""
+    once: not counted.) ``start``: only the steps from ``start`` on (a render resumed after a retry)."""
     if schedule == "Automatic":
         schedule = info.default_schedule
     n = schedule_steps(schedule, steps, discard_next_to_last=info.discard_next_to_last_sigma)
     if schedule == "KL Optimal" and info.second_order:
-        return 2 * n
-    return info.calls(n)
+        return 2 * (n - start)
+    return info.calls(n, start)
+
+
+def sampler_plan(info: SamplerInfo, schedule: str, steps: int, start: int = 0) -> tuple[int, int]:
+    """(the steps the sampler really makes, its model calls from step ``start`` on): ``steps`` and
+    ``info.calls`` except where a k-diffusion schedule changes them (A1111's "DDIM" schedule strides
+    1000 // steps; KL Optimal ends above 0); what the progress bar and the U-Net streamer need."""
+    if not info.k_diffusion:
+        return steps, info.calls(steps, start)
+    total = schedule_steps(schedule, steps, discard_next_to_last=info.discard_next_to_last_sigma)
+    return total, model_calls(info, schedule, steps, start)
