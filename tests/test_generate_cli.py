@@ -212,3 +212,48 @@ def test_a_torn_history_line_is_moved_aside_and_said_once(demo_model, tmp_path, 
     code, out, err = run_cli(*args)
     assert code == 0 and "unreadable" not in err
     assert len(history_file().read_text(encoding="utf-8").splitlines()) == 2
+
+
+# ---- samplers (issue 13) -----------------------------------------------------------------------
+
+
+def test_sampler_flags_reach_the_png_and_the_history(demo_model, tmp_path, run_cli):
+    from sdterm.history import history_file
+
+    code, out, err = run_cli("generate", "a fox", "--model", demo_model, "--seed", 3, "--sampler", "lms karras",
+                             "--rng", "CPU", "--outdir", tmp_path, *SMALL)
+    assert code == 0, err
+    img = Image.open(out.strip())
+    assert img.text["parameters"].split("\n")[-1].startswith("Steps: 3, Sampler: LMS, Schedule type: Karras, CFG scale")
+    request = json.loads(img.text["sdterm"])["request"]
+    assert (request["sampler"], request["schedule"], request["rng"]) == ("LMS", "Karras", "cpu")
+    line = json.loads(history_file().read_text().splitlines()[-1])
+    assert (line["sampler"], line["schedule"], line["rng"]) == ("LMS", "Karras", "cpu")
+
+
+def test_a_batch_line_may_name_its_own_sampler(demo_model, tmp_path, run_cli):
+    batch = tmp_path / "prompts.txt"
+    batch.write_text('a cat --seed 5\na dog --seed 9 --sampler "DPM++ 2M Karras" --eta-ancestral 0.5\n')
+    code, out, err = run_cli("generate", "--from-file", batch, "--model", demo_model, "--sampler", "Euler",
+                             "--outdir", tmp_path, *SMALL)
+    assert code == 0, err
+    got = [(_meta(p)["prompt"], _meta(p)["sampler"], _meta(p)["schedule"]) for p in out.split()]
+    assert got == [("a cat", "Euler", "Automatic"), ("a dog", "DPM++ 2M", "Karras")]
+
+
+def test_bad_sampler_names_are_one_line_listing_the_names(demo_model, tmp_path, run_cli, capsys):
+    import pytest
+
+    for flag, value, names in (("--sampler", "Euler b", "DPM++ 2M, DPM++ SDE, DPM++ 2M SDE, "),
+                               ("--schedule", "Fast", "Automatic, Uniform, Karras, Exponential, "),
+                               ("--rng", "mps", "cpu, nv, gpu")):
+        with pytest.raises(SystemExit) as exc:
+            run_cli("generate", "x", flag, value, "--outdir", tmp_path)
+        out, err = capsys.readouterr()
+        assert exc.value.code == 2 and out == ""
+        assert f"error: argument {flag}: unknown {flag[2:]} {value!r}; one of: {names}" in err.splitlines()[-1]
+    # a batch line's bad name is that line's one error; the other lines still render
+    batch = tmp_path / "prompts.txt"
+    batch.write_text("a cat --sampler nope\na dog\n")
+    code, out, err = run_cli("generate", "--from-file", batch, "--model", demo_model, "--outdir", tmp_path, *SMALL)
+    assert code == 1 and "unknown sampler 'nope'; one of: DPM++ 2M" in err and len(out.split()) == 1
