@@ -1,5 +1,10 @@
-"""The starting noise x_T: drawn on the CPU in fp32 from the seed, so a seed means the same image
-on every device, with AUTOMATIC1111's variation seed mixed in by spherical interpolation."""
+"""The starting noise x_T as sdterm drew it before it followed AUTOMATIC1111's generators: on the
+CPU in fp32 from the seed, so a seed means the same image on every device, with the variation seed
+mixed in by spherical interpolation of the whole tensor.
+
+Renders draw through :class:`sdterm.engine.sampling.rng.ImageRNG`, whose ``rng="cpu"`` gives
+exactly :func:`latents_noise`'s numbers (and its generator's later draws); this module stays as the
+reference for them (tests/test_rng.py) and for :func:`slerp`, the whole-tensor interpolation."""
 
 from __future__ import annotations
 
