@@ -6,8 +6,7 @@
 What A1111 writes: ``Sampler: <name>`` (no schedule in it), then ``Schedule type: <label>``; for a
 k-diffusion sampler with its own default ("DPM++ 2M" -> Karras) "Automatic" is written resolved.
 It writes ``Schedule type: Automatic`` otherwise, which sdterm leaves out (reading a text without it
-gives "Automatic" in both). ``ENSD: n`` only for samplers that use it (the ancestral k-diffusion
-ones, eta > 0) when it isn't 0; ``RNG: CPU`` or ``RNG: NV`` (never for the default, GPU: a text
+gives "Automatic" in both). ``ENSD: n`` when it isn't 0 and changes the image (:func:`uses_ensd`); ``RNG: CPU`` or ``RNG: NV`` (never for the default, GPU: a text
 without ``RNG`` was drawn on the GPU, which sdterm's ``nv`` reproduces on any device); then
 ``Eta: x`` (ancestral and SDE samplers, when not 1) or ``Eta DDIM: x`` (DDIM, when not 0).
 """
@@ -38,9 +37,14 @@ def written_schedule(p: Params) -> str | None:
 
 
 def uses_ensd(p: Params) -> bool:
-    """A1111's is_sampler_using_eta_noise_seed_delta: an ancestral k-diffusion sampler with eta > 0."""
+    """Whether ENSD changes the image: the sampler draws per-step noise (an ancestral sampler with
+    eta > 0, LCM, DDIM with eta > 0). A1111 writes it only for its ancestral samplers (its
+    ``uses_ensd``) though it reseeds for DDIM and LCM too; sdterm writes it wherever it matters, and
+    A1111 applies an ``ENSD`` it reads whatever the sampler."""
     info = SAMPLERS[p.sampler]
-    return info.ancestral and info.k_diffusion and p.eta_ancestral != 0
+    if p.sampler == "DDIM":
+        return p.eta > 0
+    return info.ancestral and not (info.k_diffusion and p.eta_ancestral == 0)
 
 
 def schedule_pairs(p: Params) -> list[str]:

@@ -44,7 +44,7 @@ def test_every_sampler_schedule_and_rng_round_trips_through_the_text(sampler, sc
     info = SAMPLERS[sampler]
     assert q.eta == (0.25 if sampler == "DDIM" else 0.0)
     assert q.eta_ancestral == (0.5 if info.uses_eta and info.k_diffusion else 1.0)
-    assert q.ensd == (31337 if info.ancestral and info.k_diffusion else 0)
+    assert q.ensd == (31337 if sampler == "DDIM" or info.ancestral else 0)  # where it changes the noise
     assert back.extra == {}
 
 
@@ -72,7 +72,11 @@ def test_the_ddim_text_is_the_old_one_and_rng_cpu():
 def test_ensd_rng_and_eta_keys_in_a1111_order():
     p = Params("x", sampler="Euler a", ensd=31337, rng="nv", eta_ancestral=0.67)
     assert infotext(p, "m", "h").endswith("Model: m, ENSD: 31337, RNG: NV, Eta: 0.67")
-    assert "ENSD" not in infotext(p.replace(sampler="DPM++ 2M"), "m", "h")  # not a sampler that uses it
+    assert "ENSD" not in infotext(p.replace(sampler="DPM++ 2M"), "m", "h")  # no per-step noise
+    assert "ENSD" not in infotext(p.replace(sampler="DPM++ SDE"), "m", "h")  # a Brownian tree from the seed alone
+    assert "ENSD: 31337" in infotext(p.replace(sampler="LCM"), "m", "h")
+    assert "ENSD: 31337" in infotext(p.replace(sampler="DDIM", eta=0.5), "m", "h")
+    assert "ENSD" not in infotext(p.replace(sampler="DDIM", eta=0.0), "m", "h")
     assert "ENSD" not in infotext(p.replace(eta_ancestral=0.0), "m", "h")  # eta 0: no noise after the start
     assert "Eta" not in infotext(p.replace(eta_ancestral=1.0), "m", "h")  # 1 is A1111's default
     assert "RNG" not in infotext(p.replace(rng="gpu"), "m", "h")
