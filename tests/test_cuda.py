@@ -23,6 +23,7 @@ from sdterm.engine.memory.streaming import RingStreamer
 from sdterm.engine.memory.tiling import decode_latents
 from sdterm.engine.pipeline import Engine, ModelSource, open_model, to_image
 from sdterm.engine.sampling import ddim
+from sdterm.samplers import SAMPLER_LIST, SAMPLERS
 
 from .conftest import oom_on_call, small_request
 from .test_engine import SEED3_64x64_NOISE
@@ -348,3 +349,36 @@ def test_brownian_gpu_is_kdiffusions_sampler_on_cuda_and_cpu_nv_move_with_the_la
         on_gpu = ImageRNG(1234, 64, 64, rng=rng).brownian(x, smin.cuda(), smax.cuda())
         for s, s_next in zip(sigmas[:-2], sigmas[1:-1]):
             assert torch.allclose(on_gpu(s.cuda(), s_next.cuda()).cpu(), on_cpu(s, s_next), rtol=0, atol=1e-5)
+
+
+# ---- every sampler on every plan -----------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")
+@pytest.mark.parametrize("sampler", [s.name for s in SAMPLER_LIST])
+def test_every_sampler_streams_exactly_its_planned_passes(full_size, sampler, monkeypatch):
+    """Full-size weights, the U-Net streamed (1 GiB) with split CFG: the streamer was told exactly
+    the passes the sampler makes (it raises on a pass nobody planned and must not prefetch past the
+    last), and the latents are the resident plan's (the same arithmetic, placed differently)."""
+    engine = Engine(full_size, "cuda")
+    req = small_request(width=256, height=256, steps=3, sampler=sampler, seed=5)
+    engine.set_budget(None)
+    resident = engine.generate(req)
+    assert "resident" in resident.plan
+    seen: list[RingStreamer] = []
+    real = pipeline.RingStreamer
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(pipeline, "RingStreamer", spy)
+    engine.set_budget(GiB)
+    streamed = engine.generate(req)
+    assert "streamed" in streamed.plan and len(seen) == 1
+    s = seen[0]
+    # Every planned pass was made (none left over) and none unplanned (the streamer raises then).
+    passes_per_call = s.total // (SAMPLERS[sampler].calls(3) * len(s.order))
+    assert s.next == s.total == SAMPLERS[sampler].calls(3) * passes_per_call * len(s.order)
+    assert passes_per_call in (1, 2)
+    assert torch.allclose(streamed.latents, resident.latents, rtol=1e-3, atol=1e-3), sampler
