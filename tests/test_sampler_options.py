@@ -281,3 +281,10 @@ def test_sampler_label():
     assert sampler_label(Params(sampler="DPM++ 2M")) == "DPM++ 2M Karras"
     assert sampler_label(Params(sampler="UniPC", schedule="Karras")) == "UniPC"  # brings its own timesteps
     assert sampler_label(Params(sampler="Euler", schedule="Uniform")) == "Euler"
+
+
+def test_the_history_and_notice_summary_names_a_sampler_other_than_ddim():
+    from sdterm.ui.screens import summary
+
+    assert summary(Params(seed=1, steps=4, cfg=5, width=80, height=64)) == "seed 1 · 4 steps · CFG 5 · 80×64"
+    assert summary(Params(seed=1, steps=20, sampler="DPM++ 2M")) == "seed 1 · DPM++ 2M Karras · 20 steps · CFG 7.5 · 512×512"

@@ -11,7 +11,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Markdown, OptionList
 from textual.widgets.option_list import Option
 
-from ..commands import COMMANDS
+from ..commands import COMMANDS, sampler_label
 from ..params import Params
 from ..samplers import SAMPLER_LIST
 from .text import highlight, plain
@@ -70,8 +70,10 @@ class HelpScreen(ModalScreen[None]):
 
 
 def summary(p: Params) -> str:
-    """``seed 1234 · 30 steps · CFG 7 · 512×768``: a render's settings in a line."""
-    return f"seed {p.seed} · {p.steps} steps · CFG {p.cfg:g} · {p.width}×{p.height}"
+    """``seed 1234 · 30 steps · CFG 7 · 512×768``: a render's settings in a line (a sampler other
+    than DDIM before the steps: ``seed 1234 · DPM++ 2M Karras · 20 steps · …``)."""
+    sampler = "" if p.sampler == "DDIM" else f"{sampler_label(p)} · "
+    return f"seed {p.seed} · {sampler}{p.steps} steps · CFG {p.cfg:g} · {p.width}×{p.height}"
 
 
 class HistoryProvider(Provider):
