@@ -38,7 +38,16 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError, shorten
 from .params import MAX_BATCH, MAX_SEED, Params
-from .samplers import RNGS, SAMPLER_LIST, SAMPLERS, SCHEDULES, combined_name, resolve_schedule, schedule_name, split_sampler
+from .samplers import (
+    RNGS,
+    SAMPLER_LIST,
+    SAMPLERS,
+    SCHEDULES,
+    combined_name,
+    resolve_schedule,
+    schedule_name,
+    split_sampler,
+)
 from .units import MIN_BUDGET, format_bytes, parse_budget, parse_wh
 
 

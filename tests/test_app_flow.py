@@ -314,9 +314,10 @@ async def test_open_shows_an_image_file_in_the_panel(engine, tmp_path):
 
 
 async def test_s_on_the_image_picks_the_sampler_and_the_next_render_uses_it(engine, tmp_path):
+    from textual.widgets import OptionList
+
     from sdterm.samplers import SAMPLER_LIST
     from sdterm.ui.screens import SamplerScreen
-    from textual.widgets import OptionList
 
     app = make_app(engine, tmp_path, steps=3, seed=5, seed_locked=True)
     async with app.run_test(size=SIZE) as pilot:

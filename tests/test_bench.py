@@ -317,7 +317,9 @@ def test_an_unknown_sampler_is_one_line(bench_cli, capsys):
 
 def test_the_renders_use_the_sampler_and_the_reference_is_skipped_for_another_than_ddim():
     class Recording(FakeEngine):
-        requests: list = []
+        def __init__(self):
+            super().__init__()
+            self.requests = []
 
         def generate(self, req):
             self.requests.append(req)

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from sdterm.commands import Command, CommandError, complete, parse_command, sampler_label
+from sdterm.commands import CommandError, complete, parse_command, sampler_label
 from sdterm.history import History
 from sdterm.options import add_render_options, params_from_args
 from sdterm.params import Params
@@ -171,18 +171,18 @@ def parse(*argv: str) -> Params:
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--sampler", "Euler a"], dict(sampler="Euler a")),
-        (["--sampler", "euler A"], dict(sampler="Euler a")),
-        (["--sampler", "k_euler_a"], dict(sampler="Euler a")),
-        (["--sampler", "DPM++ 2M Karras"], dict(sampler="DPM++ 2M", schedule="Karras")),
-        (["--sampler", "lms karras"], dict(sampler="LMS", schedule="Karras")),
-        (["--sampler", "LMS Karras", "--schedule", "exponential"], dict(sampler="LMS", schedule="Exponential")),
-        (["--schedule", "Exponential", "--sampler", "LMS Karras"], dict(sampler="LMS", schedule="Exponential")),
-        (["--schedule", "sgm_uniform"], dict(schedule="SGM Uniform")),
-        (["--rng", "NV"], dict(rng="nv")),
-        (["--rng", "gpu"], dict(rng="gpu")),
-        (["--eta-ancestral", "0.5", "--ensd", "31337"], dict(eta_ancestral=0.5, ensd=31337)),
-        ([], dict()),
+        (["--sampler", "Euler a"], {"sampler": "Euler a"}),
+        (["--sampler", "euler A"], {"sampler": "Euler a"}),
+        (["--sampler", "k_euler_a"], {"sampler": "Euler a"}),
+        (["--sampler", "DPM++ 2M Karras"], {"sampler": "DPM++ 2M", "schedule": "Karras"}),
+        (["--sampler", "lms karras"], {"sampler": "LMS", "schedule": "Karras"}),
+        (["--sampler", "LMS Karras", "--schedule", "exponential"], {"sampler": "LMS", "schedule": "Exponential"}),
+        (["--schedule", "Exponential", "--sampler", "LMS Karras"], {"sampler": "LMS", "schedule": "Exponential"}),
+        (["--schedule", "sgm_uniform"], {"schedule": "SGM Uniform"}),
+        (["--rng", "NV"], {"rng": "nv"}),
+        (["--rng", "gpu"], {"rng": "gpu"}),
+        (["--eta-ancestral", "0.5", "--ensd", "31337"], {"eta_ancestral": 0.5, "ensd": 31337}),
+        ([], {}),
     ],
 )
 def test_flags(argv, expected):
