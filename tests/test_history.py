@@ -409,3 +409,22 @@ def test_concurrent_appends_and_repairs_keep_every_line(tmp_path):
     bad = (tmp_path / "history.jsonl.bad").read_bytes().split(b"\n")
     assert all(line.startswith(b'{"time": "torn ') for line in bad if line)  # no entry went there
     assert loaded.skipped == 0
+
+
+def test_sampler_fields_round_trip_and_a_newer_sdterms_sampler_stays_in_the_file(tmp_path):
+    """Issue 13: the sampler, schedule, rng, eta and ENSD are in each line; a line naming a sampler
+    this sdterm doesn't have (a newer one wrote it) is skipped, not moved aside or dropped."""
+    path = tmp_path / "history.jsonl"
+    h = History(path)
+    mine = HistoryEntry(Params("fox", sampler="DPM++ SDE", schedule="Exponential", rng="nv", eta_ancestral=0.5,
+                               ensd=31337), "a.png", "h", "2024-05-01T12:00:00+00:00")
+    h.append(mine)
+    line = json.loads(path.read_text().splitlines()[0])
+    assert {k: line[k] for k in ("sampler", "schedule", "rng", "eta_ancestral", "ensd")} == {
+        "sampler": "DPM++ SDE", "schedule": "Exponential", "rng": "nv", "eta_ancestral": 0.5, "ensd": 31337}
+    newer = dict(line, sampler="Sampler From The Future", prompt="cat")
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(newer) + "\n")
+    loaded = History(path)
+    assert loaded.entries == [mine] and loaded.skipped == 1 and loaded.repaired == 0
+    assert "Sampler From The Future" in path.read_text()
