@@ -363,3 +363,20 @@ async def test_sampler_commands_in_the_app_complete_and_set(engine, tmp_path):
         await pilot.pause()
         assert notice(app).startswith("unknown sampler 'Euler b'; one of: DPM++ 2M, ")
         assert app.session.params.sampler == "LMS"
+
+
+async def test_a_pasted_a1111_block_sets_the_sampler_and_a1111s_noise(engine, tmp_path):
+    app = make_app(engine, tmp_path, steps=3, seed=1)
+    async with app.run_test(size=SIZE) as pilot:
+        app.post_message(events.Paste("a lighthouse\nSteps: 4, Sampler: DPM++ 2M Karras, CFG scale: 6, Seed: 77, "
+                                      "Size: 64x48, ENSD: 31337"))
+        await pilot.pause()
+        p = app.session.params
+        assert (p.sampler, p.schedule, p.rng, p.ensd, p.seed) == ("DPM++ 2M", "Automatic", "nv", 31337, 77)
+        assert "DPM++ 2M Karras · 4 steps" in notice(app) and "rng nv" in params_line(app)
+        # A sampler sdterm lacks: the rest is taken, the sampler stays, and the notice says so.
+        app.post_message(events.Paste("a boat\nSteps: 5, Sampler: DPM adaptive, CFG scale: 6, Seed: 8, RNG: CPU"))
+        await pilot.pause()
+        p = app.session.params
+        assert (p.sampler, p.steps, p.seed, p.rng) == ("DPM++ 2M", 5, 8, "cpu")
+        assert "sampler DPM adaptive is not one sdterm has: DPM++ 2M will be used" in notice(app)
