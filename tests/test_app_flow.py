@@ -380,3 +380,14 @@ async def test_a_pasted_a1111_block_sets_the_sampler_and_a1111s_noise(engine, tm
         p = app.session.params
         assert (p.sampler, p.steps, p.seed, p.rng) == ("DPM++ 2M", 5, 8, "cpu")
         assert "sampler DPM adaptive is not one sdterm has: DPM++ 2M will be used" in notice(app)
+
+
+async def test_a_pasted_block_without_eta_or_variation_means_a1111s_defaults(engine, tmp_path):
+    """A1111 leaves out "Eta DDIM", "Variation seed" and "ENSD" at their defaults: a block without
+    them must not keep this session's eta or variation (the image would not be the author's)."""
+    app = make_app(engine, tmp_path, eta=0.5, subseed=9, subseed_strength=0.3, ensd=5)
+    async with app.run_test(size=SIZE) as pilot:
+        app.post_message(events.Paste("a lighthouse\nSteps: 4, Sampler: DDIM, CFG scale: 6, Seed: 77, Size: 64x48"))
+        await pilot.pause()
+        p = app.session.params
+        assert (p.eta, p.subseed_strength, p.ensd, p.steps) == (0.0, 0.0, 0, 4)

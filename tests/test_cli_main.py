@@ -129,16 +129,16 @@ def test_app_takes_threads(run_cli):
 
 
 def test_an_unknown_flag_is_blamed_on_its_own_command(capsys):
-    """argparse reports a subcommand's unknown flag with the top-level usage: `generate --sampler x`
+    """argparse reports a subcommand's unknown flag with the top-level usage: `generate --bogus x`
     must show generate's usage and name generate (issue 12)."""
     from sdterm.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["generate", "a fox", "--sampler", "x"])
+        main(["generate", "a fox", "--bogus", "x"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.startswith("usage: sdterm generate ")
-    assert "sdterm generate: error: unrecognized arguments: --sampler x" in err
+    assert "sdterm generate: error: unrecognized arguments: --bogus x" in err
     with pytest.raises(SystemExit) as exit_:
         main(["--bogus"])
     assert exit_.value.code == 2 and "sdterm: error: unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from textual.widgets import Input
 from ..commands import Command, CommandError, Outcome, parse_command
 from ..errors import ConfigError
 from ..history import Recall
-from ..params import FIELDS, Params
+from ..params import Params
 from ..units import format_bytes
 from .screens import HistoryScreen, summary
 from .widgets.prompt import PromptInput
@@ -151,11 +151,13 @@ class PromptFlow:
         return self._restore_found(found, "pasted parameters")
 
     def _restore_found(self, found, what: str) -> bool:
-        """Restore the parameters an image or a pasted block recorded; what it didn't record keeps
-        the session's value."""
+        """Restore the parameters an image or a pasted block recorded. The basic settings it didn't
+        record (a partial paste, a sampler sdterm lacks) keep the session's values; any other
+        setting it leaves out takes its default, as A1111 reads a missing key (no "Eta DDIM": 0, no
+        "Variation seed": none, no "ENSD": 0)."""
         mine = self.session.params
-        params = found.params.replace(**{name: getattr(mine, name) for name in FIELDS
-                                         if name not in ("prompt", "negative") and found.get(name) is None})
+        kept = ("seed", "steps", "cfg", "width", "height", "sampler", "schedule")
+        params = found.params.replace(**{name: getattr(mine, name) for name in kept if found.get(name) is None})
         try:
             self.restore_params(params, what=what)
         except ConfigError as exc:
