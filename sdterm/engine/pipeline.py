@@ -353,7 +353,13 @@ class Engine:
                 emit(memory_sample("unet", self.device))
 
             def noise() -> torch.Tensor:
-                return rng.next().to(self.device)
+                z = rng.next()
+                if z.device.type == "cpu" and self.device.type == "cuda":
+                    # Through pinned memory and without blocking: a pageable copy would hold the
+                    # host until the GPU is done, so the next step's launches (and the streamer's
+                    # prefetch) could not run ahead of it.
+                    return z.pin_memory().to(self.device, non_blocking=True)
+                return z.to(self.device)
 
             ctx = SamplingContext(
                 eps=guided(unet, cond.to(self.device), uncond.to(self.device), req.cfg, split=plan.split_cfg),
