@@ -26,6 +26,7 @@ MAX_SEED = 2**32 - 1
 MAX_STEPS = 1000
 MAX_SIDE = 4096
 MAX_CFG = 50.0
+MAX_CLIP_SKIP = 12
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class Params:
     NVIDIA GPU gives, on any device) or "gpu" (torch.randn on CUDA)."""
     eta_ancestral: float = 1.0
     """A1111's "Eta" for the ancestral and SDE samplers (``eta`` is DDIM's own, as in A1111)."""
+    clip_skip: int = 1
+    """A1111's "Clip skip": 1 uses the text encoder's last layer, N the hidden state N - 1 layers
+    before it (through the final layer norm)."""
     ensd: int = 0
     """A1111's eta noise seed delta ("ENSD"): added to the seed for the per-step noise of the
     samplers that use it."""
@@ -77,6 +81,7 @@ class Params:
         _check_float("variation strength", self.subseed_strength, 0.0, 1.0)
         _check_float("eta (ancestral)", self.eta_ancestral, 0.0, 1.0)
         _check_int("ENSD", self.ensd, 0, MAX_SEED)
+        _check_int("clip skip", self.clip_skip, 1, MAX_CLIP_SKIP)
         _check_name("sampler", self.sampler, tuple(SAMPLERS))
         _check_name("schedule", self.schedule, SCHEDULES)
         _check_name("rng", self.rng, RNGS)

@@ -22,7 +22,7 @@ from sdterm.errors import ConfigError
 from sdterm.engine.sampling import rng as rngmod
 from sdterm.engine.sampling.noise import latents_noise
 from sdterm.engine.sampling.rng import (GPU_NEEDS_CUDA, ImageRNG, PhiloxGenerator, brownian_factory, make_generator,
-                                        philox4x32, slerp_a1111)
+                                        philox4x32)
 
 # ------------------------------------------------------------------------------------------
 # Philox 4x32-10
