@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "sdterm"
 MAX_LINES = 420
 LEAVES = {"sdterm", "sdterm.config", "sdterm.params", "sdterm.samplers", "sdterm.errors", "sdterm.units", "sdterm.fsutil",
-          "sdterm.paths"}
+          "sdterm.paths", "sdterm.prompt_syntax"}
 """Modules outside sdterm/engine/ that the engine may import: they import no other sdterm module
 except each other."""
 
