@@ -25,13 +25,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["parse_attention", "schedules", "split_and", "BREAK"]
+__all__ = ["BREAK", "parse_attention", "schedules", "split_and"]
 
 BREAK = "BREAK"
 ROUND = 1.1
 SQUARE = 1 / 1.1
 
-_BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 _WEIGHT_RE = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _AND_RE = re.compile(r"\bAND\b")
 _SPECIAL = "\\()[]:"

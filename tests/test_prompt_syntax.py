@@ -6,6 +6,7 @@ its doctests, plus cases written from its rules and checked against its function
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
@@ -128,7 +129,7 @@ def strip_markup(text: str) -> str:
 def test_parse_attention_never_raises(text):
     got = parse_attention(text)
     assert got and all(isinstance(t, str) and isinstance(w, float) for t, w in got)
-    assert all(a[1] != b[1] for a, b in zip(got, got[1:]))      # neighbours with equal weight merged
+    assert all(a[1] != b[1] for a, b in pairwise(got))      # neighbours with equal weight merged
 
 
 @given(st.text(alphabet="ab ,()[]\n\u00e9"))
