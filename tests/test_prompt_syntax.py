@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from sdterm.prompt_syntax import parse_attention, schedules, split_and
 
-D = 1 / 1.1
 
 # ----------------------------------------------------------------------------------- emphasis
 
