@@ -81,7 +81,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def _sniff(path: Path) -> str:
+def sniff_format(path: Path) -> str:
     """'safetensors', 'zip' (torch >= 1.6 .ckpt), 'pickle' (legacy torch.save) or 'unknown'."""
     with open(path, "rb") as f:
         head = f.read(16)
@@ -96,7 +96,7 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
-def _unsafe_reason(exc: Exception) -> str | None:
+def unsafe_pickle_reason(exc: Exception) -> str | None:
     """What a weights_only unpickler refused, if that is why loading failed."""
     text = str(exc)
     m = (
@@ -125,7 +125,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if size == 0:
         raise CheckpointError(f"{p}: the file is empty")
     try:
-        kind = _sniff(p)
+        kind = sniff_format(p)
     except OSError as exc:
         raise CheckpointError(f"{p}: cannot read ({exc.strerror})") from None
 
@@ -136,7 +136,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             handle = safe_open(str(p), framework="pt", device="cpu")
             handle.keys()
         except Exception as exc:
-            raise CheckpointError(f"{p}: not a readable safetensors file ({_first_line(exc)}); is it truncated?") from None
+            raise CheckpointError(f"{p}: not a readable safetensors file ({first_line(exc)}); is it truncated?") from None
         return Checkpoint(p, _safe=handle)
 
     if kind in ("zip", "pickle"):
@@ -149,19 +149,19 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=kind == "zip")
         except Exception as exc:
-            reason = _unsafe_reason(exc)
+            reason = unsafe_pickle_reason(exc)
             if reason:
                 raise CheckpointError(
                     f"{p}: refused to load: {reason}; only tensors and plain containers are accepted "
                     "(use a .safetensors version of this model)"
                 ) from None
-            raise CheckpointError(f"{p}: not a readable checkpoint ({_first_line(exc)}); is it truncated?") from None
+            raise CheckpointError(f"{p}: not a readable checkpoint ({first_line(exc)}); is it truncated?") from None
         return Checkpoint(p, _tensors=_flatten_state_dict(obj, p))
 
     raise CheckpointError(f"{p}: not a checkpoint (neither safetensors nor a PyTorch .ckpt)")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..loading.checkpoint import CheckpointError, _first_line, _sniff, _unsafe_reason
+from ..loading.checkpoint import CheckpointError, first_line, sniff_format, unsafe_pickle_reason
 
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
 """What a folder scan picks up (any case). :func:`load_embedding` itself goes by content."""
@@ -136,7 +136,7 @@ def load_embedding(path: str | os.PathLike, width: int = 768) -> TextualInversio
             "(is it a LoRA or a model?)"
         )
     try:
-        kind = _sniff(p)
+        kind = sniff_format(p)
         data = p.read_bytes()
     except OSError as exc:
         raise EmbeddingError(f"{p}: cannot read ({exc.strerror or exc})") from None
@@ -148,7 +148,7 @@ def load_embedding(path: str | os.PathLike, width: int = 768) -> TextualInversio
         try:
             obj: object = load_safetensors(data)
         except Exception as exc:  # noqa: BLE001 - whatever the parser says, the file is unusable
-            raise EmbeddingError(f"{p}: not a readable safetensors file ({_first_line(exc)}); is it truncated?") from None
+            raise EmbeddingError(f"{p}: not a readable safetensors file ({first_line(exc)}); is it truncated?") from None
         container = "safetensors"
     elif kind in ("zip", "pickle"):
         if kind == "zip":
@@ -188,13 +188,13 @@ def _restricted_torch_load(data: bytes, p: Path) -> object:
         with _PICKLE_LOCK, torch.serialization.safe_globals([ParameterDict]):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - refusals and damage alike become one line
-        reason = _unsafe_reason(exc)
+        reason = unsafe_pickle_reason(exc)
         if reason:
             raise EmbeddingError(
                 f"{p}: refused to load: {reason}; only tensors and plain containers are accepted "
                 "(use a .safetensors version of this embedding)"
             ) from None
-        raise EmbeddingError(f"{p}: not a readable embedding ({_first_line(exc)}); is it truncated?") from None
+        raise EmbeddingError(f"{p}: not a readable embedding ({first_line(exc)}); is it truncated?") from None
 
 
 def _the_tensor(obj: object, p: Path, width: int) -> tuple[torch.Tensor, str]:
