@@ -84,14 +84,14 @@ def test_another_models_weights_miss(demo_model, tmp_path):
 
 
 def test_key_depends_on_every_part():
-    def key(enc="enc", tok="tok", text="a fox", precision="cpu-float32"):
-        return cache_key(enc, tok, text, precision=precision)
+    def key(enc="enc", tok="tok", ids=(1, 23, 4), precision="cpu-float32", clip_skip=1):
+        return cache_key(enc, tok, ids, precision=precision, clip_skip=clip_skip)
 
     base = key()
-    variants = {key(enc="enc2"), key(tok="tok2"), key(text="a fox "), key(tok="toka", text=" fox"),
-                key(precision="cuda-float16")}
-    assert len({base} | variants) == 6
-    assert base == cache_key("enc", "tok", "a fox", precision="cpu-float32")
+    variants = {key(enc="enc2"), key(tok="tok2"), key(ids=(1, 2, 34)), key(ids=(1, 23, 4, 5)),
+                key(tok="tok1", ids=(23, 4)), key(precision="cuda-float16"), key(clip_skip=2)}
+    assert len({base} | variants) == 8
+    assert base == cache_key("enc", "tok", [1, 23, 4], precision="cpu-float32", clip_skip=1)
 
 
 def test_corrupt_truncated_and_foreign_entries_are_misses_and_repaired(demo_model, tmp_path):
@@ -116,8 +116,8 @@ def test_corrupt_truncated_and_foreign_entries_are_misses_and_repaired(demo_mode
 def _writer(folder: str, worker: int, n: int) -> None:
     cache = EmbeddingCache(Path(folder))
     for i in range(n):
-        same = cache_key("enc", "tok", f"shared {i % 5}", precision="cpu-float32")
-        own = cache_key("enc", "tok", f"worker {worker} item {i}", precision="cpu-float32")
+        same = cache_key("enc", "tok", (i % 5,), precision="cpu-float32")
+        own = cache_key("enc", "tok", (100 + worker, i), precision="cpu-float32")
         emb = torch.full((77, 32), float(i % 5))
         cache.put(same, emb, prompt=f"shared {i % 5}", model_hash="x")
         cache.put(own, torch.full((77, 32), float(worker)), prompt="own", model_hash="x")
@@ -137,13 +137,13 @@ def test_concurrent_processes_leave_only_valid_entries(tmp_path):
     assert cache.stats().entries == 5 + 4 * 20
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     for i in range(5):
-        got = cache.get(cache_key("enc", "tok", f"shared {i}", precision="cpu-float32"), 32)
+        got = cache.get(cache_key("enc", "tok", (i,), precision="cpu-float32"), 32)
         assert got is not None and torch.equal(got, torch.full((77, 32), float(i)).half())
 
 
 def test_lru_eviction_order_under_the_cap(tmp_path):
     cache = EmbeddingCache(tmp_path, max_bytes=10**9)
-    keys = [cache_key("e", "t", str(i), precision="cpu-float32") for i in range(4)]
+    keys = [cache_key("e", "t", (i,), precision="cpu-float32") for i in range(4)]
     for i, k in enumerate(keys):
         cache.put(k, torch.zeros(77, 32), prompt=str(i), model_hash="x")
         os.utime(cache.path(k), (1000 + i, 1000 + i))  # put order = age order
@@ -157,9 +157,10 @@ def test_lru_eviction_order_under_the_cap(tmp_path):
 def test_77_token_entry_is_at_most_120_kb(tmp_path):
     cache = EmbeddingCache(tmp_path)
     prompt = ", ".join(["a highly detailed painting"] * 18)  # about 75 tokens of text in the metadata
-    path = cache.put(cache_key("e", "t", prompt, precision="cpu-float32"), torch.randn(1, 77, 768), prompt=prompt, model_hash="0123456789")
+    key = cache_key("e", "t", range(77), precision="cpu-float32")
+    path = cache.put(key, torch.randn(1, 77, 768), prompt=prompt, model_hash="0123456789")
     assert path.stat().st_size <= 120_000
-    got = cache.get(cache_key("e", "t", prompt, precision="cpu-float32"), 768)
+    got = cache.get(key, 768)
     assert got.shape == (77, 768) and got.dtype == torch.float16
 
 

@@ -1,9 +1,14 @@
-"""The on-disk prompt-embedding cache: the text encoder runs once per model, tokenizer and text.
+"""The on-disk prompt-embedding cache: the text encoder runs once per model, tokenizer, clip skip
+and prompt chunk.
 
-Entries are safetensors files holding one fp16 ``embedding`` tensor of shape (tokens, dim) and
+What is cached is the encoder's *unweighted* output for one 77-token chunk (A1111's chunking,
+``prompt/conditioning.py``): emphasis weights, chunk order and (later) prompt scheduling are
+applied after the cache, so changing a weight or moving a chunk never runs the encoder.
+Entries are safetensors files holding one fp16 ``embedding`` tensor of shape (77, dim) and
 metadata (format, key, prompt, model hash, time). Keys are sha256 over the format version, the
 text-encoder weights' identity, the tokenizer's identity, the device type and dtype the encoder
-ran in, and the exact text, so two models (or precisions) never share entries. Any read problem
+ran in, the clip skip and the chunk's token ids, so two models (or precisions, or clip skips)
+never share entries. Any read problem
 (missing, truncated, foreign, wrong shape) is a miss; writes go through a temporary file and a
 rename, so concurrent sdterm processes never see a torn entry. Recency is the file's mtime
 (touched on every hit); the least recently used go first when the folder outgrows its cap.
@@ -24,7 +29,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch only where a tensor is read or written: `sdterm cache` never imports it
     import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: one entry per 77-token chunk of ids, clip skip in the key (1: one per prompt text)."""
 SUFFIX = ".safetensors"
 DEFAULT_MAX_BYTES = 256 * 2**20
 STALE_TMP_SECONDS = 3600
@@ -39,12 +45,16 @@ class CacheStats:
     newest: float | None
 
 
-def cache_key(encoder_id: str, tokenizer_id: str, text: str, *, precision: str) -> str:
-    """The entry's key. ``precision`` names where the encoder ran and in which dtype (e.g.
-    ``cuda-float16``): the same weights give slightly different embeddings in fp16 on a GPU and
-    in fp32 on the CPU, and a hit must give exactly the pixels a miss would have."""
+def cache_key(encoder_id: str, tokenizer_id: str, ids, *, precision: str, clip_skip: int = 1) -> str:
+    """The key of one chunk's entry (``ids``: the chunk's 77 token ids). ``precision`` names where
+    the encoder ran and in which dtype (e.g. ``cuda-float16``): the same weights give slightly
+    different embeddings in fp16 on a GPU and in fp32 on the CPU, and a hit must give exactly the
+    pixels a miss would have. ``ids`` may also be a string (hashed as given, never equal to an
+    ids key): callers that key by text."""
     h = hashlib.sha256()
-    for part in (f"sdterm-embedding-v{FORMAT_VERSION}", encoder_id, tokenizer_id, precision, text):
+    ids_text = f"text:{ids}" if isinstance(ids, str) else "ids:" + ",".join(str(int(i)) for i in ids)
+    for part in (f"sdterm-embedding-v{FORMAT_VERSION}", encoder_id, tokenizer_id, precision,
+                 f"clip-skip={int(clip_skip)}", ids_text):
         data = part.encode("utf-8", "surrogatepass")
         h.update(struct.pack("<Q", len(data)))  # length-prefixed: no ambiguity between parts
         h.update(data)

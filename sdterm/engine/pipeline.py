@@ -27,12 +27,12 @@ from .memory.placement import Placement, resolve_device, run_dtype
 from .memory.planner import MARGIN, Plan, cheaper, plan_render
 from .memory.streaming import RingStreamer
 from .memory.tiling import choose_tile, decode_latents, fp32_decode_tile, vae_activation_bytes
-from .networks.clip import encode
-from .prompt.tokenizer import Tokens
+from .prompt.conditioning import (CHUNK_LENGTH, Conditioning, PromptChunks, assemble, chunk_prompt,
+                                  effective_clip_skip, encode_chunk)
 from ..samplers import resolve_schedule
 from .sampling import SamplingContext, get_sampler
 from .sampling.schedules import sampler_plan
-from .sampling.guidance import guided, pair_conditioning, unet_passes
+from .sampling.guidance import guided, unet_passes
 from .sampling.rng import ImageRNG
 
 DEFAULT_BUDGET_MARGIN = 512 * 2**20
@@ -165,28 +165,35 @@ class Engine:
                 raise Cancelled()
 
         tok = self.models.tokenizer
-        pos, neg = tok(req.prompt), tok(req.negative)
+        pos, neg = chunk_prompt(req.prompt, tok), chunk_prompt(req.negative, tok)
         if not req.prompt.strip():
             notice("empty prompt: rendering unconditionally")
         if len(pos.chunks) > 1:
-            notice(f"prompt is {pos.n_tokens} tokens: encoded as {len(pos.chunks)} chunks of {tok.chunk_tokens}")
+            notice(f"prompt is {pos.n_tokens} tokens: encoded as {len(pos.chunks)} chunks of {CHUNK_LENGTH}")
+        layers = self.models.cfg.text.num_layers
+        clip_skip = effective_clip_skip(req.clip_skip, layers)
+        if clip_skip != req.clip_skip:
+            notice(f"clip skip {req.clip_skip}: this text encoder has {layers} layers; using {clip_skip}", "warning")
         check()
 
-        texts = {"prompt": (req.prompt, pos), "negative": (req.negative, neg)}
-        if len(pos.chunks) != len(neg.chunks):
-            texts["padding"] = ("", tok(""))
-        cached = self._cached(texts)
-        plan = self.forced_plan or self.plan(req, text_needed=len(cached) < len(texts))
+        texts = {"prompt": pos, "negative": neg}
+        cached = self._cached(texts, clip_skip)
+        needed = {c.ids for p in texts.values() for c in p.chunks}
+        plan = self.forced_plan or self.plan(req, text_needed=len(cached) < len(needed))
         # Whatever the plan doesn't keep resident leaves the device before the render starts.
         for name, mode in (("text", plan.text), ("unet", plan.unet), ("vae", plan.vae)):
             if mode != "resident":
                 self.placement.offload(name)
 
         stages = []
-        embs, text_stats, plan = self._with_retry("text", plan, req, notice,
-                                                  lambda p: self._text_stage(texts, cached, p, emit, notice))
+        chunks, text_stats, plan = self._with_retry("text", plan, req, notice,
+                                                    lambda p: self._text_stage(texts, cached, clip_skip, p, emit, notice))
         stages.append(text_stats)
-        cond, uncond = pair_conditioning(embs, self.dtype)
+        # Weights and chunk assembly after the cache; each role is its own A1111 batch (the
+        # prompt's and the negative's chunk counts may differ: guidance then runs them apart).
+        (cond,) = assemble([pos], chunks.__getitem__)
+        (uncond,) = assemble([neg], chunks.__getitem__)
+        cond, uncond = Conditioning.single(cond.to(self.dtype)), Conditioning.single(uncond.to(self.dtype))
         check()
         rng = ImageRNG(req.seed, req.width, req.height, subseed=req.subseed, subseed_strength=req.subseed_strength,
                        rng=req.rng, ensd=req.ensd)
@@ -262,80 +269,101 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _key(self, text: str) -> str:
-        """The embedding-cache key of ``text`` for this encoder, tokenizer, device and dtype."""
+    def _key(self, ids: tuple[int, ...], clip_skip: int) -> str:
+        """The embedding-cache key of one chunk for this encoder, tokenizer, device, dtype and clip skip."""
         precision = f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
-        return cache_key(self.models.encoder_id, self.models.tokenizer.identity, text, precision=precision)
+        return cache_key(self.models.encoder_id, self.models.tokenizer.identity, ids, precision=precision,
+                         clip_skip=clip_skip)
 
-    def _cached(self, texts: dict[str, tuple[str, Tokens]]) -> dict[str, torch.Tensor]:
+    def _cached(self, texts: dict[str, PromptChunks], clip_skip: int) -> dict[tuple[int, ...], torch.Tensor]:
+        """The cached unweighted (77, dim) encoder output of each chunk the cache has."""
         if self.cache is None:
             return {}
         dim = self.models.cfg.text.hidden_size
-        found = {role: self.cache.get(self._key(text), dim) for role, (text, _) in texts.items()}
-        return {role: emb for role, emb in found.items() if emb is not None}
+        found: dict[tuple[int, ...], torch.Tensor] = {}
+        for p in texts.values():
+            for c in p.chunks:
+                if c.ids not in found:
+                    emb = self.cache.get(self._key(c.ids, clip_skip), dim)
+                    if emb is not None and emb.shape[0] == len(c.ids):
+                        found[c.ids] = emb
+        return found
 
-    def _text_stage(self, texts: dict[str, tuple[str, Tokens]], cached: dict[str, torch.Tensor], plan: Plan, emit: Emit, notice):
-        """Embeddings (fp16, (tokens, dim), on the host) for each role; the encoder is neither built
-        nor moved to the device when the cache has every text."""
+    def _text_stage(self, texts: dict[str, PromptChunks], cached: dict[tuple[int, ...], torch.Tensor], clip_skip: int,
+                    plan: Plan, emit: Emit, notice):
+        """The unweighted encoder output (fp16, (77, dim), on the host) of every chunk of every role;
+        the encoder is neither built nor moved to the device when the cache has every chunk."""
         meter = StageMeter("text", self.device, emit)
-        embs = dict(cached)
-        missing = [role for role in texts if role not in embs]
+        chunks = dict(cached)
+        missing: dict[tuple[int, ...], str] = {}
+        for role, p in texts.items():
+            for c in p.chunks:
+                if c.ids not in chunks:
+                    missing.setdefault(c.ids, p.text)
         if missing:
             encoder = self._acquire("text", plan.text)
             if plan.prefetch_unet and plan.unet in ("staged", "resident"):
                 self._acquire_prefetch("unet")
             meter.loaded()
             try:
-                by_text: dict[str, torch.Tensor] = {}
+                fresh: dict[tuple[int, ...], torch.Tensor] = {}
                 with torch.inference_mode():
-                    for role in missing:
-                        text, tokens = texts[role]
-                        if text not in by_text:
-                            # Rounded to fp16 on a miss too: hit and miss feed the U-Net the same values.
-                            by_text[text] = encode(encoder, tokens, self.device)[0].to("cpu", torch.float16)
+                    for ids in missing:
+                        # One chunk a pass (the values don't depend on which chunks share a batch),
+                        # rounded to fp16 on a miss too: hit and miss give the same values.
+                        fresh[ids] = encode_chunk(encoder, ids, clip_skip, self.device).to("cpu", torch.float16)
             finally:
                 self._release("text", plan.text)
-            fresh = {role: by_text[texts[role][0]] for role in missing}
-            embs.update(fresh)
-            self._store(fresh, texts, notice)
+            chunks.update(fresh)
+            self._store(fresh, missing, clip_skip, notice)
         else:
             meter.loaded()
         status = None
         if self.cache is not None:
-            status = {role: ("hit" if role in cached else "miss") for role in texts}
+            status = {}
+            for role, p in texts.items():
+                hits = sum(c.ids in cached for c in p.chunks)
+                status[role] = "hit" if hits == len(p.chunks) else ("miss" if hits == 0 else "partial")
         overall = None
         if status:
-            overall = "hit" if not missing else ("miss" if len(missing) == len(texts) else "partial")
-        return embs, meter.finish(cache=overall, cache_texts=status, skipped=not missing, note=f"text {plan.text}")
+            values = set(status.values())
+            overall = values.pop() if len(values) == 1 else "partial"
+        return chunks, meter.finish(cache=overall, cache_texts=status, skipped=not missing, note=f"text {plan.text}")
 
     def _acquire_prefetch(self, stage: str) -> None:
         """Start uploading the next stage's model on the side stream; ``_acquire`` joins it."""
         self._registered(stage)
         self.placement.upload(stage, prefetch=True)
 
-    def _store(self, embs: dict[str, torch.Tensor], texts: dict[str, tuple[str, Tokens]], notice) -> None:
+    def _store(self, fresh: dict[tuple[int, ...], torch.Tensor], texts: dict[tuple[int, ...], str], clip_skip: int,
+               notice) -> None:
         if self.cache is None:
             return
-        entries = {self._key(texts[role][0]): (emb, texts[role][0]) for role, emb in embs.items()}
+        entries = {self._key(ids, clip_skip): (emb, texts[ids]) for ids, emb in fresh.items()}
         try:
             self.cache.put_many(entries, model_hash=self.models.model_hash)
         except OSError as exc:
             notice(f"embedding cache unusable ({exc.strerror or exc}): rendering without it", "warning")
             self.cache = None
 
-    def _unet_stage(self, req: Params, cond, uncond, plan: Plan, progress: dict, emit: Emit, check):
+    def _unet_stage(self, req: Params, cond: Conditioning, uncond: Conditioning, plan: Plan, progress: dict,
+                    emit: Emit, check):
         x_t, rng, carry = progress["x"], progress["rng"], progress["carry"]
         rng.set_state(progress["rng_state"])  # a retry draws the noise a first try would have
         sampler = get_sampler(req.sampler)
         schedule = resolve_schedule(req.sampler, req.schedule)
         total, calls = sampler_plan(sampler.info, schedule, req.steps, carry.get("step", 0))
         meter = StageMeter("unet", self.device, emit)
+        c, u = cond.tensor, uncond.tensor
+        # Different token counts (A1111 without pad_cond_uncond): cond and uncond go through the
+        # U-Net as separate passes.
+        split = plan.split_cfg or c.shape[1] != u.shape[1]
         unet = self._acquire("unet", plan.unet)
         with contextlib.ExitStack() as stack:
             stack.callback(self._release, "unet", plan.unet)
             if plan.unet == "streamed":
                 # Exactly the passes the rest of the render makes: nothing is prefetched past them.
-                passes = calls * unet_passes(req.cfg, split=plan.split_cfg)
+                passes = calls * unet_passes(req.cfg, split=split)
                 modules = [m for _, m, _ in unet.units()]
                 stack.enter_context(RingStreamer(self.placement, "unet", modules, plan.resident_units,
                                                  plan.ring_bytes, passes))
@@ -362,7 +390,7 @@ class Engine:
                 return z.to(self.device)
 
             ctx = SamplingContext(
-                eps=guided(unet, cond.to(self.device), uncond.to(self.device), req.cfg, split=plan.split_cfg),
+                eps=guided(unet, c.to(self.device), u.to(self.device), req.cfg, split=split),
                 model=self.models.cfg.schedule, steps=req.steps, schedule=schedule,
                 eta=req.eta, eta_ancestral=req.eta_ancestral, noise=noise, brownian=rng.brownian, on_step=on_step,
                 carry=carry,

@@ -136,6 +136,13 @@ DEMO_GAINS = {
     "unet_out": 3.0,
     "vae_out": 1.5,
 }
+DEMO_FINAL_NORM = {"weight_std": 0.3, "bias_mean": 0.5, "bias_std": 0.5}
+"""The demo text encoder's final layer norm: weight 1 + N(0, 0.3), bias N(0.5, 0.5) per channel
+(drawn from their own generator, so every other demo weight is unchanged). transformers' init
+makes it an identity (weight 1, bias 0), whose output has mean ~0 over every token; A1111's
+emphasis restores the chunk's mean by multiplying with original_mean / new_mean, which is then
+~0 / ~0. A trained CLIP's final norm has a non-trivial weight and bias, so its chunk means are
+far from 0 (and they depend on the text): so are the demo's."""
 """Factors on the default random init that make the demo model *sensitive*, so that tests
 comparing its pixels notice real errors. With the plain init the model is nearly blind: the
 noise estimate is tiny next to x_T (removing the U-Net moved pixels by under 10/255), the
@@ -165,14 +172,20 @@ engine's full-size random weights) keep the plain init.
 
 def demo_modules(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0):
     """(text encoder, U-Net, VAE decoder) with the demo model's random weights: the default init
-    with :data:`DEMO_GAINS` applied."""
+    with :data:`DEMO_GAINS` applied and the text encoder's final layer norm of
+    :data:`DEMO_FINAL_NORM`."""
     from ..networks.attention import CrossAttention
     from ..networks.clip import clip_inner
 
     text, unet, vae = _random_init(cfg, dtype, seed)
     g = DEMO_GAINS
     with torch.no_grad():
-        clip_inner(text).embeddings.token_embedding.weight.mul_(g["token_embedding"])
+        inner = clip_inner(text)
+        inner.embeddings.token_embedding.weight.mul_(g["token_embedding"])
+        norm, f = inner.final_layer_norm, DEMO_FINAL_NORM
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        norm.weight.copy_(1 + f["weight_std"] * torch.randn(norm.weight.shape, generator=gen))
+        norm.bias.copy_(f["bias_mean"] + f["bias_std"] * torch.randn(norm.bias.shape, generator=gen))
         for name, module in unet.named_modules():
             if isinstance(module, CrossAttention) and name.endswith("attn2"):
                 module.to_q.weight.mul_(g["cross_attention_qk"])

@@ -1,9 +1,9 @@
-"""The CLIP tokenizer and A1111-style prompt chunking; where the tokenizer files are found.
+"""The CLIP tokenizer and where its files are found; plain 75-token chunking.
 
-Prompts longer than 75 tokens are split into 75-token chunks; each chunk is encoded as its own
-77-token window (BOS + 75 + EOS/padding) and the encoder's hidden states are concatenated along
-the token axis, so nothing the user typed is cut off. (The A1111 prompt language, weights and
-scheduling, belongs in this package too.)
+``PromptTokenizer(text)`` splits a text's ids into 75-token chunks (BOS + 75 + EOS/padding), the
+plain chunking used for token counts. What a render encodes is A1111's chunking of the parsed
+prompt (weights, BREAK, the comma backtrack): ``conditioning.chunk_prompt``, which asks this
+tokenizer for each fragment's ids (``ids``) and the special ids (``specials``), both memoized.
 """
 
 from __future__ import annotations
@@ -152,12 +152,13 @@ class PromptTokenizer:
     def _specials(self) -> list[int]:
         tok = self.tok
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return [tok.bos_token_id, tok.eos_token_id, pad]
+        comma = tok.get_vocab().get(",</w>", -1)  # A1111's comma token (-1: the vocabulary has none)
+        return [tok.bos_token_id, tok.eos_token_id, pad, comma]
 
     def _ids(self, text: str) -> tuple[list[int], list[int]]:
-        """(the text's ids without BOS/EOS, [bos, eos, pad]): from the memo, else the tokenizer."""
+        """(the text's ids without BOS/EOS, [bos, eos, pad, comma]): from the memo, else the tokenizer."""
         memo = self._load_memo()
-        if text in memo["texts"] and len(memo["specials"]) == 3:
+        if text in memo["texts"] and len(memo["specials"]) == 4:
             return memo["texts"][text], memo["specials"]
         ids = list(self.tok(text, add_special_tokens=False, truncation=False)["input_ids"])
         memo["specials"] = self._specials()
@@ -195,8 +196,22 @@ class PromptTokenizer:
         except OSError:
             pass  # a memo is an optimisation only
 
+    def ids(self, text: str) -> list[int]:
+        """``text``'s ids without BOS/EOS (A1111's ``tokenize``: no truncation), memoized."""
+        return list(self._ids(text)[0])
+
+    def specials(self) -> tuple[int, int, int, int]:
+        """(BOS, EOS, padding, comma) ids; comma is -1 where the vocabulary lacks ``,</w>``. From the
+        memo once any text has been tokenized (no transformers import)."""
+        memo = self._load_memo()
+        if len(memo["specials"]) != 4:
+            memo["specials"] = self._specials()
+            self._save_memo(memo)
+        bos, eos, pad, comma = memo["specials"]
+        return bos, eos, pad, comma
+
     def __call__(self, text: str) -> Tokens:
-        ids, (bos, eos, pad) = self._ids(text)
+        ids, (bos, eos, pad, _comma) = self._ids(text)
         per = self.chunk_tokens
         n_chunks = max(1, -(-len(ids) // per))
         if n_chunks > MAX_CHUNKS:

@@ -11,7 +11,8 @@ from .base import Denoiser
 
 
 def unet_passes(scale: float, *, split: bool) -> int:
-    """U-Net forward passes per denoiser call of :func:`guided` (what a streamed U-Net prefetches)."""
+    """U-Net forward passes per denoiser call of :func:`guided` (what a streamed U-Net prefetches).
+    ``split`` must be true also where cond and uncond differ in token count (two passes then)."""
     return 2 if (split and scale != 1.0) else 1
 
 
@@ -26,7 +27,10 @@ def guided(
     """Classifier-free guidance: eps = eps_u + scale (eps_c - eps_u), both in one batch of two
     (or, with ``split``, two passes of one: half the activation memory, same result).
 
-    ``cond``/``uncond`` are (1, tokens, dim) and must have the same token count. With scale == 1
+    ``cond``/``uncond`` are (1, tokens, dim). Where their token counts differ (a prompt and a
+    negative prompt of different chunk counts) they go through the U-Net as two passes, as
+    AUTOMATIC1111 does by default (``pad_cond_uncond`` off: no padding with empty chunks); the
+    caller counts that as ``split`` for :func:`unet_passes`. With scale == 1
     the unconditional pass is pointless and is skipped. The timestep may be fractional (the
     k-diffusion samplers interpolate it from sigma): it goes to the U-Net as float32, which embeds
     an integer timestep exactly as before.
@@ -39,7 +43,7 @@ def guided(
 
         return denoise_cond
 
-    if split:
+    if split or cond.shape[1] != uncond.shape[1]:
 
         def denoise_split(x: torch.Tensor, t: float) -> torch.Tensor:
             ts = torch.full((1,), t, device=x.device, dtype=torch.float32)
@@ -57,16 +61,3 @@ def guided(
         return eps_u + scale * (eps_c - eps_u)
 
     return denoise
-
-
-def pair_conditioning(embs: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, tokens, dim) cond and uncond in ``dtype``, with the same token count: cond and uncond
-    share one U-Net batch, so the shorter is padded with the empty prompt's chunk (``embs["padding"]``,
-    present when the counts differ), as AUTOMATIC1111 does."""
-    cond, uncond = embs["prompt"], embs["negative"]
-    n = max(cond.shape[0], uncond.shape[0])
-    if "padding" in embs:
-        pad = embs["padding"]
-        cond = torch.cat([cond, *[pad] * ((n - cond.shape[0]) // pad.shape[0])])
-        uncond = torch.cat([uncond, *[pad] * ((n - uncond.shape[0]) // pad.shape[0])])
-    return cond[None].to(dtype), uncond[None].to(dtype)
