@@ -8,11 +8,7 @@ half (the "nv" generator against ``torch.randn`` on CUDA) is in tests/test_cuda.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -302,21 +298,11 @@ def test_first_is_repeatable_and_restarts_the_steps():
 
 
 def kdiffusion_sampling():
-    """k-diffusion's ``sampling`` module, imported on its own: the package's ``__init__`` pulls in
-    scikit-image and torchvision, and only the Brownian classes are needed. Loaded under a private
-    name (so a test elsewhere importing ``k_diffusion`` gets the real package), with a stand-in for
-    its ``utils`` module, which the Brownian classes don't use."""
-    name = "_sdterm_test_kdiffusion"
-    if f"{name}.sampling" in sys.modules:
-        return sys.modules[f"{name}.sampling"]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed")
-    pkg = types.ModuleType(name)
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules[name] = pkg
-    sys.modules[f"{name}.utils"] = types.ModuleType(f"{name}.utils")
-    return importlib.import_module(f"{name}.sampling")
+    """k-diffusion's own ``sampling`` module, loaded without the package's ``__init__`` (which pulls
+    in scikit-image and torchvision): the one loader the sampler tests use too."""
+    from .kdiff_reference import load
+
+    return load()[0]
 
 
 def _karras(n=10, sigma_min=0.0292, sigma_max=14.6146, rho=7.0):
