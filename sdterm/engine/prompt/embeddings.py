@@ -13,8 +13,7 @@ loader; refusals are worded by :mod:`sdterm.engine.loading.checkpoint`), with on
 allowed: ``torch.nn.ParameterDict``, whose state is only tensors and plain containers. A file
 that would run code is refused, and its code never runs.
 
-The hash is A1111's: the sha256 of the whole file; infotext's ``TI hashes:`` shows its first 12
-hex digits (:attr:`TextualInversion.hash`, :func:`ti_hashes`).
+The hash is A1111's: the file's sha256; ``TI hashes:`` shows 12 hex digits (:func:`ti_hashes`).
 
 :class:`EmbeddingDB` scans folders (recursively, following links, as A1111 does), loads every
 usable file, and collects one line per file it can't use instead of raising. Trigger words are
