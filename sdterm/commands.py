@@ -168,6 +168,12 @@ def _schedule(session, arg: str) -> Outcome:
     return Outcome("message", f"schedule {name}: sampler {sampler_label(p)}{unused}")
 
 
+def _clip_skip(session, arg: str) -> Outcome:
+    session.set(clip_skip=_number(arg, int))
+    n = session.params.clip_skip
+    return Outcome("message", "clip skip 1 (CLIP's last layer)" if n == 1 else f"clip skip {n}")
+
+
 def _rng(session, arg: str) -> Outcome:
     if not arg:
         return Outcome("message", f"rng {session.params.rng}; /rng NAME: {', '.join(RNGS)}")
@@ -258,6 +264,8 @@ COMMANDS: dict[str, SlashCommand] = {
         SlashCommand("n", ONE_VALUE, "/n N", f"images per render, seeds in a row (1 ... {MAX_BATCH})", _batch, ("batch",)),
         SlashCommand("neg", TEXT, "/neg TEXT", "negative prompt (/neg alone clears it)", _neg, ("negative",)),
         SlashCommand("eta", ONE_VALUE, "/eta F", "DDIM eta (0 ... 1)", _eta),
+        SlashCommand("clipskip", ONE_VALUE, "/clipskip N", "A1111's Clip skip (1 = CLIP's last layer; 2 for most anime models)",
+                     _clip_skip, ("clip-skip",)),
         SlashCommand("budget", ONE_VALUE, "/budget SIZE|auto",
                      f"VRAM budget, e.g. /budget 2G (at least {format_bytes(MIN_BUDGET, 'size')})", _budget),
         SlashCommand("open", TEXT, "/open [IMAGE.png]", "show the last image (or IMAGE.png) in the image panel",

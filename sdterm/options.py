@@ -78,6 +78,8 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
                    help="A1111's Eta for the ancestral and SDE samplers, 0..1 (default 1)")
     p.add_argument("--ensd", type=whole_number, default=None, metavar="N",
                    help="A1111's eta noise seed delta for the ancestral samplers' noise (default 0)")
+    p.add_argument("--clip-skip", type=whole_number, default=None, metavar="N",
+                   help="A1111's Clip skip: 1 = CLIP's last layer (default), 2 = the one before it, ...")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
     p.add_argument(
         "--vram-budget",

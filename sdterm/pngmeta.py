@@ -86,7 +86,7 @@ INFOTEXT_KEYS: dict[str, tuple[str, ...]] = {
     "subseed_strength": ("Variation seed strength",),
     "eta": ("Eta DDIM",),
     "eta_ancestral": ("Eta",),
-    "ensd": ("ENSD",),
+    "ensd": ("ENSD",), "clip_skip": ("Clip skip",),
 }
 """:class:`Params` field -> its infotext key (the one written first, then other spellings read).
 ``width`` and ``height`` share ``Size: WxH``; the prompt and the negative are lines of their own."""

@@ -210,6 +210,8 @@ class Session:
             parts.append(f"rng {p.rng}")
         if p.ensd:
             parts.append(f"ENSD {p.ensd}")
+        if p.clip_skip != 1:
+            parts.append(f"clip skip {p.clip_skip}")
         if self.batch_count > 1:
             parts.insert(1, f"×{self.batch_count}")
         if p.subseed_strength > 0:

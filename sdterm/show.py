@@ -90,8 +90,6 @@ def notes(found: ImageParameters) -> list[str]:
     if found.source == "a1111" and found.get("sampler") == "DDIM":
         out.append("A1111 (1.6 and later) runs DDIM one update short of sdterm's DDIM (the CompVis form): "
                    "the image comes out slightly different")
-    if x.get("Clip skip", "1").strip() not in ("1", ""):
-        out.append(f"Clip skip {x['Clip skip']} is not supported: sdterm uses CLIP's last layer")
     hires = sorted(k for k in x if k.startswith("Hires"))
     if hires or "Denoising strength" in x:
         out.append("hires fix is not supported: sdterm renders at the recorded size only")
@@ -191,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("eta (ancestral)", _num(p.eta_ancestral)))
     if get("ensd"):
         rows.append(("ENSD", str(p.ensd)))
+    if get("clip_skip") not in (None, 1):
+        rows.append(("clip skip", str(p.clip_skip)))
     if get("subseed_strength"):
         rows.append(("variation", f"seed {get('subseed')}, strength {_num(p.subseed_strength)}"))
     if found.model or found.model_hash:

@@ -1,9 +1,8 @@
 """``Engine.generate(request, *, emit, cancelled)``: encode -> denoise -> decode, written once.
 
 The engine keeps each model in host memory after its first use (``loading/models.py``); for each
-render the planner decides where each model lives within the VRAM budget, and each stage runs
-under that plan (resident, staged, streamed), retrying with a cheaper plan on out-of-memory. It
-reports through typed events and never prints.
+render the planner decides where each model lives within the VRAM budget, and each stage runs under
+that plan (resident, staged, streamed), retrying a cheaper plan on out-of-memory. Events, no prints.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from .memory.placement import Placement, resolve_device, run_dtype
 from .memory.planner import MARGIN, Plan, cheaper, plan_render
 from .memory.streaming import RingStreamer
 from .memory.tiling import choose_tile, decode_latents, fp32_decode_tile, vae_activation_bytes
-from .prompt.conditioning import (CHUNK_LENGTH, Conditioning, PromptChunks, assemble, chunk_prompt,
-                                  effective_clip_skip, encode_chunk)
+from .prompt.conditioning import (Conditioning, PromptChunks, assemble, cache_status, cached_chunks, encode_chunk,
+                                  prepare_prompts)
 from ..samplers import resolve_schedule
 from .sampling import SamplingContext, get_sampler
 from .sampling.schedules import sampler_plan
@@ -164,16 +163,7 @@ class Engine:
             if cancelled():
                 raise Cancelled()
 
-        tok = self.models.tokenizer
-        pos, neg = chunk_prompt(req.prompt, tok), chunk_prompt(req.negative, tok)
-        if not req.prompt.strip():
-            notice("empty prompt: rendering unconditionally")
-        if len(pos.chunks) > 1:
-            notice(f"prompt is {pos.n_tokens} tokens: encoded as {len(pos.chunks)} chunks of {CHUNK_LENGTH}")
-        layers = self.models.cfg.text.num_layers
-        clip_skip = effective_clip_skip(req.clip_skip, layers)
-        if clip_skip != req.clip_skip:
-            notice(f"clip skip {req.clip_skip}: this text encoder has {layers} layers; using {clip_skip}", "warning")
+        pos, neg, clip_skip = prepare_prompts(req, self.models.tokenizer, self.models.cfg.text.num_layers, notice)
         check()
 
         texts = {"prompt": pos, "negative": neg}
@@ -279,15 +269,7 @@ class Engine:
         """The cached unweighted (77, dim) encoder output of each chunk the cache has."""
         if self.cache is None:
             return {}
-        dim = self.models.cfg.text.hidden_size
-        found: dict[tuple[int, ...], torch.Tensor] = {}
-        for p in texts.values():
-            for c in p.chunks:
-                if c.ids not in found:
-                    emb = self.cache.get(self._key(c.ids, clip_skip), dim)
-                    if emb is not None and emb.shape[0] == len(c.ids):
-                        found[c.ids] = emb
-        return found
+        return cached_chunks(self.cache, lambda ids: self._key(ids, clip_skip), texts, self.models.cfg.text.hidden_size)
 
     def _text_stage(self, texts: dict[str, PromptChunks], cached: dict[tuple[int, ...], torch.Tensor], clip_skip: int,
                     plan: Plan, emit: Emit, notice):
@@ -318,16 +300,7 @@ class Engine:
             self._store(fresh, missing, clip_skip, notice)
         else:
             meter.loaded()
-        status = None
-        if self.cache is not None:
-            status = {}
-            for role, p in texts.items():
-                hits = sum(c.ids in cached for c in p.chunks)
-                status[role] = "hit" if hits == len(p.chunks) else ("miss" if hits == 0 else "partial")
-        overall = None
-        if status:
-            values = set(status.values())
-            overall = values.pop() if len(values) == 1 else "partial"
+        overall, status = cache_status(texts, cached) if self.cache is not None else (None, None)
         return chunks, meter.finish(cache=overall, cache_texts=status, skipped=not missing, note=f"text {plan.text}")
 
     def _acquire_prefetch(self, stage: str) -> None:

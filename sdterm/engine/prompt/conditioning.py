@@ -201,3 +201,41 @@ class Conditioning:
         if len(self.segments) != 1:
             raise ValueError("a scheduled conditioning has no single tensor")
         return self.segments[0]
+
+
+def prepare_prompts(req, tokenizer, layers: int, notice) -> tuple["PromptChunks", "PromptChunks", int]:
+    """The prompt's and the negative's chunks and the clip skip this encoder can do (``layers``
+    deep), with the notices a render gives about them (empty prompt, several chunks, clip skip
+    clamped)."""
+    pos, neg = chunk_prompt(req.prompt, tokenizer), chunk_prompt(req.negative, tokenizer)
+    if not req.prompt.strip():
+        notice("empty prompt: rendering unconditionally")
+    if len(pos.chunks) > 1:
+        notice(f"prompt is {pos.n_tokens} tokens: encoded as {len(pos.chunks)} chunks of {CHUNK_LENGTH}")
+    clip_skip = effective_clip_skip(req.clip_skip, layers)
+    if clip_skip != req.clip_skip:
+        notice(f"clip skip {req.clip_skip}: this text encoder has {layers} layers; using {clip_skip}", "warning")
+    return pos, neg, clip_skip
+
+
+def cache_status(texts: dict[str, "PromptChunks"], cached) -> tuple[str, dict[str, str]]:
+    """(overall, per role) "hit" / "miss" / "partial" for the chunks found in the cache."""
+    status = {}
+    for role, p in texts.items():
+        hits = sum(c.ids in cached for c in p.chunks)
+        status[role] = "hit" if hits == len(p.chunks) else ("miss" if hits == 0 else "partial")
+    values = set(status.values())
+    return (values.pop() if len(values) == 1 else "partial"), status
+
+
+def cached_chunks(cache, key, texts: dict[str, "PromptChunks"], dim: int) -> dict:
+    """The cached unweighted (77, dim) encoder output of each chunk of ``texts`` that ``cache`` has
+    (``key(ids)``: the chunk's cache key)."""
+    found = {}
+    for p in texts.values():
+        for c in p.chunks:
+            if c.ids not in found:
+                emb = cache.get(key(c.ids), dim)
+                if emb is not None and emb.shape[0] == len(c.ids):
+                    found[c.ids] = emb
+    return found
