@@ -62,12 +62,12 @@ class Params:
     NVIDIA GPU gives, on any device) or "gpu" (torch.randn on CUDA)."""
     eta_ancestral: float = 1.0
     """A1111's "Eta" for the ancestral and SDE samplers (``eta`` is DDIM's own, as in A1111)."""
-    clip_skip: int = 1
-    """A1111's "Clip skip": 1 uses the text encoder's last layer, N the hidden state N - 1 layers
-    before it (through the final layer norm)."""
     ensd: int = 0
     """A1111's eta noise seed delta ("ENSD"): added to the seed for the per-step noise of the
     samplers that use it."""
+    clip_skip: int = 1
+    """A1111's "Clip skip": 1 uses the text encoder's last layer, N the hidden state N - 1 layers
+    before it (through the final layer norm)."""
 
     def validated(self) -> "Params":
         """``self``, or ConfigError with one line naming the first bad parameter and the allowed range."""

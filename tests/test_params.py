@@ -34,7 +34,8 @@ OLD_INFOTEXT = (
     "Variation seed: 7, Variation seed strength: 0.1, Size: 512x768, Model hash: 6ce0161689, "
     "Model: v1-5-pruned-emaonly, Eta DDIM: 0.25"
 )
-NEW_KEYS = {"sampler": "DDIM", "schedule": "Automatic", "rng": "cpu", "eta_ancestral": 1.0, "ensd": 0}
+NEW_KEYS = {"sampler": "DDIM", "schedule": "Automatic", "rng": "cpu", "eta_ancestral": 1.0, "ensd": 0,
+            "clip_skip": 1}
 """The fields issue 13 added, at their defaults: today's images (DDIM, torch's CPU noise)."""
 THE_RENDER = Params(prompt="a red fox\nin the snow", negative="blurry", seed=3_000_000_001, steps=30, cfg=7.0,
                     width=512, height=768, eta=0.25, subseed=7, subseed_strength=0.1)

@@ -155,7 +155,7 @@ def test_multi_line_prompt_and_negative():
     assert (p.get("eta"), p.get("subseed"), p.get("subseed_strength")) == (0.2, 11, 0.3)
     assert p.extra["ADetailer model"] == "face_yolov8n.pt"
     found = notes(p)
-    assert "Clip skip 2 is not supported: sdterm uses CLIP's last layer" in found
+    assert p.params.clip_skip == 2 and not any("Clip skip" in n for n in found)  # read, and rendered
     assert any("hires fix" in n for n in found)
     assert "not used by sdterm: ADetailer model" in found
     assert not any(n.startswith("sampler") for n in found)
