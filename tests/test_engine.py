@@ -91,9 +91,11 @@ def test_cancel_stops_at_the_next_step(demo_engine):
 def test_long_prompt_is_chunked_not_cut(demo_engine):
     notices = []
     words = " ".join(["castle"] * 60)
-    tok = demo_engine.models.tokenizer(words)
+    from sdterm.engine.prompt.conditioning import chunk_prompt
+
+    tok = chunk_prompt(words, demo_engine.models.tokenizer)
     assert 75 < tok.n_tokens <= 150
-    assert len(tok.chunks) == 2 and all(len(c) == 77 for c in tok.chunks)
+    assert len(tok.chunks) == 2 and all(len(c.ids) == 77 for c in tok.chunks)
     demo_engine.generate(small_request(prompt=words), emit=lambda e: isinstance(e, Notice) and notices.append(e.message))
     assert any(f"{tok.n_tokens} tokens" in n and "2 chunks" in n for n in notices)
     # The tail of the prompt changes the image: it was not cut off.

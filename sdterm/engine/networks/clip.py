@@ -1,5 +1,5 @@
 """The CLIP text encoder (transformers' CLIPTextModel) under the checkpoint's own key names:
-built, verified by name and shape, loaded, and run on a tokenized prompt chunk by chunk.
+built, verified by name and shape and loaded (``prompt/conditioning.py`` runs it a chunk at a time).
 
 transformers is imported only where the encoder is built (a cache miss): it costs seconds."""
 
@@ -9,7 +9,6 @@ import torch
 
 from ...config import TextConfig
 from ..loading.checkpoint import TEXT_PREFIX, Checkpoint, load_module, match_shapes
-from ..prompt.tokenizer import Tokens
 
 
 def clip_config(cfg: TextConfig):
@@ -100,11 +99,3 @@ def _load_clip(model, ckpt: Checkpoint, dtype: torch.dtype) -> None:
     n = emb.position_embedding.weight.shape[0]
     emb.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)
     model.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def encode(model, tokens: Tokens, device: torch.device) -> torch.Tensor:
-    """(chunks of 77 ids) -> (1, 77 * chunks, hidden): the last hidden state, chunks concatenated."""
-    ids = torch.tensor(tokens.chunks, dtype=torch.long, device=device)  # (chunks, 77)
-    hidden = model(input_ids=ids).last_hidden_state  # (chunks, 77, hidden)
-    return hidden.reshape(1, -1, hidden.shape[-1])

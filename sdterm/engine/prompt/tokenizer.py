@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..loading.checkpoint import CheckpointError
@@ -24,14 +23,6 @@ MEMO_TEXTS = 1000
 
 class PromptError(ValueError):
     """A prompt can't be encoded; one line for the user."""
-
-
-@dataclass(frozen=True)
-class Tokens:
-    chunks: tuple[tuple[int, ...], ...]
-    """One tuple of ``max_positions`` ids per chunk (BOS, up to 75 ids, EOS, padding)."""
-    n_tokens: int
-    """Prompt tokens, without BOS/EOS/padding."""
 
 
 def tokenizer_dir_candidates(model_path: Path | None, data_dir: Path | None) -> list[Path]:
@@ -145,10 +136,6 @@ class PromptTokenizer:
                 raise CheckpointError(f"{self.folder}: not a usable CLIP tokenizer ({type(exc).__name__})") from None
         return self._tok
 
-    @property
-    def chunk_tokens(self) -> int:
-        return self.max_positions - 2
-
     def _specials(self) -> list[int]:
         tok = self.tok
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -209,19 +196,3 @@ class PromptTokenizer:
             self._save_memo(memo)
         bos, eos, pad, comma = memo["specials"]
         return bos, eos, pad, comma
-
-    def __call__(self, text: str) -> Tokens:
-        ids, (bos, eos, pad, _comma) = self._ids(text)
-        per = self.chunk_tokens
-        n_chunks = max(1, -(-len(ids) // per))
-        if n_chunks > MAX_CHUNKS:
-            raise PromptError(
-                f"prompt is {len(ids)} tokens; at most {MAX_CHUNKS * per} ({MAX_CHUNKS} chunks of {per}) are supported"
-            )
-        chunks = []
-        for i in range(n_chunks):
-            body = ids[i * per : (i + 1) * per]
-            window = [bos, *body, eos]
-            window += [pad] * (self.max_positions - len(window))
-            chunks.append(tuple(window))
-        return Tokens(tuple(chunks), len(ids))
