@@ -123,8 +123,9 @@ def test_embedding_cache_key_names_the_encoders_precision(demo_model, tmp_path):
     """A hit must give the pixels a miss would: an fp32 CPU entry is not an fp16 GPU entry."""
     from sdterm.engine.embedding_cache import EmbeddingCache, cache_key
 
-    k32 = cache_key("enc", "tok", "a fox", precision="cpu-float32")
-    assert k32 != cache_key("enc", "tok", "a fox", precision="cuda-float16")
+    fox = (49406, 320, 3240, 49407)
+    k32 = cache_key("enc", "tok", fox, precision="cpu-float32")
+    assert k32 != cache_key("enc", "tok", fox, precision="cuda-float16")
     cache = EmbeddingCache(tmp_path)
     Engine(open_model(demo_model), "cpu", cache=cache).generate(small_request())
     half = Engine(open_model(demo_model), "cpu", cache=cache)

@@ -49,10 +49,9 @@ def cache_key(encoder_id: str, tokenizer_id: str, ids, *, precision: str, clip_s
     """The key of one chunk's entry (``ids``: the chunk's 77 token ids). ``precision`` names where
     the encoder ran and in which dtype (e.g. ``cuda-float16``): the same weights give slightly
     different embeddings in fp16 on a GPU and in fp32 on the CPU, and a hit must give exactly the
-    pixels a miss would have. ``ids`` may also be a string (hashed as given, never equal to an
-    ids key): callers that key by text."""
+    pixels a miss would have."""
     h = hashlib.sha256()
-    ids_text = f"text:{ids}" if isinstance(ids, str) else "ids:" + ",".join(str(int(i)) for i in ids)
+    ids_text = "ids:" + ",".join(str(int(i)) for i in ids)
     for part in (f"sdterm-embedding-v{FORMAT_VERSION}", encoder_id, tokenizer_id, precision,
                  f"clip-skip={int(clip_skip)}", ids_text):
         data = part.encode("utf-8", "surrogatepass")
