@@ -31,7 +31,7 @@ from .prompt.conditioning import (Conditioning, PromptChunks, assemble, cache_st
 from ..samplers import resolve_schedule
 from .sampling import SamplingContext, get_sampler
 from .sampling.schedules import sampler_plan
-from .sampling.guidance import guided, unet_passes
+from .sampling.guidance import guided, runs_apart, unet_passes
 from .sampling.rng import ImageRNG
 
 DEFAULT_BUDGET_MARGIN = 512 * 2**20
@@ -328,9 +328,7 @@ class Engine:
         total, calls = sampler_plan(sampler.info, schedule, req.steps, carry.get("step", 0))
         meter = StageMeter("unet", self.device, emit)
         c, u = cond.tensor, uncond.tensor
-        # Different token counts (A1111 without pad_cond_uncond): cond and uncond go through the
-        # U-Net as separate passes.
-        split = plan.split_cfg or c.shape[1] != u.shape[1]
+        split = runs_apart(c, u, plan.split_cfg)
         unet = self._acquire("unet", plan.unet)
         with contextlib.ExitStack() as stack:
             stack.callback(self._release, "unet", plan.unet)

@@ -16,6 +16,12 @@ def unet_passes(scale: float, *, split: bool) -> int:
     return 2 if (split and scale != 1.0) else 1
 
 
+def runs_apart(cond: torch.Tensor, uncond: torch.Tensor, split: bool) -> bool:
+    """Whether cond and uncond go through the U-Net as two passes: asked for (``split``: half the
+    activation memory), or forced by different token counts (A1111 without ``pad_cond_uncond``)."""
+    return split or cond.shape[1] != uncond.shape[1]
+
+
 def guided(
     unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     cond: torch.Tensor,
@@ -43,7 +49,7 @@ def guided(
 
         return denoise_cond
 
-    if split or cond.shape[1] != uncond.shape[1]:
+    if runs_apart(cond, uncond, split):
 
         def denoise_split(x: torch.Tensor, t: float) -> torch.Tensor:
             ts = torch.full((1,), t, device=x.device, dtype=torch.float32)
