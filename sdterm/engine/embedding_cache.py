@@ -45,15 +45,20 @@ class CacheStats:
     newest: float | None
 
 
-def cache_key(encoder_id: str, tokenizer_id: str, ids, *, precision: str, clip_skip: int = 1) -> str:
+def cache_key(encoder_id: str, tokenizer_id: str, ids, *, precision: str, clip_skip: int = 1, fixes: str = "") -> str:
     """The key of one chunk's entry (``ids``: the chunk's 77 token ids). ``precision`` names where
     the encoder ran and in which dtype (e.g. ``cuda-float16``): the same weights give slightly
     different embeddings in fp16 on a GPU and in fp32 on the CPU, and a hit must give exactly the
-    pixels a miss would have."""
+    pixels a miss would have. ``fixes`` names the textual-inversion embeddings placed in the chunk
+    (position and file sha256 of each, ``Chunk.fix_signature``); a chunk without any keeps the key
+    it always had."""
     h = hashlib.sha256()
     ids_text = "ids:" + ",".join(str(int(i)) for i in ids)
-    for part in (f"sdterm-embedding-v{FORMAT_VERSION}", encoder_id, tokenizer_id, precision,
-                 f"clip-skip={int(clip_skip)}", ids_text):
+    parts = [f"sdterm-embedding-v{FORMAT_VERSION}", encoder_id, tokenizer_id, precision, f"clip-skip={int(clip_skip)}",
+             ids_text]
+    if fixes:
+        parts.append(f"embeddings:{fixes}")
+    for part in parts:
         data = part.encode("utf-8", "surrogatepass")
         h.update(struct.pack("<Q", len(data)))  # length-prefixed: no ambiguity between parts
         h.update(data)

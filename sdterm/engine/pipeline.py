@@ -26,12 +26,12 @@ from .memory.placement import Placement, resolve_device, run_dtype
 from .memory.planner import MARGIN, Plan, cheaper, plan_render
 from .memory.streaming import RingStreamer
 from .memory.tiling import choose_tile, decode_latents, fp32_decode_tile, vae_activation_bytes
-from .prompt.conditioning import (Conditioning, PromptChunks, assemble, cache_status, cached_chunks, encode_chunk,
-                                  prepare_prompts)
+from .prompt.conditioning import (Chunk, Conditioning, RolePrompt, cache_status, cached_chunks, empty_chunk,
+                                  encode_chunk, prepare_prompts, schedule_steps)
 from ..samplers import resolve_schedule
 from .sampling import SamplingContext, get_sampler
 from .sampling.schedules import sampler_plan
-from .sampling.guidance import guided, runs_apart, unet_passes
+from .sampling.guidance import ScheduledGuidance, runs_apart, unet_passes
 from .sampling.rng import ImageRNG
 
 DEFAULT_BUDGET_MARGIN = 512 * 2**20
@@ -55,6 +55,10 @@ class Result:
     notices: list[str] = field(default_factory=list)
     plan: str = "staged"
     """How the models were placed for this render (the planner's description)."""
+    prompts: dict = field(default_factory=dict)
+    """Per role ("prompt", "negative"): tokens, chunks, embeddings, schedule (:func:`prompt_summary`)."""
+    infotext_extra: dict[str, str] = field(default_factory=dict)
+    """Infotext fields the render adds (``TI hashes``), as A1111 writes them."""
 
 
 def to_image(decoded: torch.Tensor) -> Image.Image:
@@ -78,6 +82,8 @@ class Engine:
         random_seed: int = 0,
         budget: int | None = None,
         plan: Plan | None = None,
+        embedding_dirs: list[Path] | None = None,
+        optional_embedding_dirs: list[Path] | None = None,
     ):
         self.device = resolve_device(device)
         self.models = Models(
@@ -94,6 +100,12 @@ class Engine:
         """A fixed plan instead of the planner's choice (tests, experiments)."""
         self.cache = cache
         self.placement = Placement(self.device)
+        self.embedding_dirs: list[Path] = list(embedding_dirs or [])
+        """Folders of textual-inversion embeddings, searched in order (rescanned at each render)."""
+        self.optional_embedding_dirs: list[Path] = list(optional_embedding_dirs or [])
+        """Those of :attr:`embedding_dirs` that may be missing without a word (the default one)."""
+        self._embedding_db = None
+        self._told: set[str] = set()
 
     @property
     def source(self) -> ModelSource:
@@ -140,6 +152,18 @@ class Engine:
             text_needed=text_needed,
         )
 
+    # ---- the prompt, before rendering ---------------------------------------------------------
+
+    def explain(self, text: str, steps: int = 20, sampler: str = "DDIM"):
+        """How ``text`` is tokenized, chunked, weighted and where its embeddings are
+        (``PromptReport``), for a display beside the prompt box: no model is built; the first
+        call may import transformers to tokenize (seconds), so call it off the UI thread."""
+        from .prompt.conditioning import explain
+
+        db = self._embedding_index()
+        second = get_sampler(sampler).info.second_order if sampler else False
+        return explain(text, self.models.tokenizer, schedule_steps(steps, second), embeddings=db)
+
     # ---- rendering ---------------------------------------------------------------------------
 
     def generate(
@@ -163,13 +187,18 @@ class Engine:
             if cancelled():
                 raise Cancelled()
 
-        pos, neg, clip_skip = prepare_prompts(req, self.models.tokenizer, self.models.cfg.text.num_layers, notice)
+        tokenizer = self.models.tokenizer
+        sampler = get_sampler(req.sampler)
+        pos, neg, clip_skip = prepare_prompts(req, tokenizer, self.models.cfg.text.num_layers, notice,
+                                              steps=schedule_steps(req.steps, sampler.info.second_order),
+                                              embeddings=self._embeddings(notice))
         check()
 
         texts = {"prompt": pos, "negative": neg}
-        cached = self._cached(texts, clip_skip)
-        needed = {c.ids for p in texts.values() for c in p.chunks}
-        plan = self.forced_plan or self.plan(req, text_needed=len(cached) < len(needed))
+        filler = empty_chunk(tokenizer)
+        cached = self._cached(texts, filler, clip_skip)
+        needed = self._needed(texts, filler)
+        plan = self.forced_plan or self.plan(req, text_needed=any(c.key not in cached for c in needed))
         # Whatever the plan doesn't keep resident leaves the device before the render starts.
         for name, mode in (("text", plan.text), ("unet", plan.unet), ("vae", plan.vae)):
             if mode != "resident":
@@ -177,13 +206,13 @@ class Engine:
 
         stages = []
         chunks, text_stats, plan = self._with_retry("text", plan, req, notice,
-                                                    lambda p: self._text_stage(texts, cached, clip_skip, p, emit, notice))
+                                                    lambda p: self._text_stage(texts, needed, cached, clip_skip, p,
+                                                                               emit, notice))
         stages.append(text_stats)
-        # Weights and chunk assembly after the cache; each role is its own A1111 batch (the
-        # prompt's and the negative's chunk counts may differ: guidance then runs them apart).
-        (cond,) = assemble([pos], chunks.__getitem__)
-        (uncond,) = assemble([neg], chunks.__getitem__)
-        cond, uncond = Conditioning.single(cond.to(self.dtype)), Conditioning.single(uncond.to(self.dtype))
+        # Weights, schedules and chunk assembly after the cache; each role is its own A1111 batch
+        # (the prompt's and the negative's chunk counts may differ: guidance then runs them apart).
+        cond = pos.conditioning(chunks.__getitem__, filler).to(self.dtype)
+        uncond = neg.conditioning(chunks.__getitem__, filler).to(self.dtype)
         check()
         rng = ImageRNG(req.seed, req.width, req.height, subseed=req.subseed, subseed_strength=req.subseed_strength,
                        rng=req.rng, ensd=req.ensd)
@@ -191,7 +220,7 @@ class Engine:
         # Where a retry resumes: the sampler's state after its last completed step (its carry: the
         # step, the latent, a multistep sampler's history) and the generator's state after it (the
         # per-step noise of a retried step must be what a first try would have drawn).
-        progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state()}
+        progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state(), "calls": 0}
         latents, unet_stats, plan = self._with_retry("unet", plan, req, notice,
                                                      lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check))
         stages.append(unet_stats)
@@ -210,6 +239,8 @@ class Engine:
             latents=latents.cpu(),
             notices=notices,
             plan=plan.describe(self.models.sizes() if plan.unet != "host" else None),
+            prompts={role: prompt_summary(p) for role, p in texts.items()},
+            infotext_extra=_infotext_extra(pos, neg if req.cfg != 1.0 else None),
         )
 
     def _with_retry(self, stage: str, plan: Plan, req: Params, notice, run):
@@ -259,45 +290,83 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _key(self, ids: tuple[int, ...], clip_skip: int) -> str:
-        """The embedding-cache key of one chunk for this encoder, tokenizer, device, dtype and clip skip."""
-        precision = f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
-        return cache_key(self.models.encoder_id, self.models.tokenizer.identity, ids, precision=precision,
-                         clip_skip=clip_skip)
+    def _embeddings(self, notice):
+        """The textual-inversion embeddings (an ``EmbeddingDB``, rescanned: files added, changed or
+        removed since the last render count), or None without embedding folders. Each file that
+        can't be used is named once per engine, and the render goes on without it."""
+        db = self._embedding_index()
+        if db is None:
+            return None
+        for problem in db.problems:
+            if problem not in self._told:
+                self._told.add(problem)
+                notice(f"embedding not used: {problem}", "warning")
+        return db
 
-    def _cached(self, texts: dict[str, PromptChunks], clip_skip: int) -> dict[tuple[int, ...], torch.Tensor]:
-        """The cached unweighted (77, dim) encoder output of each chunk the cache has."""
+    def _embedding_index(self):
+        """The embedding folders' ``EmbeddingDB``, rescanned (None without folders)."""
+        if not self.embedding_dirs:
+            return None
+        from .prompt.embeddings import EmbeddingDB
+
+        if self._embedding_db is None:
+            self._embedding_db = EmbeddingDB(self.embedding_dirs, self.models.cfg.text.hidden_size,
+                                             optional=self.optional_embedding_dirs)
+        else:
+            self._embedding_db.reload()
+        self._embedding_db.find([], 0, self.models.tokenizer.ids)  # index the trigger words: their problems too
+        return self._embedding_db
+
+    def _key(self, chunk: Chunk, clip_skip: int) -> str:
+        """The embedding-cache key of one chunk (its ids and embeddings) for this encoder, tokenizer,
+        device, dtype and clip skip."""
+        precision = f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
+        return cache_key(self.models.encoder_id, self.models.tokenizer.identity, chunk.ids, precision=precision,
+                         clip_skip=clip_skip, fixes=chunk.fix_signature)
+
+    @staticmethod
+    def _needed(texts: dict[str, RolePrompt], filler: Chunk) -> list[Chunk]:
+        """Every distinct chunk the render encodes: each role's schedule entries' chunks, and the
+        empty chunk where a role's entries differ in chunk count (A1111 pads them with it)."""
+        out: dict[tuple, Chunk] = {}
+        for p in texts.values():
+            for c in p.chunks:
+                out.setdefault(c.key, c)
+            if len({len(e.chunks) for e in p.entries}) > 1:
+                out.setdefault(filler.key, filler)
+        return list(out.values())
+
+    def _cached(self, texts: dict[str, RolePrompt], filler: Chunk, clip_skip: int) -> dict[tuple, torch.Tensor]:
+        """The cached unweighted (77, dim) encoder output of each chunk the cache has, by chunk key."""
         if self.cache is None:
             return {}
-        return cached_chunks(self.cache, lambda ids: self._key(ids, clip_skip), texts, self.models.cfg.text.hidden_size)
+        return cached_chunks(self.cache, lambda c: self._key(c, clip_skip), {"": _Needed(self._needed(texts, filler))},
+                             self.models.cfg.text.hidden_size)
 
-    def _text_stage(self, texts: dict[str, PromptChunks], cached: dict[tuple[int, ...], torch.Tensor], clip_skip: int,
-                    plan: Plan, emit: Emit, notice):
-        """The unweighted encoder output (fp16, (77, dim), on the host) of every chunk of every role;
-        the encoder is neither built nor moved to the device when the cache has every chunk."""
+    def _text_stage(self, texts: dict[str, RolePrompt], needed: list[Chunk], cached: dict[tuple, torch.Tensor],
+                    clip_skip: int, plan: Plan, emit: Emit, notice):
+        """The unweighted encoder output (fp16, (77, dim), on the host) of every chunk the render
+        needs, by chunk key; the encoder is neither built nor moved to the device when the cache
+        has every chunk."""
         meter = StageMeter("text", self.device, emit)
         chunks = dict(cached)
-        missing: dict[tuple[int, ...], str] = {}
-        for role, p in texts.items():
-            for c in p.chunks:
-                if c.ids not in chunks:
-                    missing.setdefault(c.ids, p.text)
+        missing = [c for c in needed if c.key not in chunks]
         if missing:
             encoder = self._acquire("text", plan.text)
             if plan.prefetch_unet and plan.unet in ("staged", "resident"):
                 self._acquire_prefetch("unet")
             meter.loaded()
             try:
-                fresh: dict[tuple[int, ...], torch.Tensor] = {}
+                fresh: dict[tuple, torch.Tensor] = {}
                 with torch.inference_mode():
-                    for ids in missing:
+                    for c in missing:
                         # One chunk a pass (the values don't depend on which chunks share a batch),
                         # rounded to fp16 on a miss too: hit and miss give the same values.
-                        fresh[ids] = encode_chunk(encoder, ids, clip_skip, self.device).to("cpu", torch.float16)
+                        fresh[c.key] = encode_chunk(encoder, c, clip_skip, self.device).to("cpu", torch.float16)
             finally:
                 self._release("text", plan.text)
             chunks.update(fresh)
-            self._store(fresh, missing, clip_skip, notice)
+            self._store(missing, fresh, texts, clip_skip, notice)
         else:
             meter.loaded()
         overall, status = cache_status(texts, cached) if self.cache is not None else (None, None)
@@ -308,11 +377,12 @@ class Engine:
         self._registered(stage)
         self.placement.upload(stage, prefetch=True)
 
-    def _store(self, fresh: dict[tuple[int, ...], torch.Tensor], texts: dict[tuple[int, ...], str], clip_skip: int,
-               notice) -> None:
+    def _store(self, missing: list[Chunk], fresh: dict[tuple, torch.Tensor], texts: dict[str, RolePrompt],
+               clip_skip: int, notice) -> None:
         if self.cache is None:
             return
-        entries = {self._key(ids, clip_skip): (emb, texts[ids]) for ids, emb in fresh.items()}
+        label = {c.key: p.text for p in texts.values() for c in p.chunks}
+        entries = {self._key(c, clip_skip): (fresh[c.key], label.get(c.key, "")) for c in missing}
         try:
             self.cache.put_many(entries, model_hash=self.models.model_hash)
         except OSError as exc:
@@ -327,8 +397,9 @@ class Engine:
         schedule = resolve_schedule(req.sampler, req.schedule)
         total, calls = sampler_plan(sampler.info, schedule, req.steps, carry.get("step", 0))
         meter = StageMeter("unet", self.device, emit)
-        c, u = cond.tensor, uncond.tensor
-        split = runs_apart(c, u, plan.split_cfg)
+        # Every segment of a role has the same token count: whether cond and uncond run apart
+        # is the same for the whole render.
+        split = runs_apart(cond.segments[0], uncond.segments[0], plan.split_cfg)
         unet = self._acquire("unet", plan.unet)
         with contextlib.ExitStack() as stack:
             stack.callback(self._release, "unet", plan.unet)
@@ -345,8 +416,13 @@ class Engine:
                 carry["x"] = carry["x"].to(self.device)
             t0 = time.perf_counter()
 
+            # The denoiser counts its calls (the prompt schedule follows them); a retry resumes the count.
+            denoiser = ScheduledGuidance(unet, cond.to(self.device).at, uncond.to(self.device).at, req.cfg,
+                                         split=split, calls=progress["calls"])
+
             def on_step(i: int, t: float, x_now: torch.Tensor) -> None:
                 progress["rng_state"] = rng.get_state()
+                progress["calls"] = denoiser.calls
                 check()
                 emit(StepDone(i + 1, total, t, time.perf_counter() - t0))
                 emit(memory_sample("unet", self.device))
@@ -361,7 +437,7 @@ class Engine:
                 return z.to(self.device)
 
             ctx = SamplingContext(
-                eps=guided(unet, c.to(self.device), u.to(self.device), req.cfg, split=split),
+                eps=denoiser,
                 model=self.models.cfg.schedule, steps=req.steps, schedule=schedule,
                 eta=req.eta, eta_ancestral=req.eta_ancestral, noise=noise, brownian=rng.brownian, on_step=on_step,
                 carry=carry,
@@ -408,6 +484,39 @@ class Engine:
             return plan.vae_tile
         available = budget - MARGIN - torch.cuda.memory_allocated(self.device) - 2 * self.models.sizes().vae
         return fp32_decode_tile(self.models.cfg.vae, z.shape[-2], z.shape[-1], plan.vae_tile, available)
+
+
+@dataclass
+class _Needed:
+    """A stand-in role holding a list of chunks (for :func:`cached_chunks`)."""
+
+    chunks: list[Chunk]
+
+
+def prompt_summary(p: RolePrompt) -> dict:
+    """What a render made of a role's text, for ``generate --json``: tokens, chunks (prompt tokens
+    in each), embeddings used, and the schedule (each text with the last step it is used for)."""
+    first = p.entries[0]
+    return {
+        "tokens": p.n_tokens,
+        "chunks": [c.length for c in first.chunks],
+        "embeddings": [{"name": e.name, "vectors": e.n_vectors, "hash": e.hash, "file": str(e.path)}
+                       for e in p.used_embeddings()],
+        "schedule": [{"until_step": end, "text": e.text, "chunks": [c.length for c in e.chunks]}
+                     for end, e in p.schedule] if len(p.schedule) > 1 else [],
+    }
+
+
+def _infotext_extra(pos: RolePrompt, neg: RolePrompt | None) -> dict[str, str]:
+    """The infotext fields a render adds (A1111's ``extra_generation_params``): ``TI hashes``, the
+    prompt's embeddings then the negative's (A1111 encodes the negative first and each encoding
+    puts its list before the one already there); the negative's are absent at CFG scale 1,
+    where A1111 doesn't encode it."""
+    from .prompt.embeddings import ti_hashes
+
+    parts = [ti_hashes(r.used_embeddings()) for r in (pos, neg) if r is not None]
+    value = ", ".join(part for part in parts if part)
+    return {"TI hashes": value} if value else {}
 
 
 class OutOfMemory(RuntimeError):

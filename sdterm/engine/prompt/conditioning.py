@@ -19,10 +19,11 @@ with its defaults (emphasis "Original", ``comma_padding_backtrack`` 20, SD1's pa
 - :func:`assemble`: a role's conditioning from the cached unweighted chunks, chunks concatenated
   along the tokens.
 
-Scheduling (``[from:to:when]``, next session) fits here: A1111 encodes a prompt's schedule texts
-as one batch (the shorter ones padded with empty chunks) and restores the mean over that batch
-per chunk index, which is why :func:`assemble` takes several :class:`PromptChunks` and a
-:class:`Conditioning` holds one tensor per segment with the step where it ends.
+Scheduling (``[from:to:when]``, ``[a|b]``): :class:`RolePrompt` holds A1111's schedule of a
+role's text; A1111 encodes the schedule's texts as one batch (the shorter ones padded with empty
+chunks, which they keep) and restores the emphasis mean over that batch per chunk index, so
+:meth:`RolePrompt.conditioning` assembles them together into a :class:`Conditioning` that gives
+the tensor for each denoiser call.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from .tokenizer import MAX_CHUNKS, PromptError
 
 if TYPE_CHECKING:
     import torch
+
+    from .embeddings import TextualInversion
 
 CHUNK_LENGTH = 75
 """Prompt tokens per chunk (A1111's ``chunk_length``)."""
@@ -52,11 +55,36 @@ def _default_parse() -> Parse:
 
 
 @dataclass(frozen=True)
+class Fix:
+    """A textual-inversion embedding's vectors in a chunk (A1111's ``PromptChunkFix``): they
+    replace the token embeddings at ``position`` ... ``position + n_vectors - 1`` of the 77."""
+
+    position: int
+    """Index in the chunk's 77 positions (BOS is 0) of the first vector."""
+    embedding: TextualInversion
+
+
+@dataclass(frozen=True)
 class Chunk:
     ids: tuple[int, ...]
-    """BOS, 75 ids (EOS-padded), EOS: what the encoder sees (and the cache key)."""
+    """BOS, 75 ids (EOS-padded), EOS: what the encoder sees (an embedding's positions hold 0)."""
     multipliers: tuple[float, ...]
     """The emphasis multiplier of each of the 77 positions (1.0 on BOS, EOS and padding)."""
+    fixes: tuple[Fix, ...] = ()
+    """Embeddings placed in this chunk (never one across two chunks)."""
+    length: int = 0
+    """Prompt tokens (embedding vectors included) before the padding."""
+
+    @property
+    def key(self) -> tuple:
+        """What the encoder's output depends on besides the model: the ids and each embedding's
+        position and file hash (the cache key, and the key of a render's chunk table)."""
+        return self.ids, tuple((f.position, f.embedding.sha256) for f in self.fixes)
+
+    @property
+    def fix_signature(self) -> str:
+        """The embeddings part of the cache key ("" without embeddings)."""
+        return ",".join(f"{f.position}:{f.embedding.sha256}" for f in self.fixes)
 
 
 @dataclass(frozen=True)
@@ -66,11 +94,27 @@ class PromptChunks:
     n_tokens: int
     """A1111's token count: 75 per closed chunk plus the last chunk's tokens."""
 
+    @property
+    def embeddings(self) -> list[TextualInversion]:
+        """The embeddings used, in order of first use, each once."""
+        seen: dict[str, TextualInversion] = {}
+        for c in self.chunks:
+            for f in c.fixes:
+                seen.setdefault(f.embedding.sha256 + f.embedding.name, f.embedding)
+        return list(seen.values())
 
-def chunk_prompt(text: str, tokenizer, *, parse: Parse | None = None,
+
+def chunk_prompt(text: str, tokenizer, *, parse: Parse | None = None, embeddings=None,
                  backtrack: int = COMMA_BACKTRACK, max_chunks: int | None = MAX_CHUNKS) -> PromptChunks:
     """``text`` as A1111 chunks it (``tokenize_line``). ``tokenizer`` gives ``ids(text)`` (no
-    BOS/EOS) and ``specials()`` (BOS, EOS, padding, comma ids)."""
+    BOS/EOS) and ``specials()`` (BOS, EOS, padding, comma ids). ``embeddings`` (an
+    ``EmbeddingDB``, or anything with its ``find``) puts textual-inversion vectors where their
+    trigger words are: an embedding that doesn't fit in what is left of a chunk starts the next.
+
+    One departure from A1111: when the comma backtrack moves the words after a comma to the next
+    chunk, an embedding among them moves with them (A1111 leaves its vectors behind, past the end
+    of the chunk they no longer belong to).
+    """
     parse = parse or _default_parse()
     bos, eos, _pad, comma = tokenizer.specials()
     n = CHUNK_LENGTH
@@ -78,36 +122,52 @@ def chunk_prompt(text: str, tokenizer, *, parse: Parse | None = None,
     chunks: list[Chunk] = []
     ids: list[int] = []
     mults: list[float] = []
+    fixes: list[Fix] = []
     count = 0
     last_comma = -1
 
     def close(is_last: bool = False) -> None:
-        nonlocal ids, mults, count, last_comma
+        nonlocal ids, mults, fixes, count, last_comma
         count += len(ids) if is_last else n
+        length = len(ids)
         pad = n - len(ids)
         if pad > 0:
             ids += [eos] * pad  # SD1: id_pad = id_end
             mults += [1.0] * pad
-        chunks.append(Chunk((bos, *ids, eos), (1.0, *mults, 1.0)))
-        ids, mults, last_comma = [], [], -1
+        chunks.append(Chunk((bos, *ids, eos), (1.0, *mults, 1.0), tuple(fixes), length))
+        ids, mults, fixes, last_comma = [], [], [], -1
 
     for frag, weight in parsed:
         if frag == "BREAK" and weight == -1:
             close()
             continue
-        for token in tokenizer.ids(frag):
+        tokens = tokenizer.ids(frag)
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(ids)
             elif backtrack and len(ids) == n and last_comma != -1 and len(ids) - last_comma <= backtrack:
                 cut = last_comma + 1
-                moved_ids, moved_mults = ids[cut:], mults[cut:]
-                ids, mults = ids[:cut], mults[:cut]
+                moved = ids[cut:], mults[cut:], [Fix(f.position - cut, f.embedding) for f in fixes if f.position > cut]
+                ids, mults, fixes = ids[:cut], mults[:cut], [f for f in fixes if f.position <= cut]
                 close()
-                ids, mults = moved_ids, moved_mults
+                ids, mults, fixes = list(moved[0]), list(moved[1]), moved[2]
             if len(ids) == n:
                 close()
-            ids.append(token)
-            mults.append(float(weight))
+            found = embeddings.find(tokens, position, tokenizer.ids) if embeddings is not None else None
+            if found is None:
+                ids.append(token)
+                mults.append(float(weight))
+                position += 1
+                continue
+            emb, covered = found
+            if len(ids) + emb.n_vectors > n:
+                close()
+            fixes.append(Fix(len(ids) + 1, emb))  # + 1: BOS comes first
+            ids += [0] * emb.n_vectors
+            mults += [float(weight)] * emb.n_vectors
+            position += covered
     if ids or not chunks:
         close(is_last=True)
     if max_chunks is not None and len(chunks) > max_chunks:
@@ -121,19 +181,36 @@ def effective_clip_skip(clip_skip: int, num_layers: int) -> int:
     return max(1, min(int(clip_skip), num_layers + 1))
 
 
-def encode_chunk(model, ids: Sequence[int], clip_skip: int, device) -> torch.Tensor:
-    """(77,) ids -> (77, dim): the encoder's unweighted output for one chunk, as A1111's
-    ``encode_with_transformers`` (clip skip N > 1: ``hidden_states[-N]`` through the final layer norm)."""
+def encode_chunk(model, chunk: Chunk, clip_skip: int, device) -> torch.Tensor:
+    """A chunk's (77, dim) unweighted encoder output, as A1111's ``encode_with_transformers``
+    (clip skip N > 1: ``hidden_states[-N]`` through the final layer norm), with its embeddings'
+    vectors in place of the token embeddings at their positions (A1111's ``EmbeddingsWithFixes``:
+    the position embeddings are added to them as to any token)."""
     import torch
 
     from ..networks.clip import clip_inner
 
-    x = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    if clip_skip <= 1:
-        return model(input_ids=x).last_hidden_state[0]
-    out = model(input_ids=x, output_hidden_states=True)
-    hidden = out.hidden_states[-min(clip_skip, len(out.hidden_states))]
-    return clip_inner(model).final_layer_norm(hidden)[0]
+    x = torch.tensor([list(chunk.ids)], dtype=torch.long, device=device)
+    inner = clip_inner(model)
+    handle = None
+    if chunk.fixes:
+        def place(_module, _args, out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            for f in chunk.fixes:
+                v = f.embedding.vectors
+                out[:, f.position:f.position + v.shape[0]] = v.to(out.device, out.dtype)
+            return out
+
+        handle = inner.embeddings.token_embedding.register_forward_hook(place)
+    try:
+        if clip_skip <= 1:
+            return model(input_ids=x).last_hidden_state[0]
+        out = model(input_ids=x, output_hidden_states=True)
+        hidden = out.hidden_states[-min(clip_skip, len(out.hidden_states))]
+        return inner.final_layer_norm(hidden)[0]
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def emphasize(z: torch.Tensor, multipliers) -> torch.Tensor:
@@ -154,12 +231,13 @@ def empty_chunk(tokenizer) -> Chunk:
     return Chunk((bos,) + (eos,) * (CHUNK_LENGTH + 1), (1.0,) * (CHUNK_LENGTH + 2))
 
 
-def assemble(batch: Sequence[PromptChunks], unweighted: Callable[[tuple[int, ...]], torch.Tensor],
+def assemble(batch: Sequence[PromptChunks], unweighted: Callable[[tuple], torch.Tensor],
              filler: Chunk | None = None) -> list[torch.Tensor]:
     """One (1, 77 * chunks, dim) fp32 conditioning per entry of ``batch``, A1111's ``forward`` on
     the batch: chunk index by chunk index, the entries lacking that chunk take ``filler`` (the
-    empty prompt's chunk; needed only when the chunk counts differ), emphasis over the batch.
-    ``unweighted(ids)`` gives a chunk's cached (77, dim) encoder output."""
+    empty prompt's chunk; needed only when the chunk counts differ) and keep it, as A1111 does, so
+    every entry comes out as long as the longest; emphasis over the batch. ``unweighted(key)``
+    gives a chunk's cached (77, dim) encoder output by its :attr:`Chunk.key`."""
     import torch
 
     count = max(len(p.chunks) for p in batch)
@@ -168,32 +246,38 @@ def assemble(batch: Sequence[PromptChunks], unweighted: Callable[[tuple[int, ...
     parts: list[list[torch.Tensor]] = [[] for _ in batch]
     for i in range(count):
         at = [p.chunks[i] if i < len(p.chunks) else filler for p in batch]
-        z = torch.stack([unweighted(c.ids) for c in at])
+        z = torch.stack([unweighted(c.key) for c in at])
         weighted = emphasize(z, [list(c.multipliers) for c in at])
-        for j, p in enumerate(batch):
-            if i < len(p.chunks):
-                parts[j].append(weighted[j])
+        for j in range(len(batch)):
+            parts[j].append(weighted[j])
     return [torch.cat(zs)[None] for zs in parts]
 
 
 @dataclass
 class Conditioning:
     """A role's (prompt's or negative's) conditioning for a render: ``segments[k]`` is the
-    (1, tokens, dim) tensor in force until sampler step ``ends[k]`` (exclusive; None: to the end).
-    Today there is one segment; prompt scheduling adds more."""
+    (1, tokens, dim) tensor for denoiser calls before ``ends[k]`` (A1111 counts the calls of the
+    classifier-free-guidance denoiser from 0: a schedule entry ending at step s covers calls
+    0 ... s, so its end here is s + 1). Every segment has the same token count."""
 
     segments: list[torch.Tensor]
-    ends: list[int | None]
+    ends: list[int]
 
     @classmethod
     def single(cls, tensor: torch.Tensor) -> Conditioning:
-        return cls([tensor], [None])
+        return cls([tensor], [2**62])
 
-    def at(self, step: int) -> torch.Tensor:
+    def at(self, call: int) -> torch.Tensor:
+        """The tensor for denoiser call ``call`` (0-based). Past the last end A1111 falls back to
+        the first entry (its ``reconstruct_cond_batch``); no sampler here calls that often."""
         for tensor, end in zip(self.segments, self.ends):
-            if end is None or step < end:
+            if call < end:
                 return tensor
-        return self.segments[-1]
+        return self.segments[0]
+
+    @property
+    def scheduled(self) -> bool:
+        return len(self.segments) > 1
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -202,40 +286,197 @@ class Conditioning:
             raise ValueError("a scheduled conditioning has no single tensor")
         return self.segments[0]
 
+    def to(self, *args, **kwargs) -> Conditioning:
+        """Moved or cast, segments shared between entries staying shared."""
+        moved: dict[int, torch.Tensor] = {}
+        out = [moved.setdefault(id(t), t.to(*args, **kwargs)) for t in self.segments]
+        return Conditioning(out, list(self.ends))
 
-def prepare_prompts(req, tokenizer, layers: int, notice) -> tuple["PromptChunks", "PromptChunks", int]:
-    """The prompt's and the negative's chunks and the clip skip this encoder can do (``layers``
-    deep), with the notices a render gives about them (empty prompt, several chunks, clip skip
-    clamped)."""
-    pos, neg = chunk_prompt(req.prompt, tokenizer), chunk_prompt(req.negative, tokenizer)
+
+@dataclass(frozen=True)
+class RolePrompt:
+    """A role's text as a render uses it: the schedule A1111 makes of it (``[a:b:when]``,
+    ``[a|b]``): ``(end_step, chunks)`` entries, each used while the denoiser call count is at most
+    its end_step, all encoded as one A1111 batch."""
+
+    text: str
+    schedule: tuple[tuple[int, PromptChunks], ...]
+
+    @property
+    def entries(self) -> list[PromptChunks]:
+        return [p for _end, p in self.schedule]
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        """Every chunk of every entry (repeats included)."""
+        return [c for p in self.entries for c in p.chunks]
+
+    @property
+    def n_tokens(self) -> int:
+        return max(p.n_tokens for p in self.entries)
+
+    def used_embeddings(self) -> list[TextualInversion]:
+        """The embeddings the encoding uses, in A1111's order (chunk index, then batch entry,
+        then position), each once."""
+        seen: dict[str, TextualInversion] = {}
+        entries = self.entries
+        for i in range(max(len(p.chunks) for p in entries)):
+            for p in entries:
+                if i < len(p.chunks):
+                    for f in p.chunks[i].fixes:
+                        seen.setdefault(f.embedding.name, f.embedding)
+        return list(seen.values())
+
+    def conditioning(self, unweighted: Callable[[tuple], torch.Tensor], filler: Chunk) -> Conditioning:
+        """The role's :class:`Conditioning` from the cached unweighted chunks: the whole schedule
+        as one batch (A1111 restores the emphasis mean over it), equal texts sharing a tensor."""
+        tensors = assemble(self.entries, unweighted, filler)
+        by_text: dict[str, torch.Tensor] = {}
+        segments: list = []
+        ends: list[int] = []
+        previous = None
+        for (end, p), t in zip(self.schedule, tensors):
+            if p.text == previous:
+                ends[-1] = end + 1
+                continue
+            segments.append(by_text.setdefault(p.text, t))
+            ends.append(end + 1)
+            previous = p.text
+        return Conditioning(segments, ends)
+
+
+def schedule_steps(steps: int, second_order: bool) -> int:
+    """The step count A1111 schedules prompts over: its sampler's ``total_steps`` (twice the
+    steps for a second-order sampler, whose denoiser calls the schedule counts)."""
+    return steps * 2 if second_order else steps
+
+
+def role_prompt(text: str, tokenizer, steps: int, *, embeddings=None, parse: Parse | None = None) -> RolePrompt:
+    """``text``'s schedule over ``steps`` (see :func:`schedule_steps`), each text chunked."""
+    from ...prompt_syntax import schedules
+
+    memo: dict[str, PromptChunks] = {}
+    schedule = []
+    for end, t in schedules(text, steps):
+        if t not in memo:
+            memo[t] = chunk_prompt(t, tokenizer, parse=parse, embeddings=embeddings)
+        schedule.append((end, memo[t]))
+    return RolePrompt(text, tuple(schedule))
+
+
+def prepare_prompts(req, tokenizer, layers: int, notice, *, steps: int | None = None,
+                    embeddings=None) -> tuple[RolePrompt, RolePrompt, int]:
+    """The prompt's and the negative's schedules of chunks (over ``steps``, see
+    :func:`schedule_steps`; default the request's steps) and the clip skip this encoder can do
+    (``layers`` deep), with the notices a render gives about them (empty prompt, several chunks,
+    AND, clip skip clamped)."""
+    from ...prompt_syntax import split_and
+
+    steps = req.steps if steps is None else steps
+    pos = role_prompt(req.prompt, tokenizer, steps, embeddings=embeddings)
+    neg = role_prompt(req.negative, tokenizer, steps, embeddings=embeddings)
     if not req.prompt.strip():
         notice("empty prompt: rendering unconditionally")
-    if len(pos.chunks) > 1:
-        notice(f"prompt is {pos.n_tokens} tokens: encoded as {len(pos.chunks)} chunks of {CHUNK_LENGTH}")
+    if split_and(req.prompt)[1]:
+        notice("AND (composable diffusion) is not supported: the prompt was rendered with AND as a word")
+    longest = max(pos.entries, key=lambda p: len(p.chunks))
+    if len(longest.chunks) > 1:
+        notice(f"prompt is {longest.n_tokens} tokens: encoded as {len(longest.chunks)} chunks of {CHUNK_LENGTH}")
     clip_skip = effective_clip_skip(req.clip_skip, layers)
     if clip_skip != req.clip_skip:
         notice(f"clip skip {req.clip_skip}: this text encoder has {layers} layers; using {clip_skip}", "warning")
     return pos, neg, clip_skip
 
 
-def cache_status(texts: dict[str, "PromptChunks"], cached) -> tuple[str, dict[str, str]]:
+def cache_status(texts: dict[str, RolePrompt], cached) -> tuple[str, dict[str, str]]:
     """(overall, per role) "hit" / "miss" / "partial" for the chunks found in the cache."""
     status = {}
     for role, p in texts.items():
-        hits = sum(c.ids in cached for c in p.chunks)
-        status[role] = "hit" if hits == len(p.chunks) else ("miss" if hits == 0 else "partial")
+        keys = {c.key for c in p.chunks}
+        hits = sum(k in cached for k in keys)
+        status[role] = "hit" if hits == len(keys) else ("miss" if hits == 0 else "partial")
     values = set(status.values())
     return (values.pop() if len(values) == 1 else "partial"), status
 
 
-def cached_chunks(cache, key, texts: dict[str, "PromptChunks"], dim: int) -> dict:
-    """The cached unweighted (77, dim) encoder output of each chunk of ``texts`` that ``cache`` has
-    (``key(ids)``: the chunk's cache key)."""
+def cached_chunks(cache, key: Callable[[Chunk], str], texts: dict[str, RolePrompt], dim: int) -> dict:
+    """The cached unweighted (77, dim) encoder output of each chunk of ``texts`` that ``cache`` has,
+    by :attr:`Chunk.key` (``key(chunk)``: the chunk's cache key)."""
     found = {}
     for p in texts.values():
         for c in p.chunks:
-            if c.ids not in found:
-                emb = cache.get(key(c.ids), dim)
+            if c.key not in found:
+                emb = cache.get(key(c), dim)
                 if emb is not None and emb.shape[0] == len(c.ids):
-                    found[c.ids] = emb
+                    found[c.key] = emb
     return found
+
+
+# ---- what the prompt box shows while typing ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of a chunk's positions with one weight: plain tokens, or one embedding's vectors."""
+
+    text: str
+    """What the tokens read as (a word's last token followed by a space), or the trigger word."""
+    weight: float
+    tokens: int
+    """Positions it takes in the chunk (an embedding: its vectors)."""
+    embedding: str | None = None
+    """The trigger word, where this is a textual-inversion embedding."""
+
+
+@dataclass(frozen=True)
+class PromptReport:
+    """How a text is tokenized, chunked and weighted (InvokeAI's "log tokenization", live)."""
+
+    tokens: int
+    """A1111's count: 75 per closed chunk plus the last chunk's tokens."""
+    chunks: tuple[tuple[Piece, ...], ...]
+    """Each chunk's pieces in order; a chunk's tokens are the sum of its pieces' (at most 75)."""
+    embeddings: tuple[str, ...]
+    """Trigger words found, each once, in order."""
+    variants: int
+    """Distinct texts in the prompt's schedule (1: nothing scheduled); the report is of the one
+    with the most tokens, as A1111's token counter shows."""
+    has_and: bool
+    """``AND`` as a word: A1111 would split the prompt (composable diffusion); sdterm reads it as text."""
+
+
+def explain(text: str, tokenizer, steps: int, *, embeddings=None) -> PromptReport:
+    """``text`` as a render would chunk it (the schedule entry with the most tokens), for display."""
+    from ...prompt_syntax import split_and
+
+    role = role_prompt(text, tokenizer, steps, embeddings=embeddings)
+    entry = max(role.entries, key=lambda p: p.n_tokens)
+    chunks = []
+    for c in entry.chunks:
+        fixes = {f.position: f for f in c.fixes}
+        pieces: list[Piece] = []
+        run: list[int] = []
+        weight = None
+        pos = 1
+
+        def flush() -> None:
+            if run:
+                pieces.append(Piece(tokenizer.decode(run), weight, len(run)))
+                run.clear()
+
+        while pos <= c.length:
+            fix = fixes.get(pos)
+            if fix is not None:
+                flush()
+                n = fix.embedding.n_vectors
+                pieces.append(Piece(fix.embedding.name, c.multipliers[pos], n, fix.embedding.name))
+                pos += n
+                continue
+            if c.multipliers[pos] != weight:
+                flush()
+                weight = c.multipliers[pos]
+            run.append(c.ids[pos])
+            pos += 1
+        flush()
+        chunks.append(tuple(pieces))
+    names = tuple(dict.fromkeys(e.name for e in entry.embeddings))
+    return PromptReport(entry.n_tokens, tuple(chunks), names, len({p.text for p in role.entries}), split_and(text)[1])

@@ -283,6 +283,8 @@ class EmbeddingDB:
 
     folder: str | os.PathLike | Sequence[str | os.PathLike]
     width: int = 768
+    optional: Sequence[str | os.PathLike] = ()
+    """Folders that may be missing without a problem line (a default folder nobody made)."""
     folders: list[Path] = field(init=False, default_factory=list)
     by_name: dict[str, TextualInversion] = field(init=False, default_factory=dict)
     """Trigger word -> embedding, sorted case-insensitively (as A1111 lists them)."""
@@ -291,6 +293,8 @@ class EmbeddingDB:
     _seen: dict[Path, _Seen] = field(init=False, default_factory=dict)
     _lookup: dict[int, list[tuple[tuple[int, ...], TextualInversion]]] | None = field(init=False, default=None)
     _lookup_tokenize: Tokenize | None = field(init=False, default=None)
+    _lock: threading.RLock = field(init=False, default_factory=threading.RLock)
+    """A render and the app's token line may rescan or index at once."""
 
     def __post_init__(self) -> None:
         if isinstance(self.folder, (str, os.PathLike)):
@@ -312,11 +316,17 @@ class EmbeddingDB:
 
     def reload(self) -> bool:
         """Rescan the folders; returns whether the set of embeddings changed."""
+        with self._lock:
+            return self._reload()
+
+    def _reload(self) -> bool:
         problems: list[str] = []
         found: dict[str, TextualInversion] = {}
         seen: dict[Path, _Seen] = {}
         for folder in self.folders:
             if not folder.is_dir():
+                if not folder.exists() and any(Path(o) == folder for o in self.optional):
+                    continue
                 problems.append(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
                 continue
             for path in _embedding_files(folder):
@@ -378,8 +388,12 @@ class EmbeddingDB:
 
     def _index(self, tokenize: Tokenize) -> dict[int, list[tuple[tuple[int, ...], TextualInversion]]]:
         """A1111's ids_lookup: first token id -> [(trigger ids, embedding)], longest first."""
-        if self._lookup is not None and self._lookup_tokenize is tokenize:
-            return self._lookup
+        with self._lock:
+            if self._lookup is not None and self._lookup_tokenize == tokenize:  # bound methods: equal, not identical
+                return self._lookup
+            return self._build_index(tokenize)
+
+    def _build_index(self, tokenize: Tokenize) -> dict[int, list[tuple[tuple[int, ...], TextualInversion]]]:
         lookup: dict[int, list[tuple[tuple[int, ...], TextualInversion]]] = {}
         owner: dict[tuple[int, ...], TextualInversion] = {}
         problems: list[str] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 from ..loading.checkpoint import CheckpointError
@@ -103,6 +104,19 @@ def fetch_tokenizer(data_dir: Path) -> Path:
     return target
 
 
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's ``bytes_to_unicode``), reversed."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
 class PromptTokenizer:
     """The CLIP tokenizer of ``folder``. transformers' CLIPTokenizer (seconds to import) is loaded
     on the first text not in the token memo: with ``memo`` (a folder), each text's ids are
@@ -121,6 +135,8 @@ class PromptTokenizer:
         self.identity = f"clip-bpe:{h.hexdigest()}"
         """Changes whenever the vocabulary or merges do (part of the embedding cache key)."""
         self._tok = None
+        self._bytes: dict[int, bytes] | None = None
+        self._lock = threading.RLock()  # the app tokenizes for its token line while a render runs
         self._memo_file = memo / f"{h.hexdigest()[:24]}.json" if memo is not None else None
         self._memo: dict | None = None
 
@@ -144,6 +160,10 @@ class PromptTokenizer:
 
     def _ids(self, text: str) -> tuple[list[int], list[int]]:
         """(the text's ids without BOS/EOS, [bos, eos, pad, comma]): from the memo, else the tokenizer."""
+        with self._lock:
+            return self._ids_locked(text)
+
+    def _ids_locked(self, text: str) -> tuple[list[int], list[int]]:
         memo = self._load_memo()
         if text in memo["texts"] and len(memo["specials"]) == 4:
             return memo["texts"][text], memo["specials"]
@@ -186,6 +206,25 @@ class PromptTokenizer:
     def ids(self, text: str) -> list[int]:
         """``text``'s ids without BOS/EOS (A1111's ``tokenize``: no truncation), memoized."""
         return list(self._ids(text)[0])
+
+    def decode(self, ids) -> str:
+        """The text ``ids`` stand for, a space after each word's last token (CLIP's ``</w>``):
+        what a token display shows. Read from vocab.json (no transformers import); an id the
+        vocabulary lacks reads as ``?``."""
+        if self._bytes is None:
+            import json
+
+            try:
+                vocab = json.loads((self.folder / "vocab.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{self.folder}: not a usable CLIP tokenizer ({exc})") from None
+            decode = _byte_decoder()
+            table = {}
+            for token, i in vocab.items():
+                end = token.endswith("</w>")
+                table[int(i)] = bytes(decode.get(ch, 63) for ch in (token[:-4] if end else token)) + (b" " if end else b"")
+            self._bytes = table
+        return b"".join(self._bytes.get(int(i), b"?") for i in ids).decode("utf-8", "replace")
 
     def specials(self) -> tuple[int, int, int, int]:
         """(BOS, EOS, padding, comma) ids; comma is -1 where the vocabulary lacks ``,</w>``. From the

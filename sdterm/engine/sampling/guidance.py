@@ -67,3 +67,26 @@ def guided(
         return eps_u + scale * (eps_c - eps_u)
 
     return denoise
+
+
+class ScheduledGuidance:
+    """:func:`guided` whose cond and uncond follow a prompt schedule: each call takes
+    ``cond_at(n)``/``uncond_at(n)`` for its call number ``n`` (from 0, as A1111's CFG denoiser
+    counts its calls; ``calls`` resumes the count after a retry), building one guided denoiser
+    per pair of tensors it meets."""
+
+    def __init__(self, unet, cond_at: Callable[[int], torch.Tensor], uncond_at: Callable[[int], torch.Tensor],
+                 scale: float, *, split: bool = False, calls: int = 0):
+        self.unet, self.cond_at, self.uncond_at, self.scale, self.split = unet, cond_at, uncond_at, scale, split
+        self.calls = calls
+        """Denoiser calls made so far (the next call's number)."""
+        self._made: dict[tuple[int, int], Denoiser] = {}
+
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        c, u = self.cond_at(self.calls), self.uncond_at(self.calls)
+        key = (id(c), id(u))
+        denoise = self._made.get(key)
+        if denoise is None:
+            denoise = self._made[key] = guided(self.unet, c, u, self.scale, split=self.split)
+        self.calls += 1
+        return denoise(x, t)
