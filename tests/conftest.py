@@ -88,3 +88,22 @@ def run_cli(capsys):
 
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def reference_encoder(demo_model):
+    """CLIPTextModel and CLIPTokenizer built by the test from the demo checkpoint file."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sdterm.engine.loading.demo import demo_config
+    from sdterm.engine.networks.clip import clip_config
+
+    tok = CLIPTokenizer.from_pretrained(str(demo_model / "tokenizer"))
+    model = CLIPTextModel(clip_config(demo_config(len(tok.get_vocab())).text))
+    inner = getattr(model, "text_model", model)  # transformers 5 no longer nests it
+    prefix = "cond_stage_model.transformer.text_model."
+    sd = {k[len(prefix):]: v for k, v in load_file(str(demo_model / "model.safetensors")).items() if k.startswith(prefix)}
+    missing, unexpected = inner.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    return model.eval(), tok

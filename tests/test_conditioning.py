@@ -17,7 +17,6 @@ import torch
 
 from sdterm.engine.embedding_cache import EmbeddingCache
 from sdterm.engine.pipeline import Engine, open_model
-from sdterm.engine.prompt import conditioning
 from sdterm.engine.prompt.conditioning import CHUNK_LENGTH, chunk_prompt
 from sdterm.engine.prompt.tokenizer import PromptError
 from sdterm.prompt_syntax import parse_attention
@@ -143,25 +142,6 @@ def test_too_many_chunks_is_one_line():
 
 
 # ---- numbers: the engine's conditioning against CLIPTextModel itself ------------------------
-
-@pytest.fixture(scope="module")
-def reference_encoder(demo_model):
-    """CLIPTextModel and CLIPTokenizer built by the test from the demo checkpoint file."""
-    from safetensors.torch import load_file
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from sdterm.engine.loading.demo import demo_config
-    from sdterm.engine.networks.clip import clip_config
-
-    tok = CLIPTokenizer.from_pretrained(str(demo_model / "tokenizer"))
-    model = CLIPTextModel(clip_config(demo_config(len(tok.get_vocab())).text))
-    inner = getattr(model, "text_model", model)  # transformers 5 no longer nests it
-    prefix = "cond_stage_model.transformer.text_model."
-    sd = {k[len(prefix):]: v for k, v in load_file(str(demo_model / "model.safetensors")).items() if k.startswith(prefix)}
-    missing, unexpected = inner.load_state_dict(sd, strict=False)
-    assert not unexpected and all(k.endswith("position_ids") for k in missing)
-    return model.eval(), tok
-
 
 def reference(encoder, chunks: list[list[tuple[str, float]]], clip_skip: int) -> torch.Tensor:
     """Each chunk (its weighted fragments) encoded alone: BOS + ids + EOS padding, the hidden state
