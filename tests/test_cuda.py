@@ -382,3 +382,26 @@ def test_every_sampler_streams_exactly_its_planned_passes(full_size, sampler, mo
     assert s.next == s.total == SAMPLERS[sampler].calls(3) * passes_per_call * len(s.order)
     assert passes_per_call in (1, 2)
     assert torch.allclose(streamed.latents, resident.latents, rtol=1e-3, atol=1e-3), sampler
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "Heun"])
+def test_a_scheduled_prompt_with_an_embedding_gives_the_resident_pixels_on_every_plan(full_size, tmp_path, sampler):
+    """Prompt editing (the conditioning changes mid-render), an embedding (its vectors in fp16
+    through the encoder on the GPU) and a negative of another chunk count (cond and uncond run
+    apart): resident, staged and streamed give the same picture, and the streamer's pass count
+    (it raises on an unplanned pass) holds when the conditioning switches."""
+    vectors = torch.randn(2, ModelConfig().text.hidden_size, generator=torch.Generator().manual_seed(3)) * 0.02
+    torch.save({"string_to_param": {"*": vectors}}, tmp_path / "foxy.pt")
+    engine = Engine(full_size, "cuda", embedding_dirs=[tmp_path])
+    req = small_request(width=256, height=256, steps=4, sampler=sampler, prompt="a [red:blue:0.5] (foxy:1.2)",
+                        negative="blurry BREAK dark")
+    reference = None
+    for name, budget in {"resident": None, "staged": 2 * GiB, "streamed": GiB}.items():
+        engine.set_budget(budget)
+        r = engine.generate(req)
+        assert name in r.plan, (name, r.plan)
+        assert [e["name"] for e in r.prompts["prompt"]["embeddings"]] == ["foxy"]
+        if reference is None:
+            reference = r.latents
+        else:
+            assert torch.allclose(r.latents, reference, rtol=1e-3, atol=1e-3), name
