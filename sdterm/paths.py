@@ -37,6 +37,12 @@ def default_outdir() -> Path:
     return Path(os.environ.get("SDTERM_OUTDIR", "outputs"))
 
 
+def embeddings_dir() -> Path:
+    """Textual-inversion embeddings when no --embeddings or defaults.embeddings_dir names a
+    folder: ``embeddings`` in the data folder (may be missing)."""
+    return data_dir() / "embeddings"
+
+
 def embedding_cache_dir(configured: str = "") -> Path:
     """The prompt-embedding cache: SDTERM_CACHE_DIR/embeddings, else the configured folder, else
     the platformdirs cache dir."""

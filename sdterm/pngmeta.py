@@ -7,7 +7,8 @@ and sdterm's own ``sdterm`` JSON chunk.
 * :func:`read_png_parameters` reads them back, best first: sdterm's chunk, checked by the one
   parameter validator before it is trusted; else the infotext (PNG text chunk, or the EXIF
   UserComment of an A1111 JPEG/WebP): prompt lines, an optional ``Negative prompt:`` part, and a
-  last line of ``Key: value`` pairs. The sampler, schedule, RNG, eta and ENSD keys: ``infotext_sampler.py``.
+  last line of ``Key: value`` pairs (``TI hashes`` read into :attr:`ImageParameters.embeddings`).
+  The sampler, schedule, RNG, eta and ENSD keys: ``infotext_sampler.py``.
 
 The infotext parser never raises on odd text except :class:`MetadataError` when nothing usable is
 in it, and its work is linear in the length of the text (no backtracking regex over a whole line).
@@ -50,8 +51,11 @@ class ImageParameters:
     model: str | None = None
     """The model's name as recorded (a file stem, not a path)."""
     model_hash: str | None = None
+    embeddings: dict[str, str] = field(default_factory=dict)
+    """The textual-inversion embeddings the image used (``TI hashes``): trigger word -> the first
+    12 hex digits of the file's sha256."""
     extra: dict[str, str] = field(default_factory=dict)
-    """Settings with no field above (A1111's ``Clip skip``, ``Lora hashes``..., sdterm's ``demo``)."""
+    """Settings with no field above (A1111's ``Lora hashes``, ``VAE``..., sdterm's ``demo``)."""
 
     def get(self, name: str) -> Any:
         """The recorded value of the :class:`Params` field ``name``; None when the image didn't record it."""
@@ -59,10 +63,11 @@ class ImageParameters:
 
     def to_dict(self) -> dict[str, Any]:
         """One flat object (``sdterm show --json``): source, each parameter (None when not recorded),
-        sampler, model, model_hash, extra."""
+        sampler, model, model_hash, embeddings, extra."""
         return {"source": self.source, **{name: self.get(name) for name in FIELDS},
                 "sampler": self.get("sampler") or self.sampler,
-                "model": self.model, "model_hash": self.model_hash, "extra": dict(self.extra)}
+                "model": self.model, "model_hash": self.model_hash, "embeddings": dict(self.embeddings),
+                "extra": dict(self.extra)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +99,10 @@ INFOTEXT_KEYS: dict[str, tuple[str, ...]] = {
 DETAIL_KEYS = {"sampler": "Sampler", "model": "Model", "model_hash": "Model hash"}
 """:class:`ImageParameters` fields that are no render parameter -> their infotext key."""
 
+TI_HASHES = "TI hashes"
+"""A1111's key for the textual-inversion embeddings a render used: ``name: 0123456789ab, ...``
+(:attr:`ImageParameters.embeddings`)."""
+
 _WRITTEN_IN_ORDER = ("steps", "cfg", "seed", "subseed", "subseed_strength", "eta", "eta_ancestral", "ensd", "sampler",
                      "schedule", "rng")  # the others: written when not their default
 
@@ -105,8 +114,11 @@ def _infotext_value(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"\n') else text
 
 
-def infotext(params: Params, model_name: str, model_hash: str) -> str:
-    """AUTOMATIC1111's parameters text: prompt, optional negative line, then the settings line."""
+def infotext(params: Params, model_name: str, model_hash: str, extra: dict[str, str] | None = None) -> str:
+    """AUTOMATIC1111's parameters text: prompt, optional negative line, then the settings line.
+
+    ``extra`` is A1111's ``extra_generation_params`` (the engine's ``TI hashes``): written after
+    the fixed settings, quoted as A1111 quotes them (``TI hashes: "a: 0123456789ab, b: ..."``)."""
     p = params
     lines = [p.prompt]
     if p.negative:
@@ -120,8 +132,29 @@ def infotext(params: Params, model_name: str, model_hash: str) -> str:
     for name, keys in INFOTEXT_KEYS.items():
         if name not in _WRITTEN_IN_ORDER and getattr(p, name) != getattr(defaults, name):
             settings.append(f"{keys[0]}: {_infotext_value(getattr(p, name))}")
+    settings += [f"{key}: {_infotext_value(value)}" for key, value in (extra or {}).items()]
     lines.append(", ".join(settings))
     return "\n".join(lines)
+
+
+def parse_ti_hashes(text: str) -> dict[str, str]:
+    """A ``TI hashes`` value -> {trigger word: short hash}. A1111 writes ``name: hash`` pairs
+    joined by ``", "`` (names without ``:`` or ``,``); a part that is no such pair is skipped."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        name, sep, short = part.partition(":")
+        name, short = name.strip(), short.strip()
+        if sep and name and short:
+            out.setdefault(name, short)
+    return out
+
+
+def _embeddings_from(extra: dict[str, str]) -> dict[str, str]:
+    """Take ``TI hashes`` out of ``extra`` (a known field, not an extra) when it reads as pairs."""
+    found = parse_ti_hashes(extra.get(TI_HASHES, ""))
+    if found:
+        del extra[TI_HASHES]
+    return found
 
 
 def _unquote(raw: str) -> str:
@@ -276,10 +309,12 @@ def params_from_infotext(text: str) -> ImageParameters:
     for key in {key for _, key in found.values()} | used:
         settings.pop(key, None)
     params = {**typed, **named}
+    embeddings = _embeddings_from(settings)
     return ImageParameters(
         source="a1111",
         params=Params(prompt=parsed["prompt"], negative=parsed["negative"], **params),
         recorded=frozenset({"prompt", "negative", *params}),
+        embeddings=embeddings,
         extra=settings,
         **{name: found[name][0] for name in DETAIL_KEYS if name in found},
     )
@@ -291,7 +326,8 @@ def params_from_infotext(text: str) -> ImageParameters:
 
 
 def sdterm_chunk(params: Params, model_name: str, model_hash: str, extra: dict | None = None) -> str:
-    """sdterm's ``sdterm`` chunk: ``{"request": params.to_dict(), "model", "model_hash", **extra}``."""
+    """sdterm's ``sdterm`` chunk: ``{"request": params.to_dict(), "model", "model_hash", **extra}``
+    (``extra``: ``demo``, and the infotext's extras such as ``TI hashes``)."""
     payload = {"request": params.to_dict(), "model": model_name, "model_hash": model_hash, **(extra or {})}
     return json.dumps(payload, sort_keys=True)
 
@@ -313,15 +349,19 @@ def params_from_sdterm_json(text: str) -> ImageParameters:
             raise MetadataError(f"the sdterm chunk's {name} is not text")
     extra = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in payload.items()
              if k not in ("request", "model", "model_hash")}
+    embeddings = _embeddings_from(extra)
     return ImageParameters(source="sdterm", params=params, sampler=params.sampler, model=payload.get("model"),
-                           model_hash=payload.get("model_hash"), extra=extra)
+                           model_hash=payload.get("model_hash"), embeddings=embeddings, extra=extra)
 
 
-def png_bytes(image: Image.Image, params: Params, model_name: str, model_hash: str, extra: dict | None = None) -> bytes:
-    """``image`` encoded as PNG with both texts: ``parameters`` (infotext) and ``sdterm`` (JSON)."""
+def png_bytes(image: Image.Image, params: Params, model_name: str, model_hash: str, extra: dict | None = None,
+              infotext_extra: dict[str, str] | None = None) -> bytes:
+    """``image`` encoded as PNG with both texts: ``parameters`` (infotext) and ``sdterm`` (JSON).
+    ``extra`` goes in the JSON only; ``infotext_extra`` (A1111's extra generation params, such as
+    ``TI hashes``) in both."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext(params, model_name, model_hash))
-    info.add_text("sdterm", sdterm_chunk(params, model_name, model_hash, extra))
+    info.add_text("parameters", infotext(params, model_name, model_hash, infotext_extra))
+    info.add_text("sdterm", sdterm_chunk(params, model_name, model_hash, {**(extra or {}), **(infotext_extra or {})}))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()

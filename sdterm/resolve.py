@@ -1,5 +1,5 @@
 """What the user meant: which model, which settings, from flags, sdterm.yaml and the models folder;
-the embedding cache as configured, and the random-weights model source for measurements.
+the embedding cache and the embeddings folder as configured, and the random-weights model source for measurements.
 
 Precedence: a flag on the command line, then ``defaults:`` in the user's sdterm.yaml, then the
 built-in defaults. ``--model`` may be left out when the settings name a default model or when
@@ -89,12 +89,24 @@ def apply_defaults(args: argparse.Namespace, cfg: UserConfig, *, demo: bool = Fa
         args.vram_budget = d.budget
     if getattr(args, "outdir", None) is None and d.outdir:
         args.outdir = d.outdir
+    if getattr(args, "embeddings", None) is None and d.embeddings_dir:
+        args.embeddings = d.embeddings_dir
     if getattr(args, "image_protocol", None) is None:
         args.image_protocol = d.image_protocol
     if getattr(args, "threads", None) is None and d.threads:
         args.threads = d.threads
     if getattr(args, "history", None) is None:
         args.history = d.history
+
+
+def embedding_folders(given: str | None) -> tuple[list[Path], list[Path]]:
+    """(the embedding folders, those of them that may be missing): the folder the user named
+    (``--embeddings``, else ``defaults.embeddings_dir``; it must exist, as A1111's
+    ``--embeddings-dir``), else the data folder's ``embeddings``, which may be missing silently."""
+    if given:
+        return [Path(given).expanduser()], []
+    default = paths.embeddings_dir()
+    return [default], [default]
 
 
 def open_cache(disabled: bool = False):

@@ -91,7 +91,8 @@ class RenderService:
     def save(self, params: Params, result) -> Path:
         """The rendered ``result`` of ``params`` as a PNG with its metadata, in the output folder;
         its path. :class:`SaveError` when it can't be written there (a copy is kept if it can be)."""
-        data = png_bytes(result.image, params, result.model_name, result.model_hash, {"demo": result.demo})
+        data = png_bytes(result.image, params, result.model_name, result.model_hash, {"demo": result.demo},
+                         getattr(result, "infotext_extra", None))  # a stand-in engine's result may lack it
         try:
             return publish_png(data, self.outdir, params.seed)
         except OSError as exc:

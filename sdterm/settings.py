@@ -37,6 +37,10 @@ class Defaults:
     """Checkpoint file or model folder; empty: the one model in the models folder, if exactly one."""
     outdir: str = ""
     """Where images go; empty: ./outputs."""
+    embeddings_dir: str = ""
+    """Folder of textual-inversion embeddings (.pt/.safetensors/.bin; a file's name is the word a
+    prompt uses), instead of the embeddings folder in the data folder (as ``--embeddings DIR``).
+    Empty: that default folder, if it exists; a folder named here must exist."""
     steps: int = 50
     cfg: float = 7.5
     width: int = 512
@@ -70,6 +74,8 @@ def load_user_config(path: Path) -> UserConfig:
         Params(steps=d.steps, cfg=d.cfg, width=d.width, height=d.height).validated()
         if d.budget:
             parse_size(d.budget, "defaults.budget")
+        if "\0" in d.embeddings_dir:
+            raise ConfigError("defaults.embeddings_dir: a folder name can't hold a NUL character")
         if not isinstance(d.threads, int) or isinstance(d.threads, bool) or d.threads < 0:
             raise ConfigError(f"defaults.threads must be a whole number >= 0 (0: torch's default), got {d.threads!r}")
         if d.image_protocol not in IMAGE_PROTOCOLS:

@@ -1,5 +1,7 @@
 """``sdterm show IMAGE``: the prompt and settings stored in an image (sdterm's or AUTOMATIC1111's),
-what sdterm can't reproduce of them, and a ready-to-run ``sdterm generate`` line.
+what sdterm can't reproduce of them, and a ready-to-run ``sdterm generate`` line. The embeddings
+the image names (``TI hashes``) are looked up in the user's embeddings folder by name and file
+hash, without loading them (no torch: ``show`` stays quick).
 
 A command on its own: :func:`add_parser` registers it, :func:`run` carries it out. Reading the
 metadata is ``sdterm/pngmeta.py``; this module only presents it (and makes it safe to print).
@@ -8,11 +10,15 @@ metadata is ``sdterm/pngmeta.py``; this module only presents it (and makes it sa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import re
 import shlex
 import sys
 import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import ConfigError, UserError
 from .params import FIELDS, Params
@@ -97,8 +103,8 @@ def notes(found: ImageParameters) -> list[str]:
         out.append(f"seed resize from {x['Seed resize from']} is not supported")
     if "Lora hashes" in x or "<lora:" in prompt or "<lora:" in negative:
         out.append("LoRA is not supported: <lora:...> tags are read as plain text")
-    if "TI hashes" in x:
-        out.append("textual-inversion embeddings are not supported: their names are read as plain words")
+    if "TI hashes" in x:  # what reads as pairs is in found.embeddings
+        out.append(f"TI hashes {x['TI hashes']!r}: not name: hash pairs; the embeddings can't be checked")
     if "VAE" in x or "VAE hash" in x:
         out.append(f"VAE {x.get('VAE') or x.get('VAE hash')}: sdterm uses the checkpoint's own VAE")
     if found.source == "a1111":
@@ -121,6 +127,105 @@ def notes(found: ImageParameters) -> list[str]:
         except ConfigError as exc:
             out.append(f"{exc}: sdterm will refuse it")
     return out
+
+
+EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
+"""The files an embeddings folder scan picks up (``sdterm.engine.prompt.embeddings``, which imports torch)."""
+
+
+@dataclass(frozen=True)
+class EmbeddingCheck:
+    """One embedding an image names, looked up in the user's embeddings folders."""
+
+    name: str
+    recorded: str
+    """The hash the image recorded (A1111: the file's sha256, first 12 hex digits)."""
+    file: Path | None = None
+    """The file that word finds here; None when none does."""
+    here: str | None = None
+    """That file's hash, as many hex digits as ``recorded``; None when it can't be read."""
+
+    @property
+    def status(self) -> str:
+        """``same``, ``missing``, ``different`` or ``unreadable``."""
+        if self.file is None:
+            return "missing"
+        if self.here is None:
+            return "unreadable"
+        return "same" if self.here == self.recorded.lower() else "different"
+
+    def note(self, where: str) -> str | None:
+        """One line for what isn't the image's own file; None when it is."""
+        status = self.status
+        if status == "missing":
+            return f"embedding {self.name} [{self.recorded}]: missing from {where}: the image will differ"
+        if status == "different":
+            return (f"embedding {self.name} [{self.recorded}]: different file (hash {self.here} here, {self.file}): "
+                    "the image will differ")
+        if status == "unreadable":
+            return f"embedding {self.name}: {self.file} can't be read: the image will differ"
+        return None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "hash": self.recorded, "status": self.status,
+                "file": None if self.file is None else str(self.file), "hash_here": self.here}
+
+
+def embedding_files(folders: list[Path]) -> dict[str, Path]:
+    """Trigger word -> the file a render would use: the first found, folder by folder, each walked
+    as the engine walks it (recursively, following links, hidden names skipped, sorted)."""
+    found: dict[str, Path] = {}
+    for folder in folders:
+        visited: set[str] = set()
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            real = os.path.realpath(root)
+            if real in visited:
+                dirs[:] = []
+                continue
+            visited.add(real)
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if not name.startswith(".") and name.lower().endswith(EMBEDDING_SUFFIXES):
+                    found.setdefault(Path(name).stem, Path(root) / name)
+    return found
+
+
+def _short_sha256(path: Path, digits: int) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()[:digits]
+
+
+def check_embeddings(embeddings: dict[str, str], folders: list[Path]) -> list[EmbeddingCheck]:
+    """Each embedding of ``embeddings`` (name -> recorded hash) against the files in ``folders``."""
+    files = embedding_files(folders)
+    out = []
+    for name, recorded in embeddings.items():
+        path = files.get(name)
+        digits = len(recorded) if re.fullmatch(r"[0-9a-fA-F]{8,64}", recorded) else 12
+        out.append(EmbeddingCheck(name, recorded, path, None if path is None else _short_sha256(path, digits)))
+    return out
+
+
+def _embedding_checks(found: ImageParameters, given: str | None) -> tuple[list[EmbeddingCheck], list[str]]:
+    """The image's embeddings checked against the user's folder (``--embeddings``, else the
+    settings, else the default), and the notes to print."""
+    if not found.embeddings:
+        return [], []
+    from .resolve import embedding_folders, user_config
+
+    try:
+        folders, _ = embedding_folders(given or user_config().defaults.embeddings_dir)
+    except ConfigError as exc:
+        return [], [f"the embeddings were not checked: {exc}"]
+    where = " and ".join(str(f) for f in folders)
+    checks = check_embeddings(found.embeddings, folders)
+    return checks, [line for c in checks if (line := c.note(where)) is not None]
 
 
 _BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
@@ -146,6 +251,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("image", metavar="IMAGE", help="a PNG from sdterm or AUTOMATIC1111 (A1111 JPEG/WebP too)")
     p.add_argument("--model", metavar="PATH", help="put --model PATH in the generate line")
+    p.add_argument("--embeddings", metavar="DIR",
+                   help="look for the image's embeddings here (default: as sdterm generate finds them)")
     p.add_argument("--json", action="store_true", help="one JSON object: the parameters, the command and notes")
     return p
 
@@ -159,12 +266,15 @@ def run(args: argparse.Namespace) -> int:
     model = getattr(args, "model", None)
     command = generate_command(found, model)
     said = notes(found)
+    checks, embedding_notes = _embedding_checks(found, getattr(args, "embeddings", None))
+    said += embedding_notes
     if model is None and found.model:
         hashed = f" [{found.model_hash}]" if found.model_hash else ""
         said.append(f"made with model {found.model}{hashed}; the line uses your default model "
                     "(add --model PATH to name one)")
     if args.json:
-        print(json.dumps({"file": str(args.image), **found.to_dict(), "command": command, "notes": said}))
+        print(json.dumps({"file": str(args.image), **found.to_dict(), "embedding_files": [c.to_dict() for c in checks],
+                          "command": command, "notes": said}))
         return 0
     p, get = found.params, found.get
     rows: list[tuple[str, str]] = [("source", {"sdterm": "sdterm", "a1111": "AUTOMATIC1111 parameters"}[found.source]),
@@ -195,6 +305,10 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("variation", f"seed {get('subseed')}, strength {_num(p.subseed_strength)}"))
     if found.model or found.model_hash:
         rows.append(("model", " ".join(filter(None, [found.model, found.model_hash and f"[{found.model_hash}]"]))))
+    if found.embeddings:
+        marks = {c.name: {"same": "", "missing": " (missing)"}.get(c.status, f" ({c.status} here)") for c in checks}
+        rows.append(("embeddings", ", ".join(f"{name} [{short}]{marks.get(name, '')}"
+                                             for name, short in found.embeddings.items())))
     rows += list(found.extra.items())
     width = max([10, *(len(label) + 1 for label, _ in rows if len(label) < 24)])
     for label, value in rows:

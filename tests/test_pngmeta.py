@@ -178,6 +178,44 @@ def test_a1111_details():
     assert p.extra == {"Steps": "many", "Seed": "-", "CFG scale": "nan", "Size": "big"}
 
 
+def test_ti_hashes_are_written_as_a1111_does_and_read_as_a_known_field(tmp_path):
+    ti = {"TI hashes": "easynegative: c74b4e810b03, foxy: 0123456789ab"}
+    text = infotext(REQUEST.replace(clip_skip=2), "v1-5-pruned-emaonly", "6ce0161689", ti)
+    settings = text.splitlines()[-1]
+    # after the fixed fields (Clip skip, RNG...), quoted because the value holds ':' and ','
+    assert settings.endswith(', Clip skip: 2, TI hashes: "easynegative: c74b4e810b03, foxy: 0123456789ab"')
+    want = {"easynegative": "c74b4e810b03", "foxy": "0123456789ab"}
+    own = tmp_path / "b.png"  # sdterm's PNG: read from its JSON chunk
+    own.write_bytes(png_bytes(small_image(), REQUEST, "m", "6ce0161689", {"demo": False}, ti))
+    for path in (write_png(tmp_path / "a.png", parameters=text), own):
+        p = read_png_parameters(path)
+        assert p.embeddings == want and "TI hashes" not in p.extra
+        assert p.to_dict()["embeddings"] == want
+        assert not any("not used by sdterm" in n or "not supported" in n or "TI" in n for n in notes(p))
+    assert infotext(REQUEST, "m", "h", {}) == infotext(REQUEST, "m", "h")
+    # A1111's own order: TI hashes among the extras, Version after them
+    p = params_from_infotext('x\nSteps: 20, Sampler: Euler a, Seed: 1, TI hashes: "a: 0123456789ab", Version: v1.9.0')
+    assert p.embeddings == {"a": "0123456789ab"} and p.extra == {"Version": "v1.9.0"}
+
+
+@pytest.mark.parametrize(("value", "want"), [
+    ("foxy: 0123456789ab", {"foxy": "0123456789ab"}),
+    ("a: 1, b: 2, a: 3", {"a": "1", "b": "2"}),  # each name once: the first
+    ("a:1,,  b : 2 ,c", {"a": "1", "b": "2"}),
+    ("nonsense", {}),
+])
+def test_parse_ti_hashes(value, want):
+    from sdterm.pngmeta import parse_ti_hashes
+
+    assert parse_ti_hashes(value) == want
+
+
+def test_unreadable_ti_hashes_stay_in_extra_with_a_note():
+    p = params_from_infotext('x\nSteps: 20, Sampler: Euler a, Seed: 1, TI hashes: "???"')
+    assert p.embeddings == {} and p.extra == {"TI hashes": "???"}
+    assert any(n.startswith("TI hashes '???': not name: hash pairs") for n in notes(p))
+
+
 @pytest.mark.parametrize("text", ["", "   ", "\n\n", " \t\r\n "])
 def test_empty_text_is_a_metadata_error(text):
     with pytest.raises(MetadataError):

@@ -57,6 +57,21 @@ def test_settings_are_validated_by_the_one_validator():
         user_config()
 
 
+def test_embeddings_folder_from_flag_settings_or_the_data_folder(monkeypatch, tmp_path):
+    from sdterm.resolve import embedding_folders
+
+    default = paths.data_dir() / "embeddings"
+    assert embedding_folders(None) == ([default], [default])  # may be missing: optional
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert embedding_folders("~/emb") == ([tmp_path / "emb"], [])  # named: must exist
+    write_settings("defaults:\n  embeddings_dir: ~/mine\n")
+    assert user_config().defaults.embeddings_dir == "~/mine"
+    for bad, needle in (("embeddings_dir: 3", "expected text"), ('embeddings_dir: "a\\0b"', "NUL")):
+        write_settings(f"defaults:\n  {bad}\n")
+        with pytest.raises(ConfigError, match=needle):
+            user_config()
+
+
 def test_generate_uses_settings_and_the_models_folder(demo_model, tmp_path, run_cli):
     models = paths.data_dir() / "models"
     models.mkdir(parents=True)

@@ -39,6 +39,18 @@ def test_save_writes_the_png_with_its_metadata_and_never_overwrites(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000-5.png", "00001-5.png"]  # no temporary left
 
 
+def test_save_writes_the_renders_infotext_extras(tmp_path):
+    """The engine's ``TI hashes`` reach both texts of the PNG, for generate and the app alike."""
+    service = RenderService(ScriptedEngine(), tmp_path / "out")
+    done = result()
+    done.infotext_extra = {"TI hashes": "foxy: 0123456789ab"}
+    path = service.save(PARAMS, done)
+    with Image.open(path) as im:
+        assert im.info["parameters"].endswith(', TI hashes: "foxy: 0123456789ab"')
+        assert json.loads(im.info["sdterm"])["TI hashes"] == "foxy: 0123456789ab"
+    assert read_png_parameters(path).embeddings == {"foxy": "0123456789ab"}
+
+
 def test_a_failed_save_keeps_a_copy_and_says_where(tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the output folder should be")

@@ -12,7 +12,7 @@ from ..errors import EXIT_INTERNAL, UserError, debug_enabled
 from ..options import add_render_options, params_from_args
 from ..params import MAX_SEED
 from ..resolve import user_config
-from .engine_setup import add_threads_option, make_engine
+from .engine_setup import add_embeddings_option, add_threads_option, make_engine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="open the app on the tiny demo model (random weights: images are noise; no GPU needed)",
     )
     parser.add_argument("--no-cache", action="store_true", help="don't read or write the prompt-embedding cache")
+    add_embeddings_option(parser)
     add_threads_option(parser)
 
 

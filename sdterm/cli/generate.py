@@ -14,7 +14,7 @@ from ..options import add_render_options, params_from_args, whole_number
 from ..params import MAX_BATCH, MAX_SEED, Params, batch
 from ..resolve import user_config
 from ..units import format_bytes
-from .engine_setup import add_threads_option, make_engine
+from .engine_setup import add_embeddings_option, add_threads_option, make_engine
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -43,11 +43,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     gen.add_argument("-n", "--batch-count", metavar="N", type=whole_number, default=1,
                      help=f"N images in a row, seeds SEED, SEED+1, ... (1..{MAX_BATCH}; each line of --from-file N times)")
     gen.add_argument("--json", action="store_true",
-                     help="print one JSON object per image with the path, seed and per-stage figures")
+                     help="print one JSON object per image with the path, seed, per-stage figures, and the "
+                          "prompts' chunks and embeddings")
     gen.add_argument("--history", action=argparse.BooleanOptionalAction, default=None,
                      help="record each image in the history, as the app does (default: defaults.history "
                           "in sdterm.yaml, else yes)")
     gen.add_argument("--no-cache", action="store_true", help="don't read or write the prompt-embedding cache")
+    add_embeddings_option(gen)
     add_threads_option(gen)
     return gen
 
@@ -214,6 +216,8 @@ def _render_one(service, params: Params, as_json: bool) -> None:
             "demo": result.demo,
             "request": params.to_dict(),
             "cache": result.stages[0].cache_texts,
+            "prompts": result.prompts,
+            "infotext_extra": result.infotext_extra,
             "stages": [s.to_dict() for s in result.stages],
             "notices": result.notices + ([demo_note] if result.demo else []),
         }
