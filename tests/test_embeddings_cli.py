@@ -130,7 +130,7 @@ def test_settings_name_the_folder_with_tilde_and_the_flag_wins(demo_model, tmp_p
 def test_the_data_folders_embeddings_are_used_and_their_absence_is_silent(demo_model, tmp_path, run_cli):
     default = paths.data_dir() / "embeddings"
     assert not default.exists()
-    code, out, err = run_cli("generate", PROMPT, "--model", demo_model, "--outdir", tmp_path / "out", *SMALL)
+    code, _, err = run_cli("generate", PROMPT, "--model", demo_model, "--outdir", tmp_path / "out", *SMALL)
     assert code == 0 and "embedding" not in err, err
     short = write_embedding(default)
     data, err = render(run_cli, demo_model, tmp_path / "out")
@@ -192,6 +192,7 @@ def test_show_checks_the_images_embeddings_against_the_folder(tmp_path, run_cli)
             "the image will differ") in notes
 
     code, out, err = run_cli("show", "--json", image, "--embeddings", folder)
+    assert code == 0, err
     data = json.loads(out)
     assert data["embeddings"] == {"foxy": short, "easynegative": "c74b4e810b03"}
     assert "TI hashes" not in data["extra"]
@@ -201,11 +202,11 @@ def test_show_checks_the_images_embeddings_against_the_folder(tmp_path, run_cli)
 def test_show_looks_where_generate_does(tmp_path, run_cli):
     short = write_embedding(paths.data_dir() / "embeddings")
     image = a1111_png(tmp_path / "a.png", f"foxy: {short}")
-    out, notes = show(run_cli, image)
+    _, notes = show(run_cli, image)
     assert not any("embedding" in n for n in notes)
     settings_folder = tmp_path / "configured"
     write_settings(f"defaults:\n  embeddings_dir: {settings_folder}\n")
-    out, notes = show(run_cli, image)
+    _, notes = show(run_cli, image)
     assert f"embedding foxy [{short}]: missing from {settings_folder}: the image will differ" in notes
 
 
@@ -233,7 +234,7 @@ def test_show_never_imports_torch_even_to_check_embeddings(tmp_path):
     short = write_embedding(folder)
     image = a1111_png(tmp_path / "a.png", f"foxy: {short}, easynegative: c74b4e810b03")
     proc = subprocess.run([sys.executable, "-c", PROBE, "show", str(image), "--embeddings", str(folder)],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ), check=False)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["code"] == 0 and "easynegative [c74b4e810b03]: missing" in got["err"]
     assert got["torch"] is False
