@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import shlex
 import sys
@@ -129,10 +128,6 @@ def notes(found: ImageParameters) -> list[str]:
     return out
 
 
-EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
-"""The files an embeddings folder scan picks up (``sdterm.engine.prompt.embeddings``, which imports torch)."""
-
-
 @dataclass(frozen=True)
 class EmbeddingCheck:
     """One embedding an image names, looked up in the user's embeddings folders."""
@@ -173,20 +168,13 @@ class EmbeddingCheck:
 
 def embedding_files(folders: list[Path]) -> dict[str, Path]:
     """Trigger word -> the file a render would use: the first found, folder by folder, each walked
-    as the engine walks it (recursively, following links, hidden names skipped, sorted)."""
+    as the engine walks it."""
+    from .engine.prompt.embedding_files import embedding_files as walk
+
     found: dict[str, Path] = {}
     for folder in folders:
-        visited: set[str] = set()
-        for root, dirs, files in os.walk(folder, followlinks=True):
-            real = os.path.realpath(root)
-            if real in visited:
-                dirs[:] = []
-                continue
-            visited.add(real)
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                if not name.startswith(".") and name.lower().endswith(EMBEDDING_SUFFIXES):
-                    found.setdefault(Path(name).stem, Path(root) / name)
+        for path in walk(folder):
+            found.setdefault(path.stem, path)
     return found
 
 

@@ -35,9 +35,8 @@ from pathlib import Path
 import torch
 
 from ..loading.checkpoint import CheckpointError, first_line, sniff_format, unsafe_pickle_reason
+from .embedding_files import EMBEDDING_SUFFIXES, embedding_files  # noqa: F401 (EMBEDDING_SUFFIXES: re-exported)
 
-EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
-"""What a folder scan picks up (any case). :func:`load_embedding` itself goes by content."""
 MAX_VECTORS = 75
 """One prompt chunk: A1111 never splits an embedding across chunks, so a longer one can't be used."""
 MAX_FILE_BYTES = 64 * 2**20
@@ -329,7 +328,7 @@ class EmbeddingDB:
                     continue
                 problems.append(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
                 continue
-            for path in _embedding_files(folder):
+            for path in embedding_files(folder):
                 try:
                     st = path.stat()
                     stamp = (st.st_size, st.st_mtime_ns)
@@ -414,21 +413,3 @@ class EmbeddingDB:
             entries.sort(key=lambda e: len(e[0]), reverse=True)  # stable: ties keep by_name order
         self._lookup, self._lookup_tokenize, self._index_problems = lookup, tokenize, problems
         return lookup
-
-
-def _embedding_files(folder: Path) -> list[Path]:
-    """Embedding files under ``folder``, recursively and following links (as A1111's os.walk),
-    each folder visited once (a link loop ends), in a stable order."""
-    out: list[Path] = []
-    visited: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in visited:
-            dirs[:] = []
-            continue
-        visited.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(EMBEDDING_SUFFIXES):
-                out.append(Path(root) / name)
-    return out
