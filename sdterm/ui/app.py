@@ -39,6 +39,7 @@ from .text import plain
 from .widgets.image_view import ImageView
 from .widgets.prompt import PromptInput
 from .widgets.stage_panel import StagePanel
+from .widgets.token_line import TokenLine
 
 Loader = Callable[[str | None, Callable[[str], None]], RenderService]
 """``load(name, progress)``: the render service for model ``name`` (None: the configured one);
@@ -108,6 +109,7 @@ class SdtermApp(PromptFlow, Keys, App):
             yield PromptInput(placeholder="prompt — Enter renders · /help for commands · F1 keys", id="prompt",
                               recall=self.recall_step, paste=self.paste_block, help=self.action_help,
                               values={"model": lambda typed: self.model_names()})
+            yield TokenLine(id="tokens")
             yield Input(placeholder="negative prompt", id="negative", select_on_focus=False)
             yield Static(id="params")
         with Horizontal(id="main"):
@@ -151,6 +153,7 @@ class SdtermApp(PromptFlow, Keys, App):
         else:
             line += " · no model: /model NAME loads one"
         self.query_one("#params", Static).update(plain(line))
+        self.refresh_tokens()  # the steps, the sampler or the model may have changed
 
     @property
     def busy(self) -> bool:

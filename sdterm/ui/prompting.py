@@ -23,6 +23,7 @@ from ..params import Params
 from ..units import format_bytes
 from .screens import HistoryScreen, summary
 from .widgets.prompt import PromptInput
+from .widgets.token_line import TokenLine
 
 def split_trailing_command(text: str) -> tuple[str, Command] | None:
     """``("a cat", Command("steps", "50"))`` for ``"a cat /steps 50"``: a known command's name after a
@@ -65,6 +66,23 @@ class PromptFlow:
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "negative":
             self.session.set_negative(event.value)
+        self.refresh_tokens()
+
+    def on_descendant_focus(self, event) -> None:
+        self.refresh_tokens()  # into or out of the negative prompt box
+
+    # ---- the token line ----------------------------------------------------------------------
+
+    def refresh_tokens(self) -> None:
+        """The token line under the prompt box describes the prompt, or the negative prompt while
+        that box has the focus, for the current steps, sampler and model."""
+        if not self.screen_stack or self.screen is not self.screen_stack[0]:
+            return  # a modal screen is up (queries would look there); closing it refocuses a box
+        negative = self.query_one("#negative", Input)
+        box = negative if self.focused is negative else self.prompt_box
+        p = self.session.params
+        self.query_one(TokenLine).describe(self.engine, box.value, steps=p.steps, sampler=p.sampler,
+                                           negative=box is negative, loading=self._loading is not None)
 
     def _submitted(self, text: str) -> None:
         try:

@@ -26,6 +26,7 @@ HELP = """\
 | prompt | **↑ / ↓** | earlier / later prompts (your settings stay) |
 | prompt | **!N** Enter | history entry N with its settings (`/history` lists them) |
 | prompt | paste | an A1111 parameters block sets the prompt and every setting in it |
+| prompt | the line under it | tokens as you type: the count, where each 75-token chunk ends (`┃72┃`: put BREAK there), weights `×1.30`, embeddings `‹name:Nv›` (the negative's while its box has the focus) |
 | anywhere | **Ctrl+R** | search the history (restores that render's settings) |
 | anywhere | **Tab / Shift+Tab** | prompt → image → negative prompt |
 | image | **Enter** | render again with the current settings |
