@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from sdterm.engine.loading.checkpoint import CheckpointError, open_checkpoint
+from sdterm.engine.prompt import embedding_db
 from sdterm.engine.prompt import embeddings as E
-from sdterm.engine.prompt.embeddings import EmbeddingDB, EmbeddingError, load_embedding, ti_hashes
+from sdterm.engine.prompt.embedding_db import EmbeddingDB
+from sdterm.engine.prompt.embeddings import EmbeddingError, load_embedding, ti_hashes
 
 W = 768
 
@@ -402,7 +404,7 @@ def test_db_reload_reads_only_what_changed(tmp_path, monkeypatch):
 
     reads: list[str] = []
     real = E.load_embedding
-    monkeypatch.setattr(E, "load_embedding", lambda p, w=768: reads.append(Path(p).name) or real(p, w))
+    monkeypatch.setattr(embedding_db, "load_embedding", lambda p, w=768: reads.append(Path(p).name) or real(p, w))
     assert db.reload() is False and reads == [] and len(db.problems) == 1
 
     write_emb_params(f / "c.safetensors", _vec(1, seed=3))

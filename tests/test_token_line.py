@@ -13,7 +13,7 @@ from textual import events
 from textual.widgets import Input
 
 from sdterm.engine.pipeline import Engine, open_model
-from sdterm.engine.prompt.conditioning import Piece, PromptReport
+from sdterm.engine.prompt.report import Piece, PromptReport
 from sdterm.history import History, history_file
 from sdterm.params import Params
 from sdterm.session import Session

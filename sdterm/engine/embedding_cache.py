@@ -219,3 +219,36 @@ class EmbeddingCache:
             oldest=min(times) if times else None,
             newest=max(times) if times else None,
         )
+
+
+@dataclass(frozen=True)
+class ChunkStore:
+    """The cache as a render uses it: a prompt chunk's unweighted (77, dim) encoder output, keyed
+    by the chunk (its ids and embeddings, ``Chunk.key``/``fix_signature``) and the clip skip for
+    one encoder, tokenizer and precision."""
+
+    cache: EmbeddingCache
+    encoder_id: str
+    tokenizer_id: str
+    precision: str
+    model_hash: str
+
+    def key(self, chunk, clip_skip: int) -> str:
+        return cache_key(self.encoder_id, self.tokenizer_id, chunk.ids, precision=self.precision,
+                         clip_skip=clip_skip, fixes=chunk.fix_signature)
+
+    def found(self, chunks, clip_skip: int, dim: int) -> dict:
+        """The cached output of each of ``chunks`` the cache has, by chunk key."""
+        out = {}
+        for c in chunks:
+            if c.key not in out:
+                emb = self.cache.get(self.key(c, clip_skip), dim)
+                if emb is not None and emb.shape[0] == len(c.ids):
+                    out[c.key] = emb
+        return out
+
+    def put(self, chunks, outputs: dict, labels: dict, clip_skip: int) -> None:
+        """Store ``outputs[chunk.key]`` for each chunk (``labels[chunk.key]``: the text it came
+        from, for ``sdterm cache``); OSError when the cache can't be written."""
+        entries = {self.key(c, clip_skip): (outputs[c.key], labels.get(c.key, "")) for c in chunks}
+        self.cache.put_many(entries, model_hash=self.model_hash)

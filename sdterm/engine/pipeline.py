@@ -10,24 +10,25 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 
 from ..params import Params
-from .embedding_cache import EmbeddingCache, cache_key
-from .events import STAGE_TITLES, Emit, Notice, StageStats, StepDone, ignore
+from .embedding_cache import ChunkStore, EmbeddingCache
+from .events import STAGE_TITLES, Emit, Notice, StepDone, ignore
 from .loading.models import Models, ModelSource, open_model
 from .memory.meter import StageMeter, memory_sample
+from .result import Cancelled, OutOfMemory, Result, to_image
 from .memory.placement import Placement, resolve_device, run_dtype
 from .memory.planner import MARGIN, Plan, cheaper, plan_render
 from .memory.streaming import RingStreamer
 from .memory.tiling import choose_tile, decode_latents, fp32_decode_tile, vae_activation_bytes
-from .prompt.conditioning import (Chunk, Conditioning, RolePrompt, cache_status, cached_chunks, empty_chunk,
-                                  encode_chunk, prepare_prompts, schedule_steps)
+from .prompt.conditioning import (Chunk, Conditioning, RolePrompt, cache_status, empty_chunk, encode_chunk,
+                                  needed_chunks, prepare_prompts, schedule_steps)
+from .prompt.embedding_db import EmbeddingFolders
+from .prompt.report import infotext_extra, prompt_summary
 from ..samplers import resolve_schedule
 from .sampling import SamplingContext, get_sampler
 from .sampling.schedules import sampler_plan
@@ -36,35 +37,6 @@ from .sampling.rng import ImageRNG
 
 DEFAULT_BUDGET_MARGIN = 512 * 2**20
 """Without --vram-budget, leave this much of the device's free memory to others."""
-
-
-class Cancelled(Exception):
-    """The render was cancelled; nothing was written."""
-
-
-@dataclass
-class Result:
-    image: Image.Image
-    request: Params
-    seconds: float
-    stages: list[StageStats]
-    model_name: str
-    model_hash: str
-    demo: bool
-    latents: torch.Tensor = field(repr=False)
-    notices: list[str] = field(default_factory=list)
-    plan: str = "staged"
-    """How the models were placed for this render (the planner's description)."""
-    prompts: dict = field(default_factory=dict)
-    """Per role ("prompt", "negative"): tokens, chunks, embeddings, schedule (:func:`prompt_summary`)."""
-    infotext_extra: dict[str, str] = field(default_factory=dict)
-    """Infotext fields the render adds (``TI hashes``), as A1111 writes them."""
-
-
-def to_image(decoded: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) in [-1, 1] -> an RGB PIL image."""
-    x = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB")
 
 
 class Engine:
@@ -100,12 +72,10 @@ class Engine:
         """A fixed plan instead of the planner's choice (tests, experiments)."""
         self.cache = cache
         self.placement = Placement(self.device)
-        self.embedding_dirs: list[Path] = list(embedding_dirs or [])
-        """Folders of textual-inversion embeddings, searched in order (rescanned at each render)."""
-        self.optional_embedding_dirs: list[Path] = list(optional_embedding_dirs or [])
-        """Those of :attr:`embedding_dirs` that may be missing without a word (the default one)."""
-        self._embedding_db = None
-        self._told: set[str] = set()
+        self.embeddings = EmbeddingFolders(embedding_dirs or [], self.models.cfg.text.hidden_size,
+                                           optional=optional_embedding_dirs or [])
+        """Folders of textual-inversion embeddings, searched in order, rescanned at each render
+        (``optional``: those that may be missing without a word, the default one)."""
 
     @property
     def source(self) -> ModelSource:
@@ -158,9 +128,9 @@ class Engine:
         """How ``text`` is tokenized, chunked, weighted and where its embeddings are
         (``PromptReport``), for a display beside the prompt box: no model is built; the first
         call may import transformers to tokenize (seconds), so call it off the UI thread."""
-        from .prompt.conditioning import explain
+        from .prompt.report import explain
 
-        db = self._embedding_index()
+        db = self.embeddings.index(self.models.tokenizer.ids)
         second = get_sampler(sampler).info.second_order if sampler else False
         return explain(text, self.models.tokenizer, schedule_steps(steps, second), embeddings=db)
 
@@ -196,8 +166,9 @@ class Engine:
 
         texts = {"prompt": pos, "negative": neg}
         filler = empty_chunk(tokenizer)
-        cached = self._cached(texts, filler, clip_skip)
-        needed = self._needed(texts, filler)
+        needed = needed_chunks(texts, filler)
+        store = self._chunk_store()
+        cached = store.found(needed, clip_skip, self.models.cfg.text.hidden_size) if store is not None else {}
         plan = self.forced_plan or self.plan(req, text_needed=any(c.key not in cached for c in needed))
         # Whatever the plan doesn't keep resident leaves the device before the render starts.
         for name, mode in (("text", plan.text), ("unet", plan.unet), ("vae", plan.vae)):
@@ -240,7 +211,7 @@ class Engine:
             notices=notices,
             plan=plan.describe(self.models.sizes() if plan.unet != "host" else None),
             prompts={role: prompt_summary(p) for role, p in texts.items()},
-            infotext_extra=_infotext_extra(pos, neg if req.cfg != 1.0 else None),
+            infotext_extra=infotext_extra(pos, neg if req.cfg != 1.0 else None),
         )
 
     def _with_retry(self, stage: str, plan: Plan, req: Params, notice, run):
@@ -291,57 +262,20 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _embeddings(self, notice):
-        """The textual-inversion embeddings (an ``EmbeddingDB``, rescanned: files added, changed or
-        removed since the last render count), or None without embedding folders. Each file that
-        can't be used is named once per engine, and the render goes on without it."""
-        db = self._embedding_index()
-        if db is None:
-            return None
-        for problem in db.problems:
-            if problem not in self._told:
-                self._told.add(problem)
-                notice(f"embedding not used: {problem}", "warning")
+        """The textual-inversion embeddings (rescanned: files added, changed or removed since the
+        last render count), or None without embedding folders; each file that can't be used is
+        named once per engine, and the render goes on without it."""
+        db = self.embeddings.index(self.models.tokenizer.ids)
+        for problem in self.embeddings.untold():
+            notice(f"embedding not used: {problem}", "warning")
         return db
 
-    def _embedding_index(self):
-        """The embedding folders' ``EmbeddingDB``, rescanned (None without folders)."""
-        if not self.embedding_dirs:
-            return None
-        from .prompt.embeddings import EmbeddingDB
-
-        if self._embedding_db is None:
-            self._embedding_db = EmbeddingDB(self.embedding_dirs, self.models.cfg.text.hidden_size,
-                                             optional=self.optional_embedding_dirs)
-        else:
-            self._embedding_db.reload()
-        self._embedding_db.find([], 0, self.models.tokenizer.ids)  # index the trigger words: their problems too
-        return self._embedding_db
-
-    def _key(self, chunk: Chunk, clip_skip: int) -> str:
-        """The embedding-cache key of one chunk (its ids and embeddings) for this encoder, tokenizer,
-        device, dtype and clip skip."""
-        precision = f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
-        return cache_key(self.models.encoder_id, self.models.tokenizer.identity, chunk.ids, precision=precision,
-                         clip_skip=clip_skip, fixes=chunk.fix_signature)
-
-    @staticmethod
-    def _needed(texts: dict[str, RolePrompt], filler: Chunk) -> list[Chunk]:
-        """Every distinct chunk the render encodes: each role's schedule entries' chunks, and the
-        empty chunk where a role's entries differ in chunk count (A1111 pads them with it)."""
-        out: dict[tuple, Chunk] = {}
-        for p in texts.values():
-            for c in p.chunks:
-                out.setdefault(c.key, c)
-            if len({len(e.chunks) for e in p.entries}) > 1:
-                out.setdefault(filler.key, filler)
-        return list(out.values())
-
-    def _cached(self, texts: dict[str, RolePrompt], filler: Chunk, clip_skip: int) -> dict[tuple, torch.Tensor]:
-        """The cached unweighted (77, dim) encoder output of each chunk the cache has, by chunk key."""
+    def _chunk_store(self) -> ChunkStore | None:
+        """The embedding cache for this encoder, tokenizer, device and dtype (None without one)."""
         if self.cache is None:
-            return {}
-        return cached_chunks(self.cache, lambda c: self._key(c, clip_skip), {"": _Needed(self._needed(texts, filler))},
-                             self.models.cfg.text.hidden_size)
+            return None
+        return ChunkStore(self.cache, self.models.encoder_id, self.models.tokenizer.identity,
+                          f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}", self.models.model_hash)
 
     def _text_stage(self, texts: dict[str, RolePrompt], needed: list[Chunk], cached: dict[tuple, torch.Tensor],
                     clip_skip: int, plan: Plan, emit: Emit, notice):
@@ -366,7 +300,13 @@ class Engine:
             finally:
                 self._release("text", plan.text)
             chunks.update(fresh)
-            self._store(missing, fresh, texts, clip_skip, notice)
+            store = self._chunk_store()
+            if store is not None:
+                try:
+                    store.put(missing, fresh, {c.key: p.text for p in texts.values() for c in p.chunks}, clip_skip)
+                except OSError as exc:
+                    notice(f"embedding cache unusable ({exc.strerror or exc}): rendering without it", "warning")
+                    self.cache = None
         else:
             meter.loaded()
         overall, status = cache_status(texts, cached) if self.cache is not None else (None, None)
@@ -376,18 +316,6 @@ class Engine:
         """Start uploading the next stage's model on the side stream; ``_acquire`` joins it."""
         self._registered(stage)
         self.placement.upload(stage, prefetch=True)
-
-    def _store(self, missing: list[Chunk], fresh: dict[tuple, torch.Tensor], texts: dict[str, RolePrompt],
-               clip_skip: int, notice) -> None:
-        if self.cache is None:
-            return
-        label = {c.key: p.text for p in texts.values() for c in p.chunks}
-        entries = {self._key(c, clip_skip): (fresh[c.key], label.get(c.key, "")) for c in missing}
-        try:
-            self.cache.put_many(entries, model_hash=self.models.model_hash)
-        except OSError as exc:
-            notice(f"embedding cache unusable ({exc.strerror or exc}): rendering without it", "warning")
-            self.cache = None
 
     def _unet_stage(self, req: Params, cond: Conditioning, uncond: Conditioning, plan: Plan, progress: dict,
                     emit: Emit, check):
@@ -484,43 +412,6 @@ class Engine:
             return plan.vae_tile
         available = budget - MARGIN - torch.cuda.memory_allocated(self.device) - 2 * self.models.sizes().vae
         return fp32_decode_tile(self.models.cfg.vae, z.shape[-2], z.shape[-1], plan.vae_tile, available)
-
-
-@dataclass
-class _Needed:
-    """A stand-in role holding a list of chunks (for :func:`cached_chunks`)."""
-
-    chunks: list[Chunk]
-
-
-def prompt_summary(p: RolePrompt) -> dict:
-    """What a render made of a role's text, for ``generate --json``: tokens, chunks (prompt tokens
-    in each), embeddings used, and the schedule (each text with the last step it is used for)."""
-    first = p.entries[0]
-    return {
-        "tokens": p.n_tokens,
-        "chunks": [c.length for c in first.chunks],
-        "embeddings": [{"name": e.name, "vectors": e.n_vectors, "hash": e.hash, "file": str(e.path)}
-                       for e in p.used_embeddings()],
-        "schedule": [{"until_step": end, "text": e.text, "chunks": [c.length for c in e.chunks]}
-                     for end, e in p.schedule] if len(p.schedule) > 1 else [],
-    }
-
-
-def _infotext_extra(pos: RolePrompt, neg: RolePrompt | None) -> dict[str, str]:
-    """The infotext fields a render adds (A1111's ``extra_generation_params``): ``TI hashes``, the
-    prompt's embeddings then the negative's (A1111 encodes the negative first and each encoding
-    puts its list before the one already there); the negative's are absent at CFG scale 1,
-    where A1111 doesn't encode it."""
-    from .prompt.embeddings import ti_hashes
-
-    parts = [ti_hashes(r.used_embeddings()) for r in (pos, neg) if r is not None]
-    value = ", ".join(part for part in parts if part)
-    return {"TI hashes": value} if value else {}
-
-
-class OutOfMemory(RuntimeError):
-    """Out of device memory even with the cheapest plan; one line for the user."""
 
 
 __all__ = ["Cancelled", "Engine", "ModelSource", "OutOfMemory", "Result", "open_model", "to_image"]

@@ -399,84 +399,13 @@ def cache_status(texts: dict[str, RolePrompt], cached) -> tuple[str, dict[str, s
     return (values.pop() if len(values) == 1 else "partial"), status
 
 
-def cached_chunks(cache, key: Callable[[Chunk], str], texts: dict[str, RolePrompt], dim: int) -> dict:
-    """The cached unweighted (77, dim) encoder output of each chunk of ``texts`` that ``cache`` has,
-    by :attr:`Chunk.key` (``key(chunk)``: the chunk's cache key)."""
-    found = {}
+def needed_chunks(texts: dict[str, RolePrompt], filler: Chunk) -> list[Chunk]:
+    """Every distinct chunk a render encodes: each role's schedule entries' chunks, and the empty
+    chunk where a role's entries differ in chunk count (A1111 pads them with it)."""
+    out: dict[tuple, Chunk] = {}
     for p in texts.values():
         for c in p.chunks:
-            if c.key not in found:
-                emb = cache.get(key(c), dim)
-                if emb is not None and emb.shape[0] == len(c.ids):
-                    found[c.key] = emb
-    return found
-
-
-# ---- what the prompt box shows while typing ---------------------------------------------------
-
-@dataclass(frozen=True)
-class Piece:
-    """A run of a chunk's positions with one weight: plain tokens, or one embedding's vectors."""
-
-    text: str
-    """What the tokens read as (a word's last token followed by a space), or the trigger word."""
-    weight: float
-    tokens: int
-    """Positions it takes in the chunk (an embedding: its vectors)."""
-    embedding: str | None = None
-    """The trigger word, where this is a textual-inversion embedding."""
-
-
-@dataclass(frozen=True)
-class PromptReport:
-    """How a text is tokenized, chunked and weighted (InvokeAI's "log tokenization", live)."""
-
-    tokens: int
-    """A1111's count: 75 per closed chunk plus the last chunk's tokens."""
-    chunks: tuple[tuple[Piece, ...], ...]
-    """Each chunk's pieces in order; a chunk's tokens are the sum of its pieces' (at most 75)."""
-    embeddings: tuple[str, ...]
-    """Trigger words found, each once, in order."""
-    variants: int
-    """Distinct texts in the prompt's schedule (1: nothing scheduled); the report is of the one
-    with the most tokens, as A1111's token counter shows."""
-    has_and: bool
-    """``AND`` as a word: A1111 would split the prompt (composable diffusion); sdterm reads it as text."""
-
-
-def explain(text: str, tokenizer, steps: int, *, embeddings=None) -> PromptReport:
-    """``text`` as a render would chunk it (the schedule entry with the most tokens), for display."""
-    from ...prompt_syntax import split_and
-
-    role = role_prompt(text, tokenizer, steps, embeddings=embeddings)
-    entry = max(role.entries, key=lambda p: p.n_tokens)
-    chunks = []
-    for c in entry.chunks:
-        fixes = {f.position: f for f in c.fixes}
-        pieces: list[Piece] = []
-        run: list[int] = []
-        weight = None
-        pos = 1
-
-        def flush() -> None:
-            if run:
-                pieces.append(Piece(tokenizer.decode(run), weight, len(run)))
-                run.clear()
-
-        while pos <= c.length:
-            fix = fixes.get(pos)
-            if fix is not None:
-                flush()
-                n = fix.embedding.n_vectors
-                pieces.append(Piece(fix.embedding.name, c.multipliers[pos], n, fix.embedding.name))
-                pos += n
-                continue
-            if c.multipliers[pos] != weight:
-                flush()
-                weight = c.multipliers[pos]
-            run.append(c.ids[pos])
-            pos += 1
-        flush()
-        chunks.append(tuple(pieces))
-    names = tuple(dict.fromkeys(e.name for e in entry.embeddings))
-    return PromptReport(entry.n_tokens, tuple(chunks), names, len({p.text for p in role.entries}), split_and(text)[1])
+            out.setdefault(c.key, c)
+        if len({len(e.chunks) for e in p.entries}) > 1:
+            out.setdefault(filler.key, filler)
+    return list(out.values())

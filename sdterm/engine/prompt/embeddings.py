@@ -15,10 +15,8 @@ that would run code is refused, and its code never runs.
 
 The hash is A1111's: the file's sha256; ``TI hashes:`` shows 12 hex digits (:func:`ti_hashes`).
 
-:class:`EmbeddingDB` scans folders (recursively, following links, as A1111 does), loads every
-usable file, and collects one line per file it can't use instead of raising. Trigger words are
-found in a tokenized prompt as A1111's ``find_embedding_at_position`` does: each trigger word's
-own token ids, looked up by their first id, longest first.
+Folders of them (scanned, indexed by trigger word, their problems collected) are
+:mod:`.embedding_db`.
 """
 
 from __future__ import annotations
@@ -28,14 +26,13 @@ import io
 import os
 import threading
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..loading.checkpoint import CheckpointError, first_line, sniff_format, unsafe_pickle_reason
-from .embedding_files import EMBEDDING_SUFFIXES, embedding_files  # noqa: F401 (EMBEDDING_SUFFIXES: re-exported)
 
 MAX_VECTORS = 75
 """One prompt chunk: A1111 never splits an embedding across chunks, so a longer one can't be used."""
@@ -253,163 +250,3 @@ def _check_vectors(tensor: torch.Tensor, p: Path, width: int) -> torch.Tensor:
     if not torch.isfinite(vectors).all():
         raise EmbeddingError(f"{p}: its vectors hold NaN or infinite values")
     return vectors
-
-
-# --------------------------------------------------------------------------------------------
-# A folder of them
-# --------------------------------------------------------------------------------------------
-
-
-Tokenize = Callable[[str], Sequence[int]]
-"""A text's token ids without BOS/EOS (CLIP's tokenizer with ``add_special_tokens=False``)."""
-
-
-@dataclass
-class _Seen:
-    stamp: tuple[int, int]
-    result: TextualInversion | str  # the embedding, or the problem line
-
-
-@dataclass(eq=False)
-class EmbeddingDB:
-    """The embeddings in ``folder`` (one folder, or several, searched in order), ``width`` wide.
-
-    Loads every ``.pt``/``.safetensors``/``.bin`` under the folders eagerly (files are tiny);
-    files it can't use are skipped and described in :attr:`problems`, one line each. Hidden
-    files and folders (``.name``) are not looked at. :meth:`reload` picks up added, changed and
-    removed files, reading only the changed ones.
-    """
-
-    folder: str | os.PathLike | Sequence[str | os.PathLike]
-    width: int = 768
-    optional: Sequence[str | os.PathLike] = ()
-    """Folders that may be missing without a problem line (a default folder nobody made)."""
-    folders: list[Path] = field(init=False, default_factory=list)
-    by_name: dict[str, TextualInversion] = field(init=False, default_factory=dict)
-    """Trigger word -> embedding, sorted case-insensitively (as A1111 lists them)."""
-    _scan_problems: list[str] = field(init=False, default_factory=list)
-    _index_problems: list[str] = field(init=False, default_factory=list)
-    _seen: dict[Path, _Seen] = field(init=False, default_factory=dict)
-    _lookup: dict[int, list[tuple[tuple[int, ...], TextualInversion]]] | None = field(init=False, default=None)
-    _lookup_tokenize: Tokenize | None = field(init=False, default=None)
-    _lock: threading.RLock = field(init=False, default_factory=threading.RLock)
-    """A render and the app's token line may rescan or index at once."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.folder, (str, os.PathLike)):
-            self.folders = [Path(self.folder)]
-        else:
-            self.folders = [Path(f) for f in self.folder]
-        self.reload()
-
-    @property
-    def problems(self) -> list[str]:
-        """One line per file (or folder) that can't be used, naming it and saying why."""
-        return [*self._scan_problems, *self._index_problems]
-
-    def __len__(self) -> int:
-        return len(self.by_name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.by_name
-
-    def reload(self) -> bool:
-        """Rescan the folders; returns whether the set of embeddings changed."""
-        with self._lock:
-            return self._reload()
-
-    def _reload(self) -> bool:
-        problems: list[str] = []
-        found: dict[str, TextualInversion] = {}
-        seen: dict[Path, _Seen] = {}
-        for folder in self.folders:
-            if not folder.is_dir():
-                if not folder.exists() and any(Path(o) == folder for o in self.optional):
-                    continue
-                problems.append(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
-                continue
-            for path in embedding_files(folder):
-                try:
-                    st = path.stat()
-                    stamp = (st.st_size, st.st_mtime_ns)
-                except OSError as exc:
-                    problems.append(f"{path}: cannot read ({exc.strerror or exc})")
-                    continue
-                old = self._seen.get(path)
-                if old is not None and old.stamp == stamp:
-                    entry = old
-                else:
-                    try:
-                        entry = _Seen(stamp, load_embedding(path, self.width))
-                    except EmbeddingError as exc:
-                        entry = _Seen(stamp, str(exc))
-                seen[path] = entry
-                if isinstance(entry.result, str):
-                    problems.append(entry.result)
-                    continue
-                emb = entry.result
-                if emb.name in found:
-                    problems.append(
-                        f"{path}: the trigger word {emb.name!r} is already {found[emb.name].path}; this file is not used"
-                    )
-                    continue
-                found[emb.name] = emb
-        by_name = {name: found[name] for name in sorted(found, key=lambda n: (n.lower(), n))}
-        changed = [(n, e.path, e.sha256) for n, e in by_name.items()] != [
-            (n, e.path, e.sha256) for n, e in self.by_name.items()
-        ]
-        self._seen = seen
-        self._scan_problems = problems
-        if changed:
-            self.by_name = by_name
-            self._lookup = None
-            self._lookup_tokenize = None
-            self._index_problems = []
-        return changed
-
-    def find(self, ids: Sequence[int], i: int, tokenize: Tokenize) -> tuple[TextualInversion, int] | None:
-        """The embedding whose trigger word's token ids start at ``ids[i]``, and how many of
-        ``ids`` it covers; the longest trigger word wins. None where none starts there.
-
-        ``tokenize`` gives a text's ids without BOS/EOS; the trigger words are tokenized with it
-        once (again only when a different callable is passed), so pass the same one each time.
-        """
-        if not 0 <= i < len(ids):
-            return None
-        candidates = self._index(tokenize).get(ids[i])
-        if not candidates:
-            return None
-        for trigger, emb in candidates:
-            n = len(trigger)
-            if tuple(ids[i : i + n]) == trigger:
-                return emb, n
-        return None
-
-    def _index(self, tokenize: Tokenize) -> dict[int, list[tuple[tuple[int, ...], TextualInversion]]]:
-        """A1111's ids_lookup: first token id -> [(trigger ids, embedding)], longest first."""
-        with self._lock:
-            if self._lookup is not None and self._lookup_tokenize == tokenize:  # bound methods: equal, not identical
-                return self._lookup
-            return self._build_index(tokenize)
-
-    def _build_index(self, tokenize: Tokenize) -> dict[int, list[tuple[tuple[int, ...], TextualInversion]]]:
-        lookup: dict[int, list[tuple[tuple[int, ...], TextualInversion]]] = {}
-        owner: dict[tuple[int, ...], TextualInversion] = {}
-        problems: list[str] = []
-        for emb in self.by_name.values():
-            trigger = tuple(int(t) for t in tokenize(emb.name))
-            if not trigger:
-                problems.append(f"{emb.path}: its trigger word {emb.name!r} is no tokens; it can't be used in a prompt")
-                continue
-            if trigger in owner:
-                problems.append(
-                    f"{emb.path}: its trigger word {emb.name!r} reads the same as {owner[trigger].name!r} "
-                    f"({owner[trigger].path}) to the tokenizer; this file is not used"
-                )
-                continue
-            owner[trigger] = emb
-            lookup.setdefault(trigger[0], []).append((trigger, emb))
-        for entries in lookup.values():
-            entries.sort(key=lambda e: len(e[0]), reverse=True)  # stable: ties keep by_name order
-        self._lookup, self._lookup_tokenize, self._index_problems = lookup, tokenize, problems
-        return lookup

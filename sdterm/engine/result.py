@@ -1,0 +1,45 @@
+"""What a render returns, and how it ends when it doesn't: the result record and the two
+exceptions a front end handles (cancelled, out of memory even with the cheapest plan)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from ..params import Params
+from .events import StageStats
+
+
+class Cancelled(Exception):
+    """The render was cancelled; nothing was written."""
+
+
+@dataclass
+class Result:
+    image: Image.Image
+    request: Params
+    seconds: float
+    stages: list[StageStats]
+    model_name: str
+    model_hash: str
+    demo: bool
+    latents: torch.Tensor = field(repr=False)
+    notices: list[str] = field(default_factory=list)
+    plan: str = "staged"
+    """How the models were placed for this render (the planner's description)."""
+    prompts: dict = field(default_factory=dict)
+    """Per role ("prompt", "negative"): tokens, chunks, embeddings, schedule (:func:`prompt_summary`)."""
+    infotext_extra: dict[str, str] = field(default_factory=dict)
+    """Infotext fields the render adds (``TI hashes``), as A1111 writes them."""
+
+
+def to_image(decoded: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) in [-1, 1] -> an RGB PIL image."""
+    x = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB")
+
+
+class OutOfMemory(RuntimeError):
+    """Out of device memory even with the cheapest plan; one line for the user."""
