@@ -13,6 +13,8 @@ A leaf module (standard library only). Three entry points:
   backslash at the end or before a newline) is one entry with the prompt unchanged.
 * ``split_and(prompt)`` -> ``(prompt, has_and)``: whether A1111 would split it for composable
   diffusion (``AND`` as a word); sdterm renders it as text either way.
+* ``extra_networks(prompt)`` -> ``(prompt without the tags, [NetworkTag, ...])``: A1111's
+  ``<lora:NAME:W>`` tags (``modules/extra_networks.py``), removed from the text CLIP sees.
 
 Where A1111 itself is not deterministic (its Earley parser breaks some ties by hash order, so
 ``[a:3]]`` is scheduled in some Python processes and plain text in others) this module always
@@ -25,7 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["BREAK", "parse_attention", "schedules", "split_and"]
+__all__ = ["BREAK", "NetworkTag", "extra_networks", "lora_tag", "parse_attention", "schedules", "split_and"]
 
 BREAK = "BREAK"
 ROUND = 1.1
@@ -122,6 +124,81 @@ def _to_float(s: str) -> float | None:
 def split_and(prompt: str) -> tuple[str, bool]:
     """``(prompt, True)`` when A1111 would split it on ``AND`` (composable diffusion)."""
     return prompt, _AND_RE.search(prompt) is not None
+
+
+# ----------------------------------------------------------------------------- extra networks
+
+_NETWORK_RE = re.compile(r"<(\w+):([^>]+)>")
+
+
+@dataclass(frozen=True)
+class NetworkTag:
+    """One ``<lora:NAME:...>`` tag, read as A1111's ``ExtraNetworkLora.activate`` reads it:
+    ``<lora:N>`` weighs 1 on both models, ``<lora:N:W>`` W on both, ``<lora:N:Wte:Wunet>`` the
+    text encoder first; ``te=``, ``unet=`` and ``dyn=`` (the rank kept) override; the U-Net
+    takes the text encoder's weight (``te=`` included) unless given."""
+
+    kind: str
+    """``lora`` (A1111's ``lyco`` is the same network type)."""
+    name: str
+    te: float = 1.0
+    unet: float = 1.0
+    dyn: int | None = None
+    text: str = ""
+    """The tag as written."""
+
+
+class NetworkTagError(ValueError):
+    """A tag whose weights can't be read; one line."""
+
+
+def extra_networks(prompt: str) -> tuple[str, list[NetworkTag]]:
+    """The prompt without its ``<kind:...>`` tags (nothing put in their place, as A1111) and the
+    LoRA tags in order. Tags of other kinds (hypernetworks) are removed and returned too, with
+    their kind, for the caller to report. :class:`NetworkTagError` for a weight that isn't a number."""
+    tags: list[NetworkTag] = []
+
+    def take(m: re.Match) -> str:
+        kind, args = m.group(1), m.group(2)
+        tags.append(_read_tag("lora" if kind == "lyco" else kind, args, m.group(0)))
+        return ""
+
+    return _NETWORK_RE.sub(take, prompt), tags
+
+
+def _read_tag(kind: str, args: str, text: str) -> NetworkTag:
+    items = args.split(":")
+    positional: list[str] = []
+    named: dict[str, str] = {}
+    for item in items:
+        parts = item.split("=", 2)
+        if len(parts) == 2:
+            named[parts[0].strip()] = parts[1]
+        else:
+            positional.append(item)
+    name = positional[0].strip() if positional else ""
+
+    def number(value: str, what: str, cast=float):
+        try:
+            out = cast(value.strip())
+        except ValueError:
+            out = None
+        if out is None or out != out or out in (float("inf"), float("-inf")):
+            raise NetworkTagError(f"{text}: the {what} {value.strip()!r} is not a number")
+        return out
+
+    te = number(positional[1], "text-encoder weight") if len(positional) > 1 else 1.0
+    te = number(named["te"], "te=") if "te" in named else te
+    unet = number(positional[2], "U-Net weight") if len(positional) > 2 else te
+    unet = number(named["unet"], "unet=") if "unet" in named else unet
+    dyn = number(positional[3], "dyn", int) if len(positional) > 3 else None
+    dyn = number(named["dyn"], "dyn=", int) if "dyn" in named else dyn
+    return NetworkTag(kind, name, te, unet, dyn, text)
+
+
+def lora_tag(name: str, weight: float) -> str:
+    """The tag ``--lora NAME:W`` adds to a prompt."""
+    return f"<lora:{name}:{weight:g}>"
 
 
 # ------------------------------------------------------------------------------------ scheduling
