@@ -43,6 +43,18 @@ def embeddings_dir() -> Path:
     return data_dir() / "embeddings"
 
 
+def lora_dir() -> Path:
+    """LoRA files when no --lora-dir or defaults.lora_dir names a folder: ``loras`` in the data
+    folder (may be missing)."""
+    return data_dir() / "loras"
+
+
+def vae_dir() -> Path:
+    """Standalone VAE files: ``vae`` in the data folder; a bare name given to --vae or
+    defaults.vae means a file here."""
+    return data_dir() / "vae"
+
+
 def embedding_cache_dir(configured: str = "") -> Path:
     """The prompt-embedding cache: SDTERM_CACHE_DIR/embeddings, else the configured folder, else
     the platformdirs cache dir."""
