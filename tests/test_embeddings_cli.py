@@ -148,12 +148,12 @@ def test_the_apps_flag_reaches_its_engine(demo_model, tmp_path):
     args = build_parser().parse_args(["--model", str(demo_model), "--embeddings", str(folder), "--device", "cpu"])
     apply_defaults(args, user_config())
     service = AppModels(args, str(demo_model), tmp_path / "out", None).load(None, lambda _: None)
-    assert service.engine.embedding_dirs == [folder] and service.engine.optional_embedding_dirs == []
+    assert service.engine.embeddings.folders == [folder] and service.engine.embeddings.optional == []
     args = build_parser().parse_args(["--model", str(demo_model), "--device", "cpu"])
     apply_defaults(args, user_config())
     service = AppModels(args, str(demo_model), tmp_path / "out", None).load(None, lambda _: None)
     default = paths.data_dir() / "embeddings"
-    assert service.engine.embedding_dirs == [default] and service.engine.optional_embedding_dirs == [default]
+    assert service.engine.embeddings.folders == [default] and service.engine.embeddings.optional == [default]
 
 
 # --------------------------------------------------------------------------------------------

@@ -218,6 +218,22 @@ class Placement:
                 unit.device_buf = None
                 unit.ready = None
 
+    def forget(self, name: str) -> None:
+        """Drop ``name``'s units (its model is being replaced: a new VAE file); the next
+        ``register`` packs the new model."""
+        self.offload(name)
+        self.models.pop(name, None)
+
+    def offload_modules(self, name: str, modules: set[nn.Module]) -> None:
+        """Send back to their host copy just the units of ``name`` that hold any of ``modules``
+        (their host weights are about to change: a LoRA merge); the other units stay where they
+        are, and the next upload copies only what was sent back."""
+        for unit in self.models.get(name, []):
+            if unit.device_buf is not None and any(slot.owner in modules for slot in unit.slots):
+                unit.bind(unit.host)
+                unit.device_buf = None
+                unit.ready = None
+
     def offload_all(self) -> None:
         for name in self.models:
             self.offload(name)
