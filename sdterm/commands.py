@@ -16,6 +16,8 @@ should do next, and the one string it needs:
   (``session.recall_entry(message).params``).
 - ``history``: list the last ``message`` (digits) entries of the numbered history.
 - ``model``: switch to the model named ``message``; ``""``: list the models.
+- ``vae``: decode with the VAE ``message`` (a name in the vae folder, a path, ``default``); ``""``: list them.
+- ``lora``: edit the prompt box's LoRA tags as :func:`edit_loras` does with ``message``.
 - ``cache``, ``help``, ``quit``: show the embedding cache, show the commands (``message``: one line), leave.
 
 A handler changes the session only through its public API (``params``, ``set``, ``seed_locked``,
@@ -38,6 +40,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError, shorten
 from .params import MAX_BATCH, MAX_SEED, Params
+from .lora_edit import edit_loras
 from .samplers import (
     RNGS,
     SAMPLER_LIST,
@@ -48,6 +51,7 @@ from .samplers import (
     schedule_name,
     split_sampler,
 )
+from .file_values import image_paths
 from .units import MIN_BUDGET, format_bytes, parse_budget, parse_wh
 
 
@@ -67,8 +71,8 @@ class Outcome:
     """What the front end should do after a command."""
 
     action: str
-    """"message" | "budget" | "open" | "load" | "recall" | "history" | "model" | "cache" | "help" |
-    "quit" (the module's docstring says what each asks for)."""
+    """"message" | "budget" | "open" | "load" | "recall" | "history" | "model" | "vae" | "lora" | "cache" |
+    "help" | "quit" (the module's docstring says what each asks for)."""
     message: str = ""
     """What to show on the notice line; for "open" and "load" the file, for "recall" the entry's
     number, for "history" how many entries, for "model" the name."""
@@ -242,6 +246,27 @@ def _recall(session, arg: str) -> Outcome:
     return Outcome("recall", str(session.recall_entry(arg)[0]))
 
 
+def _draft(session, arg: str) -> Outcome:
+    word = arg.lower()
+    if word not in ("", "on", "off"):
+        raise CommandError(f"/draft takes on or off (nothing: toggle), got {shorten(arg)!r}")
+    if not session.set_draft(word == "on" if word else not session.draft):
+        p = session.params
+        return Outcome("message", f"draft off: renders use {sampler_label(p)} {p.steps} steps CFG {p.cfg:g}")
+    d = session.draft_settings
+    lora = f" + {session.draft_tag}" if d.lora else " (no LCM-LoRA: name one as draft.lora in sdterm.yaml)"
+    return Outcome("message", f"draft on: renders use {d.sampler} {d.steps} steps cfg {d.cfg:g}{lora}; "
+                              "F3 renders the image shown in full quality")
+
+
+def _lora(session, arg: str) -> Outcome:
+    try:
+        edit_loras("", arg)  # the argument's own errors now, before the app edits the prompt box
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    return Outcome("lora", arg)
+
+
 def _help(session, arg: str) -> Outcome:
     return Outcome("help", help_line())
 
@@ -280,6 +305,13 @@ COMMANDS: dict[str, SlashCommand] = {
                      values="path"),
         SlashCommand("model", TEXT, "/model [NAME]", "switch to the model NAME (/model alone lists them)",
                      lambda session, arg: Outcome("model", arg), values="model"),
+        SlashCommand("vae", TEXT, "/vae [NAME|PATH|default]",
+                     "decode with a VAE of the vae folder or a file (default: the model's own; /vae alone lists them)",
+                     lambda session, arg: Outcome("vae", arg), values="vae"),
+        SlashCommand("lora", REQUIRED_TEXT, "/lora NAME[:W] | -NAME",
+                     "add <lora:NAME:W> to the prompt (W 1), set its weight, or take it out (-NAME)", _lora, values="lora"),
+        SlashCommand("draft", OPTIONAL_VALUE, "/draft [on|off]",
+                     "draft mode: renders use the draft settings (LCM 4 steps cfg 1.5), yours are kept (F2)", _draft),
         SlashCommand("cache", NO_ARG, "/cache", "show the prompt-embedding cache", lambda session, arg: Outcome("cache")),
         SlashCommand("help", NO_ARG, "/help", "show the commands and keys", _help, ("?",)),
         SlashCommand("quit", NO_ARG, "/quit", "leave sdterm", lambda session, arg: Outcome("quit"), ("exit", "q")),
@@ -336,34 +368,6 @@ ValueSource = Callable[[str], Iterable[str]]
 """Candidates for a partly typed value (given what is typed so far; those that do not start with it
 are left out by :func:`complete`)."""
 
-
-def image_paths(typed: str) -> list[str]:
-    """Folders (with a trailing "/") and ``.png`` files whose path starts with ``typed``, spelled as
-    typed (``~`` is expanded to list the folder, kept in the result). Hidden names only when typed."""
-    if typed == "~":
-        return ["~/"]
-    base = typed.rpartition("/")[2]
-    head = typed[: len(typed) - len(base)]
-    folder = os.path.expanduser(head) if head else "."
-    out: list[str] = []
-    try:
-        with os.scandir(folder) as it:
-            for i, item in enumerate(it):
-                if i >= _MAX_LISTED:
-                    break
-                if not item.name.startswith(base) or (item.name.startswith(".") and not base.startswith(".")):
-                    continue
-                if item.is_dir():
-                    out.append(head + item.name + "/")
-                elif item.name.lower().endswith(".png") and item.is_file():
-                    out.append(head + item.name)
-    except OSError:
-        return []
-    return sorted(out)
-
-
-_MAX_LISTED = 5000
-"""Entries of one folder looked at while completing (a keystroke must stay fast)."""
 
 _SAMPLER_NAMES = [s.name for s in SAMPLER_LIST] + [f"{s.name} {schedule}" for s in SAMPLER_LIST if s.k_diffusion
                                                    for schedule in SCHEDULES[2:]]

@@ -7,6 +7,11 @@ test, a script or another front end can use it as it is. Values are checked by t
 parameter validator (:meth:`sdterm.params.Params.validated`), so a bad ``/steps 0`` gets exactly
 the message that ``--steps 0`` gets. The prompt history (recall, search) is ``sdterm/history.py``;
 rendering, saving and recording a render is ``sdterm/service.py``.
+
+Draft mode (``/draft``): while it is on, every render asked for here is made with the draft
+settings (``draft:`` in sdterm.yaml: sampler, steps, CFG, and an LCM-LoRA tag appended to the
+prompt at render time), while :attr:`Session.params` keep the user's own full-quality settings
+for :meth:`Session.full_quality` and for when draft mode is turned off.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from .commands import COMMANDS, Command, CommandError, Outcome, sampler_label
 from .errors import ConfigError, shorten
 from .history import History, HistoryEntry
 from .params import MAX_SEED, Params
+from .prompt_syntax import NetworkTagError, extra_networks, lora_tag
 from .samplers import SAMPLERS
+from .settings import DraftSettings
 from .units import format_bytes
 
 VARIATION_STEP = 0.05
@@ -32,7 +39,7 @@ class Session:
     """
 
     def __init__(self, params: Params, history: History, rng: random.Random | None = None, *,
-                 seed_locked: bool = False, budget: int | None = None):
+                 seed_locked: bool = False, budget: int | None = None, draft: DraftSettings | None = None):
         self.params = params.replace(prompt="")
         """The parameters of the next render; its prompt comes with the render (``prompt`` stays empty)."""
         self.seed_locked = seed_locked
@@ -52,6 +59,11 @@ class Session:
         self.batch_count = 1
         """Images per render (``/n``), 1 ... MAX_BATCH: the front end renders
         ``sdterm.params.batch(params, batch_count)`` for each Params a method here returns."""
+        self.draft_settings = draft if draft is not None else DraftSettings()
+        """The draft renders' sampler, steps, CFG and LCM-LoRA (sdterm.yaml's ``draft:``)."""
+        self.draft = False
+        """Draft mode: True renders every request with :attr:`draft_settings` (``params`` stay the
+        user's full settings)."""
 
     # ---- renders ---------------------------------------------------------------------------
 
@@ -62,15 +74,69 @@ class Session:
                 return seed
 
     def _commit(self, trial: Params, prompt: str) -> Params:
-        """Validate ``trial`` for ``prompt``; on success it becomes the parameters."""
-        request = trial.replace(prompt=prompt).validated()
+        """Validate ``trial`` for ``prompt``; on success it becomes the parameters. The request
+        is the draft one while draft mode is on."""
+        request = self._drafted(trial.replace(prompt=prompt).validated())
         self.params = trial
         self.recalled = False
         return request
 
     def request(self, prompt: str) -> Params:
-        """The parameters for ``prompt`` as they are; ConfigError on bad values."""
-        return self.params.replace(prompt=prompt).validated()
+        """The parameters for ``prompt`` as they are (the draft settings while draft mode is on);
+        ConfigError on bad values."""
+        return self._drafted(self.params.replace(prompt=prompt).validated())
+
+    # ---- draft mode ------------------------------------------------------------------------
+
+    @property
+    def draft_tag(self) -> str:
+        """The draft LoRA's tag (``<lora:NAME:1>``) appended to draft prompts; "" for none."""
+        return lora_tag(self.draft_settings.lora, 1) if self.draft_settings.lora else ""
+
+    def draft_params(self, params: Params) -> Params:
+        """``params`` as a draft renders them: the draft sampler (its own schedule), steps and CFG,
+        and the draft LoRA's tag after the prompt unless the prompt names that LoRA already.
+        Everything else (seed, size, negative prompt, variation) is kept. Not validated."""
+        d = self.draft_settings
+        prompt = params.prompt
+        if self.draft_tag and d.lora not in _lora_names(prompt):
+            prompt = f"{prompt} {self.draft_tag}" if prompt else self.draft_tag
+        return params.replace(sampler=d.sampler, schedule="Automatic", steps=d.steps, cfg=d.cfg, prompt=prompt)
+
+    def _drafted(self, request: Params) -> Params:
+        return self.draft_params(request).validated() if self.draft else request
+
+    def set_draft(self, on: bool) -> bool:
+        """Turn draft mode on or off (the full settings are untouched either way); the new state."""
+        self.draft = bool(on)
+        return self.draft
+
+    def full_quality(self) -> Params | None:
+        """The image last rendered (its prompt, seed, size) again with the full settings, draft
+        mode left as it is; None when nothing was rendered yet. ConfigError on bad values."""
+        if self.last_prompt is None:
+            return None
+        return self.params.replace(prompt=self.last_prompt).validated()
+
+    def is_draft(self, params: Params) -> bool:
+        """True when ``params`` look like a draft render: the draft sampler, steps and CFG (and,
+        with a draft LoRA, its tag at the end of the prompt, as a draft appends it)."""
+        d = self.draft_settings
+        return ((params.sampler, params.steps, params.cfg) == (d.sampler, d.steps, d.cfg)
+                and (not self.draft_tag or params.prompt.endswith(self.draft_tag)))
+
+    def undraft(self, params: Params) -> Params:
+        """A draft render's ``params`` as the full settings would render them: the prompt without
+        the tag the draft appended, the sampler, schedule, steps and CFG of :attr:`params`.
+        Other parameters come back as they are."""
+        if not self.is_draft(params):
+            return params
+        prompt = params.prompt
+        if self.draft_tag:
+            prompt = prompt[: len(prompt) - len(self.draft_tag)].rstrip(" ")
+        mine = self.params
+        return params.replace(prompt=prompt, sampler=mine.sampler, schedule=mine.schedule, steps=mine.steps,
+                              cfg=mine.cfg)
 
     def new_prompt(self, prompt: str) -> Params:
         """Render a newly entered prompt: a new random seed first unless the seed is locked."""
@@ -170,9 +236,12 @@ class Session:
         raise CommandError(f"no history entry for the image {shorten(ref)!r}")
 
     def restore(self, params: Params) -> None:
-        """Take the parameters of an earlier render (the budget and the seed lock stay as they are);
-        its prompt becomes the last prompt, so the seed keys tweak it. ConfigError, with nothing
-        changed, if they cannot be rendered."""
+        """Take the parameters of an earlier render (the budget, the seed lock and draft mode stay
+        as they are); its prompt becomes the last prompt, so the seed keys tweak it. A draft
+        render (:meth:`is_draft`) comes back with the full settings instead of the draft ones
+        (:meth:`undraft`): draft mode renders it as a draft again, the full-quality key in full.
+        ConfigError, with nothing changed, if they cannot be rendered."""
+        params = self.undraft(params)
         params.validated()
         self.params = params.replace(prompt="")
         self.last_prompt = params.prompt
@@ -187,23 +256,27 @@ class Session:
         (recalled)``: the recalled prompt renders again with its own seed.
         The variation part appears only while the variation strength is above 0. A sampler other
         than DDIM shows before the steps (``DPM++ 2M Karras · 20 steps``), with its own eta (the
-        ancestral and SDE samplers') or none; ``rng nv``/``rng gpu`` and ``ENSD N`` when set."""
-        p = self.params
+        ancestral and SDE samplers') or none; ``rng nv``/``rng gpu`` and ``ENSD N`` when set.
+        In draft mode the line starts with what a render uses, ``DRAFT LCM 4 steps cfg 1.5``
+        (``+ NAME``: the draft LoRA), and ends with the full settings kept aside: ``full: DDIM 50
+        steps CFG 7.5``."""
+        full = self.params
+        p = self.draft_params(full) if self.draft else full
         if self.seed_locked:
             seed = f"seed {p.seed} (locked)"
         elif self.recalled:
             seed = f"seed {p.seed} (recalled)"
         else:  # a new prompt draws a new seed: showing p.seed would name a seed that won't be used
             seed = "seed random" + (f" (last {p.seed})" if self.last_prompt is not None else "")
-        parts = [
-            seed,
-            f"{p.steps} step" + ("" if p.steps == 1 else "s"),
-            f"CFG {p.cfg:g}",
-            f"{p.width}×{p.height}",
-        ]
+        parts = [seed, f"{p.width}×{p.height}"]
+        if self.draft:
+            lora = f" + {self.draft_settings.lora}" if self.draft_settings.lora else ""
+            parts.insert(0, f"DRAFT {sampler_label(p)} {_steps(p.steps)} cfg {p.cfg:g}{lora}")
+        else:
+            parts[1:1] = [_steps(p.steps), f"CFG {p.cfg:g}"]
+            if p.sampler != "DDIM":
+                parts.insert(1, sampler_label(p))
         info = SAMPLERS[p.sampler]
-        if p.sampler != "DDIM":
-            parts.insert(1, sampler_label(p))
         if p.sampler == "DDIM" or (info.uses_eta and info.k_diffusion):
             parts.append(f"eta {p.eta if p.sampler == 'DDIM' else p.eta_ancestral:g}")
         if p.rng != "cpu":
@@ -213,8 +286,43 @@ class Session:
         if p.clip_skip != 1:
             parts.append(f"clip skip {p.clip_skip}")
         if self.batch_count > 1:
-            parts.insert(1, f"×{self.batch_count}")
+            parts.insert(2 if self.draft else 1, f"×{self.batch_count}")
         if p.subseed_strength > 0:
             parts.append(f"var {p.subseed_strength:.2f}@{p.subseed}")
         parts.append("budget " + ("auto" if self.budget is None else format_bytes(self.budget, "size")))
+        if self.draft:
+            parts.append(f"full: {sampler_label(full)} {_steps(full.steps)} CFG {full.cfg:g}")
         return " · ".join(parts)
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" + ("" if n == 1 else "s")
+
+
+def _lora_names(prompt: str) -> set[str]:
+    """The names of the LoRA tags in ``prompt`` (none when a tag can't be read)."""
+    try:
+        return {tag.name for tag in extra_networks(prompt)[1] if tag.kind == "lora"}
+    except NetworkTagError:
+        return set()
+
+
+def describe_networks(prompt: str) -> tuple[str, bool]:
+    """The parameter line's part for the LoRA tags of ``prompt``: (``"LoRA detail×0.8, lcm×1"``,
+    False); ``"LoRA x te×1 unet×0.5"`` when the two weights differ; other kinds of tag (A1111's
+    hypernetworks) are named as not used. ("", False) for none; (the tag's one-line error, True)
+    for a tag whose weight is not a number."""
+    try:
+        tags = extra_networks(prompt)[1]
+    except NetworkTagError as exc:
+        return str(exc), True
+    loras, others = [], []
+    for tag in tags:
+        if tag.kind != "lora":
+            others.append(f"<{tag.kind}:{tag.name}> not used")
+        elif tag.te == tag.unet:
+            loras.append(f"{tag.name}×{tag.te:g}")
+        else:
+            loras.append(f"{tag.name} te×{tag.te:g} unet×{tag.unet:g}")
+    text = ("LoRA " + ", ".join(loras) if loras else "")
+    return " · ".join(t for t in (text, *others) if t), False
