@@ -31,6 +31,8 @@ class Result:
     """How the models were placed for this render (the planner's description)."""
     prompts: dict = field(default_factory=dict)
     """Per role ("prompt", "negative"): tokens, chunks, embeddings, schedule (:func:`prompt_summary`)."""
+    loras: list[dict] = field(default_factory=list)
+    """The LoRAs used: name, te and unet weights, dyn, hash, file."""
     infotext_extra: dict[str, str] = field(default_factory=dict)
     """Infotext fields the render adds (``TI hashes``), as A1111 writes them."""
 
