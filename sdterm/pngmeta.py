@@ -7,7 +7,8 @@ and sdterm's own ``sdterm`` JSON chunk.
 * :func:`read_png_parameters` reads them back, best first: sdterm's chunk, checked by the one
   parameter validator before it is trusted; else the infotext (PNG text chunk, or the EXIF
   UserComment of an A1111 JPEG/WebP): prompt lines, an optional ``Negative prompt:`` part, and a
-  last line of ``Key: value`` pairs (``TI hashes`` read into :attr:`ImageParameters.embeddings`).
+  last line of ``Key: value`` pairs (``TI hashes`` read into :attr:`ImageParameters.embeddings`,
+  ``Lora hashes`` into ``loras``, ``VAE``/``VAE hash`` into ``vae``/``vae_hash``).
   The sampler, schedule, RNG, eta and ENSD keys: ``infotext_sampler.py``.
 
 The infotext parser never raises on odd text except :class:`MetadataError` when nothing usable is
@@ -51,6 +52,13 @@ class ImageParameters:
     embeddings: dict[str, str] = field(default_factory=dict)
     """The textual-inversion embeddings the image used (``TI hashes``): trigger word -> the first
     12 hex digits of the file's sha256."""
+    loras: dict[str, str] = field(default_factory=dict)
+    """The LoRAs the image used (``Lora hashes``): the name in the prompt's ``<lora:NAME:W>`` -> A1111's
+    12-digit LoRA hash (the tags themselves stay in the prompt)."""
+    vae: str | None = None
+    """The external VAE file's name with extension (``VAE``); None: the checkpoint's own."""
+    vae_hash: str | None = None
+    """``VAE hash``: the first 10 hex digits of the VAE file's sha256."""
     extra: dict[str, str] = field(default_factory=dict)
     """Settings with no field above (A1111's ``Lora hashes``, ``VAE``..., sdterm's ``demo``)."""
 
@@ -60,11 +68,11 @@ class ImageParameters:
 
     def to_dict(self) -> dict[str, Any]:
         """One flat object (``sdterm show --json``): source, each parameter (None when not recorded),
-        sampler, model, model_hash, embeddings, extra."""
+        sampler, model, model_hash, embeddings, loras, vae, vae_hash, extra."""
         return {"source": self.source, **{name: self.get(name) for name in FIELDS},
                 "sampler": self.get("sampler") or self.sampler,
                 "model": self.model, "model_hash": self.model_hash, "embeddings": dict(self.embeddings),
-                "extra": dict(self.extra)}
+                "loras": dict(self.loras), "vae": self.vae, "vae_hash": self.vae_hash, "extra": dict(self.extra)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +108,13 @@ TI_HASHES = "TI hashes"
 """A1111's key for the textual-inversion embeddings a render used: ``name: 0123456789ab, ...``
 (:attr:`ImageParameters.embeddings`)."""
 
+LORA_HASHES = "Lora hashes"
+"""A1111's key for the LoRAs a render used: ``"name: 0123456789ab, ..."`` (quoted;
+:attr:`ImageParameters.loras`)."""
+VAE_HASH, VAE = "VAE hash", "VAE"
+"""A1111's keys for an external VAE file: the first 10 hex digits of its sha256, its file name
+with extension (:attr:`ImageParameters.vae_hash`, :attr:`ImageParameters.vae`)."""
+
 _WRITTEN_IN_ORDER = ("steps", "cfg", "seed", "subseed", "subseed_strength", "eta", "eta_ancestral", "ensd", "sampler",
                      "schedule", "rng")  # the others: written when not their default
 
@@ -114,8 +129,9 @@ def _infotext_value(value: Any) -> str:
 def infotext(params: Params, model_name: str, model_hash: str, extra: dict[str, str] | None = None) -> str:
     """AUTOMATIC1111's parameters text: prompt, optional negative line, then the settings line.
 
-    ``extra`` is A1111's ``extra_generation_params`` (the engine's ``TI hashes``): written after
-    the fixed settings, quoted as A1111 quotes them (``TI hashes: "a: 0123456789ab, b: ..."``)."""
+    ``extra`` is A1111's ``extra_generation_params`` (the engine's ``TI hashes``, ``Lora hashes``):
+    written after the fixed settings, quoted as A1111 quotes them (``TI hashes: "a: 0123456789ab,
+    b: ..."``); ``VAE hash`` and ``VAE`` go right after ``Model``, where A1111 writes them."""
     p = params
     lines = [p.prompt]
     if p.negative:
@@ -124,12 +140,15 @@ def infotext(params: Params, model_name: str, model_hash: str, extra: dict[str, 
                 f"Seed: {p.seed}"]
     if p.subseed_strength:
         settings += [f"Variation seed: {p.subseed}", f"Variation seed strength: {p.subseed_strength:g}"]
-    settings += [f"Size: {p.width}x{p.height}", f"Model hash: {model_hash}", f"Model: {model_name}", *tail_pairs(p)]
+    extra = dict(extra or {})
+    vae = [f"{key}: {_infotext_value(extra.pop(key))}" for key in (VAE_HASH, VAE) if key in extra]
+    settings += [f"Size: {p.width}x{p.height}", f"Model hash: {model_hash}", f"Model: {model_name}", *vae,
+                 *tail_pairs(p)]
     defaults = Params()
     for name, keys in INFOTEXT_KEYS.items():
         if name not in _WRITTEN_IN_ORDER and getattr(p, name) != getattr(defaults, name):
             settings.append(f"{keys[0]}: {_infotext_value(getattr(p, name))}")
-    settings += [f"{key}: {_infotext_value(value)}" for key, value in (extra or {}).items()]
+    settings += [f"{key}: {_infotext_value(value)}" for key, value in extra.items()]
     lines.append(", ".join(settings))
     return "\n".join(lines)
 
@@ -146,12 +165,18 @@ def parse_ti_hashes(text: str) -> dict[str, str]:
     return out
 
 
-def _embeddings_from(extra: dict[str, str]) -> dict[str, str]:
-    """Take ``TI hashes`` out of ``extra`` (a known field, not an extra) when it reads as pairs."""
-    found = parse_ti_hashes(extra.get(TI_HASHES, ""))
-    if found:
-        del extra[TI_HASHES]
-    return found
+def _known_from(extra: dict[str, str]) -> dict[str, Any]:
+    """Take the known extras out of ``extra`` (``TI hashes``, ``Lora hashes`` when they read as
+    pairs; ``VAE``, ``VAE hash``) as :class:`ImageParameters` fields."""
+    known: dict[str, Any] = {}
+    for key, name in ((TI_HASHES, "embeddings"), (LORA_HASHES, "loras")):
+        known[name] = parse_ti_hashes(extra.get(key, ""))  # the same "name: hash, ..." list
+        if known[name]:
+            del extra[key]
+    for key, name in ((VAE, "vae"), (VAE_HASH, "vae_hash")):
+        value = extra.pop(key, "").strip()
+        known[name] = value or None
+    return known
 
 
 def _unquote(raw: str) -> str:
@@ -306,12 +331,12 @@ def params_from_infotext(text: str) -> ImageParameters:
     for key in {key for _, key in found.values()} | used:
         settings.pop(key, None)
     params = {**typed, **named}
-    embeddings = _embeddings_from(settings)
+    known = _known_from(settings)
     return ImageParameters(
         source="a1111",
         params=Params(prompt=parsed["prompt"], negative=parsed["negative"], **params),
         recorded=frozenset({"prompt", "negative", *params}),
-        embeddings=embeddings,
+        **known,
         extra=settings,
         **{name: found[name][0] for name in DETAIL_KEYS if name in found},
     )
@@ -346,9 +371,9 @@ def params_from_sdterm_json(text: str) -> ImageParameters:
             raise MetadataError(f"the sdterm chunk's {name} is not text")
     extra = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in payload.items()
              if k not in ("request", "model", "model_hash")}
-    embeddings = _embeddings_from(extra)
+    known = _known_from(extra)
     return ImageParameters(source="sdterm", params=params, sampler=params.sampler, model=payload.get("model"),
-                           model_hash=payload.get("model_hash"), embeddings=embeddings, extra=extra)
+                           model_hash=payload.get("model_hash"), **known, extra=extra)
 
 
 def png_bytes(image: Image.Image, params: Params, model_name: str, model_hash: str, extra: dict | None = None,

@@ -1,5 +1,6 @@
 """What the user meant: which model, which settings, from flags, sdterm.yaml and the models folder;
-the embedding cache and the embeddings folder as configured, and the random-weights model source for measurements.
+the embedding cache, the embeddings and LoRA folders and the VAE file as configured, and the
+random-weights model source for measurements.
 
 Precedence: a flag on the command line, then ``defaults:`` in the user's sdterm.yaml, then the
 built-in defaults. ``--model`` may be left out when the settings name a default model or when
@@ -91,6 +92,10 @@ def apply_defaults(args: argparse.Namespace, cfg: UserConfig, *, demo: bool = Fa
         args.outdir = d.outdir
     if getattr(args, "embeddings", None) is None and d.embeddings_dir:
         args.embeddings = d.embeddings_dir
+    if getattr(args, "lora_dir", None) is None and d.lora_dir:
+        args.lora_dir = d.lora_dir
+    if getattr(args, "vae", None) is None and d.vae:
+        args.vae = d.vae
     if getattr(args, "image_protocol", None) is None:
         args.image_protocol = d.image_protocol
     if getattr(args, "threads", None) is None and d.threads:
@@ -107,6 +112,35 @@ def embedding_folders(given: str | None) -> tuple[list[Path], list[Path]]:
         return [Path(given).expanduser()], []
     default = paths.embeddings_dir()
     return [default], [default]
+
+
+def lora_folders(given: str | None) -> tuple[list[Path], list[Path]]:
+    """(the LoRA folders, those of them that may be missing): as :func:`embedding_folders`, with
+    ``--lora-dir``, else ``defaults.lora_dir`` (it must exist), else the data folder's ``loras``."""
+    if given:
+        return [Path(given).expanduser()], []
+    default = paths.lora_dir()
+    return [default], [default]
+
+
+VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+
+
+def resolve_vae(given: str | None) -> Path | None:
+    """The VAE file ``--vae`` (else ``defaults.vae``, filled in by :func:`apply_defaults`) names:
+    a path (``~`` expanded), or a bare NAME (with or without its extension) of a file in the vae
+    folder of the data folder. None: the checkpoint's own VAE. Whether the file is there and a
+    usable VAE is the engine's to say (one line naming it)."""
+    if not given:
+        return None
+    path = Path(given).expanduser()
+    if path.exists() or given.startswith("~") or len(path.parts) > 1:
+        return path
+    folder = paths.vae_dir()
+    for cand in (folder / given, *(folder / f"{given}{s}" for s in VAE_SUFFIXES)):
+        if cand.is_file():
+            return cand
+    return folder / given
 
 
 def open_cache(disabled: bool = False):

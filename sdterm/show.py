@@ -1,7 +1,8 @@
 """``sdterm show IMAGE``: the prompt and settings stored in an image (sdterm's or AUTOMATIC1111's),
 what sdterm can't reproduce of them, and a ready-to-run ``sdterm generate`` line. The embeddings
-the image names (``TI hashes``) are looked up in the user's embeddings folder by name and file
-hash, without loading them (no torch: ``show`` stays quick).
+the image names (``TI hashes``), its LoRAs (``<lora:...>`` tags, ``Lora hashes``) and its VAE file
+(``VAE``, ``VAE hash``) are looked up in the user's folders by name and file hash, without loading
+them (no torch: ``show`` stays quick).
 
 A command on its own: :func:`add_parser` registers it, :func:`run` carries it out. Reading the
 metadata is ``sdterm/pngmeta.py``; this module only presents it (and makes it safe to print).
@@ -67,6 +68,8 @@ def generate_command(found: ImageParameters, model: str | None = None) -> str:
         value = get(name)
         if name not in _SPELLED_OUT and value is not None and value != getattr(defaults, name):
             parts.append(_opt("--" + name.replace("_", "-"), _num(value) if isinstance(value, float) else str(value)))
+    if found.vae:
+        parts.append(_opt("--vae", found.vae))
     if dash_prompt:
         parts += ["--", shlex.quote(p.prompt)]
     return " ".join(parts)
@@ -100,12 +103,11 @@ def notes(found: ImageParameters) -> list[str]:
         out.append("hires fix is not supported: sdterm renders at the recorded size only")
     if "Seed resize from" in x:
         out.append(f"seed resize from {x['Seed resize from']} is not supported")
-    if "Lora hashes" in x or "<lora:" in prompt or "<lora:" in negative:
-        out.append("LoRA is not supported: <lora:...> tags are read as plain text")
-    if "TI hashes" in x:  # what reads as pairs is in found.embeddings
-        out.append(f"TI hashes {x['TI hashes']!r}: not name: hash pairs; the embeddings can't be checked")
-    if "VAE" in x or "VAE hash" in x:
-        out.append(f"VAE {x.get('VAE') or x.get('VAE hash')}: sdterm uses the checkpoint's own VAE")
+    for key, what in (("TI hashes", "embeddings"), ("Lora hashes", "LoRAs")):  # pairs are read into fields
+        if key in x:
+            out.append(f"{key} {x[key]!r}: not name: hash pairs; the {what} can't be checked")
+    if found.vae_hash and not found.vae:
+        out.append(f"VAE hash {found.vae_hash} without the VAE's name: the line uses the checkpoint's own VAE")
     if found.source == "a1111":
         if _ATTENTION.search(prompt) or _ATTENTION.search(negative):
             out.append("A1111's attention syntax ((word), [word], (word:1.2)) is read as plain text: "
@@ -216,6 +218,94 @@ def _embedding_checks(found: ImageParameters, given: str | None) -> tuple[list[E
     return checks, [line for c in checks if (line := c.note(where)) is not None]
 
 
+def lora_names(found: ImageParameters) -> dict[str, str]:
+    """The LoRAs an image used -> the hash it recorded ("" for none): its ``Lora hashes``, then the
+    ``<lora:NAME:...>`` tags of its prompts that the hashes don't name."""
+    from .prompt_syntax import NetworkTagError, extra_networks
+
+    names = dict(found.loras)
+    for text in (found.params.prompt, found.params.negative):
+        try:
+            tags = extra_networks(text)[1]
+        except NetworkTagError:
+            continue
+        for tag in tags:
+            if getattr(tag, "kind", "lora") == "lora":
+                names.setdefault(tag.name, "")
+    return names
+
+
+def lora_files(folders: list[Path]) -> dict[str, Path]:
+    """LoRA name -> file, as the engine finds them (any depth, hidden names skipped, the first wins)."""
+    import os
+
+    found: dict[str, Path] = {}
+    for folder in folders:
+        for root, dirs, names in os.walk(folder, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                if not name.startswith(".") and name.lower().endswith((".safetensors", ".pt", ".ckpt")):
+                    found.setdefault(Path(name).stem, Path(root) / name)
+    return found
+
+
+def lora_hash(path: Path, digits: int = 12) -> str | None:
+    """A1111's LoRA hash: for .safetensors the sha256 of the bytes after the 8-byte header length
+    and the JSON header (kohya's ``sshs_model_hash``), else of the whole file; ``digits`` hex digits."""
+    if path.suffix.lower() != ".safetensors":
+        return _short_sha256(path, digits)
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            f.seek(8 + n)
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except (OSError, ValueError, OverflowError):
+        return None
+    return digest.hexdigest()[:digits]
+
+
+def _addon_checks(found: ImageParameters, given_lora_dir: str | None) -> tuple[list[dict], list[str]]:
+    """The image's LoRAs and VAE file looked up in the user's folders: (the LoRAs as JSON, the notes)."""
+    from . import paths
+    from .resolve import lora_folders, user_config
+
+    checks: list[dict] = []
+    said: list[str] = []
+    names = lora_names(found)
+    if names:
+        try:
+            folders, _ = lora_folders(given_lora_dir or user_config().defaults.lora_dir)
+        except ConfigError as exc:
+            return [], [f"the LoRAs were not checked: {exc}"]
+        files = lora_files(folders)
+        where = " and ".join(str(f) for f in folders)
+        for name, recorded in names.items():
+            path = files.get(name)
+            digits = len(recorded) if re.fullmatch(r"[0-9a-fA-F]{8,64}", recorded) else 12
+            here = lora_hash(path, digits) if path is not None and recorded else None
+            status = ("missing" if path is None else "found" if not recorded
+                      else "unreadable" if here is None else "same" if here == recorded.lower() else "different")
+            tag = f" [{recorded}]" if recorded else ""
+            if status == "missing":
+                said.append(f"LoRA {name}{tag}: missing from {where}: the image will differ")
+            elif status == "different":
+                said.append(f"LoRA {name}{tag}: different file (hash {here} here, {path}): the image will differ")
+            elif status == "unreadable":
+                said.append(f"LoRA {name}: {path} can't be read: the image will differ")
+            checks.append({"name": name, "hash": recorded or None, "status": status,
+                           "file": None if path is None else str(path), "hash_here": here})
+    if found.vae:
+        vae = paths.vae_dir() / Path(found.vae.replace("\\", "/")).name  # a name, never a path from the image
+        recorded = found.vae_hash or ""
+        if not vae.is_file():
+            said.append(f"VAE {found.vae}: missing from {paths.vae_dir()}: put it there, or give --vae PATH")
+        elif recorded and (here := _short_sha256(vae, len(recorded))) != recorded.lower():
+            said.append(f"VAE {found.vae} [{recorded}]: different file (hash {here} here, {vae}): the image will differ")
+    return checks, said
+
+
 _BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 
 
@@ -241,6 +331,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="PATH", help="put --model PATH in the generate line")
     p.add_argument("--embeddings", metavar="DIR",
                    help="look for the image's embeddings here (default: as sdterm generate finds them)")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="look for the image's LoRAs here (default: as sdterm generate finds them)")
     p.add_argument("--json", action="store_true", help="one JSON object: the parameters, the command and notes")
     return p
 
@@ -256,12 +348,15 @@ def run(args: argparse.Namespace) -> int:
     said = notes(found)
     checks, embedding_notes = _embedding_checks(found, getattr(args, "embeddings", None))
     said += embedding_notes
+    lora_checks, addon_notes = _addon_checks(found, getattr(args, "lora_dir", None))
+    said += addon_notes
     if model is None and found.model:
         hashed = f" [{found.model_hash}]" if found.model_hash else ""
         said.append(f"made with model {found.model}{hashed}; the line uses your default model "
                     "(add --model PATH to name one)")
     if args.json:
         print(json.dumps({"file": str(args.image), **found.to_dict(), "embedding_files": [c.to_dict() for c in checks],
+                          "lora_files": lora_checks,
                           "command": command, "notes": said}))
         return 0
     p, get = found.params, found.get
@@ -297,6 +392,10 @@ def run(args: argparse.Namespace) -> int:
         marks = {c.name: {"same": "", "missing": " (missing)"}.get(c.status, f" ({c.status} here)") for c in checks}
         rows.append(("embeddings", ", ".join(f"{name} [{short}]{marks.get(name, '')}"
                                              for name, short in found.embeddings.items())))
+    if found.loras:
+        rows.append(("LoRAs", ", ".join(f"{name} [{short}]" for name, short in found.loras.items())))
+    if found.vae or found.vae_hash:
+        rows.append(("VAE", " ".join(filter(None, [found.vae, found.vae_hash and f"[{found.vae_hash}]"]))))
     rows += list(found.extra.items())
     width = max([10, *(len(label) + 1 for label, _ in rows if len(label) < 24)])
     for label, value in rows:

@@ -123,11 +123,11 @@ def test_a1111_png(tmp_path):
     assert (p.get("steps"), p.get("cfg"), p.get("seed"), p.get("width"), p.get("height")) == (20, 7.0, 1234, 512, 768)
     assert (p.sampler, p.model, p.model_hash) == ("Euler a", "v1-5-pruned-emaonly", "abcdef1234")
     assert (p.get("eta"), p.get("subseed"), p.get("subseed_strength")) == (None, None, None)
-    assert p.extra == {"Lora hashes": "x: 1, y: 2", "Version": "v1.6.0"}
+    assert p.extra == {"Version": "v1.6.0"} and p.loras == {"x": "1", "y": "2"}
     assert (p.get("sampler"), p.get("schedule"), p.get("rng")) == ("Euler a", "Automatic", "nv")  # no RNG: A1111's GPU
     found = notes(p)
     assert not any("sampler" in n or "RNG" in n for n in found)  # sdterm renders Euler a, and A1111's GPU noise
-    assert any("LoRA" in n for n in found) and any("attention syntax" in n for n in found)
+    assert any("attention syntax" in n for n in found)
     assert not any("not used by sdterm" in n for n in found)  # Version changes nothing; LoRA has its own note
 
 
@@ -229,7 +229,7 @@ def test_a1111_jpeg_exif_user_comment(tmp_path):
     small_image().save(path, format="JPEG", exif=exif)
     p = read_png_parameters(path)
     assert (p.params.prompt, p.params.negative, p.get("seed")) == ("a cat, (masterpiece:1.2)", "ugly, blurry", 1234)
-    assert p.extra["Lora hashes"] == "x: 1, y: 2"
+    assert p.loras == {"x": "1", "y": "2"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,17 +537,17 @@ def test_show_prints_settings_then_the_generate_line(tmp_path, capsys):
     out, err = capsys.readouterr()
     lines = out.rstrip("\n").split("\n")
     assert lines[:4] == [
-        "source       AUTOMATIC1111 parameters",
-        "prompt       a cat, (masterpiece:1.2)",
-        "negative     ugly, blurry",
-        "seed         1234",
+        "source     AUTOMATIC1111 parameters",
+        "prompt     a cat, (masterpiece:1.2)",
+        "negative   ugly, blurry",
+        "seed       1234",
     ]
-    assert "Lora hashes  x: 1, y: 2" in lines and lines[-2] == ""
+    assert "LoRAs      x [1], y [2]" in lines and lines[-2] == ""
     assert lines[-1] == (
         "sdterm generate 'a cat, (masterpiece:1.2)' --model /m/sd15.safetensors --negative 'ugly, blurry' "
         "--seed 1234 --steps 20 --cfg 7 --width 512 --height 768 --sampler 'Euler a' --rng nv"
     )
-    assert "sampler      Euler a" in lines and "rng          nv" in lines
+    assert "sampler    Euler a" in lines and "rng        nv" in lines
     assert "sampler" not in err
 
 

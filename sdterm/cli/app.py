@@ -12,7 +12,7 @@ from ..errors import EXIT_INTERNAL, UserError, debug_enabled
 from ..options import add_render_options, params_from_args
 from ..params import MAX_SEED
 from ..resolve import user_config
-from .engine_setup import add_embeddings_option, add_threads_option, make_engine
+from .engine_setup import add_addon_options, add_embeddings_option, add_threads_option, make_engine, with_loras
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-cache", action="store_true", help="don't read or write the prompt-embedding cache")
     add_embeddings_option(parser)
+    add_addon_options(parser)
     add_threads_option(parser)
 
 
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             raise UserError(str(exc)) from None
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    params = params_from_args(args).replace(seed=seed).validated()
+    params = params_from_args(args)
+    params = params.replace(seed=seed, prompt=with_loras(params.prompt, args.lora)).validated()
     history = History(history_file())
     session = Session(params, history, seed_locked=args.seed is not None, budget=budget)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()

@@ -1,12 +1,13 @@
 """The engine the command line's flags ask for (``--device``, ``--vram-budget``, ``--no-cache``,
-``--threads``, ``--embeddings``), shared by ``sdterm generate`` and the app."""
+``--threads``, ``--embeddings``, ``--lora-dir``, ``--vae``) and the ``--lora NAME:W`` tags, shared
+by ``sdterm generate`` and the app."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..errors import UserError
-from ..resolve import embedding_folders, open_cache
+from ..resolve import embedding_folders, lora_folders, open_cache, resolve_vae
 from ..units import parse_budget
 from ..options import whole_number
 
@@ -25,6 +26,41 @@ def add_embeddings_option(p: argparse.ArgumentParser) -> None:
                         "the data folder's embeddings)")
 
 
+def lora_choice(text: str) -> tuple[str, float]:
+    """``--lora NAME:W`` (``NAME`` alone: weight 1) -> (name, weight)."""
+    name, sep, weight = text.rpartition(":")
+    if not sep:
+        name, weight = text, "1"
+    try:
+        w = float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME:WEIGHT such as detail:0.8, got {text!r}") from None
+    if not name.strip() or any(c in name for c in "<>:") or w != w or abs(w) == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected NAME:WEIGHT such as detail:0.8, got {text!r}")
+    return name.strip(), w
+
+
+def add_addon_options(p: argparse.ArgumentParser) -> None:
+    """``--lora NAME:W`` (repeatable), ``--lora-dir DIR`` and ``--vae PATH``."""
+    p.add_argument("--lora", metavar="NAME:W", type=lora_choice, action="append", default=None,
+                   help="add <lora:NAME:W> to the prompt of each render (repeatable; W defaults to 1)")
+    p.add_argument("--lora-dir", metavar="DIR", default=None,
+                   help="folder of LoRA files (.safetensors/.pt), used by <lora:NAME:W> with the file's name "
+                        "(default: defaults.lora_dir in sdterm.yaml, else the data folder's loras)")
+    p.add_argument("--vae", metavar="PATH", default=None,
+                   help="decode with this VAE file (.safetensors/.ckpt/.pt) instead of the checkpoint's own; "
+                        "a bare NAME is a file in the data folder's vae folder (default: defaults.vae)")
+
+
+def with_loras(prompt: str, loras: list[tuple[str, float]] | None) -> str:
+    """``prompt`` with a ``<lora:NAME:W>`` tag for each ``--lora`` at its end (as A1111 writes
+    them, so the image's infotext carries them)."""
+    from ..prompt_syntax import lora_tag
+
+    tags = [lora_tag(name, weight) for name, weight in loras or []]
+    return " ".join(part for part in (prompt, *tags) if part)
+
+
 def apply_threads(threads: int | None) -> None:
     """``torch.set_num_threads(threads)`` when the user set it; torch's default otherwise."""
     if threads is None or threads == 0:
@@ -37,8 +73,9 @@ def apply_threads(threads: int | None) -> None:
 
 
 def make_engine(source, args: argparse.Namespace):
-    """The engine for ``source`` with the user's device, cache, budget and embeddings folder
-    (``args.embeddings``, filled from the settings by ``apply_defaults``); a missing tokenizer is
+    """The engine for ``source`` with the user's device, cache, budget, embeddings and LoRA folders
+    and VAE file (``args.embeddings``, ``args.lora_dir``, ``args.vae``, filled from the settings by
+    ``apply_defaults``); a missing tokenizer is
     reported now, before any work starts (or the screen opens)."""
     from .. import paths
     from ..engine.pipeline import Engine
@@ -50,6 +87,7 @@ def make_engine(source, args: argparse.Namespace):
         raise UserError(str(exc)) from None
     apply_threads(getattr(args, "threads", None))
     embedding_dirs, optional_dirs = embedding_folders(getattr(args, "embeddings", None))
+    lora_dirs, optional_lora_dirs = lora_folders(getattr(args, "lora_dir", None))
     engine = Engine(
         source,
         args.device,
@@ -59,6 +97,9 @@ def make_engine(source, args: argparse.Namespace):
         budget=parse_budget(args.vram_budget, "--vram-budget"),
         embedding_dirs=embedding_dirs,
         optional_embedding_dirs=optional_dirs,
+        lora_dirs=lora_dirs,
+        optional_lora_dirs=optional_lora_dirs,
+        vae=resolve_vae(getattr(args, "vae", None)),
     )
     engine.models.token_memo = not args.no_cache  # --no-cache: no prompt text in the cache folder at all
     engine.models.tokenizer

@@ -14,7 +14,7 @@ from ..options import add_render_options, params_from_args, whole_number
 from ..params import MAX_BATCH, MAX_SEED, Params, batch
 from ..resolve import user_config
 from ..units import format_bytes
-from .engine_setup import add_embeddings_option, add_threads_option, make_engine
+from .engine_setup import add_addon_options, add_embeddings_option, add_threads_option, make_engine, with_loras
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -50,6 +50,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                           "in sdterm.yaml, else yes)")
     gen.add_argument("--no-cache", action="store_true", help="don't read or write the prompt-embedding cache")
     add_embeddings_option(gen)
+    add_addon_options(gen)
     add_threads_option(gen)
     return gen
 
@@ -93,7 +94,8 @@ class StderrProgress:
 def _params_from(args: argparse.Namespace) -> Params:
     """The validated parameters of a ``generate`` job; a random seed when ``--seed`` is left out."""
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    return params_from_args(args).replace(seed=seed).validated()
+    params = params_from_args(args)
+    return params.replace(seed=seed, prompt=with_loras(params.prompt, getattr(args, "lora", None))).validated()
 
 
 class _LineParser(argparse.ArgumentParser):
@@ -218,6 +220,7 @@ def _render_one(service, params: Params, as_json: bool) -> None:
             "cache": result.stages[0].cache_texts,
             "prompts": result.prompts,
             "infotext_extra": result.infotext_extra,
+            "loras": getattr(result, "loras", []),
             "stages": [s.to_dict() for s in result.stages],
             "notices": result.notices + ([demo_note] if result.demo else []),
         }

@@ -35,6 +35,7 @@ from .checkpoint import (
     short_hash,
     verify_module,
 )
+from .vae_file import VAEFile, verify_vae_file
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Models:
         hash_memo: Path | None = None,
         tokenizer_dir: Path | None = None,
         random_seed: int = 0,
+        vae: Path | None = None,
     ):
         self.source = source
         self.cfg = source.config
@@ -107,6 +109,8 @@ class Models:
         }
         if source.checkpoint is not None:
             self._verify()
+        self._vae: VAEFile | None = verify_vae_file(vae, self.cfg.vae) if vae is not None else None
+        self._vae_hash: str | None = None
 
     def _verify(self) -> None:
         """Fail now, with one line, if the file is unreadable, unsafe, another architecture or
@@ -147,6 +151,8 @@ class Models:
         return load_module(unet, self._checkpoint(), UNET_PREFIX, self.dtype)
 
     def _build_vae(self) -> torch.nn.Module:
+        if self._vae is not None:
+            return self._vae.load(self.cfg.vae, self.dtype)
         if self.source.checkpoint is None:
             return self._random(lambda: VAEDecoder(self.cfg.vae), 2)
         with torch.device("meta"):
@@ -161,6 +167,27 @@ class Models:
                 self._ckpt.close()  # every model is built: release the file mapping
                 self._ckpt = None
         return self._modules[stage]
+
+    def set_vae(self, path: Path | None) -> None:
+        """Decode with the VAE file ``path`` (None: the checkpoint's own VAE). The file is verified
+        first (CheckpointError, one line, and nothing changes); then the built decoder is dropped,
+        so the next decode builds it from the new file. The other models stay as they are."""
+        new = verify_vae_file(path, self.cfg.vae) if path is not None else None
+        self._vae, self._vae_hash = new, None
+        self._modules.pop("vae", None)
+
+    @property
+    def vae_name(self) -> str | None:
+        """A1111's ``VAE``: the external VAE's file name with its extension; None for the checkpoint's own."""
+        return self._vae.name if self._vae is not None else None
+
+    @property
+    def vae_hash(self) -> str | None:
+        """A1111's ``VAE hash``: the external VAE file's sha256, first 10 hex digits (remembered
+        like the model's); None for the checkpoint's own."""
+        if self._vae is not None and self._vae_hash is None:
+            self._vae_hash = self._vae.short_hash(self.hash_memo)
+        return self._vae_hash if self._vae is not None else None
 
     @property
     def tokenizer(self) -> PromptTokenizer:
