@@ -22,24 +22,26 @@ from .loading.models import Models, ModelSource, open_model
 from .memory.meter import StageMeter, memory_sample
 from .result import Cancelled, OutOfMemory, Result, to_image
 from .memory.placement import Placement, resolve_device, run_dtype
-from .memory.planner import MARGIN, Plan, cheaper, plan_render
+from .memory.planner import Plan, cheaper, plan_render
 from .memory.streaming import RingStreamer
-from .memory.tiling import choose_tile, decode_latents, fp32_decode_tile, vae_activation_bytes
+from .memory.tiling import choose_tile, vae_activation_bytes
 from .prompt.conditioning import (Chunk, Conditioning, RolePrompt, cache_status, empty_chunk, encode_chunk,
                                   needed_chunks, prepare_prompts, schedule_steps)
 from .prompt.embedding_db import EmbeddingFolders
 from .prompt.report import infotext_extra, prompt_summary
+from .lora.state import LoraState, RenderLoras
 from ..samplers import resolve_schedule
 from .sampling import SamplingContext, get_sampler
 from .sampling.schedules import sampler_plan
 from .sampling.guidance import ScheduledGuidance, runs_apart, unet_passes
 from .sampling.rng import ImageRNG
+from .vae_stage import VaeStage
 
 DEFAULT_BUDGET_MARGIN = 512 * 2**20
 """Without --vram-budget, leave this much of the device's free memory to others."""
 
 
-class Engine:
+class Engine(VaeStage):
     """The models of one checkpoint, rendering requests on one device within a VRAM budget."""
 
     def __init__(
@@ -56,6 +58,9 @@ class Engine:
         plan: Plan | None = None,
         embedding_dirs: list[Path] | None = None,
         optional_embedding_dirs: list[Path] | None = None,
+        lora_dirs: list[Path] | None = None,
+        optional_lora_dirs: list[Path] | None = None,
+        vae: Path | None = None,
     ):
         self.device = resolve_device(device)
         self.models = Models(
@@ -65,6 +70,7 @@ class Engine:
             hash_memo=hash_memo,
             tokenizer_dir=tokenizer_dir,
             random_seed=random_seed,
+            vae=vae,
         )
         self.budget = budget
         """VRAM budget in bytes; None: the device's free memory minus a margin (no planning on CPU)."""
@@ -72,6 +78,8 @@ class Engine:
         """A fixed plan instead of the planner's choice (tests, experiments)."""
         self.cache = cache
         self.placement = Placement(self.device)
+        self.loras = LoraState(self.models.cfg, lora_dirs or [], optional_lora_dirs or [])
+        """LoRA folders (``optional``: may be missing without a word) and what is merged now."""
         self.embeddings = EmbeddingFolders(embedding_dirs or [], self.models.cfg.text.hidden_size,
                                            optional=optional_embedding_dirs or [])
         """Folders of textual-inversion embeddings, searched in order, rescanned at each render
@@ -95,6 +103,12 @@ class Engine:
         self.placement.offload_all()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def set_vae(self, path: Path | None) -> None:
+        """Decode with the VAE file ``path`` (None: the checkpoint's own). Verified first
+        (CheckpointError, one line, nothing changes); only the decoder is rebuilt and re-placed."""
+        self.models.set_vae(path)
+        self.placement.forget("vae")
 
     def effective_budget(self) -> int | None:
         """The VRAM budget in force; None on the CPU, where nothing moves."""
@@ -159,7 +173,8 @@ class Engine:
 
         tokenizer = self.models.tokenizer
         sampler = get_sampler(req.sampler)
-        pos, neg, clip_skip = prepare_prompts(req, tokenizer, self.models.cfg.text.num_layers, notice,
+        prompt, loras = self.loras.resolve(req.prompt, notice)  # <lora:...> tags out of what CLIP sees
+        pos, neg, clip_skip = prepare_prompts(req.replace(prompt=prompt), tokenizer, self.models.cfg.text.num_layers, notice,
                                               steps=schedule_steps(req.steps, sampler.info.second_order),
                                               embeddings=self._embeddings(notice))
         check()
@@ -167,7 +182,7 @@ class Engine:
         texts = {"prompt": pos, "negative": neg}
         filler = empty_chunk(tokenizer)
         needed = needed_chunks(texts, filler)
-        store = self._chunk_store()
+        store = self._chunk_store(loras)
         cached = store.found(needed, clip_skip, self.models.cfg.text.hidden_size) if store is not None else {}
         plan = self.forced_plan or self.plan(req, text_needed=any(c.key not in cached for c in needed))
         # Whatever the plan doesn't keep resident leaves the device before the render starts.
@@ -178,7 +193,7 @@ class Engine:
         stages = []
         chunks, text_stats, plan = self._with_retry("text", plan, req, notice,
                                                     lambda p: self._text_stage(texts, needed, cached, clip_skip, p,
-                                                                               emit, notice))
+                                                                               emit, notice, loras))
         stages.append(text_stats)
         # Weights, schedules and chunk assembly after the cache; each role is its own A1111 batch
         # (the prompt's and the negative's chunk counts may differ: guidance then runs them apart).
@@ -193,7 +208,8 @@ class Engine:
         # per-step noise of a retried step must be what a first try would have drawn).
         progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state(), "calls": 0}
         latents, unet_stats, plan = self._with_retry("unet", plan, req, notice,
-                                                     lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check))
+                                                     lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check,
+                                                                                loras))
         stages.append(unet_stats)
         check()
         image, vae_stats, plan = self._with_retry("vae", plan, req, notice,
@@ -211,7 +227,10 @@ class Engine:
             notices=notices,
             plan=plan.describe(self.models.sizes() if plan.unet != "host" else None),
             prompts={role: prompt_summary(p) for role, p in texts.items()},
-            infotext_extra=infotext_extra(pos, neg if req.cfg != 1.0 else None),
+            loras=loras.summary(),
+            infotext_extra={**({"VAE hash": self.models.vae_hash, "VAE": self.models.vae_name}
+                               if self.models.vae_name else {}),
+                            **loras.infotext(), **infotext_extra(pos, neg if req.cfg != 1.0 else None)},
         )
 
     def _with_retry(self, stage: str, plan: Plan, req: Params, notice, run):
@@ -270,15 +289,29 @@ class Engine:
             notice(f"embedding not used: {problem}", "warning")
         return db
 
-    def _chunk_store(self) -> ChunkStore | None:
+    def _merge(self, stage: str, loras: RenderLoras) -> None:
+        """Fold this render's LoRAs into the stage's model (a no-op when it holds them already);
+        the units holding rewritten layers go back to their host copy first, after the device is
+        done with whatever it was copying from them."""
+        def before_write(modules: set[torch.nn.Module]) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.placement.offload_modules(stage, modules)
+
+        if loras.used or self.loras.mergers[stage].held:
+            self.loras.merge(stage, self.models.module(stage), loras, before_write)
+
+    def _chunk_store(self, loras: RenderLoras) -> ChunkStore | None:
         """The embedding cache for this encoder, tokenizer, device and dtype (None without one)."""
         if self.cache is None:
             return None
-        return ChunkStore(self.cache, self.models.encoder_id, self.models.tokenizer.identity,
+        lora = self.loras.text_signature(loras)
+        return ChunkStore(self.cache, self.models.encoder_id + (f"+lora:{lora}" if lora else ""),
+                          self.models.tokenizer.identity,
                           f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}", self.models.model_hash)
 
     def _text_stage(self, texts: dict[str, RolePrompt], needed: list[Chunk], cached: dict[tuple, torch.Tensor],
-                    clip_skip: int, plan: Plan, emit: Emit, notice):
+                    clip_skip: int, plan: Plan, emit: Emit, notice, loras: RenderLoras):
         """The unweighted encoder output (fp16, (77, dim), on the host) of every chunk the render
         needs, by chunk key; the encoder is neither built nor moved to the device when the cache
         has every chunk."""
@@ -286,6 +319,7 @@ class Engine:
         chunks = dict(cached)
         missing = [c for c in needed if c.key not in chunks]
         if missing:
+            self._merge("text", loras)
             encoder = self._acquire("text", plan.text)
             if plan.prefetch_unet and plan.unet in ("staged", "resident"):
                 self._acquire_prefetch("unet")
@@ -300,7 +334,7 @@ class Engine:
             finally:
                 self._release("text", plan.text)
             chunks.update(fresh)
-            store = self._chunk_store()
+            store = self._chunk_store(loras)
             if store is not None:
                 try:
                     store.put(missing, fresh, {c.key: p.text for p in texts.values() for c in p.chunks}, clip_skip)
@@ -318,7 +352,8 @@ class Engine:
         self.placement.upload(stage, prefetch=True)
 
     def _unet_stage(self, req: Params, cond: Conditioning, uncond: Conditioning, plan: Plan, progress: dict,
-                    emit: Emit, check):
+                    emit: Emit, check, loras: RenderLoras):
+        self._merge("unet", loras)
         x_t, rng, carry = progress["x"], progress["rng"], progress["carry"]
         rng.set_state(progress["rng_state"])  # a retry draws the noise a first try would have
         sampler = get_sampler(req.sampler)
@@ -374,44 +409,6 @@ class Engine:
                 latents = sampler.run(ctx, x_t.to(self.device))
         note = plan.describe(self.models.sizes()) if plan.unet != "host" else "cpu"
         return latents, meter.finish(note=note)
-
-    def _vae_stage(self, latents: torch.Tensor, plan: Plan, emit: Emit, notice):
-        meter = StageMeter("vae", self.device, emit)
-        vae = self._acquire("vae", plan.vae)
-        tile, precision = plan.vae_tile, ""
-        try:
-            meter.loaded()
-            with torch.inference_mode():
-                z = latents.to(self.device)
-                decoded = decode_latents(vae, z, tile)
-                if not torch.isfinite(decoded).all() and decoded.dtype != torch.float32:
-                    # fp16 overflow gives NaN/inf (a black image): decode again in fp32, whose
-                    # activations take twice the memory, so the tile is planned again for them.
-                    del decoded
-                    tile = self._fp32_tile(z, plan)
-                    precision = ", fp32"
-                    notice("VAE output overflowed in fp16: decoded again in fp32"
-                           + (f" (tiled {tile * 8}px to fit its activations)" if tile else ""), "warning")
-                    decoded = decode_latents(vae.float(), z.float(), tile)
-                image = to_image(decoded)
-        finally:
-            if vae.post_quant_conv.weight.dtype != self.dtype:  # the fp32 fallback replaced the weights
-                self.placement.offload("vae")  # back to the packed run-dtype host copy
-                if vae.post_quant_conv.weight.dtype != self.dtype:  # a model run in place on the host
-                    vae.to(self.dtype)
-            self._release("vae", plan.vae)
-        tiled = f", tiled {tile * 8}px" if tile else ""
-        return image, meter.finish(note=f"vae {plan.vae}{tiled}{precision}")
-
-    def _fp32_tile(self, z: torch.Tensor, plan: Plan) -> int | None:
-        """The decode tile for an fp32 re-decode within the budget: fp32 weights (made beside the
-        fp16 ones) and fp32 activations, in what the budget leaves. On the CPU nothing moves and
-        there is no budget: the plan's tile stands."""
-        budget = self.effective_budget()
-        if budget is None:
-            return plan.vae_tile
-        available = budget - MARGIN - torch.cuda.memory_allocated(self.device) - 2 * self.models.sizes().vae
-        return fp32_decode_tile(self.models.cfg.vae, z.shape[-2], z.shape[-1], plan.vae_tile, available)
 
 
 __all__ = ["Cancelled", "Engine", "ModelSource", "OutOfMemory", "Result", "open_model", "to_image"]
