@@ -347,8 +347,8 @@ def parse_command(text: str) -> Command | None:
     name = ALIASES.get(name, name)
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.6)
-        hint = f" (did you mean /{close[0]}?)" if close else ""
-        raise CommandError(f"unknown command /{shorten(name, 20)}{hint}; commands: {_COMMAND_LIST}")
+        more = f" (did you mean /{close[0]}?); /help lists them all" if close else f"; commands: {_COMMAND_LIST}"
+        raise CommandError(f"unknown command /{shorten(name, 12)}{more}")
     command = COMMANDS[name]
     if command.arg == NO_ARG and arg:
         raise CommandError(f"/{name} takes no argument, got {shorten(arg)!r}")

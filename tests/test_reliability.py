@@ -52,7 +52,8 @@ def test_any_command_line_either_applies_or_gives_one_line(tmp_path_factory, wor
         assert message and "\n" not in message and "Traceback" not in message
         assert (session.params, session.seed_locked, session.budget) == before
         return
-    assert outcome.action in ("message", "open", "load", "cache", "help", "quit", "budget", "recall", "history", "model")
+    assert outcome.action in ("message", "open", "load", "cache", "help", "quit", "budget", "recall", "history", "model",
+                              "vae", "lora")
     session.params.replace(prompt="x").validated()
 
 

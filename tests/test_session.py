@@ -90,8 +90,11 @@ def test_parse_command_errors_are_one_line(text, fragment):
 
 def test_unknown_command_lists_the_commands():
     with pytest.raises(CommandError) as info:
-        parse_command("/nope")
+        parse_command("/zzzz")
     assert all(f"/{name}" in str(info.value) for name in COMMANDS)
+    with pytest.raises(CommandError) as info:  # a close name: that one, and where the list is
+        parse_command("/nope")
+    assert "did you mean /open?" in str(info.value) and "/help" in str(info.value)
 
 
 def test_apply_sets_values_without_rendering(tmp_path):
