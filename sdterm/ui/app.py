@@ -31,6 +31,7 @@ from ..params import Params, batch
 from ..service import RenderService, SaveError
 from ..session import Session
 from ..units import format_bytes
+from .addons import Addons, lora_values, vae_values
 from .keys import Keys
 from .messages import EngineEvent, LoadProgress, ModelFailed, ModelLoaded, RenderDone, RenderFailed, failure_line
 from .prompting import PromptFlow
@@ -46,7 +47,7 @@ Loader = Callable[[str | None, Callable[[str], None]], RenderService]
 ``progress(text)`` says what it is doing. Runs on a worker thread; raises what the command line would."""
 
 
-class SdtermApp(PromptFlow, Keys, App):
+class SdtermApp(PromptFlow, Keys, Addons, App):
     CSS_PATH = "app.tcss"
     TITLE = "sdterm"
     COMMANDS = {HistoryProvider}
@@ -55,6 +56,8 @@ class SdtermApp(PromptFlow, Keys, App):
         Binding("f1", "help", "help", priority=True),
         Binding("escape", "cancel", "cancel"),
         Binding("ctrl+r", "search_history", "history"),
+        Binding("f2", "draft", "draft", show=False, priority=True),
+        Binding("f3", "full_quality", "full quality", show=False, priority=True),
         Binding("question_mark", "help", "help", show=False),
         Binding("z", "zoom", "zoom", show=False),
         Binding("tab", "focus_cycle(1)", "focus", show=False, priority=True),
@@ -108,7 +111,8 @@ class SdtermApp(PromptFlow, Keys, App):
         with Vertical(id="top"):
             yield PromptInput(placeholder="prompt — Enter renders · /help for commands · F1 keys", id="prompt",
                               recall=self.recall_step, paste=self.paste_block, help=self.action_help,
-                              values={"model": lambda typed: self.model_names()})
+                              values={"model": lambda typed: self.model_names(), "vae": vae_values,
+                                      "lora": lora_values})
             yield TokenLine(id="tokens")
             yield Input(placeholder="negative prompt", id="negative", select_on_focus=False)
             yield Static(id="params")
@@ -152,12 +156,17 @@ class SdtermApp(PromptFlow, Keys, App):
             line += f" · loading {self._loading[0]}…"
         else:
             line += " · no model: /model NAME loads one"
-        self.query_one("#params", Static).update(plain(line))
+        self._params_line = line
+        self.show_params()
         self.refresh_tokens()  # the steps, the sampler or the model may have changed
+
+    def show_params(self) -> None:
+        """The parameter line as last described, with the prompt box's LoRAs as they are now."""
+        self.query_one("#params", Static).update(self.params_text(getattr(self, "_params_line", "")))
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return self._current is not None or self._vae_switch
 
     # ---- the model ---------------------------------------------------------------------------
 
@@ -245,13 +254,13 @@ class SdtermApp(PromptFlow, Keys, App):
 
     # ---- rendering ---------------------------------------------------------------------------
 
-    def render_request(self, req: Params | None, *, reuse: bool = False) -> None:
-        """Start ``req`` (as many renders as the batch count) now, or make it the pending job (the
-        latest wins). ``reuse``: a render this model already made is shown again, not re-rendered."""
+    def render_request(self, req: Params | None, *, reuse: bool = False, single: bool = False) -> None:
+        """Start ``req`` (as many renders as the batch count; ``single``: one) now, or make it the
+        pending job (the latest wins). ``reuse``: a render this model already made is shown again."""
         if req is None:
             self.notice("nothing rendered yet: type a prompt first", "warning")
             return
-        job = batch(req, self.session.batch_count)
+        job = [req] if single else batch(req, self.session.batch_count)
         if reuse and len(job) == 1 and self.show_existing(req):
             return
         if self.busy or self.service is None:
@@ -315,6 +324,8 @@ class SdtermApp(PromptFlow, Keys, App):
             self.engine.set_budget(budget)
             self._pending_budget = (False, None)
             self.refresh_params()
+        if self.take_pending_vae():
+            return
         if self._pending_model is not None:
             name, self._pending_model = self._pending_model, None
             self._job = []

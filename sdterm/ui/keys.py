@@ -11,6 +11,7 @@ from rich.text import Text
 from textual.command import CommandPalette
 
 from ..commands import Command
+from ..errors import ConfigError
 from ..params import Params
 from ..session import VARIATION_STEP
 from .screens import HelpScreen, HistoryProvider, SamplerScreen
@@ -57,6 +58,21 @@ class Keys:
     def action_rerender(self) -> None:
         """Enter on the image: the last prompt again with the settings as they are now."""
         self.render_request(self.session.rerender())
+
+    def action_draft(self) -> None:
+        """F2 anywhere, d on the image: draft mode on / off (as ``/draft``)."""
+        self.run_command(Command("draft", ""))
+
+    def action_full_quality(self) -> None:
+        """F3 anywhere, f on the image: the image shown (its prompt, seed, size) again with the full
+        settings; draft mode stays on. One image, also when ``/n`` makes batches."""
+        try:
+            req = self.session.full_quality()
+        except ConfigError as exc:
+            self.notice(str(exc), "error")
+            return
+        self.render_request(req, reuse=True, single=True)
+        self.refresh_params()
 
     def on_image_view_picked(self, message: ImageView.Picked) -> None:
         """Enter on a contact sheet's image: its settings become the session's; it is shown alone."""

@@ -111,3 +111,14 @@ def _short_path(path: Path) -> str:
         return "~/" + str(path.relative_to(Path.home()))
     except (ValueError, RuntimeError):
         return str(path)
+
+
+class VaeSwitched(Message):
+    """``/vae`` finished on its worker: ``error`` is None when the engine took the VAE, else the
+    one line that says why not (``traceback``: a bug's, as :class:`RenderFailed`)."""
+
+    def __init__(self, error: str | None = None, traceback: str | None = None, log=None) -> None:
+        super().__init__()
+        self.error = error
+        self.traceback = traceback
+        self.log = log

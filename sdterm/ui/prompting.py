@@ -66,6 +66,8 @@ class PromptFlow:
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "negative":
             self.session.set_negative(event.value)
+        else:
+            self.show_params()  # the prompt's LoRAs, live
         self.refresh_tokens()
 
     def on_descendant_focus(self, event) -> None:
@@ -80,7 +82,7 @@ class PromptFlow:
             return  # a modal screen is up (queries would look there); closing it refocuses a box
         negative = self.query_one("#negative", Input)
         box = negative if self.focused is negative else self.prompt_box
-        p = self.session.params
+        p = self.session.render_settings
         self.query_one(TokenLine).describe(self.engine, box.value, steps=p.steps, sampler=p.sampler,
                                            negative=box is negative, loading=self._loading is not None)
 
@@ -130,11 +132,12 @@ class PromptFlow:
             box.value = entry
             box.cursor_position = len(entry)
             return
-        box.hold(entry.params.prompt)
-        self.query_one("#negative", Input).value = entry.params.negative
-        self.session.set_negative(entry.params.negative)
-        if self._settings_differ(entry.params):
-            self.notice(f"earlier prompt; your settings kept (it had {summary(entry.params)}; Ctrl+R or "
+        params = self.session.undraft(entry.params)  # a draft's prompt without the tag the draft added
+        box.hold(params.prompt)
+        self.query_one("#negative", Input).value = params.negative
+        self.session.set_negative(params.negative)
+        if self._settings_differ(params):
+            self.notice(f"earlier prompt; your settings kept (it had {summary(params)}; Ctrl+R or "
                         "/history restores them)")
 
     def _settings_differ(self, params: Params) -> bool:
@@ -144,8 +147,12 @@ class PromptFlow:
     def restore_params(self, params: Params, focus: bool = True, *, what: str = "recalled") -> None:
         """Put an earlier render's prompt and all its settings back (history search, ``!N``,
         ``/load``, a pasted parameters block, a contact sheet's pick); the seed keys then tweak it.
-        ConfigError, with nothing changed, when it can't be rendered."""
+        A draft render comes back with the full settings (``Session.restore``). ConfigError, with
+        nothing changed, when it can't be rendered."""
+        if self.session.is_draft(params):
+            what += " (a draft: your full settings, draft mode as it is)"
         self.session.restore(params)
+        params = self.session.params.replace(prompt=self.session.last_prompt)
         self.prompt_box.hold(params.prompt)
         self.query_one("#negative", Input).value = params.negative
         self.refresh_params()
@@ -206,6 +213,8 @@ class PromptFlow:
                                                                 self.restore_params)),
             "recall": self._recall_entry,
             "model": self._model_command,
+            "vae": self.vae_command,
+            "lora": self.lora_command,
         }
         effect = effects.get(outcome.action)
         if effect is not None:

@@ -36,6 +36,9 @@ HELP = """\
 | image | **v / V** | variation strength +0.05 / −0.05 and render |
 | image | **z** | zoom: the image fills the screen (z or Tab back) |
 | image | **s** | pick the sampler (`/schedule` sets the schedule) |
+| anywhere | **F2** (**d** on the image) | draft mode on / off (`/draft`): renders use the draft settings (`draft:` in sdterm.yaml: LCM, 4 steps, CFG 1.5, its LCM-LoRA); yours are kept for when it is off |
+| anywhere | **F3** (**f** on the image) | the image shown again (same prompt, seed, size) with your full settings; draft mode stays on |
+| history | a draft render | Ctrl+R, `!N`, `/load` bring back its prompt (without the draft's LoRA tag), seed and size with your full settings: Enter renders it as a draft again in draft mode, F3 in full |
 | contact sheet | **← → ↑ ↓**, **Enter** | pick an image of a batch (`/n N`), then work on it |
 | anywhere | **Esc** | cancel the render at the next step (and the queued ones) |
 | anywhere | **F1** | this help; **?** too, outside the prompt or in an empty one |

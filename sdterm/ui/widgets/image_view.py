@@ -48,6 +48,8 @@ class ImageView(Vertical, can_focus=True):
         Binding("s", "app.pick_sampler", "sampler", show=False),  # the footer is full at 120 columns; F1 lists it
         Binding("v", "app.variation(1)", "var+"),
         Binding("V", "app.variation(-1)", "var−"),
+        Binding("d", "app.draft", "draft", show=False),  # F2 anywhere
+        Binding("f", "app.full_quality", "full quality", show=False),  # F3 anywhere
         Binding("enter", "rerender", "again"),
         Binding("enter", "pick", "pick"),
         Binding("left", "move(-1, 0)", "◀", show=False),
