@@ -21,6 +21,7 @@ from sdterm.pngmeta import (
     ImageParameters,
     MetadataError,
     infotext,
+    sdterm_chunk,
     params_from_infotext,
     parse_infotext,
     png_bytes,
@@ -590,3 +591,35 @@ def test_pngmeta_imports_no_torch_and_no_cli():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
+
+
+A1111_ADDONS = (
+    "masterpiece, 1girl <lora:add_detail:0.6>, <lora:lcm-lora-sdv1-5:1>\n"
+    "Negative prompt: lowres\n"
+    "Steps: 6, Sampler: LCM, Schedule type: Automatic, CFG scale: 1.5, Seed: 42, Size: 512x512, "
+    "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, VAE hash: f921fb3f29, VAE: kl-f8-anime2.ckpt, "
+    'Lora hashes: "add_detail: 7c6bad76eb54, lcm-lora-sdv1-5: 46a6f1d8fbd1", Version: v1.10.1'
+)
+
+
+def test_a1111_lora_hashes_and_vae_are_read_as_fields(tmp_path):
+    p = read_png_parameters(write_png(tmp_path / "a.png", parameters=A1111_ADDONS))
+    assert p.loras == {"add_detail": "7c6bad76eb54", "lcm-lora-sdv1-5": "46a6f1d8fbd1"}
+    assert (p.vae, p.vae_hash) == ("kl-f8-anime2.ckpt", "f921fb3f29")
+    assert p.extra == {"Version": "v1.10.1"} and p.params.prompt.endswith("<lora:lcm-lora-sdv1-5:1>")
+    d = p.to_dict()
+    assert d["loras"] == p.loras and (d["vae"], d["vae_hash"]) == (p.vae, p.vae_hash)
+
+
+def test_sdterm_writes_vae_after_model_and_reads_its_own_back(tmp_path):
+    extra = {"TI hashes": "foxy: 0123456789ab", "Lora hashes": "detail: 0123456789ab",
+             "VAE hash": "f921fb3f29", "VAE": "vae-ft-mse-840000-ema-pruned.safetensors"}
+    text = infotext(REQUEST, "demo", "abcdef1234", extra)
+    settings = text.splitlines()[-1]
+    assert "Model: demo, VAE hash: f921fb3f29, VAE: vae-ft-mse-840000-ema-pruned.safetensors, " in settings
+    assert settings.endswith('TI hashes: "foxy: 0123456789ab", Lora hashes: "detail: 0123456789ab"')
+    for chunks in ({"parameters": text}, {"parameters": text, "sdterm": sdterm_chunk(REQUEST, "demo", "abcdef1234", extra)}):
+        p = read_png_parameters(write_png(tmp_path / "a.png", **chunks))
+        assert p.loras == {"detail": "0123456789ab"} and p.embeddings == {"foxy": "0123456789ab"}
+        assert (p.vae, p.vae_hash) == ("vae-ft-mse-840000-ema-pruned.safetensors", "f921fb3f29")
+        assert p.extra == {}

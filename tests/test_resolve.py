@@ -72,6 +72,51 @@ def test_embeddings_folder_from_flag_settings_or_the_data_folder(monkeypatch, tm
             user_config()
 
 
+def test_lora_folder_and_vae_from_flag_settings_or_the_data_folder(monkeypatch, tmp_path):
+    import argparse
+
+    from sdterm.resolve import apply_defaults, lora_folders, resolve_vae
+
+    default = paths.data_dir() / "loras"
+    assert lora_folders(None) == ([default], [default]) and paths.lora_dir() == default
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert lora_folders("~/loras") == ([tmp_path / "loras"], [])  # named: must exist
+    write_settings("defaults:\n  lora_dir: ~/mine\n  vae: vae-ft-mse\n")
+    args = argparse.Namespace(lora_dir=None, vae=None)
+    apply_defaults(args, user_config())
+    assert (args.lora_dir, args.vae) == ("~/mine", "vae-ft-mse")
+    args = argparse.Namespace(lora_dir="flag", vae="flag.pt")
+    apply_defaults(args, user_config())
+    assert (args.lora_dir, args.vae) == ("flag", "flag.pt")  # the flag wins
+    assert resolve_vae(None) is None and resolve_vae("") is None
+    assert resolve_vae("~/v.pt") == tmp_path / "v.pt" and resolve_vae("sub/v.pt") == Path("sub/v.pt")
+    folder = paths.vae_dir()
+    assert resolve_vae("vae-ft-mse") == folder / "vae-ft-mse"  # not there yet: the engine says so
+    folder.mkdir(parents=True)
+    (folder / "vae-ft-mse.safetensors").write_bytes(b"x")
+    assert resolve_vae("vae-ft-mse") == resolve_vae("vae-ft-mse.safetensors") == folder / "vae-ft-mse.safetensors"
+    for bad, needle in (("lora_dir: 3", "expected text"), ('vae: "a\\0b"', "NUL")):
+        write_settings(f"defaults:\n  {bad}\n")
+        with pytest.raises(ConfigError, match=needle):
+            user_config()
+
+
+def test_draft_settings_are_validated_like_the_command_line():
+    assert user_config().draft == load_user_config(Path("/nonexistent")).draft
+    d = user_config().draft
+    assert (d.sampler, d.steps, d.cfg, d.lora) == ("LCM", 4, 1.5, "")
+    write_settings("draft:\n  sampler: k_lcm\n  steps: 8\n  cfg: 2\n  lora: lcm-lora-sdv1-5\n")
+    d = user_config().draft
+    assert (d.sampler, d.steps, d.cfg, d.lora) == ("LCM", 8, 2.0, "lcm-lora-sdv1-5")  # A1111's alias read
+    for bad, needle in (("sampler: Turbo", "draft.sampler: unknown sampler 'Turbo'"),
+                        ("steps: 0", "draft: steps must be between 1 and 1000"),
+                        ("cfg: 99", "draft: cfg"), ("lora: ../x", "draft.lora"), ("speed: 2", "unknown setting")):
+        path = write_settings(f"draft:\n  {bad}\n")
+        with pytest.raises(ConfigError, match=needle) as info:
+            user_config()
+        assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
 def test_generate_uses_settings_and_the_models_folder(demo_model, tmp_path, run_cli):
     models = paths.data_dir() / "models"
     models.mkdir(parents=True)
