@@ -44,6 +44,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reference-modes", default=",".join(REFERENCE_MODES), metavar="MODE,...",
                    help=f"diffusers placements to measure: {', '.join(REFERENCE_MODES)} (default all)")
     p.add_argument("--json", action="store_true", help="print one JSON object (raw bytes and seconds)")
+    p.add_argument("--lora-rank", type=whole_number, default=None, metavar="N",
+                   help="also time a random rank-N LoRA: reading, merging, re-weighting, a render with it")
     return p
 
 
@@ -70,4 +72,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict()))
     else:
         print(format_report(report))
+    if args.lora_rank:
+        from .lora import bench_lora
+
+        for line in bench_lora(source, args.device, args.lora_rank, opts, log):
+            print(line, flush=True)
     return 0

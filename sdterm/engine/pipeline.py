@@ -289,7 +289,7 @@ class Engine(VaeStage):
             notice(f"embedding not used: {problem}", "warning")
         return db
 
-    def _merge(self, stage: str, loras: RenderLoras) -> None:
+    def merge_loras(self, stage: str, loras: RenderLoras) -> None:
         """Fold this render's LoRAs into the stage's model (a no-op when it holds them already);
         the units holding rewritten layers go back to their host copy first, after the device is
         done with whatever it was copying from them."""
@@ -299,7 +299,8 @@ class Engine(VaeStage):
             self.placement.offload_modules(stage, modules)
 
         if loras.used or self.loras.mergers[stage].held:
-            self.loras.merge(stage, self.models.module(stage), loras, before_write)
+            self.loras.merge(stage, self.models.module(stage), loras, before_write,
+                             self.device if self.device.type == "cuda" else None)
 
     def _chunk_store(self, loras: RenderLoras) -> ChunkStore | None:
         """The embedding cache for this encoder, tokenizer, device and dtype (None without one)."""
@@ -319,7 +320,7 @@ class Engine(VaeStage):
         chunks = dict(cached)
         missing = [c for c in needed if c.key not in chunks]
         if missing:
-            self._merge("text", loras)
+            self.merge_loras("text", loras)
             encoder = self._acquire("text", plan.text)
             if plan.prefetch_unet and plan.unet in ("staged", "resident"):
                 self._acquire_prefetch("unet")
@@ -353,7 +354,7 @@ class Engine(VaeStage):
 
     def _unet_stage(self, req: Params, cond: Conditioning, uncond: Conditioning, plan: Plan, progress: dict,
                     emit: Emit, check, loras: RenderLoras):
-        self._merge("unet", loras)
+        self.merge_loras("unet", loras)
         x_t, rng, carry = progress["x"], progress["rng"], progress["carry"]
         rng.set_state(progress["rng_state"])  # a retry draws the noise a first try would have
         sampler = get_sampler(req.sampler)

@@ -69,17 +69,17 @@ class LoraModule:
             raise ValueError(f"{self.target}: down {list(self.down.shape)}, up {list(self.up.shape)} "
                              f"can't make the layer's {list(shape)}")
 
-    def delta(self, shape: torch.Size, dyn: int | None = None) -> torch.Tensor:
+    def delta(self, shape: torch.Size, dyn: int | None = None, device: torch.device | None = None) -> torch.Tensor:
         """The fp32 delta for a weight of ``shape`` (A1111's ``calc_updown`` + ``finalize_updown``
         without the multiplier): scale = alpha / rank (rank: down's rows, before ``dyn`` keeps
         fewer), 1 without alpha."""
-        down, up = self.down.float(), self.up.float()
+        down, up = self.down.to(device or "cpu", torch.float32), self.up.to(device or "cpu", torch.float32)
         rank = down.shape[0]
         scale = self.scale if self.scale is not None else (self.alpha / rank if self.alpha is not None else 1.0)
         if dyn is not None:
             up, down = up[:, :dyn], down[:dyn]
         if self.mid is not None:  # Tucker: mid (r, r, kh, kw) between a 1x1 up and down
-            d = torch.einsum("nmkl,in,mj->ijkl", self.mid.float(), up.flatten(1), down.flatten(1))
+            d = torch.einsum("nmkl,in,mj->ijkl", self.mid.to(up.device, torch.float32), up.flatten(1), down.flatten(1))
         else:
             d = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
         if d.numel() != shape.numel():

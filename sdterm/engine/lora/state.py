@@ -91,13 +91,14 @@ class LoraState:
         return self.mergers["text"].signature(loras.applied("text"))
 
     def merge(self, stage: str, module: torch.nn.Module, loras: RenderLoras,
-              before_write: Callable[[set[torch.nn.Module]], None]) -> int:
-        """Make ``module`` (the U-Net or the text encoder) hold this render's LoRAs; the layers rewritten."""
+              before_write: Callable[[set[torch.nn.Module]], None], device: torch.device | None = None) -> int:
+        """Make ``module`` (the U-Net or the text encoder) hold this render's LoRAs, the deltas
+        computed on ``device``; the layers rewritten."""
         merger = self.mergers[stage]
         applied = loras.applied(stage)
         if not merger.held and not any(a.weight for a in applied):
             return 0
-        return merger.apply(_layers(stage, module), applied, before_write)
+        return merger.apply(_layers(stage, module), applied, before_write, device)
 
 
 def _layers(stage: str, module: torch.nn.Module) -> dict[str, torch.nn.Module]:
