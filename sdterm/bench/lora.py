@@ -88,5 +88,5 @@ def bench_lora(source, device: str, rank: int, opts: BenchOptions, log: Log = no
         f"LoRA rank {rank}, {layers} layers ({size / 2**20:.0f} MiB file), {w}x{h}, {opts.steps} steps {opts.sampler}:",
         f"  read + map {t_read:.3f} s; first merge (text encoder + U-Net) {t_first:.3f} s; same LoRA again "
         f"{t_again * 1000:.1f} ms; weight 1 -> 0.5 {t_reweight:.3f} s; taken out {t_out:.3f} s",
-        f"  render with it {with_lora:.3f} s, without {without:.3f} s (median of {opts.repeats}, after a warm-up)",
+        f"  render with it {with_lora:.3f} s, without {without:.3f} s (median of {opts.repeats}, after one untimed)",
     ]
