@@ -1,6 +1,7 @@
 """Where LoRA files are found: by name (the file name without its extension, any depth under the
 folders, hidden names skipped, the first folder first), each file read once while its size and
-modification time stay the same."""
+modification time stay the same; the few most recently used are kept in memory (a LoRA is tens to
+hundreds of MB: an afternoon of trying LoRAs must not pile them all up)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .files import LORA_SUFFIXES, LoraError, LoraFile, Targets, read_lora
+
+
+KEEP = 6
+"""LoRA files kept read in memory, the most recently used first."""
 
 
 class LoraFolders:
@@ -49,7 +54,11 @@ class LoraFolders:
                 result: LoraFile | str = read_lora(path, targets)
             except LoraError as exc:
                 result = str(exc)
-            self._read[path] = seen = (stamp, result)
+            seen = (stamp, result)
+        self._read.pop(path, None)
+        self._read[path] = seen  # the most recent last
+        while len(self._read) > KEEP:
+            del self._read[next(iter(self._read))]
         if isinstance(seen[1], str):
             raise LoraError(seen[1])
         return seen[1]
