@@ -103,6 +103,11 @@ class Session:
             prompt = f"{prompt} {self.draft_tag}" if prompt else self.draft_tag
         return params.replace(sampler=d.sampler, schedule="Automatic", steps=d.steps, cfg=d.cfg, prompt=prompt)
 
+    @property
+    def render_settings(self) -> Params:
+        """The parameters the next render uses (the draft ones in draft mode), without its prompt."""
+        return self.draft_params(self.params).replace(prompt="") if self.draft else self.params
+
     def _drafted(self, request: Params) -> Params:
         return self.draft_params(request).validated() if self.draft else request
 
