@@ -145,3 +145,19 @@ def test_vae_and_lora_completion(tmp_path):
     assert complete("/vae n", values) is None
     assert complete("/lora de", values) == "/lora detail-tweaker"
     assert complete("/lora -d", values) == "/lora -detail-tweaker"
+
+
+def test_the_app_takes_its_draft_settings_from_sdterm_yaml(tmp_path, monkeypatch):
+    from sdterm.cli import build_parser
+    from sdterm.cli.app import app_session
+    from sdterm.resolve import apply_defaults, user_config
+
+    monkeypatch.setenv("SDTERM_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "sdterm.yaml").write_text("draft:\n  sampler: Euler a\n  steps: 6\n  cfg: 2\n  lora: lcm15\n")
+    args = build_parser().parse_args([])
+    cfg = user_config()
+    apply_defaults(args, cfg)
+    s = app_session(args, cfg, Params(seed=3), History(tmp_path / "h.jsonl"), None)
+    s.draft = True
+    req = s.request("a fox")
+    assert (req.sampler, req.steps, req.cfg) == ("Euler a", 6, 2.0) and req.prompt.endswith("<lora:lcm15:1>")

@@ -38,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_option(parser)
 
 
+def app_session(args: argparse.Namespace, cfg, params, history, budget: int | None):
+    """The app's session: the starting parameters, the seed locked when ``--seed`` was given, the
+    budget, and sdterm.yaml's ``draft:`` settings for draft mode."""
+    from ..session import Session
+
+    return Session(params, history, seed_locked=args.seed is not None, budget=budget, draft=cfg.draft)
+
+
 def run(args: argparse.Namespace) -> int:
     """The interactive app (the default command); it needs a terminal on stdin and stdout. The
     screen comes up at once; the model loads behind it (:class:`AppModels`)."""
@@ -45,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
     from .. import paths
     from ..history import History, history_file
     from ..resolve import apply_defaults, demo_model_dir, resolve_model
-    from ..session import Session
     from ..units import parse_budget
 
     cfg = user_config()
@@ -63,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     params = params.replace(seed=seed, prompt=with_loras(params.prompt, args.lora)).validated()
     history = History(history_file())
-    session = Session(params, history, seed_locked=args.seed is not None, budget=budget)
+    session = app_session(args, cfg, params, history, budget)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
     models = AppModels(args, model, outdir, history)
     from ..ui.app import SdtermApp
