@@ -149,3 +149,34 @@ async def test_loras_of_the_prompt_on_the_parameter_line_live_and_literal(engine
         await pilot.press("slash", *"lora -detail", "enter")  # the prompt waits aside, then comes back edited
         await pilot.pause()
         assert box.value == "an owl" and engine.requests == []
+
+
+async def test_load_of_an_image_made_with_a_vae_switches_to_it_or_says_it_is_missing(engine, tmp_path, monkeypatch):
+    from PIL import Image, PngImagePlugin
+
+    calls = []
+    monkeypatch.setattr(type(engine._engine), "set_vae", lambda self, path: calls.append(path), raising=False)
+
+    def a1111_png(name: str, vae: str | None) -> Path:
+        info = PngImagePlugin.PngInfo()
+        tail = f", VAE hash: f921fb3f29, VAE: {vae}" if vae else ""
+        info.add_text("parameters", f"a fox\nSteps: 3, Sampler: DDIM, CFG scale: 7, Seed: 5, Size: 64x64, "
+                                    f"Model hash: 0123456789, Model: demo{tail}")
+        path = tmp_path / name
+        Image.new("RGB", (64, 64)).save(path, pnginfo=info)
+        return path
+
+    paths.vae_dir().mkdir(parents=True)
+    (paths.vae_dir() / "kl-f8-anime2.safetensors").write_bytes(b"")
+    app = make_app(engine, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await enter(pilot, f"/load {a1111_png('plain.png', None)}")
+        await settle(pilot)
+        assert calls == []  # no VAE named: the VAE stays
+        await enter(pilot, f"/load {a1111_png('missing.png', 'vae-ft-mse.ckpt')}")
+        await settle(pilot)
+        assert calls == [] and "vae-ft-mse.ckpt" in notice(app) and "not in" in notice(app)
+        await enter(pilot, f"/load {a1111_png('anime.png', '../../etc/kl-f8-anime2.safetensors')}")
+        await settle(pilot)
+        await pilot.pause(0.2)
+        assert calls == [paths.vae_dir() / "kl-f8-anime2.safetensors"]  # by name, in the vae folder only

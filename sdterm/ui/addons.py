@@ -85,6 +85,22 @@ class Addons:
         else:
             self.begin_vae(path)
 
+    def follow_image_vae(self, vae: str | None) -> None:
+        """After ``/load``: an image decoded with a VAE file (its infotext's ``VAE:``) switches to
+        that file when the vae folder has it (as A1111 applies an infotext's VAE), and says so when
+        it hasn't; an image without one leaves the VAE as it is."""
+        from ..commands import Outcome
+        from ..resolve import resolve_vae
+
+        if not vae or vae == self.vae_name():
+            return
+        path = resolve_vae(Path(vae).name)  # a name in the vae folder, never a path from the image
+        if path is None or not path.is_file():
+            self.notice(f"the image was decoded with VAE {Path(vae).name}, which is not in {paths.vae_dir()}: "
+                        f"renders use {self.vae_name() or 'the model’s own'}", "warning")
+            return
+        self.vae_command(Outcome("vae", str(path)))
+
     def begin_vae(self, path: Path | None) -> None:
         """Switch the engine's VAE on a worker; renders asked for meanwhile wait for it."""
         self._vae_switch = True

@@ -262,6 +262,7 @@ class PromptFlow:
             self.notice(str(exc), "error")
             return
         self._restore_found(found, f"loaded from {path}")
+        self.follow_image_vae(found.vae)
 
 
 def cache_stats_line(engine) -> str:
