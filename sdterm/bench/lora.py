@@ -78,15 +78,18 @@ def bench_lora(source, device: str, rank: int, opts: BenchOptions, log: Log = no
         t_reweight = timed(lambda: merge(0.5))
         t_out = timed(lambda: merge(None))
 
-        def renders(req) -> float:
-            engine.generate(req)  # warm-up (merges or unmerges, uploads)
-            return statistics.median(engine.generate(req).seconds for _ in range(opts.repeats))
+        repeats = max(opts.repeats, 5)
 
-        with_lora, without = renders(tagged), renders(plain)
+        def renders(req) -> float:
+            for _ in range(2):  # warm-up: the merge (or unmerge) and upload, and the GPU's clocks
+                engine.generate(req)
+            return statistics.median(engine.generate(req).seconds for _ in range(repeats))
+
+        without, with_lora = renders(plain), renders(tagged)
 
     return [
         f"LoRA rank {rank}, {layers} layers ({size / 2**20:.0f} MiB file), {w}x{h}, {opts.steps} steps {opts.sampler}:",
         f"  read + map {t_read:.3f} s; first merge (text encoder + U-Net) {t_first:.3f} s; same LoRA again "
         f"{t_again * 1000:.1f} ms; weight 1 -> 0.5 {t_reweight:.3f} s; taken out {t_out:.3f} s",
-        f"  render with it {with_lora:.3f} s, without {without:.3f} s (median of {opts.repeats}, after one untimed)",
+        f"  render with it {with_lora:.3f} s, without {without:.3f} s (median of {repeats}, after two untimed)",
     ]
