@@ -171,7 +171,8 @@ def reference(encoder, chunks: list[list[tuple[str, float]]], clip_skip: int) ->
 
 
 def contexts(engine, monkeypatch, **kw) -> list[torch.Tensor]:
-    """The contexts the U-Net is given in a one-step render."""
+    """The context of each U-Net call of a render of ``small_request(**kw)`` (one step unless
+    ``steps`` is given)."""
     unet = engine.models.module("unet")
     seen: list[torch.Tensor] = []
     forward = unet.forward
@@ -181,7 +182,7 @@ def contexts(engine, monkeypatch, **kw) -> list[torch.Tensor]:
         return forward(x, t, context)
 
     monkeypatch.setattr(unet, "forward", recorded)
-    engine.generate(small_request(steps=1, **kw))
+    engine.generate(small_request(**{"steps": 1, **kw}))
     monkeypatch.undo()
     return seen
 

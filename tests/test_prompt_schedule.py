@@ -26,7 +26,7 @@ from sdterm.engine.pipeline import Engine, open_model
 from sdterm.engine.prompt.conditioning import CHUNK_LENGTH, chunk_prompt
 
 from .conftest import oom_on_call, small_request
-from .test_conditioning import WordTokenizer
+from .test_conditioning import WordTokenizer, contexts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,22 +77,6 @@ def ref_batch(entries) -> list[torch.Tensor]:
     z = z * m[:, :, None]
     z = z * (original / z.mean())
     return [z[i][None] for i in range(len(entries))]
-
-
-def contexts(engine, monkeypatch, **kw) -> list[torch.Tensor]:
-    """The context of each U-Net call of a render of ``small_request(**kw)``."""
-    unet = engine.models.module("unet")
-    seen: list[torch.Tensor] = []
-    forward = unet.forward
-
-    def recorded(x, t, context):
-        seen.append(context.clone())
-        return forward(x, t, context)
-
-    monkeypatch.setattr(unet, "forward", recorded)
-    engine.generate(small_request(**kw))
-    monkeypatch.undo()
-    return seen
 
 
 def cond_contexts(engine, monkeypatch, **kw) -> list[torch.Tensor]:

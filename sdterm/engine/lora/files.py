@@ -206,15 +206,18 @@ class Targets:
                 self.shapes[name] = torch.Size(shape)
                 self.text[name.replace(".", "_")] = name
 
+    def _unet(self, rest: str) -> tuple[str, str] | None:
+        """A U-Net module name with ``_`` (diffusers' or the original LDM one) -> its layer."""
+        for cand in [*diffusers_to_ldm(rest, self.n), rest]:
+            if cand in self.unet:
+                return "unet", self.unet[cand]
+        return None
+
     def resolve(self, module_key: str) -> tuple[str, str] | None:
         """(model, target layer name) of a file's module key, or None."""
         k = module_key
         if k.startswith("lora_unet_"):
-            rest = k[len("lora_unet_"):]
-            for cand in [*diffusers_to_ldm(rest, self.n), rest]:
-                if cand in self.unet:
-                    return "unet", self.unet[cand]
-            return None
+            return self._unet(k[len("lora_unet_"):])
         for prefix in ("lora_te_", "lora_te1_"):
             if k.startswith(prefix):
                 cand = k[len(prefix):]
@@ -223,11 +226,7 @@ class Targets:
             path = k[len("unet."):]
             for old, new in _OLD_UNET.items():
                 path = path.replace(f"processor.{old}", new)
-            rest = path.replace(".", "_")
-            for cand in [*diffusers_to_ldm(rest, self.n), rest]:
-                if cand in self.unet:
-                    return "unet", self.unet[cand]
-            return None
+            return self._unet(path.replace(".", "_"))
         if k.startswith("text_encoder."):
             path = k[len("text_encoder."):]
             for old, new in _OLD_TEXT.items():
