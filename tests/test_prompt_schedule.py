@@ -358,3 +358,5 @@ def test_explain_reports_chunks_weights_and_embeddings(demo_model, foxy):
     assert sum(p.tokens for p in first) == 1 + 1 + 3
     assert "castle" in "".join(p.text for p in second)
     assert engine.explain("a AND b").has_and
+    # <lora:> tags are not what CLIP sees: not counted
+    assert engine.explain("a <lora:detail:0.5> castle").tokens == engine.explain("a castle").tokens

@@ -40,8 +40,14 @@ class PromptReport:
 
 
 def explain(text: str, tokenizer, steps: int, *, embeddings=None) -> PromptReport:
-    """``text`` as a render would chunk it (the schedule entry with the most tokens), for display."""
-    from ...prompt_syntax import split_and
+    """``text`` as a render would chunk it (the schedule entry with the most tokens), for display;
+    ``<lora:...>`` tags are left out, as a render leaves them out of what CLIP sees."""
+    from ...prompt_syntax import NetworkTagError, extra_networks, split_and
+
+    try:
+        text = extra_networks(text)[0]
+    except NetworkTagError:
+        pass  # a tag whose weight isn't a number: the parameter line shows its error
 
     role = role_prompt(text, tokenizer, steps, embeddings=embeddings)
     entry = max(role.entries, key=lambda p: p.n_tokens)
