@@ -37,7 +37,7 @@ def demo_vae(demo_model: Path) -> dict[str, torch.Tensor]:
 def vae_files(demo_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae")
     own = demo_vae(demo_model)
-    assert own and all(k.startswith(("decoder.", "post_quant_conv.")) for k in own)
+    assert own and all(k.startswith(("decoder.", "post_quant_conv.", "encoder.", "quant_conv.")) for k in own)
     save_file(own, str(folder / "same.safetensors"))
     save_file({k: v * 0.7 if k.startswith("decoder.") else v for k, v in own.items()}, str(folder / "other.safetensors"))
     return folder

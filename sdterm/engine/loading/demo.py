@@ -2,6 +2,7 @@
 
 ``write_demo_model(dir)`` writes ``model.safetensors`` (``demo_modules``: random weights made
 sensitive enough for pixel tests, see ``DEMO_GAINS``) in the original single-file key layout,
+plus the VAE encoder (``demo_encoder``, drawn last from a seed of its own),
 ``config.yaml`` and ``tokenizer/`` (a small byte-level BPE vocabulary that CLIPTokenizer loads),
 so the demo goes through exactly the loading code a real checkpoint does.
 """
@@ -17,7 +18,7 @@ import torch
 from ...config import ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, model_config_to_dict
 from ...fsutil import atomic_write_bytes
 from ..networks.unet import UNetModel
-from ..networks.vae import VAEDecoder
+from ..networks.vae import VAEDecoder, VAEEncoder
 from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -196,12 +197,29 @@ def demo_modules(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int
     return text, unet, vae
 
 
-def original_state_dict(text, unet, vae) -> dict[str, torch.Tensor]:
-    """The three modules' weights under the original single-file checkpoint keys."""
+DEMO_ENCODER_SEED = 20_000
+"""The demo encoder's weights come from torch's default init under seed ``DEMO_ENCODER_SEED +
+seed``, drawn after every other demo weight with the global RNG state saved and restored, so
+adding the encoder left every other demo tensor bit-identical (tests pin the demo's pixels)."""
+
+
+def demo_encoder(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> VAEEncoder:
+    """The demo model's VAE encoder (``encoder.*``, ``quant_conv.*``): the plain default init."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DEMO_ENCODER_SEED + seed)
+        return VAEEncoder(cfg.vae).to(dtype).eval().requires_grad_(False)
+
+
+def original_state_dict(text, unet, vae, encoder: VAEEncoder | None = None) -> dict[str, torch.Tensor]:
+    """The modules' weights under the original single-file checkpoint keys (the VAE encoder's
+    only when one is given)."""
     from ..networks.clip import clip_inner
 
     sd: dict[str, torch.Tensor] = {}
-    for prefix, module in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (TEXT_PREFIX + "text_model.", clip_inner(text))):
+    modules = [(UNET_PREFIX, unet), (VAE_PREFIX, vae), (TEXT_PREFIX + "text_model.", clip_inner(text))]
+    if encoder is not None:
+        modules.append((VAE_PREFIX, encoder))
+    for prefix, module in modules:
         for k, v in module.state_dict().items():
             if k.endswith("position_ids"):
                 continue
@@ -218,7 +236,7 @@ def write_demo_model(folder: str | Path, seed: int = 0) -> Path:
     vocab_size = write_tokenizer(folder / "tokenizer")
     cfg = demo_config(vocab_size)
     text, unet, vae = demo_modules(cfg, torch.float32, seed)
-    sd = original_state_dict(text, unet, vae)
+    sd = original_state_dict(text, unet, vae, demo_encoder(cfg, torch.float32, seed))
     data = save(sd, metadata={"sdterm_demo": "random weights; images are noise"})
     atomic_write_bytes(folder / "model.safetensors", data)
     yaml = "# sdterm demo model: tiny SD v1 architecture, random weights (images are noise)\n"

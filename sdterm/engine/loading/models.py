@@ -1,8 +1,9 @@
 """The models of one checkpoint: where they come from, built on first use, kept on the host.
 
 ``open_model`` resolves what the user passed as ``--model``; :class:`Models` verifies the file up
-front (every tensor of the three models by name and shape, none read), builds each model the
-first time a stage needs it (converted to the run dtype while loading), and knows the model's
+front (every tensor of the three text-to-image models by name and shape, none read), builds each
+model the first time a stage needs it (the VAE encoder only when an image is encoded: a pruned
+file without one fails then, with one line, not at load) (converted to the run dtype while loading), and knows the model's
 identity (the A1111 hash, the text-encoder identity for the embedding cache) and its sizes for
 the planner.
 """
@@ -20,7 +21,7 @@ from ..memory.placement import ALIGN
 from ..memory.planner import ModelSizes
 from ..networks.clip import build_text_encoder, text_encoder_shapes, verify_text_encoder
 from ..networks.unet import UNetModel
-from ..networks.vae import VAEDecoder
+from ..networks.vae import VAEDecoder, VAEEncoder
 from ..prompt.tokenizer import PromptTokenizer, fetch_tokenizer, find_tokenizer
 from .checkpoint import (
     UNET_PREFIX,
@@ -73,8 +74,13 @@ def open_model(path: str | Path, *, config_path: str | Path | None = None, data_
     return ModelSource(ckpt, cfg, name, find_tokenizer(ckpt, data_dir))
 
 
+ON_DEMAND = frozenset({"vae_encoder"})
+"""Models that text-to-image never builds; the checkpoint file is released once all the others are."""
+
+
 class Models:
-    """The text encoder, U-Net and VAE decoder of one checkpoint (or random weights), on the host."""
+    """The text encoder, U-Net and VAE decoder of one checkpoint (or random weights), on the host,
+    and the VAE encoder when asked for."""
 
     def __init__(
         self,
@@ -106,6 +112,7 @@ class Models:
             "text": self._build_text,
             "unet": self._build_unet,
             "vae": self._build_vae,
+            "vae_encoder": self._build_vae_encoder,
         }
         if source.checkpoint is not None:
             self._verify()
@@ -133,9 +140,11 @@ class Models:
         return self._ckpt
 
     def _random(self, build: Callable[[], torch.nn.Module], offset: int) -> torch.nn.Module:
-        """Random weights, reproducible per (seed, stage), without disturbing the global RNG."""
+        """Random weights, reproducible per (seed, stage), without disturbing the global RNG.
+        Offsets 0-2 are the text-to-image stages (seed * 3 + offset); the encoder's offset 3 draws
+        from -(seed + 1) instead, which no other (seed, stage) uses."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_seed * 3 + offset)
+            torch.manual_seed(self.random_seed * 3 + offset if offset < 3 else -(self.random_seed + 1))
             return build().to(self.dtype).eval().requires_grad_(False)
 
     def _build_text(self) -> torch.nn.Module:
@@ -159,22 +168,41 @@ class Models:
             vae = VAEDecoder(self.cfg.vae)
         return load_module(vae, self._checkpoint(), VAE_PREFIX, self.dtype)
 
+    def _build_vae_encoder(self) -> torch.nn.Module:
+        """From the external VAE file when it has ``encoder.*`` (A1111 loads the whole VAE), else
+        from the checkpoint; CheckpointError (one line) when the checkpoint has none."""
+        if self._vae is not None and self._vae.has_encoder:
+            return self._vae.load_encoder(self.cfg.vae, self.dtype)
+        if self.source.checkpoint is None:
+            return self._random(lambda: VAEEncoder(self.cfg.vae), 3)
+        ckpt = self._checkpoint()
+        if not any(k.startswith(VAE_PREFIX + "encoder.") for k in ckpt.keys()):
+            raise CheckpointError(
+                f"{ckpt.path}: has no VAE encoder ({VAE_PREFIX}encoder.*; a pruned file?), so it cannot "
+                "encode an image; use a VAE file that has one (--vae)"
+            )
+        with torch.device("meta"):
+            encoder = VAEEncoder(self.cfg.vae)
+        return load_module(encoder, ckpt, VAE_PREFIX, self.dtype)
+
     def module(self, stage: str) -> torch.nn.Module:
         """The stage's model in host memory, built from the checkpoint on first use."""
         if stage not in self._modules:
             self._modules[stage] = self.factories[stage]()
-            if self._ckpt is not None and len(self._modules) == len(self.factories):
-                self._ckpt.close()  # every model is built: release the file mapping
-                self._ckpt = None
+            if self._ckpt is not None and all(s in self._modules for s in self.factories if s not in ON_DEMAND):
+                self._ckpt.close()  # every text-to-image model is built: release the file mapping
+                self._ckpt = None  # (an encoder asked for later opens the file again)
         return self._modules[stage]
 
     def set_vae(self, path: Path | None) -> None:
         """Decode with the VAE file ``path`` (None: the checkpoint's own VAE). The file is verified
         first (CheckpointError, one line, and nothing changes); then the built decoder is dropped,
-        so the next decode builds it from the new file. The other models stay as they are."""
+        so the next decode builds it from the new file; so is the encoder (the new file's when it
+        has one, else the checkpoint's). The other models stay as they are."""
         new = verify_vae_file(path, self.cfg.vae) if path is not None else None
         self._vae, self._vae_hash = new, None
         self._modules.pop("vae", None)
+        self._modules.pop("vae_encoder", None)
 
     @property
     def vae_name(self) -> str | None:

@@ -5,7 +5,9 @@ A VAE file holds the LDM AutoencoderKL names (``encoder.*``, ``decoder.*``, ``qu
 and optionally wrapped in ``state_dict`` (a .ckpt); training leftovers (``loss.*``, ``model_ema.*``)
 are ignored. It is opened by the checkpoints' own safe reader (a pickle that would run code is
 refused and never runs) and verified by name and shape against sdterm's decoder before any tensor
-is read. sdterm only decodes, so only ``post_quant_conv.*`` and ``decoder.*`` must be there.
+is read. Only ``post_quant_conv.*`` and ``decoder.*`` must be there; a file that also has
+``encoder.*`` encodes images too (A1111 loads the whole VAE), checked by name and shape when
+the encoder is first built.
 
 Identity as A1111 writes it in the infotext: ``VAE: <file name with extension>``, ``VAE hash``:
 the first 10 hex digits of the whole file's sha256 (remembered per path, size and mtime).
@@ -20,7 +22,9 @@ from pathlib import Path
 import torch
 
 from ...config import VAEConfig
-from ..networks.vae import VAEDecoder
+from torch import nn
+
+from ..networks.vae import VAEDecoder, VAEEncoder
 from .checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
@@ -42,6 +46,8 @@ class VAEFile:
 
     path: Path
     prefix: str
+    has_encoder: bool = False
+    """The file has ``encoder.*`` tensors: encoding uses them instead of the checkpoint's."""
 
     @property
     def name(self) -> str:
@@ -64,6 +70,34 @@ class VAEFile:
             return load_module(vae, ckpt, self.prefix, dtype)
         finally:
             ckpt.close()
+
+    def load_encoder(self, cfg: VAEConfig, dtype: torch.dtype) -> VAEEncoder:
+        """The encoder (``encoder.*``, ``quant_conv.*``) filled from this file; CheckpointError,
+        one line, when those tensors are incomplete or mis-shaped."""
+        ckpt = open_vae_checkpoint(self.path)
+        try:
+            with torch.device("meta"):
+                encoder = VAEEncoder(cfg)
+            _check(encoder, ckpt, self.prefix, "a usable SD v1 VAE encoder")
+            return load_module(encoder, ckpt, self.prefix, dtype)
+        finally:
+            ckpt.close()
+
+
+def _check(module: nn.Module, ckpt: Checkpoint, prefix: str, what: str) -> None:
+    """Every tensor of ``module`` is in the file under ``prefix`` with its shape, or one line
+    naming the file and the first missing or mis-shaped tensor."""
+    keyset = set(ckpt.keys())
+    missing, wrong = [], []
+    for name, ref in module.state_dict(keep_vars=True).items():
+        key = prefix + name
+        if key not in keyset:
+            missing.append(key)
+        elif tuple(ckpt.shape(key)) != tuple(ref.shape):
+            wrong.append(f"{key} is {list(ckpt.shape(key))}, expected {list(ref.shape)}")
+    if missing or wrong:
+        detail = wrong[0] if wrong else f"missing {len(missing)} tensor(s), e.g. {missing[0]}"
+        raise CheckpointError(f"{ckpt.path}: not {what}: {detail}")
 
 
 def open_vae_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -117,17 +151,7 @@ def verify_vae_file(path: str | os.PathLike, cfg: VAEConfig) -> VAEFile:
             raise CheckpointError(f"{ckpt.path}: this is {what}, not a Stable Diffusion v1 VAE")
         with torch.device("meta"):
             vae = VAEDecoder(cfg)
-        keyset = set(keys)
-        missing, wrong = [], []
-        for name, ref in vae.state_dict(keep_vars=True).items():
-            key = prefix + name
-            if key not in keyset:
-                missing.append(key)
-            elif tuple(ckpt.shape(key)) != tuple(ref.shape):
-                wrong.append(f"{key} is {list(ckpt.shape(key))}, expected {list(ref.shape)}")
-        if missing or wrong:
-            detail = wrong[0] if wrong else f"missing {len(missing)} tensor(s), e.g. {missing[0]}"
-            raise CheckpointError(f"{ckpt.path}: not a usable SD v1 VAE: {detail}")
-        return VAEFile(ckpt.path, prefix)
+        _check(vae, ckpt, prefix, "a usable SD v1 VAE")
+        return VAEFile(ckpt.path, prefix, any(k.startswith(prefix + "encoder.") for k in keys))
     finally:
         ckpt.close()

@@ -1,4 +1,4 @@
-"""Tiled VAE decoding under a memory budget, and the activation estimate that sizes the tiles.
+"""Tiled VAE decoding (and encoding) under a memory budget, and the activation estimates that size the tiles.
 
 A whole decode holds several full-resolution feature maps at once (hundreds of MiB for 512x512
 in fp16, growing with the pixel count), far more than the decoder's weights. ``decode_latents``
@@ -17,6 +17,11 @@ Tiles are not exactly the whole decode: GroupNorm statistics are taken per tile 
 the image, the mid-block attention sees only the tile, and convolutions zero-pad at tile edges
 (the ramps give those edge pixels almost no weight). The first two are the visible part: small
 tone shifts between distant tiles, blended smoothly, never a seam.
+
+Encoding is the mirror image: ``encode_images`` cuts the image into overlapping pixel tiles on
+the latent grid (tile and overlap counted in latent pixels, as for decoding), encodes them one at
+a time and blends the latent tiles with the same weights; ``encoder_activation_bytes`` is the
+encoder's count.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from ...config import VAEConfig
 from ..networks import vae as _vae
-from ..networks.vae import VAEDecoder
+from ..networks.vae import VAEDecoder, VAEEncoder
 
 # --------------------------------------------------------------------------------------------
 # Activation estimate
@@ -139,6 +144,53 @@ def vae_activation_bytes(cfg: VAEConfig, lat_h: int, lat_w: int, dtype: torch.dt
     c0, out = chans[0], cfg.out_ch
     peak = max(peak, p * max(3 * c0, 2 * c0 + out + k * (c0 + out)) * itemsize)
     return int(peak * ACTIVATION_MARGIN) + WORKSPACE_BYTES
+
+
+# The encoder, counted the same way (the input image is the caller's and not counted). At level i
+# (H_i x W_i pixels, p_i = H_i W_i, Cin = the previous level's channels, 3 -> C_0 for conv_in):
+#   conv_in:       C_0 + k (3 + C_0)
+#   blocks:        as in the decoder, the level's input held (``h = level(h)``) past its first block
+#   Downsample(C): H + C p + C (H_i+1)(W_i+1) + C p/4 + k (C (H_i+1)(W_i+1) + C p/4)
+#                  (the last block's output, the padded copy, the stride-2 output, scratch)
+#   mid:           as in the decoder; then 3 C or 2 C + 2z + k (C + 2z) for norm_out/conv_out at the
+#                  bottom, and quant_conv's 2z + 2z + 4kz, the mean's z.
+# For SD v1 the peak is down.0's downsample: 128 channels held, 128 in x, 128 padded, 32 out,
+# 160 scratch: ~580 channel-pixels at full resolution (an estimate from the count, not measured
+# on a GPU yet).
+
+
+def encoder_activation_bytes(cfg: VAEConfig, lat_h: int, lat_w: int, dtype: torch.dtype) -> int:
+    """Estimated peak activation bytes of one untiled ``VAEEncoder`` forward on a (1, 3, f*lat_h,
+    f*lat_w) image (f = 2^(len(ch_mult) - 1)) under no_grad, weights and the input not included;
+    a batch of b needs b times the count. ``ACTIVATION_MARGIN`` times the count above, plus
+    ``WORKSPACE_BYTES``."""
+    if lat_h < 1 or lat_w < 1:
+        raise ValueError(f"latent size must be positive, got {lat_h}x{lat_w}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    k = CONV_LAYOUT_COPIES
+    chans = [cfg.ch * m for m in cfg.ch_mult]
+    top, z2 = chans[-1], 2 * cfg.z_channels
+    f = 2 ** (len(chans) - 1)
+    h, w = f * lat_h, f * lat_w
+    peak = h * w * (chans[0] + k * (cfg.out_ch + chans[0]))  # conv_in, in channel-pixels
+    ch_in = chans[0]
+    for level, c in enumerate(chans):
+        p = h * w
+        held = ch_in * p  # the level's input, alive until the level returns
+        peak = max(peak, p * _resnet_peak(ch_in, c, 0, ch_in != c))
+        for _ in range(cfg.num_res_blocks - 1):
+            peak = max(peak, held + p * _resnet_peak(c, c, 0, False))
+        if level != len(chans) - 1:
+            padded, out = c * (h + 1) * (w + 1), c * (h // 2) * (w // 2)
+            last = c * p if cfg.num_res_blocks > 0 else 0
+            peak = max(peak, held + last + padded + out + k * (padded + out))
+            h, w = h // 2, w // 2
+        ch_in = c
+    p = h * w
+    peak = max(peak, p * _resnet_peak(top, top, 0, False), p * _resnet_peak(top, top, top, False))
+    peak = max(peak, p * max(3 * top, 2 * top + z2 + k * (top + z2), 2 * z2 + 2 * k * z2))
+    attention = p * top * itemsize + _attention_bytes(top, p, itemsize)
+    return int(max(peak * itemsize, attention) * ACTIVATION_MARGIN) + WORKSPACE_BYTES
 
 
 def tiled_decode_bytes(
@@ -259,3 +311,62 @@ def decode_latents(vae: VAEDecoder, latents: torch.Tensor, tile: int | None = No
             del part, weight
     assert out is not None
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tiled encode
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_images(encoder: VAEEncoder, images: torch.Tensor, tile: int | None = None, overlap: int = 8) -> torch.Tensor:
+    """Encode images in [-1, 1] (b, 3, f*h, f*w) into scaled latents (b, 4, h, w), as
+    ``encoder(images)`` does (f = ``encoder.factor``, 8 for SD v1).
+
+    ``tile=None``, or a tile at least as large as both latent sides, is one whole encode.
+    Otherwise the image is cut into tiles of ``f * tile`` pixels (clipped to the image) whose
+    origins lie on the latent grid and which overlap by at least ``f * overlap`` pixels; each is
+    encoded alone and its latent blended into the output with the decoder's weights, so only one
+    tile's activations are ever alive.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (b, c, h, w), got shape {tuple(images.shape)}")
+    f = encoder.factor
+    b, _, height, width = images.shape
+    if height % f or width % f:
+        raise ValueError(f"image sides must be multiples of {f}, got {height}x{width}")
+    h, w = height // f, width // f
+    if tile is None or (tile >= h and tile >= w):
+        return encoder(images)
+    if overlap < 0 or tile <= overlap:
+        raise ValueError(f"tile ({tile}) must be larger than overlap ({overlap}), and overlap at least 0")
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = _starts(h, th, overlap), _starts(w, tw, overlap)
+    wy, wx = _axis_weights(h, th, ys, 1), _axis_weights(w, tw, xs, 1)
+    out: torch.Tensor | None = None
+    for i, y0 in enumerate(ys):
+        for j, x0 in enumerate(xs):
+            part = encoder(images[:, :, f * y0 : f * (y0 + th), f * x0 : f * (x0 + tw)])  # -> (b, 4, th, tw)
+            if out is None:
+                out = part.new_zeros(b, part.shape[1], h, w)
+            weight = wy[i].to(part.device)[:, None] * wx[j].to(part.device)[None, :]  # (th, tw), fp32
+            out[:, :, y0 : y0 + th, x0 : x0 + tw].add_(part * weight)
+            del part, weight
+    assert out is not None
+    return out
+
+
+def encode_latents(
+    encoder: VAEEncoder, images: torch.Tensor, tile: int | None = None, *, fp32_tile=None
+) -> torch.Tensor:
+    """The encode the pipeline runs: ``encode_images``, and when a half-precision encode is not
+    finite (fp16 overflow), the same encode again in fp32. ``fp32_tile`` (the caller's policy) maps
+    the tile to the one its fp32 activations fit (default: the same tile). The fallback converts
+    ``encoder`` to fp32 in place, as the VAE stage does with the decoder: the caller puts its
+    run-dtype weights back afterwards (it can tell by ``encoder.quant_conv.weight.dtype``)."""
+    latents = encode_images(encoder, images, tile)
+    if torch.isfinite(latents).all() or latents.dtype == torch.float32:
+        return latents
+    del latents
+    tile = fp32_tile(tile) if fp32_tile is not None else tile
+    return encode_images(encoder.float(), images.float(), tile)

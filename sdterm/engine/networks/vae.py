@@ -1,7 +1,9 @@
-"""The KL-f8 autoencoder's decoder, with names that mirror ``first_stage_model.*``.
+"""The KL-f8 autoencoder, with names that mirror ``first_stage_model.*``.
 
-Only ``post_quant_conv`` and ``decoder`` are built: text-to-image never encodes, so the encoder
-(and ``quant_conv``) would be memory spent for nothing.
+Two separate modules over the same checkpoint prefix: :class:`VAEDecoder` (``post_quant_conv``,
+``decoder``), which every render needs, and :class:`VAEEncoder` (``encoder``, ``quant_conv``),
+built only when an image is encoded, so text-to-image never spends memory on it. Both take the
+latent scale from ``VAEConfig.scale_factor``: the encoder multiplies by it, the decoder divides.
 """
 
 from __future__ import annotations
@@ -153,3 +155,71 @@ class VAEDecoder(nn.Module):
         dtype = self.post_quant_conv.weight.dtype
         z = (latents / self.scale_factor).to(dtype)
         return self.decoder(self.post_quant_conv(z))
+
+
+class Downsample(nn.Module):
+    """LDM's downsampling: pad right and bottom by one (asymmetric), then a 3x3 stride-2 conv with
+    no padding of its own; (b, c, h, w) -> (b, c, h/2, w/2) for even h and w."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (b, c, h, w) -> (b, c, h+1, w+1) -> (b, c, h/2, w/2)
+
+
+class DownLevel(nn.Module):
+    """``encoder.down.{i}``: ``block.{0..n-1}`` then, except at the last level, ``downsample``."""
+
+    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, downsample: bool):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(n_blocks))
+        self.downsample = Downsample(out_ch) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cfg.out_ch, cfg.ch, 3, padding=1)
+        levels: list[DownLevel] = []
+        ch = cfg.ch
+        for level, mult in enumerate(cfg.ch_mult):
+            out = cfg.ch * mult
+            levels.append(DownLevel(ch, out, cfg.num_res_blocks, downsample=level != len(cfg.ch_mult) - 1))
+            ch = out
+        self.down = nn.ModuleList(levels)  # down[0] is the full-resolution level, run first
+        self.mid = Mid(ch)
+        self.norm_out = _norm(ch)
+        self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (b, 3, 8h, 8w) -> (b, 128, 8h, 8w)
+        for level in self.down:
+            h = level(h)  # each but the last halves h and w
+        h = self.mid(h)  # (b, 512, h, w)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (b, 512, h, w) -> (b, 8, h, w)
+
+
+class VAEEncoder(nn.Module):
+    """Image in [-1, 1] -> scaled latents (the posterior's mean). Keys: ``encoder.*`` and ``quant_conv.*``."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.scale_factor = cfg.scale_factor
+        self.z_channels = cfg.z_channels
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.factor = 2 ** (len(cfg.ch_mult) - 1)
+        """Image pixels per latent pixel along each side (8 for SD v1)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        dtype = self.quant_conv.weight.dtype
+        moments = self.quant_conv(self.encoder(images.to(dtype)))  # (b, 3, 8h, 8w) -> (b, 8, h, w)
+        mean = moments[:, : self.z_channels]  # (b, 8, h, w) -> (b, 4, h, w); the rest is the log-variance
+        return mean * self.scale_factor
