@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Smoke test of the real app in a real terminal: sdterm runs in a detached tmux session (100x30);
-# the script types a prompt and Enter, waits for "saved", sends "/cfg 4" Enter in one burst (the
+# the script types a prompt, waits for the token line to count it, presses Enter, waits for "saved", sends "/cfg 4" Enter in one burst (the
 # command must run, the prompt stay, nothing render), presses Tab and ] (seed + 1, a second
 # render), waits for it, quits with Ctrl+Q, and checks that the process ended with status 0, that
 # OUTDIR holds exactly two PNGs and that the screen never showed a traceback. The prompt has
@@ -91,6 +91,8 @@ tmux -S "$socket" set-option -t "$session" remain-on-exit on >/dev/null
 
 wait_for "the app to start" 60 on_screen "no image yet"
 tmux -S "$socket" send-keys -t "$session" -l "a red fox [/snow]"
+# The token line under the prompt box counts the prompt as it is typed (the model is loaded).
+wait_for "the token line" 60 on_screen "tokens · 1 chunk ("
 tmux -S "$socket" send-keys -t "$session" Enter
 wait_for "the first image" 60 on_screen "saved "
 pngs_are 1 || fail "expected 1 PNG after the first render, found $(pngs)"
