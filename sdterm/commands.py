@@ -24,10 +24,8 @@ A handler changes the session only through its public API (``params``, ``set``, 
 ``budget``, ``batch_count``, ``last_path``, ``recall_entry``) and raises :class:`CommandError` (one
 line) with nothing changed for a bad value. ``!N`` typed in the prompt box is ``/recall N``.
 
-:func:`complete` completes command names and, for a command whose entry names a kind of value
-(``values``), the value: "path" (PNG files and folders, built in) and any kind the front end
-provides (``complete(text, {"model": lambda typed: names})``). No UI imports; nothing here imports
-the session.
+:func:`complete` completes command names and the values of an entry's kind (``values``): "path" (PNG files and
+folders) built in, others from the front end. No UI imports; nothing here imports the session.
 """
 
 from __future__ import annotations
@@ -41,16 +39,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .errors import ConfigError, shorten
 from .params import MAX_BATCH, MAX_SEED, Params
 from .lora_edit import edit_loras
-from .samplers import (
-    RNGS,
-    SAMPLER_LIST,
-    SAMPLERS,
-    SCHEDULES,
-    combined_name,
-    resolve_schedule,
-    schedule_name,
-    split_sampler,
-)
+from .samplers import RNGS, SAMPLER_LIST, SAMPLERS, SCHEDULES, combined_name, resolve_schedule, schedule_name, split_sampler
 from .file_values import image_paths
 from .units import MIN_BUDGET, format_bytes, parse_budget, parse_wh
 
@@ -71,11 +60,9 @@ class Outcome:
     """What the front end should do after a command."""
 
     action: str
-    """"message" | "budget" | "open" | "load" | "recall" | "history" | "model" | "vae" | "lora" | "cache" |
-    "help" | "quit" (the module's docstring says what each asks for)."""
+    """"message", "budget", "open", "load", "recall", "history", "model", "vae", "lora", "cache", "help", "quit"."""
     message: str = ""
-    """What to show on the notice line; for "open" and "load" the file, for "recall" the entry's
-    number, for "history" how many entries, for "model" the name."""
+    """The notice line's text; the file ("open", "load"), entry number ("recall"), count ("history"), name ("model")."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +208,22 @@ def _open(session, arg: str) -> Outcome:
     return Outcome("open", session.last_path)
 
 
+def _init(session, arg: str) -> Outcome:
+    if arg.lower() == "off":
+        session.set(init_image="")
+        return Outcome("message", "init image off: renders start from noise (text-to-image)")
+    path = os.path.expanduser(arg)
+    if "\0" not in path and not os.path.isfile(path):  # a NUL is the validator's to name
+        raise CommandError(f"init image {shorten(arg)!r}: no such file; check the path")
+    p = session.set(init_image=os.path.abspath(path))
+    return Outcome("message", f"img2img from {os.path.basename(path)}, strength {p.strength:.2f}")
+
+
+def _strength(session, arg: str) -> Outcome:
+    p = session.set(strength=_number(arg, float))
+    return Outcome("message", f"denoising strength {p.strength:.2f}" + ("" if p.init_image else " (used with /init)"))
+
+
 def _whole(text: str, name: str, lo: int, hi: int) -> int:
     """``text`` as a whole number in lo ... hi, else CommandError in the validator's words."""
     try:
@@ -298,6 +301,8 @@ COMMANDS: dict[str, SlashCommand] = {
         SlashCommand("load", REQUIRED_TEXT, "/load IMAGE.png",
                      "take the prompt and settings stored in a PNG (sdterm or AUTOMATIC1111)",
                      lambda session, arg: Outcome("load", os.path.expanduser(arg)), values="path"),
+        SlashCommand("init", REQUIRED_TEXT, "/init IMAGE|off", "img2img: start from IMAGE (off: noise)", _init, values="path"),
+        SlashCommand("strength", ONE_VALUE, "/strength S", "img2img denoising strength (0 ... 1; 0 keeps the image)", _strength),
         SlashCommand("history", OPTIONAL_VALUE, "/history [N]", f"list the last N renders, numbered (default {HISTORY_LENGTH})",
                      _history),
         SlashCommand("recall", REQUIRED_TEXT, "/recall N|IMAGE.png",
@@ -347,7 +352,7 @@ def parse_command(text: str) -> Command | None:
     name = ALIASES.get(name, name)
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.6)
-        more = f" (did you mean /{close[0]}?); /help lists them all" if close else f"; commands: {_COMMAND_LIST}"
+        more = f" (did you mean /{close[0]}?); /help lists them all" if close else f"; {_COMMAND_LIST}"
         raise CommandError(f"unknown command /{shorten(name, 12)}{more}")
     command = COMMANDS[name]
     if command.arg == NO_ARG and arg:
@@ -365,8 +370,7 @@ def help_line() -> str:
 
 
 ValueSource = Callable[[str], Iterable[str]]
-"""Candidates for a partly typed value (given what is typed so far; those that do not start with it
-are left out by :func:`complete`)."""
+"""Candidates for a partly typed value, given what is typed so far (:func:`complete` keeps those that start with it)."""
 
 
 _SAMPLER_NAMES = [s.name for s in SAMPLER_LIST] + [f"{s.name} {schedule}" for s in SAMPLER_LIST if s.k_diffusion

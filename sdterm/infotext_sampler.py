@@ -6,7 +6,7 @@
 What A1111 writes: ``Sampler: <name>`` (no schedule in it), then ``Schedule type: <label>``; for a
 k-diffusion sampler with its own default ("DPM++ 2M" -> Karras) "Automatic" is written resolved.
 It writes ``Schedule type: Automatic`` otherwise, which sdterm leaves out (reading a text without it
-gives "Automatic" in both). ``ENSD: n`` when it isn't 0 and changes the image (:func:`uses_ensd`); ``RNG: CPU`` or ``RNG: NV`` (never for the default, GPU: a text
+gives "Automatic" in both). ``Denoising strength: s`` first, for an img2img render. ``ENSD: n`` when it isn't 0 and changes the image (:func:`uses_ensd`); ``RNG: CPU`` or ``RNG: NV`` (never for the default, GPU: a text
 without ``RNG`` was drawn on the GPU, which sdterm's ``nv`` reproduces on any device); then
 ``Eta: x`` (ancestral and SDE samplers, when not 1) or ``Eta DDIM: x`` (DDIM, when not 0).
 """
@@ -54,9 +54,12 @@ def schedule_pairs(p: Params) -> list[str]:
 
 
 def tail_pairs(p: Params) -> list[str]:
-    """ENSD, RNG and eta, after ``Model:`` (A1111's order)."""
+    """Denoising strength (img2img: whenever an init image is used, its default too), ENSD, RNG and
+    eta, after ``Model:`` and ``VAE:`` (A1111's order)."""
     info = SAMPLERS[p.sampler]
-    out = [f"ENSD: {p.ensd}"] if p.ensd and uses_ensd(p) else []
+    out = [f"Denoising strength: {_g(p.strength)}"] if p.init_image else []
+    if p.ensd and uses_ensd(p):
+        out.append(f"ENSD: {p.ensd}")
     if p.rng != "gpu":
         out.append(f"RNG: {RNG_INFOTEXT[p.rng]}")
     if info.uses_eta and info.k_diffusion and p.eta_ancestral != 1.0:

@@ -10,8 +10,10 @@ A flag's ``dest`` is its field's name (``--subseed-strength`` -> ``subseed_stren
 from __future__ import annotations
 
 import argparse
+import os
 
-from .params import FIELDS, MAX_SEED, Params
+from .errors import ConfigError
+from .params import FIELDS, MAX_SEED, RESIZE_MODES, Params
 from .samplers import RNGS, SAMPLERS, SCHEDULES, schedule_name, split_sampler
 
 
@@ -55,6 +57,18 @@ def rng_choice(text: str) -> str:
     return text.strip().lower()
 
 
+def resize_mode_choice(text: str) -> str:
+    """argparse type: an img2img resize mode by A1111's name (any case, ``-``/``_`` for spaces) or its
+    API number 0/1/2."""
+    if text.strip().isdigit() and int(text) < len(RESIZE_MODES):
+        return RESIZE_MODES[int(text)]
+    name = " ".join(text.strip().lower().replace("-", " ").replace("_", " ").split())
+    if name not in RESIZE_MODES:
+        names = ", ".join(f"{i} {n!r}" for i, n in enumerate(RESIZE_MODES))
+        raise argparse.ArgumentTypeError(f"unknown resize mode {text!r}; one of: {names}")
+    return name
+
+
 def add_render_options(p: argparse.ArgumentParser) -> None:
     """The parameter flags shared by ``generate`` and the app (and the device and budget flags).
 
@@ -80,6 +94,13 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
                    help="A1111's eta noise seed delta for the ancestral samplers' noise (default 0)")
     p.add_argument("--clip-skip", type=whole_number, default=None, metavar="N",
                    help="A1111's Clip skip: 1 = CLIP's last layer (default), 2 = the one before it, ...")
+    p.add_argument("--init-image", type=os.path.expanduser, default=None, metavar="PATH",
+                   help="img2img: start from this image (PNG, JPEG, WebP) instead of noise")
+    p.add_argument("--strength", "--denoising-strength", dest="strength", type=number, default=None, metavar="S",
+                   help="img2img: A1111's denoising strength, 0..1 (default 0.75; 0 keeps the init image)")
+    p.add_argument("--resize-mode", type=resize_mode_choice, default=None, metavar="MODE",
+                   help='img2img: how the init image fits the size: "just resize" (0, default), '
+                        '"crop and resize" (1), "resize and fill" (2)')
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
     p.add_argument(
         "--vram-budget",
@@ -91,10 +112,14 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
 
 def params_from_args(args: argparse.Namespace) -> Params:
     """The parameters the parsed flags give (not validated): each field from the attribute of its
-    name, its default where the namespace has none (or None: a flag left out)."""
+    name, its default where the namespace has none (or None: a flag left out). ConfigError (one line,
+    the engine's own words) for an ``--init-image`` that doesn't exist, before any model is loaded."""
     given = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
     if "sampler" in given and (split := split_sampler(given["sampler"])) is not None:
         given["sampler"] = split[0]  # a combined name's schedule, unless --schedule names one
         if split[1] is not None:
             given.setdefault("schedule", split[1])
+    init = given.get("init_image")
+    if isinstance(init, str) and init and "\0" not in init and not os.path.exists(init):
+        raise ConfigError(f"init image {init}: no such file; check the path")
     return Params(**given)

@@ -27,6 +27,8 @@ MAX_STEPS = 1000
 MAX_SIDE = 4096
 MAX_CFG = 50.0
 MAX_CLIP_SKIP = 12
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+"""A1111's img2img resize modes, in the order of its API's 0/1/2 (``sdterm/engine/init_image.py`` applies them)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,13 @@ class Params:
     clip_skip: int = 1
     """A1111's "Clip skip": 1 uses the text encoder's last layer, N the hidden state N - 1 layers
     before it (through the final layer norm)."""
+    init_image: str = ""
+    """img2img: the path of the init image ("" renders text-to-image). Only the engine opens it."""
+    strength: float = 0.75
+    """A1111's "Denoising strength", 0..1: how much of the init image is noised away (used only
+    with an init image; 1 keeps nothing of it but its colours' placement, 0 keeps it all)."""
+    resize_mode: str = "just resize"
+    """How the init image is fitted to width x height: one of :data:`RESIZE_MODES` (A1111's names)."""
 
     def validated(self) -> "Params":
         """``self``, or ConfigError with one line naming the first bad parameter and the allowed range."""
@@ -85,6 +94,10 @@ class Params:
         _check_name("sampler", self.sampler, tuple(SAMPLERS))
         _check_name("schedule", self.schedule, SCHEDULES)
         _check_name("rng", self.rng, RNGS)
+        if not isinstance(self.init_image, str) or "\0" in self.init_image:
+            raise ConfigError("init image must be a file path without NUL characters")
+        _check_float("strength", self.strength, 0.0, 1.0)
+        _check_name("resize mode", self.resize_mode, RESIZE_MODES)
         for name, side in (("width", self.width), ("height", self.height)):
             _check_int(name, side, 8, MAX_SIDE)
             if side % 8:

@@ -92,11 +92,9 @@ INFOTEXT_KEYS: dict[str, tuple[str, ...]] = {
     "steps": ("Steps",),
     "cfg": ("CFG scale",),
     "seed": ("Seed",),
-    "subseed": ("Variation seed",),
-    "subseed_strength": ("Variation seed strength",),
-    "eta": ("Eta DDIM",),
-    "eta_ancestral": ("Eta",),
-    "ensd": ("ENSD",), "clip_skip": ("Clip skip",),
+    "subseed": ("Variation seed",), "subseed_strength": ("Variation seed strength",),
+    "eta": ("Eta DDIM",), "eta_ancestral": ("Eta",),
+    "ensd": ("ENSD",), "clip_skip": ("Clip skip",), "strength": ("Denoising strength",),
 }
 """:class:`Params` field -> its infotext key (the one written first, then other spellings read).
 ``width`` and ``height`` share ``Size: WxH``; the prompt and the negative are lines of their own."""
@@ -116,7 +114,7 @@ VAE_HASH, VAE = "VAE hash", "VAE"
 with extension (:attr:`ImageParameters.vae_hash`, :attr:`ImageParameters.vae`)."""
 
 _WRITTEN_IN_ORDER = ("steps", "cfg", "seed", "subseed", "subseed_strength", "eta", "eta_ancestral", "ensd", "sampler",
-                     "schedule", "rng")  # the others: written when not their default
+                     "schedule", "rng", "strength")  # the others: written when not their default
 
 
 def _infotext_value(value: Any) -> str:
@@ -326,6 +324,8 @@ def params_from_infotext(text: str) -> ImageParameters:
     parsed = parse_infotext(text)
     settings = dict(parsed["settings"])
     found = _typed_settings(settings)
+    if any(key.startswith("Hires") for key in settings):  # the hires fix's strength, not img2img's: kept as text
+        found.pop("strength", None)
     typed = {name: value for name, (value, _) in found.items() if name in FIELDS and name not in DETAIL_KEYS}
     named, used = read_sampler(settings, typed)
     for key in {key for _, key in found.values()} | used:

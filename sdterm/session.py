@@ -16,6 +16,7 @@ for :meth:`Session.full_quality` and for when draft mode is turned off.
 
 from __future__ import annotations
 
+import os
 import random
 
 from .commands import COMMANDS, Command, CommandError, Outcome, sampler_label
@@ -261,7 +262,8 @@ class Session:
         (recalled)``: the recalled prompt renders again with its own seed.
         The variation part appears only while the variation strength is above 0. A sampler other
         than DDIM shows before the steps (``DPM++ 2M Karras · 20 steps``), with its own eta (the
-        ancestral and SDE samplers') or none; ``rng nv``/``rng gpu`` and ``ENSD N`` when set.
+        ancestral and SDE samplers') or none; ``rng nv``/``rng gpu`` and ``ENSD N`` when set;
+        ``img2img 0.60 from NAME`` (the strength and the init image's file name) while /init names one.
         In draft mode the line starts with what a render uses, ``DRAFT LCM 4 steps cfg 1.5``
         (``+ NAME``: the draft LoRA), and ends with the full settings kept aside: ``full: DDIM 50
         steps CFG 7.5``."""
@@ -290,6 +292,8 @@ class Session:
             parts.append(f"ENSD {p.ensd}")
         if p.clip_skip != 1:
             parts.append(f"clip skip {p.clip_skip}")
+        if p.init_image:
+            parts.append(f"img2img {p.strength:.2f} from {os.path.basename(p.init_image) or p.init_image}")
         if self.batch_count > 1:
             parts.insert(2 if self.draft else 1, f"×{self.batch_count}")
         if p.subseed_strength > 0:

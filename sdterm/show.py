@@ -38,7 +38,8 @@ def _opt(flag: str, value: str) -> str:
 
 # Fields the line below spells out one by one; any other Params field gets ``--its-name VALUE``
 # when the image recorded a value other than its default.
-_SPELLED_OUT = {"prompt", "negative", "seed", "steps", "cfg", "width", "height", "eta", "subseed", "subseed_strength"}
+_SPELLED_OUT = {"prompt", "negative", "seed", "steps", "cfg", "width", "height", "eta", "subseed", "subseed_strength",
+                "init_image", "strength"}
 
 
 def generate_command(found: ImageParameters, model: str | None = None) -> str:
@@ -63,6 +64,10 @@ def generate_command(found: ImageParameters, model: str | None = None) -> str:
         if get("subseed") is not None:
             parts.append(f"--subseed {shlex.quote(str(p.subseed))}")
         parts.append(f"--subseed-strength {shlex.quote(_num(strength))}")
+    if get("init_image"):  # only sdterm's chunk names it; A1111 records the strength alone
+        parts.append(_opt("--init-image", p.init_image))
+    if get("strength") is not None and (get("init_image") or found.source == "a1111"):
+        parts.append(f"--strength {shlex.quote(_num(p.strength))}")
     defaults = Params()
     for name in FIELDS:
         value = get(name)
@@ -101,6 +106,8 @@ def notes(found: ImageParameters) -> list[str]:
     hires = sorted(k for k in x if k.startswith("Hires"))
     if hires or "Denoising strength" in x:
         out.append("hires fix is not supported: sdterm renders at the recorded size only")
+    if found.source == "a1111" and found.get("strength") is not None:
+        out.append("an img2img render whose init image isn't recorded: add --init-image PATH to the line")
     if "Seed resize from" in x:
         out.append(f"seed resize from {x['Seed resize from']} is not supported")
     for key, what in (("TI hashes", "embeddings"), ("Lora hashes", "LoRAs")):  # pairs are read into fields
@@ -356,8 +363,7 @@ def run(args: argparse.Namespace) -> int:
                     "(add --model PATH to name one)")
     if args.json:
         print(json.dumps({"file": str(args.image), **found.to_dict(), "embedding_files": [c.to_dict() for c in checks],
-                          "lora_files": lora_checks,
-                          "command": command, "notes": said}))
+                          "lora_files": lora_checks, "command": command, "notes": said}))
         return 0
     p, get = found.params, found.get
     rows: list[tuple[str, str]] = [("source", {"sdterm": "sdterm", "a1111": "AUTOMATIC1111 parameters"}[found.source]),
@@ -384,6 +390,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("ENSD", str(p.ensd)))
     if get("clip_skip") not in (None, 1):
         rows.append(("clip skip", str(p.clip_skip)))
+    if get("init_image") or (found.source == "a1111" and get("strength") is not None):
+        rows.append(("img2img", f"strength {_num(p.strength)}" + (f" from {p.init_image}" if p.init_image else "")))
     if get("subseed_strength"):
         rows.append(("variation", f"seed {get('subseed')}, strength {_num(p.subseed_strength)}"))
     if found.model or found.model_hash:

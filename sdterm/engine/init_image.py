@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageOps
 
-RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+from ..params import RESIZE_MODES
 BACKGROUND = "#ffffff"  # A1111 opts.img2img_background_color default
 MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS default (a 0.25 GiB 24-bit image)
 
