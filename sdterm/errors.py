@@ -59,6 +59,7 @@ USER_ERRORS = (
     ("sdterm.download", "DownloadError"),
     ("sdterm.engine.loading.checkpoint", "CheckpointError"),
     ("sdterm.engine.prompt.tokenizer", "PromptError"),
+    ("sdterm.engine.init_image", "InitImageError"),
     ("sdterm.engine.memory.planner", "BudgetTooSmall"),
     ("sdterm.engine.pipeline", "OutOfMemory"),
 )

@@ -17,6 +17,7 @@ import hashlib
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
@@ -159,3 +160,9 @@ def prepare_init_image(path, width: int, height: int, mode="just resize") -> Ini
     flat = background.convert("RGB")
     out = _resize(flat, mode, width, height)
     return InitImage(image=out, tensor=to_tensor(out), source_size=flat.size, mode=mode, md5=md5)
+
+
+def prepare(req) -> InitImage:
+    """The init image of a render's parameters (``init_image``, ``width``, ``height``,
+    ``resize_mode``), ``~`` expanded; :class:`InitImageError` (one line) when it can't be used."""
+    return prepare_init_image(Path(req.init_image).expanduser(), req.width, req.height, req.resize_mode)

@@ -35,6 +35,8 @@ from .sampling import SamplingContext, get_sampler
 from .sampling.schedules import sampler_plan
 from .sampling.guidance import ScheduledGuidance, runs_apart, unet_passes
 from .sampling.rng import ImageRNG
+from .sampling.img2img import t_enc
+from .init_image import prepare as prepare_init_image
 from .vae_stage import VaeStage
 
 DEFAULT_BUDGET_MARGIN = 512 * 2**20
@@ -177,6 +179,7 @@ class Engine(VaeStage):
         pos, neg, clip_skip = prepare_prompts(req.replace(prompt=prompt), tokenizer, self.models.cfg.text.num_layers, notice,
                                               steps=schedule_steps(req.steps, sampler.info.second_order),
                                               embeddings=self._embeddings(notice))
+        init_image = prepare_init_image(req) if req.init_image else None  # a bad file: one line, before any work
         check()
 
         texts = {"prompt": pos, "negative": neg}
@@ -199,6 +202,10 @@ class Engine(VaeStage):
         # (the prompt's and the negative's chunk counts may differ: guidance then runs them apart).
         cond = pos.conditioning(chunks.__getitem__, filler).to(self.dtype)
         uncond = neg.conditioning(chunks.__getitem__, filler).to(self.dtype)
+        init = None
+        if init_image is not None:  # img2img: the init latent first, then the seed's noise, as A1111
+            init, _, plan = self._with_retry("vae", plan, req, notice,
+                                             lambda p: self._encode_stage(init_image.tensor, p, ignore, notice))
         check()
         rng = ImageRNG(req.seed, req.width, req.height, subseed=req.subseed, subseed_strength=req.subseed_strength,
                        rng=req.rng, ensd=req.ensd)
@@ -206,7 +213,8 @@ class Engine(VaeStage):
         # Where a retry resumes: the sampler's state after its last completed step (its carry: the
         # step, the latent, a multistep sampler's history) and the generator's state after it (the
         # per-step noise of a retried step must be what a first try would have drawn).
-        progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state(), "calls": 0}
+        progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state(), "calls": 0, "init": init,
+                    "t_enc": t_enc(req.strength, req.steps) if init is not None else None}
         latents, unet_stats, plan = self._with_retry("unet", plan, req, notice,
                                                      lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check,
                                                                                 loras))
@@ -290,17 +298,8 @@ class Engine(VaeStage):
         return db
 
     def merge_loras(self, stage: str, loras: RenderLoras) -> None:
-        """Fold this render's LoRAs into the stage's model (a no-op when it holds them already);
-        the units holding rewritten layers go back to their host copy first, after the device is
-        done with whatever it was copying from them."""
-        def before_write(modules: set[torch.nn.Module]) -> None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.placement.offload_modules(stage, modules)
-
-        if loras.used or self.loras.mergers[stage].held:
-            self.loras.merge(stage, self.models.module(stage), loras, before_write,
-                             self.device if self.device.type == "cuda" else None)
+        """Fold this render's LoRAs into the stage's model (a no-op when it holds them already)."""
+        self.loras.merge_into(stage, self.models, self.placement, self.device, loras)
 
     def _chunk_store(self, loras: RenderLoras) -> ChunkStore | None:
         """The embedding cache for this encoder, tokenizer, device and dtype (None without one)."""
@@ -359,7 +358,7 @@ class Engine(VaeStage):
         rng.set_state(progress["rng_state"])  # a retry draws the noise a first try would have
         sampler = get_sampler(req.sampler)
         schedule = resolve_schedule(req.sampler, req.schedule)
-        total, calls = sampler_plan(sampler.info, schedule, req.steps, carry.get("step", 0))
+        total, calls = sampler_plan(sampler.info, schedule, req.steps, carry.get("step", 0), progress["t_enc"])
         meter = StageMeter("unet", self.device, emit)
         # Every segment of a role has the same token count: whether cond and uncond run apart
         # is the same for the whole render.
@@ -405,7 +404,7 @@ class Engine(VaeStage):
                 model=self.models.cfg.schedule, steps=req.steps, schedule=schedule,
                 eta=req.eta, eta_ancestral=req.eta_ancestral, noise=noise, brownian=rng.brownian, on_step=on_step,
                 carry=carry,
-                info=sampler.info)
+                info=sampler.info, init=progress["init"], t_enc=progress["t_enc"] or 0)
             with torch.inference_mode():
                 latents = sampler.run(ctx, x_t.to(self.device))
         note = plan.describe(self.models.sizes()) if plan.unet != "host" else "cpu"

@@ -1,5 +1,6 @@
-"""The engine's VAE stage: latents to an image under the plan (resident, staged or tiled), with
-the fp32 re-decode when fp16 overflows. A part of :class:`sdterm.engine.pipeline.Engine` (a mixin:
+"""The engine's VAE stages: latents to an image under the plan (resident, staged or tiled), with
+the fp32 re-decode when fp16 overflows; and for img2img the init image to its latent, the encoder
+placed and tiled as the plan places and tiles the decoder, with the fp32 re-encode. A part of :class:`sdterm.engine.pipeline.Engine` (a mixin:
 it uses the engine's models, placement and budget)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import torch
 from .events import Emit
 from .memory.meter import StageMeter
 from .memory.planner import MARGIN, Plan
-from .memory.tiling import decode_latents, fp32_decode_tile
+from .memory.tiling import decode_latents, encode_latents, fp32_decode_tile
 from .result import to_image
 
 
@@ -51,3 +52,24 @@ class VaeStage:
             return plan.vae_tile
         available = budget - MARGIN - torch.cuda.memory_allocated(self.device) - 2 * self.models.sizes().vae
         return fp32_decode_tile(self.models.cfg.vae, z.shape[-2], z.shape[-1], plan.vae_tile, available)
+
+    def _encode_stage(self, images: torch.Tensor, plan: Plan, emit: Emit, notice):
+        """The init image (1, 3, H, W) in [-1, 1] -> its scaled latent (the posterior mean), fp32 on
+        the device; the encoder lives where the plan keeps the decoder, tiled as it is tiled."""
+        meter = StageMeter("vae", self.device, emit)
+        encoder = self._acquire("vae_encoder", plan.vae)
+        try:
+            meter.loaded()
+            with torch.inference_mode():
+                z = encode_latents(encoder, images.to(self.device, self.dtype), plan.vae_tile,
+                                   fp32_tile=lambda tile: self._fp32_tile(images[..., ::8, ::8], plan))
+            if z.dtype == torch.float32 and self.dtype != torch.float32:
+                notice("VAE encoder overflowed in fp16: encoded again in fp32", "warning")
+        finally:
+            if encoder.quant_conv.weight.dtype != self.dtype:  # the fp32 fallback replaced the weights
+                self.placement.offload("vae_encoder")
+                if encoder.quant_conv.weight.dtype != self.dtype:
+                    encoder.to(self.dtype)
+            self._release("vae_encoder", plan.vae)
+        return z.float(), meter.finish(note=f"vae encoder {plan.vae}" + (f", tiled {plan.vae_tile * 8}px"
+                                                                         if plan.vae_tile else ""))

@@ -101,6 +101,19 @@ class LoraState:
         return merger.apply(_layers(stage, module), applied, before_write, device)
 
 
+    def merge_into(self, stage: str, models, placement, device: torch.device, loras: RenderLoras) -> None:
+        """Fold ``loras`` into the engine's model for ``stage`` (built if needed); the units holding
+        rewritten layers go back to their host copy first, after the device is done with whatever
+        it was copying from them. The deltas are computed on the GPU when there is one."""
+        def before_write(modules: set[torch.nn.Module]) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            placement.offload_modules(stage, modules)
+
+        if loras.used or self.mergers[stage].held:
+            self.merge(stage, models.module(stage), loras, before_write, device if device.type == "cuda" else None)
+
+
 def _layers(stage: str, module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The model's Linear and Conv2d layers by the names :class:`Targets` gives them."""
     if stage == "unet":

@@ -56,6 +56,12 @@ class SamplingContext:
     resumes from there and must produce exactly what an uninterrupted run would have."""
     info: SamplerInfo | None = None
     """The sampler's registry entry."""
+    init: torch.Tensor | None = None
+    """img2img: the clean init latent (the VAE encoder's scaled posterior mean); None for
+    text-to-image. The sampler noises it to where it starts (:mod:`.img2img`) with ``x`` as the
+    noise and runs only the rest of its schedule."""
+    t_enc: int = 0
+    """img2img: A1111's t_enc, ``int(min(strength, 0.999) * steps)`` (:func:`.img2img.t_enc`)."""
 
     def step_done(self, i: int, t: float, x: torch.Tensor, **state: Any) -> None:
         """Record the state after step ``i`` in :attr:`carry`, then call :attr:`on_step`."""

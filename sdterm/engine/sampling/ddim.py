@@ -50,6 +50,11 @@ class Schedule:
     alpha_prev: tuple[float, ...]
     """alpha at the next (less noisy) timestep; alpha_0 after the last."""
 
+    def tail(self, n: int) -> "Schedule":
+        """The last ``n`` updates (an img2img render's)."""
+        k = len(self.timesteps) - n
+        return Schedule(self.timesteps[k:], self.alpha[k:], self.alpha_prev[k:])
+
     @classmethod
     def make(cls, cfg: ScheduleConfig, steps: int) -> "Schedule":
         ac = alphas_cumprod(cfg)
@@ -113,8 +118,14 @@ def sample(
 def run(ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
     """DDIM as a registered sampler (CompVis/diffusers form: ``steps`` updates, the last one to
     alphas_cumprod[0]); the starting noise is x_T as it is. Resumes from ``ctx.carry``."""
+    schedule = Schedule.make(ctx.model, ctx.steps)
     start = ctx.resume()
+    if ctx.init is not None:  # img2img, CompVis's form: noised one stride above, the last t_enc updates
+        a = schedule.alpha[ctx.steps - 1 - ctx.t_enc]
+        if not start:
+            x = a**0.5 * ctx.init + (1 - a) ** 0.5 * x
+        schedule = schedule.tail(ctx.t_enc)
     if start:
         x = ctx.carry["x"]
-    return sample(ctx.eps, x, Schedule.make(ctx.model, ctx.steps), eta=ctx.eta, noise=ctx.noise,
+    return sample(ctx.eps, x, schedule, eta=ctx.eta, noise=ctx.noise,
                   on_step=lambda i, t, x_now: ctx.step_done(i, t, x_now), start=start)

@@ -39,13 +39,15 @@ def _run(ctx: SamplingContext, x: torch.Tensor, step: Step, **history: Any) -> t
     each i, ``state`` starting as ``history`` (or the carried state when resuming) and updated by
     the step in place; after each step ``ctx.step_done`` records x and the state."""
     sigmas = sigmas_for(ctx)
+    if ctx.init is not None:  # img2img: A1111's slice of the schedule (.img2img)
+        sigmas = sigmas[max(ctx.steps - ctx.t_enc - 1, 0):]
     model = denoiser(ctx)
     start = ctx.resume()
     if start:
         x = ctx.carry["x"]
         state = {k: ctx.carry[k] for k in history}
     else:
-        x = x * sigmas[0]
+        x = x * sigmas[0] if ctx.init is None else ctx.init + x * sigmas[0]
         state = dict(history)
     for i in range(start, len(sigmas) - 1):
         x = step(model, sigmas, i, x, state)
@@ -80,6 +82,7 @@ def _ancestral_noise(ctx: SamplingContext) -> NoiseSampler:
 
 def _brownian_noise(ctx: SamplingContext, x: torch.Tensor, sigmas: torch.Tensor) -> NoiseSampler:
     if ctx.brownian is not None:
+        sigmas = sigmas_for(ctx)  # the whole schedule's range, also for img2img's slice (as A1111)
         return ctx.brownian(x, sigmas[sigmas > 0].min(), sigmas.max())
     return _ancestral_noise(ctx)
 

@@ -66,12 +66,14 @@ def run(ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
     ``x``: the starting noise at unit variance. Returns the final denoised latent."""
     sched = LCMSchedule(alphas_cumprod(ctx.model))
     sigmas = sched.sigmas(ctx.steps)
+    if ctx.init is not None:  # img2img: A1111's k-diffusion slice (.img2img)
+        sigmas = sigmas[max(ctx.steps - ctx.t_enc - 1, 0):]
     start = ctx.resume()
     if start > 0:
         x = ctx.carry["x"]
     else:
-        x = x * sigmas[0]
-    for i in range(start, ctx.steps):
+        x = x * sigmas[0] if ctx.init is None else ctx.init + x * sigmas[0]
+    for i in range(start, len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         t = sched.timestep(sigma)
         eps = ctx.eps(x / (sigma**2 + 1) ** 0.5, t)

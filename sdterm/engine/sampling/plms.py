@@ -105,7 +105,12 @@ def run(ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
     for t in ts:
         t_next = t - stride
         plan.append((t, t_next, float(ac[t]), float(ac[t_next]) if t_next >= 0 else float(ac[0])))
-    return _sample(ctx, x, plan, extra_first=ctx.steps > 1)
+    if ctx.init is not None:  # img2img, CompVis's form (as DDIM): noised one stride above, the last t_enc updates
+        a = float(ac[ts[ctx.steps - 1 - ctx.t_enc]])
+        if not ctx.resume():
+            x = a**0.5 * ctx.init + (1 - a) ** 0.5 * x
+        plan = plan[ctx.steps - ctx.t_enc:]
+    return _sample(ctx, x, plan, extra_first=len(plan) > 1)
 
 
 def run_webui(ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:

@@ -221,11 +221,31 @@ def model_calls(info: SamplerInfo, schedule: str, steps: int, start: int = 0) ->
     return info.calls(n, start)
 
 
-def sampler_plan(info: SamplerInfo, schedule: str, steps: int, start: int = 0) -> tuple[int, int]:
+def sampler_plan(info: SamplerInfo, schedule: str, steps: int, start: int = 0,
+                 t_enc: int | None = None) -> tuple[int, int]:
     """(the steps the sampler really makes, its model calls from step ``start`` on): ``steps`` and
     ``info.calls`` except where a k-diffusion schedule changes them (A1111's "DDIM" schedule strides
-    1000 // steps; KL Optimal ends above 0); what the progress bar and the U-Net streamer need."""
+    1000 // steps; KL Optimal ends above 0); what the progress bar and the U-Net streamer need.
+    With ``t_enc`` (img2img) only the steps an img2img render makes (:mod:`.img2img`)."""
+    if t_enc is not None:
+        return _img2img_plan(info, schedule, steps, start, t_enc)
     if not info.k_diffusion:
         return steps, info.calls(steps, start)
     total = schedule_steps(schedule, steps, discard_next_to_last=info.discard_next_to_last_sigma)
     return total, model_calls(info, schedule, steps, start)
+
+
+def _img2img_plan(info: SamplerInfo, schedule: str, steps: int, start: int, t_enc: int) -> tuple[int, int]:
+    from .img2img import plan
+
+    if schedule == "Automatic":
+        schedule = info.default_schedule
+    n = schedule_steps(schedule, steps, discard_next_to_last=info.discard_next_to_last_sigma) if info.k_diffusion \
+        else steps
+    p = plan(info, steps, n, t_enc)
+    if info.k_diffusion:
+        if schedule == "KL Optimal" and info.second_order:
+            return p.steps_run, 2 * (p.steps_run - start)
+        return p.steps_run, info.calls(n, p.first + start)
+    extra = 1 if (info.extra_first_call and start == 0 and p.steps_run > 1) else 0
+    return p.steps_run, p.steps_run - start + extra

@@ -125,8 +125,14 @@ def run(ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
     times ("times"), and the previous step's start and order ("last", "order") for its corrector."""
     ns = NoiseSchedule(alphas_cumprod(ctx.model))
     steps = ctx.steps
-    order = min(ORDER, steps)
     times = time_uniform(ns.n, steps)
+    if ctx.init is not None:  # img2img, CompVis's form (as DDIM): noised one step above, the last t_enc steps
+        first = steps - ctx.t_enc
+        if not ctx.resume():
+            alpha, sigma, _ = ns.alpha_sigma_lambda(times[first - 1])
+            x = alpha * ctx.init + sigma * x
+        times, steps = times[first:], ctx.t_enc
+    order = min(ORDER, steps)
 
     start = ctx.resume()
     x0s: list[torch.Tensor] = []
