@@ -434,3 +434,37 @@ def test_a_lora_gives_the_same_pixels_on_every_plan_and_comes_out_cleanly(full_s
     assert not torch.allclose(half.latents, reference, atol=1e-3)
     after = engine.generate(plain)
     assert torch.equal(after.latents, before.latents)
+
+
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "DPM++ 2M", "Heun", "DPM++ SDE", "LCM"])
+def test_img2img_gives_the_resident_latents_on_every_plan_and_streams_its_passes(full_size, tmp_path, sampler,
+                                                                                  monkeypatch):
+    """The init image encoded on the GPU (the encoder placed as the decoder is), then an img2img
+    render: resident, staged and streamed give the same latents, and the streamer (which raises on
+    an unplanned pass) was told exactly the passes an img2img render makes."""
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (256, 256), (180, 90, 40)).save(init)
+    engine = Engine(full_size, "cuda")
+    req = small_request(width=256, height=256, steps=6, sampler=sampler, init_image=str(init), strength=0.6,
+                        negative="blurry")
+    seen: list[RingStreamer] = []
+    real = pipeline.RingStreamer
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(pipeline, "RingStreamer", spy)
+    reference = None
+    for name, budget in {"resident": None, "staged": 2 * GiB, "streamed": GiB}.items():
+        engine.set_budget(budget)
+        r = engine.generate(req)
+        assert name in r.plan, (name, r.plan)
+        if reference is None:
+            reference = r.latents
+        else:
+            assert torch.allclose(r.latents, reference, rtol=1e-3, atol=1e-3), name
+    assert len(seen) == 1 and seen[0].next == seen[0].total
