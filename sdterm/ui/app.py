@@ -161,8 +161,12 @@ class SdtermApp(PromptFlow, Keys, Addons, App):
         self.refresh_tokens()  # the steps, the sampler or the model may have changed
 
     def show_params(self) -> None:
-        """The parameter line as last described, with the prompt box's LoRAs as they are now."""
-        self.query_one("#params", Static).update(self.params_text(getattr(self, "_params_line", "")))
+        """The parameter line as last described, with the prompt box's LoRAs as they are now. On
+        the main screen whatever screen is on top (a change can arrive while a popup is up or the
+        app is closing: then there may be no line to update)."""
+        if self.screen_stack:
+            for line in self.screen_stack[0].query("#params").results(Static):
+                line.update(self.params_text(getattr(self, "_params_line", "")))
 
     @property
     def busy(self) -> bool:
