@@ -102,14 +102,7 @@ def test_streamed_render_leaves_no_pending_copy_and_no_memory(full_size, monkeyp
     engine.generate(req)  # warm-up: cuBLAS workspace, cached embeddings
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()
-    seen: list[RingStreamer] = []
-    real = pipeline.RingStreamer
-
-    def spy(*args, **kwargs):
-        seen.append(real(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(pipeline, "RingStreamer", spy)
+    seen = spy_streamers(monkeypatch)
     r = engine.generate(req)
     assert "streamed" in r.plan and len(seen) == 1
     s = seen[0]
@@ -354,6 +347,19 @@ def test_brownian_gpu_is_kdiffusions_sampler_on_cuda_and_cpu_nv_move_with_the_la
 # ---- every sampler on every plan -----------------------------------------------------------------
 
 
+def spy_streamers(monkeypatch) -> list[RingStreamer]:
+    """The U-Net streamers the engine makes from now on, in order (each is the real one)."""
+    seen: list[RingStreamer] = []
+    real = pipeline.RingStreamer
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(pipeline, "RingStreamer", spy)
+    return seen
+
+
 @pytest.mark.filterwarnings("ignore:Should have:UserWarning")
 @pytest.mark.parametrize("sampler", [s.name for s in SAMPLER_LIST])
 def test_every_sampler_streams_exactly_its_planned_passes(full_size, sampler, monkeypatch):
@@ -365,14 +371,7 @@ def test_every_sampler_streams_exactly_its_planned_passes(full_size, sampler, mo
     engine.set_budget(None)
     resident = engine.generate(req)
     assert "resident" in resident.plan
-    seen: list[RingStreamer] = []
-    real = pipeline.RingStreamer
-
-    def spy(*args, **kwargs):
-        seen.append(real(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(pipeline, "RingStreamer", spy)
+    seen = spy_streamers(monkeypatch)
     engine.set_budget(GiB)
     streamed = engine.generate(req)
     assert "streamed" in streamed.plan and len(seen) == 1
@@ -450,14 +449,7 @@ def test_img2img_gives_the_resident_latents_on_every_plan_and_streams_its_passes
     engine = Engine(full_size, "cuda")
     req = small_request(width=256, height=256, steps=6, sampler=sampler, init_image=str(init), strength=0.6,
                         negative="blurry")
-    seen: list[RingStreamer] = []
-    real = pipeline.RingStreamer
-
-    def spy(*args, **kwargs):
-        seen.append(real(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(pipeline, "RingStreamer", spy)
+    seen = spy_streamers(monkeypatch)
     reference = None
     for name, budget in {"resident": None, "staged": 2 * GiB, "streamed": GiB}.items():
         engine.set_budget(budget)
