@@ -180,3 +180,25 @@ async def test_load_of_an_image_made_with_a_vae_switches_to_it_or_says_it_is_mis
         await settle(pilot)
         await pilot.pause(0.2)
         assert calls == [paths.vae_dir() / "kl-f8-anime2.safetensors"]  # by name, in the vae folder only
+
+
+async def test_i_on_the_image_refines_it_as_the_init_image(engine, tmp_path):
+    app = make_app(engine, tmp_path, seed=9, seed_locked=True, steps=3)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("tab", "i")
+        await pilot.pause()
+        assert "no image yet" in notice(app) and not engine.requests
+        await pilot.press("shift+tab")
+        await render(pilot, "a fox")
+        first = app.session.last_path
+        await enter(pilot, "/strength 0.4")
+        await pilot.press("tab", "i")
+        await settle(pilot)
+        req = engine.requests[-1]
+        assert (req.init_image, req.strength, req.prompt, req.seed) == (str(Path(first).resolve()), 0.4, "a fox", 9)
+        assert "img2img 0.40" in params_line(app)
+        refined = app.session.last_path
+        assert refined != first
+        await pilot.press("i")  # again: the refined image is the next init image
+        await settle(pilot)
+        assert engine.requests[-1].init_image == str(Path(refined).resolve())

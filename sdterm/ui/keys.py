@@ -59,6 +59,18 @@ class Keys:
         """Enter on the image: the last prompt again with the settings as they are now."""
         self.render_request(self.session.rerender())
 
+    def action_refine(self) -> None:
+        """i on the image: the image shown becomes the init image (as ``/init``) and its prompt
+        renders again at the current strength: img2img, iterating on one picture (``/init off``
+        goes back to noise)."""
+        if self.session.last_prompt is None or not self.session.last_path:
+            self.notice("no image yet: render one, then i refines it", "warning")
+            return
+        self.run_command(Command("init", str(self.session.last_path)))
+        if Path(self.session.params.init_image) == Path(self.session.last_path).resolve():
+            self.render_request(self.session.rerender())
+        self.refresh_params()
+
     def action_draft(self) -> None:
         """F2 anywhere, d on the image: draft mode on / off (as ``/draft``)."""
         self.run_command(Command("draft", ""))

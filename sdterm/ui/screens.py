@@ -37,6 +37,7 @@ HELP = """\
 | image | **z** | zoom: the image fills the screen (z or Tab back) |
 | image | **s** | pick the sampler (`/schedule` sets the schedule) |
 | anywhere | **F2** (**d** on the image) | draft mode on / off (`/draft`): renders use the draft settings (`draft:` in sdterm.yaml: LCM, 4 steps, CFG 1.5, its LCM-LoRA); yours are kept for when it is off |
+| image | **i** | img2img: the image shown becomes the init image (`/init`) and renders again at `/strength`; press again to keep refining, `/init off` for noise |
 | anywhere | **F3** (**f** on the image) | the image shown again (same prompt, seed, size) with your full settings; draft mode stays on |
 | history | a draft render | Ctrl+R, `!N`, `/load` bring back its prompt (without the draft's LoRA tag), seed and size with your full settings: Enter renders it as a draft again in draft mode, F3 in full |
 | contact sheet | **← → ↑ ↓**, **Enter** | pick an image of a batch (`/n N`), then work on it |

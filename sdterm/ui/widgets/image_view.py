@@ -50,6 +50,7 @@ class ImageView(Vertical, can_focus=True):
         Binding("V", "app.variation(-1)", "var−"),
         Binding("d", "app.draft", "draft", show=False),  # F2 anywhere
         Binding("f", "app.full_quality", "full quality", show=False),  # F3 anywhere
+        Binding("i", "app.refine", "img2img", show=False),
         Binding("enter", "rerender", "again"),
         Binding("enter", "pick", "pick"),
         Binding("left", "move(-1, 0)", "◀", show=False),
