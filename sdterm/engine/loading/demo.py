@@ -19,6 +19,7 @@ from ...config import ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAECo
 from ...fsutil import atomic_write_bytes
 from ..networks.unet import UNetModel
 from ..networks.vae import VAEDecoder, VAEEncoder
+from ..prompt.tokenizer import bytes_to_unicode
 from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -28,19 +29,6 @@ _CORPUS = """a photo of a red fox in the snow, a painting of a castle on a hill 
 portrait of an old man with a beard, highly detailed digital art, trending on artstation,
 a cat sitting on a chair by the window, landscape with mountains and a lake, city street at night
 with neon lights, the moon over the sea, a bowl of fruit, oil painting, watercolor, sharp focus"""
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def demo_vocab(n_merges: int = 120) -> tuple[dict[str, int], list[str]]:

@@ -293,10 +293,7 @@ def decode_latents(vae: VAEDecoder, latents: torch.Tensor, tile: int | None = No
     b, _, h, w = latents.shape
     if tile is None or (tile >= h and tile >= w):
         return vae(latents)
-    if overlap < 0 or tile <= overlap:
-        raise ValueError(f"tile ({tile}) must be larger than overlap ({overlap}), and overlap at least 0")
-    th, tw = min(tile, h), min(tile, w)
-    ys, xs = _starts(h, th, overlap), _starts(w, tw, overlap)
+    th, tw, ys, xs = _grid(h, w, tile, overlap)
     out: torch.Tensor | None = None
     for i, y0 in enumerate(ys):
         for j, x0 in enumerate(xs):
@@ -311,6 +308,15 @@ def decode_latents(vae: VAEDecoder, latents: torch.Tensor, tile: int | None = No
             del part, weight
     assert out is not None
     return out
+
+
+def _grid(h: int, w: int, tile: int, overlap: int) -> tuple[int, int, list[int], list[int]]:
+    """Tile height and width (clipped to the latent) and the tiles' origins on each axis, the
+    tiled decode's and the tiled encode's grid alike."""
+    if overlap < 0 or tile <= overlap:
+        raise ValueError(f"tile ({tile}) must be larger than overlap ({overlap}), and overlap at least 0")
+    th, tw = min(tile, h), min(tile, w)
+    return th, tw, _starts(h, th, overlap), _starts(w, tw, overlap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,10 +344,7 @@ def encode_images(encoder: VAEEncoder, images: torch.Tensor, tile: int | None = 
     h, w = height // f, width // f
     if tile is None or (tile >= h and tile >= w):
         return encoder(images)
-    if overlap < 0 or tile <= overlap:
-        raise ValueError(f"tile ({tile}) must be larger than overlap ({overlap}), and overlap at least 0")
-    th, tw = min(tile, h), min(tile, w)
-    ys, xs = _starts(h, th, overlap), _starts(w, tw, overlap)
+    th, tw, ys, xs = _grid(h, w, tile, overlap)
     wy, wx = _axis_weights(h, th, ys, 1), _axis_weights(w, tw, xs, 1)
     out: torch.Tensor | None = None
     for i, y0 in enumerate(ys):

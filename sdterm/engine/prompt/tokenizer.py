@@ -104,17 +104,18 @@ def fetch_tokenizer(data_dir: Path) -> Path:
     return target
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in for each byte (GPT-2's ``bytes_to_unicode``), reversed."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(keep)
-    extra = 0
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table used by byte-level BPE (the
+    demo tokenizer is written with it, :meth:`PromptTokenizer.decode` reads tokens back with it)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
     for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
 
 
 class PromptTokenizer:
@@ -218,7 +219,7 @@ class PromptTokenizer:
                 vocab = json.loads((self.folder / "vocab.json").read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{self.folder}: not a usable CLIP tokenizer ({exc})") from None
-            decode = _byte_decoder()
+            decode = {c: b for b, c in bytes_to_unicode().items()}
             table = {}
             for token, i in vocab.items():
                 end = token.endswith("</w>")
