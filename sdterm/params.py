@@ -29,6 +29,14 @@ MAX_CFG = 50.0
 MAX_CLIP_SKIP = 12
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
 """A1111's img2img resize modes, in the order of its API's 0/1/2 (``sdterm/engine/init_image.py`` applies them)."""
+LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                    "Latent (nearest)", "Latent (nearest-exact)")
+"""A1111's latent upscale modes for the hires fix (``shared.latent_upscale_modes``): the first
+pass's latent is interpolated, no VAE round trip."""
+PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
+"""A1111's built-in pixel-space upscalers: the first pass is decoded, resized (PIL), encoded."""
+HIRES_UPSCALERS = LATENT_UPSCALERS + PIXEL_UPSCALERS
+MAX_HIRES_SCALE = 4.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,20 @@ class Params:
     with an init image; 1 keeps nothing of it but its colours' placement, 0 keeps it all)."""
     resize_mode: str = "just resize"
     """How the init image is fitted to width x height: one of :data:`RESIZE_MODES` (A1111's names)."""
+    hires_scale: float = 0.0
+    """A1111's hires fix "Upscale by": render at width x height, upscale by this factor (1 ... 4),
+    then refine at that size by img2img. 0: no hires fix (unless a hires size is given)."""
+    hires_width: int = 0
+    """Hires fix "Resize width to" (0: from the scale, or from ``hires_height`` keeping the aspect)."""
+    hires_height: int = 0
+    """Hires fix "Resize height to" (0: as ``hires_width``). Width and height both given: the
+    upscale covers them and the latent is cropped to them, centred (A1111)."""
+    hires_steps: int = 0
+    """Hires fix "Hires steps": the second pass's steps (0: as many as ``steps``)."""
+    hires_strength: float = 0.7
+    """The hires pass's denoising strength (above 0); A1111 writes it as "Denoising strength"."""
+    hires_upscaler: str = "Latent"
+    """One of :data:`HIRES_UPSCALERS`, A1111's names."""
 
     def validated(self) -> "Params":
         """``self``, or ConfigError with one line naming the first bad parameter and the allowed range."""
@@ -98,12 +120,47 @@ class Params:
             raise ConfigError("init image must be a file path without NUL characters")
         _check_float("strength", self.strength, 0.0, 1.0)
         _check_name("resize mode", self.resize_mode, RESIZE_MODES)
+        self._check_hires()
         for name, side in (("width", self.width), ("height", self.height)):
             _check_int(name, side, 8, MAX_SIDE)
             if side % 8:
                 lower, upper = side - side % 8, side - side % 8 + 8
                 raise ConfigError(f"{name} must be a multiple of 8, got {side} (try {lower} or {upper})")
         return self
+
+    @property
+    def hires(self) -> bool:
+        """True when the hires fix is on: a scale or a hires size is given."""
+        return self.hires_scale > 0 or self.hires_width > 0 or self.hires_height > 0
+
+    def _check_hires(self) -> None:
+        if self.hires_scale != 0:
+            _check_float("hires scale", self.hires_scale, 1.0, MAX_HIRES_SCALE)
+        _check_float("hires scale", self.hires_scale, 0.0, MAX_HIRES_SCALE)
+        for name, side in (("hires width", self.hires_width), ("hires height", self.hires_height)):
+            _check_int(name, side, 0, MAX_SIDE)
+            if 0 < side < 64:
+                raise ConfigError(f"{name} must be 0 (from the scale) or at least 64, got {side}")
+        _check_int("hires steps", self.hires_steps, 0, MAX_STEPS)
+        _check_float("hires strength", self.hires_strength, 0.0, 1.0)
+        _check_name("hires upscaler", self.hires_upscaler, HIRES_UPSCALERS)
+        if not self.hires:
+            return
+        if self.hires_strength <= 0:
+            raise ConfigError("hires strength must be above 0 (at 0 the hires pass has no steps); "
+                              "turn the hires fix off instead")
+        if self.init_image:
+            raise ConfigError("the hires fix renders text-to-image (as A1111's); "
+                              "turn it off for img2img, or upscale with a larger size and a strength")
+        requested = self.hires_steps or self.steps
+        schedule = int(requested / min(self.hires_strength, 0.999))
+        if schedule > MAX_STEPS:
+            raise ConfigError(f"hires pass of {requested} steps at strength {self.hires_strength:g} needs a "
+                              f"{schedule}-step schedule, over {MAX_STEPS}; raise the hires strength or lower the steps")
+        w, h = hires_size(self)
+        if w < 8 or h < 8 or w > MAX_SIDE or h > MAX_SIDE:
+            raise ConfigError(f"hires fix size {w}x{h} is outside 8 ... {MAX_SIDE} pixels a side; "
+                              "choose a smaller scale or size")
 
     def replace(self, **changes: Any) -> "Params":
         """A copy with ``changes`` (not validated)."""
@@ -179,6 +236,48 @@ def _check_float(name: str, value: Any, lo: float, hi: float) -> None:
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if not lo <= value <= hi:
         raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")
+
+
+@dataclass(frozen=True)
+class HiresGeometry:
+    """A1111's ``calculate_target_resolution``: the first pass is upscaled to ``upscale`` pixels
+    (width, height; not rounded), its latent cropped by ``crop`` latent rows and columns (x, y:
+    the excess over both resize sizes, half each side, the odd one at the end)."""
+
+    upscale: tuple[int, int]
+    crop: tuple[int, int] = (0, 0)
+
+    @property
+    def latent(self) -> tuple[int, int]:
+        """(width, height) of the hires latent: the upscale floored to latent cells, then cropped."""
+        return self.upscale[0] // 8 - self.crop[0], self.upscale[1] // 8 - self.crop[1]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the final image in pixels."""
+        w, h = self.latent
+        return w * 8, h * 8
+
+
+def hires_geometry(p: Params) -> HiresGeometry:
+    """Where the hires fix of ``p`` upscales to, exactly as A1111 computes it (integer floors)."""
+    rx, ry = p.hires_width, p.hires_height
+    if not rx and not ry:
+        return HiresGeometry((int(p.width * p.hires_scale), int(p.height * p.hires_scale)))
+    if not ry:
+        return HiresGeometry((rx, rx * p.height // p.width))
+    if not rx:
+        return HiresGeometry((ry * p.width // p.height, ry))
+    if p.width / p.height < rx / ry:
+        to = (rx, rx * p.height // p.width)
+    else:
+        to = (ry * p.width // p.height, ry)
+    return HiresGeometry(to, ((to[0] - rx) // 8, (to[1] - ry) // 8))
+
+
+def hires_size(p: Params) -> tuple[int, int]:
+    """The final (width, height) of a hires-fix render."""
+    return hires_geometry(p).size
 
 
 MAX_BATCH = 64

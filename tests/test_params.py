@@ -35,8 +35,10 @@ OLD_INFOTEXT = (
     "Model: v1-5-pruned-emaonly, Eta DDIM: 0.25"
 )
 NEW_KEYS = {"sampler": "DDIM", "schedule": "Automatic", "rng": "cpu", "eta_ancestral": 1.0, "ensd": 0,
-            "clip_skip": 1, "init_image": "", "strength": 0.75, "resize_mode": "just resize"}
-"""The fields issue 13 added, at their defaults: today's images (DDIM, torch's CPU noise)."""
+            "clip_skip": 1, "init_image": "", "strength": 0.75, "resize_mode": "just resize",
+            "hires_scale": 0.0, "hires_width": 0, "hires_height": 0, "hires_steps": 0, "hires_strength": 0.7,
+            "hires_upscaler": "Latent"}
+"""The fields issues 13-16 added, at their defaults: today's images (DDIM, torch's CPU noise, no hires fix)."""
 THE_RENDER = Params(prompt="a red fox\nin the snow", negative="blurry", seed=3_000_000_001, steps=30, cfg=7.0,
                     width=512, height=768, eta=0.25, subseed=7, subseed_strength=0.1)
 

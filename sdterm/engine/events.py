@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Union
 
-STAGES = ("text", "unet", "vae")
-"""Stage order as data: text encoder -> U-Net denoising -> VAE decode."""
+STAGES = ("text", "unet", "hires", "vae")
+"""Stage order as data: text encoder -> U-Net denoising -> (the hires fix's second U-Net pass) -> VAE decode."""
 
-STAGE_TITLES = {"text": "text encoder", "unet": "U-Net", "vae": "VAE decoder"}
+STAGE_TITLES = {"text": "text encoder", "unet": "U-Net", "hires": "hires U-Net", "vae": "VAE decoder"}
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ that plan (resident, staged, streamed), retrying a cheaper plan on out-of-memory
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import gc
 import time
 from pathlib import Path
@@ -17,33 +17,32 @@ import torch
 
 from ..params import Params
 from .embedding_cache import ChunkStore, EmbeddingCache
-from .events import STAGE_TITLES, Emit, Notice, StepDone, ignore
+from .events import STAGE_TITLES, Emit, Notice, ignore
 from .loading.models import Models, ModelSource, open_model
-from .memory.meter import StageMeter, memory_sample
+from .memory.meter import StageMeter
 from .result import Cancelled, OutOfMemory, Result, to_image
 from .memory.placement import Placement, resolve_device, run_dtype
 from .memory.planner import Plan, cheaper, plan_render
-from .memory.streaming import RingStreamer
 from .memory.tiling import choose_tile, vae_activation_bytes
-from .prompt.conditioning import (Chunk, Conditioning, RolePrompt, cache_status, empty_chunk, encode_chunk,
-                                  needed_chunks, prepare_prompts, schedule_steps)
+from .prompt.conditioning import (Chunk, RolePrompt, cache_status, empty_chunk, encode_chunk,
+                                  needed_chunks, prepare_prompts, role_prompt, schedule_steps)
 from .prompt.embedding_db import EmbeddingFolders
 from .prompt.report import infotext_extra, prompt_summary
 from .lora.state import LoraState, RenderLoras
-from ..samplers import resolve_schedule
-from .sampling import SamplingContext, get_sampler
-from .sampling.schedules import sampler_plan
-from .sampling.guidance import ScheduledGuidance, runs_apart, unet_passes
+from .sampling import get_sampler
 from .sampling.rng import ImageRNG
 from .sampling.img2img import t_enc
 from .init_image import prepare as prepare_init_image
+from .hires import hires_request, hires_steps, is_latent, to_image_truncated, upscale_image, upscale_latent
+from .init_image import to_tensor
+from .unet_stage import UNetStage
 from .vae_stage import VaeStage
 
 DEFAULT_BUDGET_MARGIN = 512 * 2**20
 """Without --vram-budget, leave this much of the device's free memory to others."""
 
 
-class Engine(VaeStage):
+class Engine(UNetStage, VaeStage):
     """The models of one checkpoint, rendering requests on one device within a VRAM budget."""
 
     def __init__(
@@ -122,13 +121,19 @@ class Engine(VaeStage):
         held = sum(self.placement.device_bytes(n) for n in self.placement.models)
         return free + held - DEFAULT_BUDGET_MARGIN
 
-    def plan(self, req: Params, text_needed: bool = True) -> Plan:
+    def plan(self, req: Params, text_needed: bool = True, encode: bool = False) -> Plan:
+        """The plan for ``req`` at its size within the budget; ``encode``: the VAE stage encodes an
+        image too (img2img, a pixel hires upscale), so the encoder's weights count beside the
+        decoder's (its activations are below the decoder's at the same size)."""
         budget = self.effective_budget()
         if budget is None:
             return Plan(None, text="host", unet="host", vae="host")
         lat_h, lat_w = req.height // 8, req.width // 8
+        sizes = self.models.sizes()
+        if encode:
+            sizes = dataclasses.replace(sizes, vae=sizes.vae + sizes.encoder)
         return plan_render(
-            self.models.sizes(),
+            sizes,
             budget,
             req.width,
             req.height,
@@ -175,28 +180,33 @@ class Engine(VaeStage):
 
         tokenizer = self.models.tokenizer
         sampler = get_sampler(req.sampler)
+        second = sampler.info.second_order
         prompt, loras = self.loras.resolve(req.prompt, notice)  # <lora:...> tags out of what CLIP sees
+        embeddings = self._embeddings(notice)
         pos, neg, clip_skip = prepare_prompts(req.replace(prompt=prompt), tokenizer, self.models.cfg.text.num_layers, notice,
-                                              steps=schedule_steps(req.steps, sampler.info.second_order),
-                                              embeddings=self._embeddings(notice))
+                                              steps=schedule_steps(req.steps, second), embeddings=embeddings)
         init_image = prepare_init_image(req) if req.init_image else None  # a bad file: one line, before any work
+        texts = {"prompt": pos, "negative": neg}
+        hires = {}
+        if req.hires:  # the second pass's prompt schedules: A1111's hires offsets over its steps
+            requested = (req.hires_steps or req.steps)
+            hires = {role: role_prompt(text, tokenizer, schedule_steps(req.steps, second), embeddings=embeddings,
+                                       hires_steps=schedule_steps(requested, second))
+                     for role, text in (("prompt", prompt), ("negative", req.negative))}
         check()
 
-        texts = {"prompt": pos, "negative": neg}
         filler = empty_chunk(tokenizer)
-        needed = needed_chunks(texts, filler)
+        needed = needed_chunks({**texts, **{f"hires {r}": p for r, p in hires.items()}}, filler)
         store = self._chunk_store(loras)
         cached = store.found(needed, clip_skip, self.models.cfg.text.hidden_size) if store is not None else {}
-        plan = self.forced_plan or self.plan(req, text_needed=any(c.key not in cached for c in needed))
-        # Whatever the plan doesn't keep resident leaves the device before the render starts.
-        for name, mode in (("text", plan.text), ("unet", plan.unet), ("vae", plan.vae)):
-            if mode != "resident":
-                self.placement.offload(name)
+        plan = self.forced_plan or self.plan(req, text_needed=any(c.key not in cached for c in needed),
+                                             encode=init_image is not None)
+        self._offload_unplanned(plan)
 
         stages = []
         chunks, text_stats, plan = self._with_retry("text", plan, req, notice,
                                                     lambda p: self._text_stage(texts, needed, cached, clip_skip, p,
-                                                                               emit, notice, loras))
+                                                                               emit, notice, loras, hires))
         stages.append(text_stats)
         # Weights, schedules and chunk assembly after the cache; each role is its own A1111 batch
         # (the prompt's and the negative's chunk counts may differ: guidance then runs them apart).
@@ -207,20 +217,16 @@ class Engine(VaeStage):
             init, _, plan = self._with_retry("vae", plan, req, notice,
                                              lambda p: self._encode_stage(init_image.tensor, p, ignore, notice))
         check()
-        rng = ImageRNG(req.seed, req.width, req.height, subseed=req.subseed, subseed_strength=req.subseed_strength,
-                       rng=req.rng, ensd=req.ensd)
-        x_t = rng.first()
-        # Where a retry resumes: the sampler's state after its last completed step (its carry: the
-        # step, the latent, a multistep sampler's history) and the generator's state after it (the
-        # per-step noise of a retried step must be what a first try would have drawn).
-        progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state(), "calls": 0, "init": init,
-                    "t_enc": t_enc(req.strength, req.steps) if init is not None else None}
-        latents, unet_stats, plan = self._with_retry("unet", plan, req, notice,
-                                                     lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check,
-                                                                                loras))
-        stages.append(unet_stats)
+        latents, plan = self._denoise(req, cond, uncond, plan, init, t_enc(req.strength, req.steps) if init is not None
+                                      else None, "unet", emit, check, notice, loras, stages)
+        final = req
+        if req.hires:
+            final = hires_request(req)
+            latents, plan = self._hires_pass(req, final, latents, {r: p.conditioning(chunks.__getitem__, filler)
+                                                                   .to(self.dtype) for r, p in hires.items()},
+                                             plan, emit, check, notice, loras, stages)
         check()
-        image, vae_stats, plan = self._with_retry("vae", plan, req, notice,
+        image, vae_stats, plan = self._with_retry("vae", plan, final, notice,
                                                   lambda p: self._vae_stage(latents, p, emit, notice))
         stages.append(vae_stats)
         return Result(
@@ -241,6 +247,53 @@ class Engine(VaeStage):
                             **loras.infotext(), **infotext_extra(pos, neg if req.cfg != 1.0 else None)},
         )
 
+    def _offload_unplanned(self, plan: Plan) -> None:
+        """Whatever ``plan`` doesn't keep resident leaves the device before its stages start."""
+        for name, mode in (("text", plan.text), ("unet", plan.unet), ("vae", plan.vae)):
+            if mode != "resident":
+                self.placement.offload(name)
+
+    def _denoise(self, req: Params, cond, uncond, plan: Plan, init, t: int | None, stage: str, emit, check, notice,
+                 loras, stages) -> tuple[torch.Tensor, Plan]:
+        """One sampler run of ``req`` from the seed's noise (img2img from ``init`` at t_enc ``t``)."""
+        rng = ImageRNG(req.seed, req.width, req.height, subseed=req.subseed, subseed_strength=req.subseed_strength,
+                       rng=req.rng, ensd=req.ensd)
+        x_t = rng.first()
+        # Where a retry resumes: the sampler's state after its last completed step (its carry: the
+        # step, the latent, a multistep sampler's history) and the generator's state after it (the
+        # per-step noise of a retried step must be what a first try would have drawn).
+        progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state(), "calls": 0, "init": init,
+                    "t_enc": t, "stage": stage}
+        latents, stats, plan = self._with_retry(stage, plan, req, notice,
+                                                lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check,
+                                                                           loras))
+        stages.append(stats)
+        return latents, plan
+
+    def _hires_pass(self, req: Params, final: Params, latents: torch.Tensor, conds: dict, plan: Plan, emit, check,
+                    notice, loras, stages) -> tuple[torch.Tensor, Plan]:
+        """The hires fix's upscale and second pass (``sdterm/engine/hires.py``); ``final``: the
+        second pass as a request of its own (:func:`hires_request`), planned at its size."""
+        latent = is_latent(req)
+        hplan = self.forced_plan or self.plan(final, text_needed=False, encode=not latent)
+        if latent:
+            init = upscale_latent(latents, req)
+        else:  # decode at the base size under the first plan, resize, encode at the hires size
+            image, stats, plan = self._with_retry("vae", plan, req, notice,
+                                                  lambda p: self._vae_stage(latents, p, ignore, notice,
+                                                                            convert=to_image_truncated))
+            stages.append(stats)
+            pixels = to_tensor(upscale_image(image, req))
+            check()
+            self._offload_unplanned(hplan)
+            init, stats, hplan = self._with_retry("vae", hplan, final, notice,
+                                                  lambda p: self._encode_stage(pixels, p, ignore, notice))
+            stages.append(stats)
+        check()
+        self._offload_unplanned(hplan)
+        return self._denoise(final, conds["prompt"], conds["negative"], hplan, init, hires_steps(req)[1], "hires",
+                             emit, check, notice, loras, stages)
+
     def _with_retry(self, stage: str, plan: Plan, req: Params, notice, run):
         """Run a stage; on out-of-memory free everything, take the planner's cheaper plan and run
         the stage again (the U-Net resumes at the step it was on)."""
@@ -254,7 +307,8 @@ class Engine(VaeStage):
                 gc.collect()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                new = cheaper(plan, stage, self.models.sizes(), req.width, req.height) if plan.unet != "host" else None
+                new = (cheaper(plan, "unet" if stage == "hires" else stage, self.models.sizes(), req.width, req.height)
+                       if plan.unet != "host" else None)
                 if new is None:
                     raise OutOfMemory(
                         f"out of GPU memory in the {STAGE_TITLES[stage]} stage even with the cheapest plan "
@@ -311,10 +365,10 @@ class Engine(VaeStage):
                           f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}", self.models.model_hash)
 
     def _text_stage(self, texts: dict[str, RolePrompt], needed: list[Chunk], cached: dict[tuple, torch.Tensor],
-                    clip_skip: int, plan: Plan, emit: Emit, notice, loras: RenderLoras):
+                    clip_skip: int, plan: Plan, emit: Emit, notice, loras: RenderLoras, hires: dict[str, RolePrompt]):
         """The unweighted encoder output (fp16, (77, dim), on the host) of every chunk the render
-        needs, by chunk key; the encoder is neither built nor moved to the device when the cache
-        has every chunk."""
+        needs (``hires``: the hires pass's schedules too), by chunk key; the encoder is neither
+        built nor moved to the device when the cache has every chunk."""
         meter = StageMeter("text", self.device, emit)
         chunks = dict(cached)
         missing = [c for c in needed if c.key not in chunks]
@@ -337,7 +391,8 @@ class Engine(VaeStage):
             store = self._chunk_store(loras)
             if store is not None:
                 try:
-                    store.put(missing, fresh, {c.key: p.text for p in texts.values() for c in p.chunks}, clip_skip)
+                    store.put(missing, fresh, {c.key: p.text for p in (*texts.values(), *hires.values())
+                                               for c in p.chunks}, clip_skip)
                 except OSError as exc:
                     notice(f"embedding cache unusable ({exc.strerror or exc}): rendering without it", "warning")
                     self.cache = None
@@ -350,65 +405,6 @@ class Engine(VaeStage):
         """Start uploading the next stage's model on the side stream; ``_acquire`` joins it."""
         self._registered(stage)
         self.placement.upload(stage, prefetch=True)
-
-    def _unet_stage(self, req: Params, cond: Conditioning, uncond: Conditioning, plan: Plan, progress: dict,
-                    emit: Emit, check, loras: RenderLoras):
-        self.merge_loras("unet", loras)
-        x_t, rng, carry = progress["x"], progress["rng"], progress["carry"]
-        rng.set_state(progress["rng_state"])  # a retry draws the noise a first try would have
-        sampler = get_sampler(req.sampler)
-        schedule = resolve_schedule(req.sampler, req.schedule)
-        total, calls = sampler_plan(sampler.info, schedule, req.steps, carry.get("step", 0), progress["t_enc"])
-        meter = StageMeter("unet", self.device, emit)
-        # Every segment of a role has the same token count: whether cond and uncond run apart
-        # is the same for the whole render.
-        split = runs_apart(cond.segments[0], uncond.segments[0], plan.split_cfg)
-        unet = self._acquire("unet", plan.unet)
-        with contextlib.ExitStack() as stack:
-            stack.callback(self._release, "unet", plan.unet)
-            if plan.unet == "streamed":
-                # Exactly the passes the rest of the render makes: nothing is prefetched past them.
-                passes = calls * unet_passes(req.cfg, split=split)
-                modules = [m for _, m, _ in unet.units()]
-                stack.enter_context(RingStreamer(self.placement, "unet", modules, plan.resident_units,
-                                                 plan.ring_bytes, passes))
-            if plan.prefetch_vae and plan.vae != "host":
-                self._acquire_prefetch("vae")
-            meter.loaded()
-            if "x" in carry:
-                carry["x"] = carry["x"].to(self.device)
-            t0 = time.perf_counter()
-
-            # The denoiser counts its calls (the prompt schedule follows them); a retry resumes the count.
-            denoiser = ScheduledGuidance(unet, cond.to(self.device).at, uncond.to(self.device).at, req.cfg,
-                                         split=split, calls=progress["calls"])
-
-            def on_step(i: int, t: float, x_now: torch.Tensor) -> None:
-                progress["rng_state"] = rng.get_state()
-                progress["calls"] = denoiser.calls
-                check()
-                emit(StepDone(i + 1, total, t, time.perf_counter() - t0))
-                emit(memory_sample("unet", self.device))
-
-            def noise() -> torch.Tensor:
-                z = rng.next()
-                if z.device.type == "cpu" and self.device.type == "cuda":
-                    # Through pinned memory and without blocking: a pageable copy would hold the
-                    # host until the GPU is done, so the next step's launches (and the streamer's
-                    # prefetch) could not run ahead of it.
-                    return z.pin_memory().to(self.device, non_blocking=True)
-                return z.to(self.device)
-
-            ctx = SamplingContext(
-                eps=denoiser,
-                model=self.models.cfg.schedule, steps=req.steps, schedule=schedule,
-                eta=req.eta, eta_ancestral=req.eta_ancestral, noise=noise, brownian=rng.brownian, on_step=on_step,
-                carry=carry,
-                info=sampler.info, init=progress["init"], t_enc=progress["t_enc"] or 0)
-            with torch.inference_mode():
-                latents = sampler.run(ctx, x_t.to(self.device))
-        note = plan.describe(self.models.sizes()) if plan.unet != "host" else "cpu"
-        return latents, meter.finish(note=note)
 
 
 __all__ = ["Cancelled", "Engine", "ModelSource", "OutOfMemory", "Result", "open_model", "to_image"]

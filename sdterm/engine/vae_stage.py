@@ -15,7 +15,8 @@ from .result import to_image
 
 
 class VaeStage:
-    def _vae_stage(self, latents: torch.Tensor, plan: Plan, emit: Emit, notice):
+    def _vae_stage(self, latents: torch.Tensor, plan: Plan, emit: Emit, notice, convert=to_image):
+        """Latents -> the image (``convert``: the decoded tensor to a PIL image)."""
         meter = StageMeter("vae", self.device, emit)
         vae = self._acquire("vae", plan.vae)
         tile, precision = plan.vae_tile, ""
@@ -33,7 +34,7 @@ class VaeStage:
                     notice("VAE output overflowed in fp16: decoded again in fp32"
                            + (f" (tiled {tile * 8}px to fit its activations)" if tile else ""), "warning")
                     decoded = decode_latents(vae.float(), z.float(), tile)
-                image = to_image(decoded)
+                image = convert(decoded)
         finally:
             if vae.post_quant_conv.weight.dtype != self.dtype:  # the fp32 fallback replaced the weights
                 self.placement.offload("vae")  # back to the packed run-dtype host copy

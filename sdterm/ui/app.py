@@ -293,7 +293,7 @@ class SdtermApp(PromptFlow, Keys, Addons, App):
         render_id = next(self._ids)
         self._current = render_id
         self._cancel = threading.Event()
-        self.query_one(StagePanel).start(req.steps)
+        self.query_one(StagePanel).start(req.steps, hires=req.hires)
         self.refresh_params()
         part = f" ({len(self._sheet) + 1} of {len(self._sheet) + 1 + len(self._job)})" if self._sheet is not None else ""
         self.notice(f"rendering seed {req.seed}{part}…")

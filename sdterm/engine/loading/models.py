@@ -268,9 +268,9 @@ class Models:
                 return sum(aligned(t.numel()) for t in m.parameters())
 
             with torch.device("meta"):
-                unet, vae = UNetModel(self.cfg.unet), VAEDecoder(self.cfg.vae)
+                unet, vae, encoder = UNetModel(self.cfg.unet), VAEDecoder(self.cfg.vae), VAEEncoder(self.cfg.vae)
             text = sum(aligned(math.prod(shape)) for shape in text_encoder_shapes(self.cfg.text).values())
             units = tuple((name, nbytes(m), level) for name, m, level in unet.units())
-            self._sizes = ModelSizes(text, sum(b for _, b, _ in units), nbytes(vae), units)
+            self._sizes = ModelSizes(text, sum(b for _, b, _ in units), nbytes(vae), units, nbytes(encoder))
         return self._sizes
 

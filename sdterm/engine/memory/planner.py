@@ -46,6 +46,8 @@ class ModelSizes:
     vae: int
     units: tuple[tuple[str, int, int], ...]
     """U-Net units in execution order: (name, bytes, depth level: 0 = full resolution)."""
+    encoder: int = 0
+    """The VAE encoder (img2img and pixel hires upscales only)."""
 
 
 @dataclass(frozen=True)

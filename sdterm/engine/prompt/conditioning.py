@@ -351,13 +351,16 @@ def schedule_steps(steps: int, second_order: bool) -> int:
     return steps * 2 if second_order else steps
 
 
-def role_prompt(text: str, tokenizer, steps: int, *, embeddings=None, parse: Parse | None = None) -> RolePrompt:
-    """``text``'s schedule over ``steps`` (see :func:`schedule_steps`), each text chunked."""
+def role_prompt(text: str, tokenizer, steps: int, *, embeddings=None, parse: Parse | None = None,
+                hires_steps: int | None = None) -> RolePrompt:
+    """``text``'s schedule over ``steps`` (see :func:`schedule_steps`), each text chunked; with
+    ``hires_steps``, its schedule over a hires fix's second pass (A1111's offsets: ``[a:b:1.5]``
+    switches halfway through it, a fraction below 1 or a step within ``steps`` is already past)."""
     from ...prompt_syntax import schedules
 
     memo: dict[str, PromptChunks] = {}
     schedule = []
-    for end, t in schedules(text, steps):
+    for end, t in schedules(text, steps, hires_steps):
         if t not in memo:
             memo[t] = chunk_prompt(t, tokenizer, parse=parse, embeddings=embeddings)
         schedule.append((end, memo[t]))

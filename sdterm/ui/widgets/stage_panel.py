@@ -14,7 +14,7 @@ from ...engine.events import STAGES, MemorySample, StageFinished, StageStarted, 
 from ...units import format_bytes
 from ..text import plain
 
-SHORT_TITLES = {"text": "text enc", "unet": "U-Net", "vae": "VAE"}
+SHORT_TITLES = {"text": "text enc", "unet": "U-Net", "hires": "hires", "vae": "VAE"}
 STATE_STYLE = {
     "waiting": "dim",
     "loading": "yellow",
@@ -43,13 +43,15 @@ class StagePanel(Vertical):
         self.cuda = cuda
         self.reset()
 
-    def reset(self, steps: int = 0) -> None:
+    def reset(self, steps: int = 0, hires: bool = False) -> None:
         self.rows = {s: {"state": "waiting", "seconds": None, "now": None, "peak": None, "reserved": None, "note": ""}
                      for s in STAGES}
         self.started: dict[str, float] = {}
         self.samples: list[float] = []
         self.device_line = ""
         self.steps = steps
+        self.hires = hires
+        """The hires fix's second pass has its row only in a render that makes one."""
         self.step = 0
         self.rate = 0.0
 
@@ -65,8 +67,8 @@ class StagePanel(Vertical):
 
     # ---- events ------------------------------------------------------------------------------
 
-    def start(self, steps: int) -> None:
-        self.reset(steps)
+    def start(self, steps: int, hires: bool = False) -> None:
+        self.reset(steps, hires)
         bar = self.query_one("#progress", ProgressBar)
         bar.update(total=steps, progress=0)
         self.query_one("#rate", Static).update(plain(""))
@@ -132,6 +134,8 @@ class StagePanel(Vertical):
         now = time.perf_counter()
         for stage in STAGES:
             row = self.rows[stage]
+            if stage == "hires" and not self.hires and row["state"] == "waiting":
+                continue
             seconds = row["seconds"]
             if seconds is None and stage in self.started and row["state"] in ("loading", "running"):
                 seconds = now - self.started[stage]

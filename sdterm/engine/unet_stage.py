@@ -1,0 +1,84 @@
+"""The engine's U-Net stage: one sampler run under the plan (resident, staged or streamed through
+the ring), resumable after an out-of-memory retry. A part of :class:`sdterm.engine.pipeline.Engine`
+(a mixin: it uses the engine's models, placement and LoRA state)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from ..params import Params
+from ..samplers import resolve_schedule
+from .events import Emit, StepDone
+from .lora.state import RenderLoras
+from .memory.meter import StageMeter, memory_sample
+from .memory.planner import Plan
+from .memory.streaming import RingStreamer
+from .prompt.conditioning import Conditioning
+from .sampling import SamplingContext, get_sampler
+from .sampling.guidance import ScheduledGuidance, runs_apart, unet_passes
+from .sampling.schedules import sampler_plan
+
+
+class UNetStage:
+    def _unet_stage(self, req: Params, cond: Conditioning, uncond: Conditioning, plan: Plan, progress: dict,
+                    emit: Emit, check, loras: RenderLoras):
+        self.merge_loras("unet", loras)
+        x_t, rng, carry = progress["x"], progress["rng"], progress["carry"]
+        rng.set_state(progress["rng_state"])  # a retry draws the noise a first try would have
+        sampler = get_sampler(req.sampler)
+        schedule = resolve_schedule(req.sampler, req.schedule)
+        total, calls = sampler_plan(sampler.info, schedule, req.steps, carry.get("step", 0), progress["t_enc"])
+        stage = progress.get("stage", "unet")  # "hires": the hires fix's second pass
+        meter = StageMeter(stage, self.device, emit)
+        # Every segment of a role has the same token count: whether cond and uncond run apart
+        # is the same for the whole render.
+        split = runs_apart(cond.segments[0], uncond.segments[0], plan.split_cfg)
+        unet = self._acquire("unet", plan.unet)
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._release, "unet", plan.unet)
+            if plan.unet == "streamed":
+                # Exactly the passes the rest of the render makes: nothing is prefetched past them.
+                passes = calls * unet_passes(req.cfg, split=split)
+                modules = [m for _, m, _ in unet.units()]
+                stack.enter_context(RingStreamer(self.placement, "unet", modules, plan.resident_units,
+                                                 plan.ring_bytes, passes))
+            if plan.prefetch_vae and plan.vae != "host":
+                self._acquire_prefetch("vae")
+            meter.loaded()
+            if "x" in carry:
+                carry["x"] = carry["x"].to(self.device)
+            t0 = time.perf_counter()
+
+            # The denoiser counts its calls (the prompt schedule follows them); a retry resumes the count.
+            denoiser = ScheduledGuidance(unet, cond.to(self.device).at, uncond.to(self.device).at, req.cfg,
+                                         split=split, calls=progress["calls"])
+
+            def on_step(i: int, t: float, x_now: torch.Tensor) -> None:
+                progress["rng_state"] = rng.get_state()
+                progress["calls"] = denoiser.calls
+                check()
+                emit(StepDone(i + 1, total, t, time.perf_counter() - t0))
+                emit(memory_sample(stage, self.device))
+
+            def noise() -> torch.Tensor:
+                z = rng.next()
+                if z.device.type == "cpu" and self.device.type == "cuda":
+                    # Through pinned memory and without blocking: a pageable copy would hold the
+                    # host until the GPU is done, so the next step's launches (and the streamer's
+                    # prefetch) could not run ahead of it.
+                    return z.pin_memory().to(self.device, non_blocking=True)
+                return z.to(self.device)
+
+            ctx = SamplingContext(
+                eps=denoiser,
+                model=self.models.cfg.schedule, steps=req.steps, schedule=schedule,
+                eta=req.eta, eta_ancestral=req.eta_ancestral, noise=noise, brownian=rng.brownian, on_step=on_step,
+                carry=carry,
+                info=sampler.info, init=progress["init"], t_enc=progress["t_enc"] or 0)
+            with torch.inference_mode():
+                latents = sampler.run(ctx, x_t.to(self.device))
+        note = plan.describe(self.models.sizes()) if plan.unet != "host" else "cpu"
+        return latents, meter.finish(note=note)
