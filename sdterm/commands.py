@@ -36,16 +36,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+from . import commands_render as render
+from .commands_render import CommandError, Outcome, sampler_label
 from .errors import ConfigError, shorten
-from .params import MAX_BATCH, MAX_SEED, Params
+from .params import MAX_BATCH, MAX_SEED
 from .lora_edit import edit_loras
-from .samplers import RNGS, SAMPLER_LIST, SAMPLERS, SCHEDULES, combined_name, resolve_schedule, schedule_name, split_sampler
+from .samplers import RNGS, SAMPLER_LIST, SCHEDULES
 from .file_values import image_paths
-from .units import MIN_BUDGET, format_bytes, parse_budget, parse_wh
+from .units import MIN_BUDGET, format_bytes, parse_budget
 
-
-class CommandError(ValueError):
-    """A slash command or its value is not valid; the message is one line meant for the user."""
+__all__ = ["COMMANDS", "Command", "CommandError", "Outcome", "SlashCommand", "complete", "help_line", "parse_command",
+           "sampler_label"]
 
 
 NO_ARG, ONE_VALUE, OPTIONAL_VALUE, TEXT, REQUIRED_TEXT = "none", "value", "optional value", "text", "required text"
@@ -53,16 +54,6 @@ NO_ARG, ONE_VALUE, OPTIONAL_VALUE, TEXT, REQUIRED_TEXT = "none", "value", "optio
 
 HISTORY_LENGTH = 20
 """How many entries ``/history`` lists without a number."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What the front end should do after a command."""
-
-    action: str
-    """"message", "budget", "open", "load", "recall", "history", "model", "vae", "lora", "cache", "help", "quit"."""
-    message: str = ""
-    """The notice line's text; the file ("open", "load"), entry number ("recall"), count ("history"), name ("model")."""
 
 
 @dataclass(frozen=True)
@@ -95,92 +86,7 @@ class SlashCommand:
     """The kind of value :func:`complete` completes for it ("path", "model", ...); None: none."""
 
 
-def _number(text: str, kind: type) -> object:
-    """``text`` as an int or float; unparsable text is passed on as it is, so the validator names
-    the parameter in its message ("steps must be a whole number, got 'abc'")."""
-    try:
-        return kind(text)
-    except ValueError:
-        return text
-
-
 # ---- handlers ---------------------------------------------------------------------------------
-
-
-def _seed(session, arg: str) -> Outcome:
-    session.set(seed=_number(arg, int))
-    session.seed_locked = True
-    return Outcome("message", f"seed {session.params.seed} (locked)")
-
-
-def _steps(session, arg: str) -> Outcome:
-    session.set(steps=_number(arg, int))
-    return Outcome("message", f"steps {session.params.steps}")
-
-
-def _cfg(session, arg: str) -> Outcome:
-    session.set(cfg=_number(arg, float))
-    return Outcome("message", f"CFG {session.params.cfg:g}")
-
-
-def _eta(session, arg: str) -> Outcome:
-    session.set(eta=_number(arg, float))
-    return Outcome("message", f"eta {session.params.eta:g}")
-
-
-def sampler_label(p: Params) -> str:
-    """The sampler as the parameter line and the notices name it: "DPM++ 2M Karras" (with the
-    schedule it runs, its own default included), "Euler a", "DDIM" (no schedule applies)."""
-    return combined_name(p.sampler, resolve_schedule(p.sampler, p.schedule))
-
-
-def _sampler(session, arg: str) -> Outcome:
-    if not arg:
-        return Outcome("message", f"sampler {sampler_label(session.params)}; /sampler NAME: {', '.join(SAMPLERS)}")
-    split = split_sampler(arg)
-    if split is None:
-        raise CommandError(f"unknown sampler {shorten(arg)!r}; one of: {', '.join(SAMPLERS)}")
-    name, schedule = split  # a combined name ("LMS Karras") sets the schedule; a bare one keeps it
-    if schedule is not None and schedule == SAMPLERS[name].default_schedule:
-        schedule = "Automatic"
-    session.set(sampler=name, **({} if schedule is None else {"schedule": schedule}))
-    return Outcome("message", f"sampler {sampler_label(session.params)}")
-
-
-def _schedule(session, arg: str) -> Outcome:
-    if not arg:
-        return Outcome("message", f"schedule {session.params.schedule}; /schedule NAME: {', '.join(SCHEDULES)}")
-    name = schedule_name(arg)
-    if name is None:
-        raise CommandError(f"unknown schedule {shorten(arg)!r}; one of: {', '.join(SCHEDULES)}")
-    session.set(schedule=name)
-    p = session.params
-    unused = "" if SAMPLERS[p.sampler].k_diffusion else f" (not used by {p.sampler}: it brings its own timesteps)"
-    return Outcome("message", f"schedule {name}: sampler {sampler_label(p)}{unused}")
-
-
-def _clip_skip(session, arg: str) -> Outcome:
-    session.set(clip_skip=_number(arg, int))
-    n = session.params.clip_skip
-    return Outcome("message", "clip skip 1 (CLIP's last layer)" if n == 1 else f"clip skip {n}")
-
-
-def _rng(session, arg: str) -> Outcome:
-    if not arg:
-        return Outcome("message", f"rng {session.params.rng}; /rng NAME: {', '.join(RNGS)}")
-    if arg.lower() not in RNGS:
-        raise CommandError(f"unknown rng {shorten(arg)!r}; one of: {', '.join(RNGS)}")
-    session.set(rng=arg.lower())
-    return Outcome("message", f"rng {arg.lower()}")
-
-
-def _size(session, arg: str) -> Outcome:
-    try:
-        width, height = parse_wh(arg, "size")
-    except ConfigError as exc:
-        raise CommandError(str(exc)) from None
-    session.set(width=width, height=height)
-    return Outcome("message", f"size {session.params.width}×{session.params.height}")
 
 
 def _neg(session, arg: str) -> Outcome:
@@ -206,22 +112,6 @@ def _open(session, arg: str) -> Outcome:
     if session.last_path is None:
         return Outcome("message", "nothing saved yet: render a prompt first")
     return Outcome("open", session.last_path)
-
-
-def _init(session, arg: str) -> Outcome:
-    if arg.lower() == "off":
-        session.set(init_image="")
-        return Outcome("message", "init image off: renders start from noise (text-to-image)")
-    path = os.path.expanduser(arg)
-    if "\0" not in path and not os.path.isfile(path):  # a NUL is the validator's to name
-        raise CommandError(f"init image {shorten(arg)!r}: no such file; check the path")
-    p = session.set(init_image=os.path.abspath(path))
-    return Outcome("message", f"img2img from {os.path.basename(path)}, strength {p.strength:.2f}")
-
-
-def _strength(session, arg: str) -> Outcome:
-    p = session.set(strength=_number(arg, float))
-    return Outcome("message", f"denoising strength {p.strength:.2f}" + ("" if p.init_image else " (used with /init)"))
 
 
 def _whole(text: str, name: str, lo: int, hi: int) -> int:
@@ -279,21 +169,21 @@ def _help(session, arg: str) -> Outcome:
 COMMANDS: dict[str, SlashCommand] = {
     c.name: c
     for c in (
-        SlashCommand("seed", ONE_VALUE, "/seed N", f"set the seed (0 ... {MAX_SEED}) and lock it", _seed),
-        SlashCommand("steps", ONE_VALUE, "/steps N", "sampling steps (1 ... 1000)", _steps),
+        SlashCommand("seed", ONE_VALUE, "/seed N", f"set the seed (0 ... {MAX_SEED}) and lock it", render.set_seed),
+        SlashCommand("steps", ONE_VALUE, "/steps N", "sampling steps (1 ... 1000)", render.set_steps),
         SlashCommand("sampler", TEXT, "/sampler NAME", "sampler, e.g. /sampler DPM++ 2M Karras (/sampler alone lists them)",
-                     _sampler, values="sampler"),
+                     render.set_sampler, values="sampler"),
         SlashCommand("schedule", TEXT, "/schedule NAME", "schedule type, e.g. /schedule Karras (Automatic: the sampler's)",
-                     _schedule, values="schedule"),
+                     render.set_schedule, values="schedule"),
         SlashCommand("rng", OPTIONAL_VALUE, "/rng cpu|nv|gpu", "noise source (nv: A1111's GPU noise on any device)",
-                     _rng, values="rng"),
-        SlashCommand("cfg", ONE_VALUE, "/cfg F", "guidance scale (0 ... 50; 1 = no guidance)", _cfg),
-        SlashCommand("size", REQUIRED_TEXT, "/size WxH", "image size, multiples of 8, e.g. /size 512x768", _size),
+                     render.set_rng, values="rng"),
+        SlashCommand("cfg", ONE_VALUE, "/cfg F", "guidance scale (0 ... 50; 1 = no guidance)", render.set_cfg),
+        SlashCommand("size", REQUIRED_TEXT, "/size WxH", "image size, multiples of 8, e.g. /size 512x768", render.set_size),
         SlashCommand("n", ONE_VALUE, "/n N", f"images per render, seeds in a row (1 ... {MAX_BATCH})", _batch, ("batch",)),
         SlashCommand("neg", TEXT, "/neg TEXT", "negative prompt (/neg alone clears it)", _neg, ("negative",)),
-        SlashCommand("eta", ONE_VALUE, "/eta F", "DDIM eta (0 ... 1)", _eta),
+        SlashCommand("eta", ONE_VALUE, "/eta F", "DDIM eta (0 ... 1)", render.set_eta),
         SlashCommand("clipskip", ONE_VALUE, "/clipskip N", "A1111's Clip skip (1 = CLIP's last layer; 2 for most anime models)",
-                     _clip_skip, ("clip-skip",)),
+                     render.set_clip_skip, ("clip-skip",)),
         SlashCommand("budget", ONE_VALUE, "/budget SIZE|auto",
                      f"VRAM budget, e.g. /budget 2G (at least {format_bytes(MIN_BUDGET, 'size')})", _budget),
         SlashCommand("open", TEXT, "/open [IMAGE.png]", "show the last image (or IMAGE.png) in the image panel",
@@ -301,8 +191,11 @@ COMMANDS: dict[str, SlashCommand] = {
         SlashCommand("load", REQUIRED_TEXT, "/load IMAGE.png",
                      "take the prompt and settings stored in a PNG (sdterm or AUTOMATIC1111)",
                      lambda session, arg: Outcome("load", os.path.expanduser(arg)), values="path"),
-        SlashCommand("init", REQUIRED_TEXT, "/init IMAGE|off", "img2img: start from IMAGE (off: noise)", _init, values="path"),
-        SlashCommand("strength", ONE_VALUE, "/strength S", "img2img denoising strength (0 ... 1; 0 keeps the image)", _strength),
+        SlashCommand("init", REQUIRED_TEXT, "/init IMAGE|off", "img2img: start from IMAGE (off: noise)", render.set_init, values="path"),
+        SlashCommand("strength", ONE_VALUE, "/strength S", "img2img denoising strength (0 ... 1; 0 keeps the image)", render.set_strength),
+        SlashCommand("hires", TEXT, render.HIRES_USAGE,
+                     "hires fix: render, upscale (2x, 1.5, or to WxH; Wx0 keeps the aspect), refine; "
+                     "Latent upscalers or Lanczos/Nearest/None (/hires alone says what it is)", render.set_hires),
         SlashCommand("history", OPTIONAL_VALUE, "/history [N]", f"list the last N renders, numbered (default {HISTORY_LENGTH})",
                      _history),
         SlashCommand("recall", REQUIRED_TEXT, "/recall N|IMAGE.png",

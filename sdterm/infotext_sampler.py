@@ -6,7 +6,8 @@
 What A1111 writes: ``Sampler: <name>`` (no schedule in it), then ``Schedule type: <label>``; for a
 k-diffusion sampler with its own default ("DPM++ 2M" -> Karras) "Automatic" is written resolved.
 It writes ``Schedule type: Automatic`` otherwise, which sdterm leaves out (reading a text without it
-gives "Automatic" in both). ``Denoising strength: s`` first, for an img2img render. ``ENSD: n`` when it isn't 0 and changes the image (:func:`uses_ensd`); ``RNG: CPU`` or ``RNG: NV`` (never for the default, GPU: a text
+gives "Automatic" in both). ``Denoising strength: s`` first, for an img2img render (a hires-fix
+render: the hires pass's strength, in the same slot). ``ENSD: n`` when it isn't 0 and changes the image (:func:`uses_ensd`); ``RNG: CPU`` or ``RNG: NV`` (never for the default, GPU: a text
 without ``RNG`` was drawn on the GPU, which sdterm's ``nv`` reproduces on any device); then
 ``Eta: x`` (ancestral and SDE samplers, when not 1) or ``Eta DDIM: x`` (DDIM, when not 0).
 """
@@ -54,10 +55,12 @@ def schedule_pairs(p: Params) -> list[str]:
 
 
 def tail_pairs(p: Params) -> list[str]:
-    """Denoising strength (img2img: whenever an init image is used, its default too), ENSD, RNG and
-    eta, after ``Model:`` and ``VAE:`` (A1111's order)."""
+    """Denoising strength (img2img: whenever an init image is used, its default too; the hires
+    fix: its pass's strength), ENSD, RNG and eta, after ``Model:`` and ``VAE:`` (A1111's order)."""
     info = SAMPLERS[p.sampler]
     out = [f"Denoising strength: {_g(p.strength)}"] if p.init_image else []
+    if p.hires and not p.init_image:  # the validator refuses both at once
+        out.append(f"Denoising strength: {_g(p.hires_strength)}")
     if p.ensd and uses_ensd(p):
         out.append(f"ENSD: {p.ensd}")
     if p.rng != "gpu":

@@ -13,8 +13,10 @@ import argparse
 import os
 
 from .errors import ConfigError
-from .params import FIELDS, MAX_SEED, RESIZE_MODES, Params
+from .infotext_hires import upscaler_name
+from .params import FIELDS, HIRES_UPSCALERS, MAX_SEED, RESIZE_MODES, Params
 from .samplers import RNGS, SAMPLERS, SCHEDULES, schedule_name, split_sampler
+from .units import parse_wh
 
 
 def whole_number(text: str) -> int:
@@ -69,6 +71,34 @@ def resize_mode_choice(text: str) -> str:
     return name
 
 
+def hires_scale_number(text: str) -> float:
+    """argparse type: the hires fix's scale, ``2``, ``2x`` or ``1.5`` (the range is the validator's)."""
+    try:
+        return float(text.strip().removesuffix("x").removesuffix("X").removesuffix("×"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a scale such as 2, 2x or 1.5, got {text!r}") from None
+
+
+def hires_size_pair(text: str) -> tuple[int, int]:
+    """argparse type: the hires fix's target size, ``WxH``; ``Wx0`` or ``0xH`` gives one side and
+    keeps the aspect (A1111's "Resize width/height to"). Ranges are the validator's."""
+    try:
+        size = parse_wh(text, "hires size")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (0 for a side keeps the aspect: 1024x0)") from None
+    if size == (0, 0):
+        raise argparse.ArgumentTypeError("hires size 0x0 gives no size; name a width, a height or both (1024x0)")
+    return size
+
+
+def hires_upscaler_choice(text: str) -> str:
+    """argparse type: a hires upscaler by A1111's name, any case ("latent (bicubic)", "lanczos")."""
+    name = upscaler_name(text)
+    if name is None:
+        raise argparse.ArgumentTypeError(f"unknown hires upscaler {text!r}; one of: {', '.join(HIRES_UPSCALERS)}")
+    return name
+
+
 def add_render_options(p: argparse.ArgumentParser) -> None:
     """The parameter flags shared by ``generate`` and the app (and the device and budget flags).
 
@@ -101,6 +131,17 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize-mode", type=resize_mode_choice, default=None, metavar="MODE",
                    help='img2img: how the init image fits the size: "just resize" (0, default), '
                         '"crop and resize" (1), "resize and fill" (2)')
+    p.add_argument("--hires-scale", type=hires_scale_number, default=None, metavar="X",
+                   help="hires fix: render at the size, upscale by X (1 ... 4; 2, 2x, 1.5) and refine (A1111's "
+                        "Upscale by; default off)")
+    p.add_argument("--hires-size", type=hires_size_pair, default=None, metavar="WxH",
+                   help="hires fix: upscale to WxH instead (Wx0 or 0xH: one side, the aspect kept; both: cover and crop)")
+    p.add_argument("--hires-steps", type=whole_number, default=None, metavar="N",
+                   help="hires fix: steps of the second pass (default 0: as many as --steps)")
+    p.add_argument("--hires-strength", "--hires-denoising-strength", dest="hires_strength", type=number,
+                   default=None, metavar="S", help="hires fix: the second pass's denoising strength (default 0.7)")
+    p.add_argument("--hires-upscaler", type=hires_upscaler_choice, default=None, metavar="NAME",
+                   help='hires fix: "Latent" (default), "Latent (bicubic)"..., "Lanczos", "Nearest", "None" (A1111\'s names)')
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
     p.add_argument(
         "--vram-budget",
@@ -119,6 +160,9 @@ def params_from_args(args: argparse.Namespace) -> Params:
         given["sampler"] = split[0]  # a combined name's schedule, unless --schedule names one
         if split[1] is not None:
             given.setdefault("schedule", split[1])
+    size = getattr(args, "hires_size", None)
+    if size is not None:
+        given["hires_width"], given["hires_height"] = size
     init = given.get("init_image")
     if isinstance(init, str) and init and "\0" not in init and not os.path.exists(init):
         raise ConfigError(f"init image {init}: no such file; check the path")

@@ -29,6 +29,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import ConfigError
 from .imagetext import MetadataError, image_texts, one_line
+from .infotext_hires import hires_pairs, read_hires
 from .infotext_sampler import read_sampler, schedule_pairs, tail_pairs
 from .params import FIELDS, Params
 from .units import parse_wh
@@ -146,7 +147,7 @@ def infotext(params: Params, model_name: str, model_hash: str, extra: dict[str, 
     for name, keys in INFOTEXT_KEYS.items():
         if name not in _WRITTEN_IN_ORDER and getattr(p, name) != getattr(defaults, name):
             settings.append(f"{keys[0]}: {_infotext_value(getattr(p, name))}")
-    settings += [f"{key}: {_infotext_value(value)}" for key, value in extra.items()]
+    settings += hires_pairs(p) + [f"{key}: {_infotext_value(value)}" for key, value in extra.items()]
     lines.append(", ".join(settings))
     return "\n".join(lines)
 
@@ -324,13 +325,13 @@ def params_from_infotext(text: str) -> ImageParameters:
     parsed = parse_infotext(text)
     settings = dict(parsed["settings"])
     found = _typed_settings(settings)
-    if any(key.startswith("Hires") for key in settings):  # the hires fix's strength, not img2img's: kept as text
-        found.pop("strength", None)
+    hires_strength = found.pop("strength", (None,))[0] if any(k.startswith("Hires") for k in settings) else None
+    hires, hires_used = read_hires(settings, hires_strength)  # the hires fix's strength, not img2img's
     typed = {name: value for name, (value, _) in found.items() if name in FIELDS and name not in DETAIL_KEYS}
     named, used = read_sampler(settings, typed)
-    for key in {key for _, key in found.values()} | used:
+    for key in {key for _, key in found.values()} | used | hires_used:
         settings.pop(key, None)
-    params = {**typed, **named}
+    params = {**typed, **named, **hires}
     known = _known_from(settings)
     return ImageParameters(
         source="a1111",

@@ -5,24 +5,24 @@ the image names (``TI hashes``), its LoRAs (``<lora:...>`` tags, ``Lora hashes``
 them (no torch: ``show`` stays quick).
 
 A command on its own: :func:`add_parser` registers it, :func:`run` carries it out. Reading the
-metadata is ``sdterm/pngmeta.py``; this module only presents it (and makes it safe to print).
+metadata is ``sdterm/pngmeta.py``, looking up the files it names ``sdterm/show_files.py``; this
+module only presents them (and makes it safe to print).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shlex
 import sys
 import unicodedata
-from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import ConfigError, UserError
-from .params import FIELDS, Params
+from .params import FIELDS, Params, hires_size
+from .infotext_hires import hires_notes, number_text
 from .pngmeta import ImageParameters, MetadataError, read_png_parameters
+from .show_files import addon_checks, embedding_checks
 
 
 def _num(x: float) -> str:
@@ -39,7 +39,8 @@ def _opt(flag: str, value: str) -> str:
 # Fields the line below spells out one by one; any other Params field gets ``--its-name VALUE``
 # when the image recorded a value other than its default.
 _SPELLED_OUT = {"prompt", "negative", "seed", "steps", "cfg", "width", "height", "eta", "subseed", "subseed_strength",
-                "init_image", "strength"}
+                "init_image", "strength", "hires_scale", "hires_width", "hires_height", "hires_steps",
+                "hires_strength", "hires_upscaler"}
 
 
 def generate_command(found: ImageParameters, model: str | None = None) -> str:
@@ -68,6 +69,7 @@ def generate_command(found: ImageParameters, model: str | None = None) -> str:
         parts.append(_opt("--init-image", p.init_image))
     if get("strength") is not None and (get("init_image") or found.source == "a1111"):
         parts.append(f"--strength {shlex.quote(_num(p.strength))}")
+    parts += hires_flags(p) if any(get(name) for name in ("hires_scale", "hires_width", "hires_height")) else []
     defaults = Params()
     for name in FIELDS:
         value = get(name)
@@ -78,6 +80,25 @@ def generate_command(found: ImageParameters, model: str | None = None) -> str:
     if dash_prompt:
         parts += ["--", shlex.quote(p.prompt)]
     return " ".join(parts)
+
+
+def hires_flags(p: Params) -> list[str]:
+    """The ``--hires-*`` flags of ``p`` (none when the hires fix is off)."""
+    if not p.hires:
+        return []
+    out = ([f"--hires-size {p.hires_width}x{p.hires_height}"] if p.hires_width or p.hires_height
+           else [f"--hires-scale {shlex.quote(number_text(p.hires_scale))}"])
+    out += [f"--hires-steps {p.hires_steps}"] if p.hires_steps else []
+    return out + [f"--hires-strength {shlex.quote(_num(p.hires_strength))}",
+                  _opt("--hires-upscaler", p.hires_upscaler)]
+
+
+def hires_row(p: Params) -> str:
+    """The rows' line for the hires fix: ``2x Latent, 10 steps, strength 0.7 → 1024x1536``."""
+    how = f"to {p.hires_width}x{p.hires_height}" if p.hires_width or p.hires_height else f"{number_text(p.hires_scale)}x"
+    steps = f"{p.hires_steps} steps" if p.hires_steps else "steps as the first pass"
+    w, h = hires_size(p)
+    return f"{how} {p.hires_upscaler}, {steps}, strength {_num(p.hires_strength)} → {w}x{h}"
 
 
 # Settings that don't change the picture, or that a note below already covers.
@@ -103,9 +124,9 @@ def notes(found: ImageParameters) -> list[str]:
     if found.source == "a1111" and found.get("sampler") == "DDIM":
         out.append("A1111 (1.6 and later) runs DDIM one update short of sdterm's DDIM (the CompVis form): "
                    "the image comes out slightly different")
-    hires = sorted(k for k in x if k.startswith("Hires"))
-    if hires or "Denoising strength" in x:
-        out.append("hires fix is not supported: sdterm renders at the recorded size only")
+    out += hires_notes(x, found.params.hires)
+    if "Denoising strength" in x and not any(k.startswith("Hires") for k in x):
+        out.append(f"denoising strength {x['Denoising strength']!r} can't be read")
     if found.source == "a1111" and found.get("strength") is not None:
         out.append("an img2img render whose init image isn't recorded: add --init-image PATH to the line")
     if "Seed resize from" in x:
@@ -135,182 +156,6 @@ def notes(found: ImageParameters) -> list[str]:
         except ConfigError as exc:
             out.append(f"{exc}: sdterm will refuse it")
     return out
-
-
-@dataclass(frozen=True)
-class EmbeddingCheck:
-    """One embedding an image names, looked up in the user's embeddings folders."""
-
-    name: str
-    recorded: str
-    """The hash the image recorded (A1111: the file's sha256, first 12 hex digits)."""
-    file: Path | None = None
-    """The file that word finds here; None when none does."""
-    here: str | None = None
-    """That file's hash, as many hex digits as ``recorded``; None when it can't be read."""
-
-    @property
-    def status(self) -> str:
-        """``same``, ``missing``, ``different`` or ``unreadable``."""
-        if self.file is None:
-            return "missing"
-        if self.here is None:
-            return "unreadable"
-        return "same" if self.here == self.recorded.lower() else "different"
-
-    def note(self, where: str) -> str | None:
-        """One line for what isn't the image's own file; None when it is."""
-        status = self.status
-        if status == "missing":
-            return f"embedding {self.name} [{self.recorded}]: missing from {where}: the image will differ"
-        if status == "different":
-            return (f"embedding {self.name} [{self.recorded}]: different file (hash {self.here} here, {self.file}): "
-                    "the image will differ")
-        if status == "unreadable":
-            return f"embedding {self.name}: {self.file} can't be read: the image will differ"
-        return None
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "hash": self.recorded, "status": self.status,
-                "file": None if self.file is None else str(self.file), "hash_here": self.here}
-
-
-def embedding_files(folders: list[Path]) -> dict[str, Path]:
-    """Trigger word -> the file a render would use: the first found, folder by folder, each walked
-    as the engine walks it."""
-    from .engine.prompt.embedding_files import embedding_files as walk
-
-    found: dict[str, Path] = {}
-    for folder in folders:
-        for path in walk(folder):
-            found.setdefault(path.stem, path)
-    return found
-
-
-def _short_sha256(path: Path, digits: int) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()[:digits]
-
-
-def check_embeddings(embeddings: dict[str, str], folders: list[Path]) -> list[EmbeddingCheck]:
-    """Each embedding of ``embeddings`` (name -> recorded hash) against the files in ``folders``."""
-    files = embedding_files(folders)
-    out = []
-    for name, recorded in embeddings.items():
-        path = files.get(name)
-        digits = len(recorded) if re.fullmatch(r"[0-9a-fA-F]{8,64}", recorded) else 12
-        out.append(EmbeddingCheck(name, recorded, path, None if path is None else _short_sha256(path, digits)))
-    return out
-
-
-def _embedding_checks(found: ImageParameters, given: str | None) -> tuple[list[EmbeddingCheck], list[str]]:
-    """The image's embeddings checked against the user's folder (``--embeddings``, else the
-    settings, else the default), and the notes to print."""
-    if not found.embeddings:
-        return [], []
-    from .resolve import embedding_folders, user_config
-
-    try:
-        folders, _ = embedding_folders(given or user_config().defaults.embeddings_dir)
-    except ConfigError as exc:
-        return [], [f"the embeddings were not checked: {exc}"]
-    where = " and ".join(str(f) for f in folders)
-    checks = check_embeddings(found.embeddings, folders)
-    return checks, [line for c in checks if (line := c.note(where)) is not None]
-
-
-def lora_names(found: ImageParameters) -> dict[str, str]:
-    """The LoRAs an image used -> the hash it recorded ("" for none): its ``Lora hashes``, then the
-    ``<lora:NAME:...>`` tags of its prompts that the hashes don't name."""
-    from .prompt_syntax import NetworkTagError, extra_networks
-
-    names = dict(found.loras)
-    for text in (found.params.prompt, found.params.negative):
-        try:
-            tags = extra_networks(text)[1]
-        except NetworkTagError:
-            continue
-        for tag in tags:
-            if getattr(tag, "kind", "lora") == "lora":
-                names.setdefault(tag.name, "")
-    return names
-
-
-def lora_files(folders: list[Path]) -> dict[str, Path]:
-    """LoRA name -> file, as the engine finds them (any depth, hidden names skipped, the first wins)."""
-    import os
-
-    found: dict[str, Path] = {}
-    for folder in folders:
-        for root, dirs, names in os.walk(folder, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(names):
-                if not name.startswith(".") and name.lower().endswith((".safetensors", ".pt", ".ckpt")):
-                    found.setdefault(Path(name).stem, Path(root) / name)
-    return found
-
-
-def lora_hash(path: Path, digits: int = 12) -> str | None:
-    """A1111's LoRA hash: for .safetensors the sha256 of the bytes after the 8-byte header length
-    and the JSON header (kohya's ``sshs_model_hash``), else of the whole file; ``digits`` hex digits."""
-    if path.suffix.lower() != ".safetensors":
-        return _short_sha256(path, digits)
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            f.seek(8 + n)
-            while block := f.read(1 << 20):
-                digest.update(block)
-    except (OSError, ValueError, OverflowError):
-        return None
-    return digest.hexdigest()[:digits]
-
-
-def _addon_checks(found: ImageParameters, given_lora_dir: str | None) -> tuple[list[dict], list[str]]:
-    """The image's LoRAs and VAE file looked up in the user's folders: (the LoRAs as JSON, the notes)."""
-    from . import paths
-    from .resolve import lora_folders, user_config
-
-    checks: list[dict] = []
-    said: list[str] = []
-    names = lora_names(found)
-    if names:
-        try:
-            folders, _ = lora_folders(given_lora_dir or user_config().defaults.lora_dir)
-        except ConfigError as exc:
-            return [], [f"the LoRAs were not checked: {exc}"]
-        files = lora_files(folders)
-        where = " and ".join(str(f) for f in folders)
-        for name, recorded in names.items():
-            path = files.get(name)
-            digits = len(recorded) if re.fullmatch(r"[0-9a-fA-F]{8,64}", recorded) else 12
-            here = lora_hash(path, digits) if path is not None and recorded else None
-            status = ("missing" if path is None else "found" if not recorded
-                      else "unreadable" if here is None else "same" if here == recorded.lower() else "different")
-            tag = f" [{recorded}]" if recorded else ""
-            if status == "missing":
-                said.append(f"LoRA {name}{tag}: missing from {where}: the image will differ")
-            elif status == "different":
-                said.append(f"LoRA {name}{tag}: different file (hash {here} here, {path}): the image will differ")
-            elif status == "unreadable":
-                said.append(f"LoRA {name}: {path} can't be read: the image will differ")
-            checks.append({"name": name, "hash": recorded or None, "status": status,
-                           "file": None if path is None else str(path), "hash_here": here})
-    if found.vae:
-        vae = paths.vae_dir() / Path(found.vae.replace("\\", "/")).name  # a name, never a path from the image
-        recorded = found.vae_hash or ""
-        if not vae.is_file():
-            said.append(f"VAE {found.vae}: missing from {paths.vae_dir()}: put it there, or give --vae PATH")
-        elif recorded and (here := _short_sha256(vae, len(recorded))) != recorded.lower():
-            said.append(f"VAE {found.vae} [{recorded}]: different file (hash {here} here, {vae}): the image will differ")
-    return checks, said
 
 
 _BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
@@ -353,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
     model = getattr(args, "model", None)
     command = generate_command(found, model)
     said = notes(found)
-    checks, embedding_notes = _embedding_checks(found, getattr(args, "embeddings", None))
+    checks, embedding_notes = embedding_checks(found, getattr(args, "embeddings", None))
     said += embedding_notes
-    lora_checks, addon_notes = _addon_checks(found, getattr(args, "lora_dir", None))
+    lora_checks, addon_notes = addon_checks(found, getattr(args, "lora_dir", None))
     said += addon_notes
     if model is None and found.model:
         hashed = f" [{found.model_hash}]" if found.model_hash else ""
@@ -392,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("clip skip", str(p.clip_skip)))
     if get("init_image") or (found.source == "a1111" and get("strength") is not None):
         rows.append(("img2img", f"strength {_num(p.strength)}" + (f" from {p.init_image}" if p.init_image else "")))
+    if p.hires:
+        rows.append(("hires", hires_row(p)))
     if get("subseed_strength"):
         rows.append(("variation", f"seed {get('subseed')}, strength {_num(p.subseed_strength)}"))
     if found.model or found.model_hash:

@@ -27,7 +27,8 @@ A1111_IMG2IMG = ("a fox\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, S
 
 
 def test_fields_come_last_with_their_defaults():
-    assert FIELDS[-3:] == ("init_image", "strength", "resize_mode")
+    i = FIELDS.index("init_image")  # the hires fix's fields follow them
+    assert FIELDS[i : i + 3] == ("init_image", "strength", "resize_mode")
     assert (Params().init_image, Params().strength, Params().resize_mode) == ("", 0.75, "just resize")
     assert RESIZE_MODES == ("just resize", "crop and resize", "resize and fill")
 
@@ -125,7 +126,7 @@ def test_an_a1111_img2img_text_reads_into_strength():
 
 def test_a_hires_fix_strength_is_not_an_img2img_strength():
     read = params_from_infotext(A1111_IMG2IMG + ", Hires upscale: 2, Hires upscaler: Latent")
-    assert read.get("strength") is None and read.extra["Denoising strength"] == "0.6"
+    assert read.get("strength") is None and read.get("hires_strength") == 0.6 and "Denoising strength" not in read.extra
 
 
 def test_sdterm_chunk_carries_every_img2img_field(tmp_path):

@@ -157,7 +157,8 @@ def test_multi_line_prompt_and_negative():
     assert p.extra["ADetailer model"] == "face_yolov8n.pt"
     found = notes(p)
     assert p.params.clip_skip == 2 and not any("Clip skip" in n for n in found)  # read, and rendered
-    assert any("hires fix" in n for n in found)
+    assert (p.params.hires_scale, p.params.hires_upscaler, p.params.hires_strength) == (2.0, "Latent", 0.7)  # read
+    assert not any("hires" in n.lower() for n in found)
     assert "not used by sdterm: ADetailer model" in found
     assert not any(n.startswith("sampler") for n in found)
 
