@@ -20,6 +20,7 @@ import os
 import random
 
 from .commands import COMMANDS, Command, CommandError, Outcome, sampler_label
+from .commands_render import hires_summary
 from .errors import ConfigError, shorten
 from .history import History, HistoryEntry
 from .params import MAX_SEED, Params
@@ -263,7 +264,9 @@ class Session:
         The variation part appears only while the variation strength is above 0. A sampler other
         than DDIM shows before the steps (``DPM++ 2M Karras · 20 steps``), with its own eta (the
         ancestral and SDE samplers') or none; ``rng nv``/``rng gpu`` and ``ENSD N`` when set;
-        ``img2img 0.60 from NAME`` (the strength and the init image's file name) while /init names one.
+        ``img2img 0.60 from NAME`` (the strength and the init image's file name) while /init names one;
+        ``hires 2x→1024x1536 Latent 0.70`` (scale or size → the final size, the upscaler, the hires
+        steps when set, the hires strength) while the hires fix is on.
         In draft mode the line starts with what a render uses, ``DRAFT LCM 4 steps cfg 1.5``
         (``+ NAME``: the draft LoRA), and ends with the full settings kept aside: ``full: DDIM 50
         steps CFG 7.5``."""
@@ -294,6 +297,8 @@ class Session:
             parts.append(f"clip skip {p.clip_skip}")
         if p.init_image:
             parts.append(f"img2img {p.strength:.2f} from {os.path.basename(p.init_image) or p.init_image}")
+        if p.hires:
+            parts.append(f"hires {hires_summary(p)}")
         if self.batch_count > 1:
             parts.insert(2 if self.draft else 1, f"×{self.batch_count}")
         if p.subseed_strength > 0:
