@@ -62,11 +62,22 @@ class Keys:
     def action_refine(self) -> None:
         """i on the image: the image shown becomes the init image (as ``/init``) and its prompt
         renders again at the current strength: img2img, iterating on one picture (``/init off``
-        goes back to noise)."""
+        goes back to noise). With the hires fix on, the hires fix goes off and the size becomes the
+        image's own (img2img of the big image shown, as A1111 has no hires fix in img2img)."""
         if self.session.last_prompt is None or not self.session.last_path:
             self.notice("no image yet: render one, then i refines it", "warning")
             return
-        self.run_command(Command("init", str(self.session.last_path)))
+        after = ""
+        if self.session.params.hires:
+            try:
+                with Image.open(self.session.last_path) as im:
+                    width, height = im.size
+                self.session.set(hires_scale=0.0, hires_width=0, hires_height=0, width=width, height=height)
+            except (OSError, ValueError) as exc:  # CommandError is a ValueError
+                self.notice(f"i: the hires fix stays on: {exc}", "error")
+                return
+            after = f" · hires fix off: img2img at the image's {width}×{height}"
+        self.run_command(Command("init", str(self.session.last_path)), after)
         if Path(self.session.params.init_image) == Path(self.session.last_path).resolve():
             self.render_request(self.session.rerender())
         self.refresh_params()
