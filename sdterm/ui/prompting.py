@@ -19,6 +19,7 @@ from textual.widgets import Input
 from ..commands import Command, CommandError, Outcome, parse_command
 from ..errors import ConfigError
 from ..history import Recall
+from ..infotext_hires import hires_notes
 from ..params import Params
 from ..units import format_bytes
 from .screens import HistoryScreen, summary
@@ -176,7 +177,8 @@ class PromptFlow:
         return self._restore_found(found, "pasted parameters")
 
     def _restore_found(self, found, what: str) -> bool:
-        """Restore the parameters an image or a pasted block recorded. The basic settings it didn't
+        """Restore the parameters an image or a pasted block recorded (what sdterm can't do of its
+        hires fix, an ESRGAN upscaler for one, said on the notice line). The basic settings it didn't
         record (a partial paste, a sampler sdterm lacks) keep the session's values; any other
         setting it leaves out takes its default, as A1111 reads a missing key (no "Eta DDIM": 0, no
         "Variation seed": none, no "ENSD": 0)."""
@@ -191,6 +193,8 @@ class PromptFlow:
         if found.sampler and found.get("sampler") is None:
             self.notice(f"{what}: {summary(params)} — sampler {found.sampler} is not one sdterm has: "
                         f"{params.sampler} will be used; Enter renders it", "warning")
+        elif hires := hires_notes(found.extra, found.params.hires):  # as sdterm show notes them
+            self.notice(f"{what}: {summary(params)} — " + "; ".join(hires), "warning")
         return True
 
     # ---- commands ----------------------------------------------------------------------------

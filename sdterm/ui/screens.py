@@ -12,6 +12,7 @@ from textual.widgets import Markdown, OptionList
 from textual.widgets.option_list import Option
 
 from ..commands import COMMANDS, sampler_label
+from ..commands_render import hires_summary
 from ..params import Params
 from ..samplers import SAMPLER_LIST
 from .text import highlight, plain
@@ -37,7 +38,7 @@ HELP = """\
 | image | **z** | zoom: the image fills the screen (z or Tab back) |
 | image | **s** | pick the sampler (`/schedule` sets the schedule) |
 | anywhere | **F2** (**d** on the image) | draft mode on / off (`/draft`): renders use the draft settings (`draft:` in sdterm.yaml: LCM, 4 steps, CFG 1.5, its LCM-LoRA); yours are kept for when it is off |
-| image | **i** | img2img: the image shown becomes the init image (`/init`) and renders again at `/strength`; press again to keep refining, `/init off` for noise |
+| image | **i** | img2img: the image shown becomes the init image (`/init`) and renders again at `/strength`; press again to keep refining, `/init off` for noise; with `/hires` on, the hires fix goes off and the size becomes the image's |
 | anywhere | **F3** (**f** on the image) | the image shown again (same prompt, seed, size) with your full settings; draft mode stays on |
 | history | a draft render | Ctrl+R, `!N`, `/load` bring back its prompt (without the draft's LoRA tag), seed and size with your full settings: Enter renders it as a draft again in draft mode, F3 in full |
 | contact sheet | **← → ↑ ↓**, **Enter** | pick an image of a batch (`/n N`), then work on it |
@@ -76,9 +77,11 @@ class HelpScreen(ModalScreen[None]):
 
 def summary(p: Params) -> str:
     """``seed 1234 · 30 steps · CFG 7 · 512×768``: a render's settings in a line (a sampler other
-    than DDIM before the steps: ``seed 1234 · DPM++ 2M Karras · 20 steps · …``)."""
+    than DDIM before the steps: ``seed 1234 · DPM++ 2M Karras · 20 steps · …``; the hires fix after
+    the size: ``· hires 2x→1024x1536 Latent 0.70``)."""
     sampler = "" if p.sampler == "DDIM" else f"{sampler_label(p)} · "
-    return f"seed {p.seed} · {sampler}{p.steps} steps · CFG {p.cfg:g} · {p.width}×{p.height}"
+    hires = f" · hires {hires_summary(p)}" if p.hires else ""
+    return f"seed {p.seed} · {sampler}{p.steps} steps · CFG {p.cfg:g} · {p.width}×{p.height}{hires}"
 
 
 class HistoryProvider(Provider):
