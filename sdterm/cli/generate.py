@@ -217,6 +217,7 @@ def _render_one(service, params: Params, as_json: bool) -> None:
             "vram_budget": engine.budget,
             "demo": result.demo,
             "request": params.to_dict(),
+            "image_size": list(result.image.size),  # the hires fix's final size; the request has the first pass's
             "cache": result.stages[0].cache_texts,
             "prompts": result.prompts,
             "infotext_extra": result.infotext_extra,
