@@ -44,9 +44,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reference-modes", default=",".join(REFERENCE_MODES), metavar="MODE,...",
                    help=f"diffusers placements to measure: {', '.join(REFERENCE_MODES)} (default all)")
     p.add_argument("--json", action="store_true", help="print one JSON object (raw bytes and seconds)")
+    p.add_argument("--init", type=number, default=None, metavar="S",
+                   help="img2img rows: from an init image the bench writes, at denoising strength S (e.g. 0.6)")
+    p.add_argument("--hires", type=_scale, default=None, metavar="X",
+                   help="hires-fix rows: each size upscaled by X (e.g. 2) and refined; beside diffusers' "
+                        "txt2img + latent upscale + img2img at the same sizes")
+    p.add_argument("--hires-steps", type=whole_number, default=0, metavar="N",
+                   help="with --hires: the second pass's steps (default: as --steps)")
+    p.add_argument("--hires-strength", type=number, default=None, metavar="S",
+                   help="with --hires: its denoising strength (default 0.7)")
+    p.add_argument("--hires-upscaler", type=_upscaler, default=None, metavar="NAME",
+                   help="with --hires: Latent (default), Lanczos, ... (A1111's names)")
     p.add_argument("--lora-rank", type=whole_number, default=None, metavar="N",
                    help="also time a random rank-N LoRA: reading, merging, re-weighting, a render with it")
     return p
+
+
+def _scale(text: str) -> float:
+    """"2", "2x", "1.5" -> the factor."""
+    return number(text.strip().lower().removesuffix("x"))
+
+
+def _upscaler(text: str) -> str:
+    from ..params import HIRES_UPSCALERS
+
+    for name in HIRES_UPSCALERS:
+        if name.lower() == " ".join(text.split()).lower():
+            return name
+    raise argparse.ArgumentTypeError(f"unknown upscaler {text!r}; one of: {', '.join(HIRES_UPSCALERS)}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -51,12 +51,29 @@ class BenchOptions:
     sampler: str = "DDIM"
     """A1111's name; the diffusers reference renders with DDIM only (skipped for another sampler)."""
     schedule: str = "Automatic"
+    init_strength: float | None = None
+    """``--init S``: img2img from an init image the bench writes, at denoising strength S."""
+    hires_scale: float = 0.0
+    """``--hires X``: a hires fix by X of each size (``hires_steps`` more steps, latent upscale)."""
+    hires_steps: int = 0
+    hires_strength: float = 0.7
+    hires_upscaler: str = "Latent"
 
-    def request(self, width: int, height: int) -> Params:
+    def request(self, width: int, height: int, init_image: str = "") -> Params:
+        """One render of the run; with ``--init``, from ``init_image`` (a path)."""
         return Params(
             prompt=self.prompt, negative=self.negative, seed=self.seed, steps=self.steps, cfg=self.cfg,
             width=width, height=height, sampler=self.sampler, schedule=self.schedule,
+            init_image=init_image if self.init_strength is not None else "",
+            strength=self.init_strength if self.init_strength is not None else 0.75,
+            hires_scale=self.hires_scale, hires_steps=self.hires_steps, hires_strength=self.hires_strength,
+            hires_upscaler=self.hires_upscaler,
         ).validated()
+
+    @property
+    def kind(self) -> str:
+        """"txt2img", "img2img" or "hires": what each row renders."""
+        return "img2img" if self.init_strength is not None else "hires" if self.hires_scale else "txt2img"
 
     @property
     def model_calls(self) -> int:
@@ -125,6 +142,25 @@ def _sampler_options(args: argparse.Namespace) -> dict:
     return {"sampler": split[0], "schedule": schedule}
 
 
+def _img2img_options(args: argparse.Namespace) -> dict:
+    """``--init S`` or ``--hires X`` with ``--hires-steps`` / ``--hires-strength`` / ``--hires-upscaler``."""
+    init = getattr(args, "init", None)
+    scale = getattr(args, "hires", None)
+    if init is not None and scale is not None:
+        raise UserError("--init and --hires measure different renders (A1111's hires fix is text-to-image): "
+                        "give one of them")
+    out: dict = {}
+    if init is not None:
+        out["init_strength"] = init
+    if scale is not None:
+        out.update(hires_scale=scale, hires_steps=getattr(args, "hires_steps", 0) or 0,
+                   hires_strength=getattr(args, "hires_strength", None) or 0.7,
+                   hires_upscaler=getattr(args, "hires_upscaler", None) or "Latent")
+    elif any(getattr(args, k, None) for k in ("hires_steps", "hires_strength", "hires_upscaler")):
+        raise UserError("--hires-steps, --hires-strength and --hires-upscaler go with --hires X")
+    return out
+
+
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     """Validate every option before any work starts (one line on the first bad one)."""
     if args.repeats < 1:
@@ -139,7 +175,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         prompt=args.prompt,
         seed=args.seed,
         **_sampler_options(args),
+        **_img2img_options(args),
     )
     for w, h in opts.sizes:
-        opts.request(w, h)  # steps, cfg, seed: ConfigError names the bad one
+        opts.request(w, h, "init.png")  # steps, cfg, seed, hires: ConfigError names the bad one
     return opts

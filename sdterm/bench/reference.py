@@ -90,16 +90,19 @@ class ReferenceWeights:
     vae: dict
 
 
-def reference_weights(engine) -> ReferenceWeights:
+def reference_weights(engine, encoder: bool = False) -> ReferenceWeights:
     """Export the engine's models under the original single-file keys and convert them with
-    diffusers' own converters (so the key mapping is diffusers', not ours)."""
+    diffusers' own converters (so the key mapping is diffusers', not ours); ``encoder``: the VAE
+    encoder's weights too (img2img)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     from ..engine.loading.demo import original_state_dict
 
-    sd = original_state_dict(engine.models.module("text"), engine.models.module("unet"), engine.models.module("vae"))
+    m = engine.models
+    sd = original_state_dict(m.module("text"), m.module("unet"), m.module("vae"),
+                             m.module("vae_encoder") if encoder else None)
     with torch.device("meta"):
         unet_cfg = dict(UNet2DConditionModel(**diffusers_unet_kwargs(engine.models.cfg.unet)).config)
         vae_cfg = dict(AutoencoderKL(**diffusers_vae_kwargs(engine.models.cfg.vae)).config)
@@ -117,7 +120,7 @@ def build_pipeline(engine, weights: ReferenceWeights, dtype):
     unet.load_state_dict(weights.unet, strict=True, assign=True)  # no copy of the U-Net's weights
     unet = unet.to(dtype).eval().requires_grad_(False)
 
-    # sdterm has no VAE encoder: it keeps diffusers' own init (unused by text-to-image).
+    # Without the encoder's weights (text-to-image) it keeps diffusers' own init, never used.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         vae = AutoencoderKL(**diffusers_vae_kwargs(engine.models.cfg.vae))

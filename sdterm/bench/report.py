@@ -27,6 +27,15 @@ def _sampler_text(o) -> str:
     return text
 
 
+def _kind_lines(o) -> list[str]:
+    if o.kind == "img2img":
+        return [f"img2img from an init image the bench writes, denoising strength {o.init_strength:g}"]
+    if o.kind == "hires":
+        return [f"hires fix: x{o.hires_scale:g} ({o.hires_upscaler}), {o.hires_steps or o.steps} more steps at "
+                f"strength {o.hires_strength:g}; size is first pass->final"]
+    return []
+
+
 def format_report(report: BenchReport) -> str:
     o = report.options
     lines = [
@@ -35,6 +44,7 @@ def format_report(report: BenchReport) -> str:
         + f"  {report.date}",
         f"model {report.model}, {report.dtype} on {report.device}, {_sampler_text(o)}, cfg {o.cfg:g}, "
         f"{o.repeats} timed render(s) after a warm-up (median; peaks are the max), prompt cached",
+        *_kind_lines(o),
         "",
     ]
     head = ("size", "run", "peak alloc", "peak resvd", "s/render", "s/step", "vs gpu", "plan")

@@ -58,10 +58,13 @@ class Row:
     """sdterm: the engine's notices during the timed renders (e.g. an out-of-memory retry)."""
     image: Any = field(default=None, repr=False)
     """The last timed render's image (PIL); not part of the JSON."""
+    target: tuple[int, int] | None = None
+    """A hires-fix row: the final (width, height); width x height is the first pass's."""
 
     @property
     def size(self) -> str:
-        return f"{self.width}x{self.height}"
+        base = f"{self.width}x{self.height}"
+        return f"{base}->{self.target[0]}x{self.target[1]}" if self.target else base
 
     @property
     def seconds_per_render(self) -> float | None:
@@ -77,6 +80,7 @@ class Row:
 
         return {
             "size": self.size,
+            "target": list(self.target) if self.target else None,
             "width": self.width,
             "height": self.height,
             "who": self.who,
@@ -125,6 +129,10 @@ class BenchReport:
             "sampler": o.sampler,
             "schedule": o.schedule,
             "model_calls": o.model_calls,
+            "kind": o.kind,
+            "init_strength": o.init_strength,
+            "hires": {"scale": o.hires_scale, "steps": o.hires_steps, "strength": o.hires_strength,
+                      "upscaler": o.hires_upscaler} if o.hires_scale else None,
             "cfg": o.cfg,
             "repeats": o.repeats,
             "seed": o.seed,

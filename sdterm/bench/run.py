@@ -8,10 +8,12 @@ import gc
 import platform
 import statistics
 import tempfile
+from pathlib import Path
 
 from ..errors import UserError
 from .device import budget_errors, clean_device, error_line, release_device
 from .options import BenchOptions, Log, no_log
+from .img2img import bench_img2img_reference, target_size, write_init_image
 from .reference import bench_reference, reference_modes_to_run
 from .rows import BenchReport, Row, StagePeak, add_ratios
 
@@ -34,15 +36,17 @@ def make_engine(source, device: str, cache, budget: int | None, **kwargs):
     return Engine(source, device, cache=cache, **kwargs)
 
 
-def bench_sdterm(engine, opts: BenchOptions, log: Log = no_log) -> list[Row]:
+def bench_sdterm(engine, opts: BenchOptions, log: Log = no_log, folder: Path | None = None) -> list[Row]:
     """One row per size x budget: a warm-up render (fills the embedding cache, builds the models in
-    host memory), then ``opts.repeats`` timed renders."""
+    host memory), then ``opts.repeats`` timed renders. With ``--init`` the init images are written
+    into ``folder``."""
     rows: list[Row] = []
     soft = budget_errors()
     for w, h in opts.sizes:
-        req = opts.request(w, h)
+        init = str(write_init_image(folder, w, h)) if opts.init_strength is not None else ""
+        req = opts.request(w, h, init)
         for budget in opts.budgets:
-            row = Row("sdterm", w, h, budget.label, budget=budget.bytes)
+            row = Row("sdterm", w, h, budget.label, budget=budget.bytes, target=target_size(req))
             rows.append(row)
             log(f"sdterm {row.size} budget {budget.label}: warm-up + {opts.repeats} timed")
             try:
@@ -129,8 +133,6 @@ def run_bench(source, device: str, opts: BenchOptions, *, log: Log = no_log, **e
         diffusers_version = None
 
     with tempfile.TemporaryDirectory(prefix="sdterm-bench-") as tmp:
-        from pathlib import Path
-
         engine = make_engine(source, device, EmbeddingCache(Path(tmp)), opts.budgets[0].bytes, **engine_kwargs)
         if not supports_budget(engine) and any(b.bytes is not None for b in opts.budgets):
             raise UserError("this sdterm's engine has no VRAM budget yet: use --budgets none")
@@ -146,9 +148,12 @@ def run_bench(source, device: str, opts: BenchOptions, *, log: Log = no_log, **e
             demo=source.demo,
             options=opts,
         )
-        report.rows.extend(bench_sdterm(engine, opts, log))
+        report.rows.extend(bench_sdterm(engine, opts, log, Path(tmp)))
         modes = reference_modes_to_run(opts, dev, report.notes)
-        report.rows.extend(bench_reference(engine, opts, modes, log))
+        if opts.kind == "txt2img":
+            report.rows.extend(bench_reference(engine, opts, modes, log))
+        else:
+            report.rows.extend(bench_img2img_reference(engine, opts, modes, log, Path(tmp), report.notes))
         del engine
         clean_device(dev)
     add_ratios(report.rows)

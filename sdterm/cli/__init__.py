@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdterm",
         description="Stable Diffusion v1 text-to-image for small GPUs, in the terminal.",
+        # No prefix matching: the app's render flags (--hires-steps, --init-image...) would make a
+        # command's own shorter flag (bench --hires, --init) ambiguous at the top level.
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"sdterm {__version__}")
     app.add_arguments(parser)  # with no COMMAND, the app: sdterm --model PATH [--outdir DIR] [render options]
