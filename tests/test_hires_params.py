@@ -154,8 +154,10 @@ def test_hires_keys_sdterm_cant_run_are_noted():
                                            "Hires schedule type: Exponential, Hires CFG Scale: 5, Version:")
     found = params_from_infotext(text)
     said = notes(found)
-    for key in ("Hires sampler", "Hires prompt", "Hires schedule type", "Hires CFG Scale"):
-        assert sum(n.startswith(key + " ") and "not supported" in n for n in said) == 1, key
+    for key, main in (("Hires sampler", "sampler"), ("Hires prompt", "prompt"), ("Hires schedule type", "schedule"),
+                      ("Hires CFG Scale", "CFG scale")):
+        assert sum(n.startswith(key + " ") and n.endswith(f": not supported; the hires pass uses the main {main}")
+                   for n in said) == 1, key
     assert found.params.hires_scale == 2.0  # the rest of the hires fix is still read
 
 
@@ -217,9 +219,11 @@ def test_hires_command(tmp_path):
     assert "hires 1024x0→1024x1536" in s.describe()
     s.apply(parse_command("/hires strength=0.3 upscaler=LANCZOS"))
     assert (s.params.hires_width, s.params.hires_strength, s.params.hires_upscaler) == (1024, 0.3, "Lanczos")
+    assert s.apply(parse_command("/hires off")).message == "hires fix off"  # a size set: off all the same
+    assert not s.params.hires and "hires" not in s.describe()
     assert s.apply(parse_command("/hires 2")).message.startswith("hires 2x→")
     assert s.apply(parse_command("/hires off")).message == "hires fix off"
-    assert not s.params.hires and "hires" not in s.describe()
+    assert not s.params.hires
 
 
 @pytest.mark.parametrize("arg, message", [
