@@ -221,7 +221,7 @@ def test_hires_command(tmp_path):
     assert (s.params.hires_width, s.params.hires_strength, s.params.hires_upscaler) == (1024, 0.3, "Lanczos")
     assert s.apply(parse_command("/hires off")).message == "hires fix off"  # a size set: off all the same
     assert not s.params.hires and "hires" not in s.describe()
-    s.apply(parse_command("/hires 0x1024"))
+    s.apply(parse_command("/hires 640x960"))
     assert s.apply(parse_command("/hires 2")).message.startswith("hires 2x→1024x1536")  # a scale clears the size
     assert (s.params.hires_width, s.params.hires_height) == (0, 0)
     assert s.apply(parse_command("/hires off")).message == "hires fix off"
