@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sdterm.config import ModelConfig
-from sdterm.engine import pipeline
+from sdterm.engine import unet_stage
 from sdterm.engine.embedding_cache import EmbeddingCache
 from sdterm.engine.events import Notice
 from sdterm.engine.memory.placement import Placement
@@ -350,13 +350,13 @@ def test_brownian_gpu_is_kdiffusions_sampler_on_cuda_and_cpu_nv_move_with_the_la
 def spy_streamers(monkeypatch) -> list[RingStreamer]:
     """The U-Net streamers the engine makes from now on, in order (each is the real one)."""
     seen: list[RingStreamer] = []
-    real = pipeline.RingStreamer
+    real = unet_stage.RingStreamer
 
     def spy(*args, **kwargs):
         seen.append(real(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(pipeline, "RingStreamer", spy)
+    monkeypatch.setattr(unet_stage, "RingStreamer", spy)
     return seen
 
 
@@ -460,3 +460,58 @@ def test_img2img_gives_the_resident_latents_on_every_plan_and_streams_its_passes
         else:
             assert torch.allclose(r.latents, reference, rtol=1e-3, atol=1e-3), name
     assert len(seen) == 1 and seen[0].next == seen[0].total
+
+
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_gives_the_resident_latents_on_every_plan(full_size, upscaler, monkeypatch):
+    """A hires fix (256 -> 512, latent or pixel upscale): each pass planned at its own size, the
+    second streamed through its own ring when the budget is small; the same latents on every plan,
+    the streamers told exactly the passes each pass makes, every stage within the budget."""
+    engine = Engine(full_size, "cuda")
+    req = small_request(width=256, height=256, steps=4, sampler="DPM++ 2M", negative="blurry", hires_scale=2.0,
+                        hires_steps=3, hires_upscaler=upscaler)
+    seen = spy_streamers(monkeypatch)
+    reference = None
+    for name, budget in {"resident": None, "staged": 2 * GiB, "streamed": GiB}.items():
+        engine.set_budget(budget)
+        r = engine.generate(req)
+        assert r.image.size == (512, 512)
+        assert [s.stage for s in r.stages][-2:] == ["hires", "vae"], [s.stage for s in r.stages]
+        for s in r.stages:
+            assert budget is None or s.peak_allocated <= budget, (name, s.stage, s.peak_allocated / MiB, r.plan)
+        if reference is None:
+            reference = r.latents
+        else:
+            assert torch.allclose(r.latents, reference, rtol=1e-3, atol=1e-3), name
+    assert seen and all(s.next == s.total for s in seen)
+
+
+def test_hires_fix_of_512x768_to_1024x1536_stays_in_a_3_5_gib_budget(full_size):
+    """The issue's case on full-size weights (fewer steps: the memory is the same each step)."""
+    budget = int(3.5 * GiB)
+    engine = Engine(full_size, "cuda", budget=budget)
+    r = engine.generate(small_request(width=512, height=768, steps=2, hires_scale=2.0, hires_steps=2,
+                                      negative="blurry"))
+    assert r.image.size == (1024, 1536)
+    for s in r.stages:
+        assert s.peak_allocated <= budget, (s.stage, s.peak_allocated / MiB, r.plan)
+
+
+def test_out_of_memory_in_the_hires_pass_resumes_it(demo_model):
+    """An out-of-memory in the middle of the hires pass: a cheaper plan, the pass resumed where it
+    was (the first pass not run again), the same latents as without the failure."""
+    plan = Plan(GiB, unet="resident", text="resident", vae="resident", prefetch_vae=True)
+    req = small_request(width=128, height=128, steps=4, eta=0.5, negative="blurry", hires_scale=2.0, hires_steps=4,
+                        sampler="Euler a")
+    base = Engine(open_model(demo_model), "cuda", plan=plan).generate(req)
+    engine = Engine(open_model(demo_model), "cuda", plan=plan)
+    unet = engine.models.module("unet")
+    calls = []
+    forward = oom_on_call(unet.forward, 4 + 2)  # the hires pass's second call
+    unet.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    notices: list[str] = []
+    r = engine.generate(req, emit=lambda e: isinstance(e, Notice) and notices.append(e.message))
+    assert any("hires U-Net" in n and "retrying" in n for n in notices), notices
+    assert len(calls) == 4 + 4 + 1  # the failed call made again, nothing else
+    assert torch.equal(r.latents, base.latents)

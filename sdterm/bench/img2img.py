@@ -114,7 +114,7 @@ def _reference_rows(engine, opts: BenchOptions, log: Log, folder: Path) -> list[
                 log(f"  {row.error}")
                 clean_device(device)
     finally:
-        del img2img, txt2img, base, parts
+        img2img = txt2img = base = parts = None  # the pipelines go before the device is cleaned
         clean_device(device)
     return rows
 
