@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.test_app import (  # noqa: F401 (fixtures)
-    SIZE, enter, engine, make_app, notice, png_parameters, real_engine, render, settle,
-)
+from tests import test_app
+from tests.test_app import SIZE, enter, held_reached, make_app, notice, png_parameters, render, settle
 from tests.test_app_draft import params_line
 
+engine, real_engine = test_app.engine, test_app.real_engine  # the fixtures
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("one_thread")]
 
 
@@ -31,11 +31,15 @@ async def test_hires_renders_at_the_hires_size_and_i_refines_the_big_image(engin
         text = png_parameters(first)
         assert "Size: 64x48" in text and "Denoising strength: 0.7" in text and "Hires upscale: 2" in text
         # i on a hires image: img2img of the image shown, at its size, the hires fix off
+        engine.hold()
         await pilot.press("tab", "i")
+        await held_reached(pilot, engine)
+        toasts = [str(n.message) for n in app._notifications]  # the notice line is the render's by now
+        assert toasts == ["hires fix off: img2img at the image's 128×96"]
+        engine.release()
         await settle(pilot)
         req = engine.requests[-1]
         assert (req.init_image, req.width, req.height, req.hires) == (str(first.resolve()), 128, 96, False)
-        assert "hires fix off: img2img at the image's 128×96" in notice(app)
         assert "hires" not in params_line(app) and "img2img" in params_line(app)
 
 

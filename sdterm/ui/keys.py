@@ -77,6 +77,8 @@ class Keys:
                 self.notice(f"i: the hires fix stays on: {exc}", "error")
                 return
             after = f" · hires fix off: img2img at the image's {width}×{height}"
+            # the notice line gives way to the render's at once: a toast keeps it in sight
+            self.notify(after.removeprefix(" · "), severity="warning", markup=False)
         self.run_command(Command("init", str(self.session.last_path)), after)
         if Path(self.session.params.init_image) == Path(self.session.last_path).resolve():
             self.render_request(self.session.rerender())
