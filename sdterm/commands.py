@@ -4,6 +4,8 @@ An entry (:class:`SlashCommand`) holds everything about a command: its name and 
 of argument it takes, its usage and help text, and its handler. The parser
 (:func:`parse_command`), :meth:`sdterm.session.Session.apply`, the ``/help`` line, the help screen
 and the prompt box's completion all read :data:`COMMANDS`, so adding a command is one entry here.
+The handlers of the commands that set a render parameter (``/seed`` ... ``/hires``), and
+:class:`CommandError` and :class:`Outcome`, live in ``sdterm/commands_render.py``.
 
 A handler gets the session and the argument and returns an :class:`Outcome`: what the front end
 should do next, and the one string it needs:
