@@ -195,14 +195,14 @@ COMMANDS: dict[str, SlashCommand] = {
                      lambda session, arg: Outcome("load", os.path.expanduser(arg)), values="path"),
         SlashCommand("init", REQUIRED_TEXT, "/init IMAGE|off", "img2img: start from IMAGE (off: noise)", render.set_init, values="path"),
         SlashCommand("strength", ONE_VALUE, "/strength S", "img2img denoising strength (0 ... 1; 0 keeps the image)", render.set_strength),
-        SlashCommand("hires", TEXT, render.HIRES_USAGE,
-                     "hires fix: render, upscale (2x, 1.5, or to WxH; Wx0 keeps the aspect), refine; "
-                     "Latent upscalers or Lanczos/Nearest/None (/hires alone says what it is)", render.set_hires),
         SlashCommand("history", OPTIONAL_VALUE, "/history [N]", f"list the last N renders, numbered (default {HISTORY_LENGTH})",
                      _history),
         SlashCommand("recall", REQUIRED_TEXT, "/recall N|IMAGE.png",
                      "take the prompt and settings of history entry N (also !N) or of an image's render", _recall,
                      values="path"),
+        SlashCommand("hires", TEXT, render.HIRES_USAGE,
+                     "hires fix: render, upscale (2x, 1.5, or to WxH; Wx0 keeps the aspect), refine; "
+                     "Latent upscalers or Lanczos/Nearest/None (/hires alone says what it is)", render.set_hires),
         SlashCommand("model", TEXT, "/model [NAME]", "switch to the model NAME (/model alone lists them)",
                      lambda session, arg: Outcome("model", arg), values="model"),
         SlashCommand("vae", TEXT, "/vae [NAME|PATH|default]",

@@ -25,7 +25,6 @@ class CommandError(ValueError):
     """A slash command or its value is not valid; the message is one line meant for the user."""
 
 
-
 @dataclass(frozen=True)
 class Outcome:
     """What the front end should do after a command."""
@@ -36,7 +35,6 @@ class Outcome:
     """The notice line's text; the file ("open", "load"), entry number ("recall"), count ("history"), name ("model")."""
 
 
-
 def number(text: str, kind: type) -> object:
     """``text`` as an int or float; unparsable text is passed on as it is, so the validator names
     the parameter in its message ("steps must be a whole number, got 'abc'")."""
@@ -44,7 +42,6 @@ def number(text: str, kind: type) -> object:
         return kind(text)
     except ValueError:
         return text
-
 
 
 def set_seed(session, arg: str) -> Outcome:
@@ -123,7 +120,6 @@ def set_size(session, arg: str) -> Outcome:
     return Outcome("message", f"size {session.params.width}×{session.params.height}")
 
 
-
 def set_init(session, arg: str) -> Outcome:
     if arg.lower() == "off":
         session.set(init_image="")
@@ -143,6 +139,8 @@ def set_strength(session, arg: str) -> Outcome:
 
 
 _HIRES_WORD = re.compile(r"(steps|strength|upscaler)=(.*)", re.IGNORECASE | re.DOTALL)
+_HIRES_SPLIT = re.compile(r"\s+(?=(?:steps|strength|upscaler)=)", re.IGNORECASE)
+"""Splits ``steps=10 upscaler=latent (bicubic) strength=0.5`` before each key (a name may hold blanks)."""
 HIRES_USAGE = "/hires 2x|1024x1536|off [steps=N] [strength=S] [upscaler=NAME]"
 
 
@@ -156,8 +154,8 @@ def hires_summary(p: Params) -> str:
 
 def set_hires(session, arg: str) -> Outcome:
     """``/hires 2x``, ``/hires 1.5``, ``/hires 1024x1536`` (``1024x0``: one side), ``/hires off``,
-    each with optional ``steps=N strength=S upscaler=NAME`` (a name with blanks may follow
-    ``upscaler=`` to the end of the line: ``upscaler=latent (bicubic)``); alone: what it is now."""
+    each with optional ``steps=N strength=S upscaler=NAME`` in any order (a name may hold blanks:
+    ``upscaler=latent (bicubic)``), or those alone; ``/hires`` alone says what it is now."""
     p = session.params
     if not arg:
         return Outcome("message", f"hires {hires_summary(p)}" if p.hires else f"hires fix off; {HIRES_USAGE}")
@@ -168,30 +166,29 @@ def set_hires(session, arg: str) -> Outcome:
         words = words[1:]
         if first == "off":
             changes.update(hires_scale=0.0, hires_width=0, hires_height=0)
-        elif re.fullmatch(r"[0-9.]+x?", first):
-            changes.update(hires_scale=number(first.removesuffix("x"), float), hires_width=0, hires_height=0)
+        elif re.fullmatch(r"[0-9.]+[x×]?", first):
+            changes.update(hires_scale=number(first.rstrip("x×"), float), hires_width=0, hires_height=0)
         else:
             try:
                 changes["hires_width"], changes["hires_height"] = parse_wh(first, "hires size")
             except ConfigError:
                 raise CommandError(f"/hires takes a scale (2x, 1.5), a size (1024x1536) or off, got {shorten(first)!r}: "
                                    f"{HIRES_USAGE}") from None
+            if (changes["hires_width"], changes["hires_height"]) == (0, 0):
+                raise CommandError("hires size 0x0 gives no size; name a width, a height or both (/hires 1024x0)")
             changes["hires_scale"] = 0.0
     rest = " ".join(words)
-    while rest:
-        m = _HIRES_WORD.match(rest)
+    for word in _HIRES_SPLIT.split(rest) if rest else ():
+        m = _HIRES_WORD.fullmatch(word)
         if m is None:
-            raise CommandError(f"/hires: expected steps=N, strength=S or upscaler=NAME, got {shorten(rest)!r}")
-        key, value = m[1].lower(), m[2]
+            raise CommandError(f"/hires: expected steps=N, strength=S or upscaler=NAME, got {shorten(word)!r}")
+        key, value = m[1].lower(), m[2].strip()
         if key == "upscaler":
-            name = upscaler_name(value)
-            if name is None:
+            changes["hires_upscaler"] = upscaler_name(value)
+            if changes["hires_upscaler"] is None:
                 raise CommandError(f"unknown hires upscaler {shorten(value)!r}; one of: {', '.join(HIRES_UPSCALERS)}")
-            changes["hires_upscaler"], rest = name, ""
         else:
-            value, _, rest = value.partition(" ")
             changes["hires_" + key] = number(value, int if key == "steps" else float)
-            rest = rest.strip()
     if p.init_image and p.replace(**changes).hires:
         raise CommandError("the hires fix renders text-to-image: /init off first (for img2img at a larger size: "
                            "/size and /strength)")

@@ -90,7 +90,7 @@ def test_completion_case_and_order():
     assert complete("/st") == "/steps "
     assert complete("/q") == "/quit"
     assert complete("/n") == "/n " and complete("/ne") == "/neg "
-    assert complete("/h") == "/history " and complete("/he") == "/help"
+    assert complete("/h") == "/history " and complete("/he") == "/help" and complete("/hir") == "/hires "
 
 
 # ---- completing values ------------------------------------------------------------------------------

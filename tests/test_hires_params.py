@@ -213,7 +213,8 @@ def test_hires_command(tmp_path):
     p = s.params
     assert (p.hires_scale, p.hires_steps, p.hires_strength, p.hires_upscaler) == (1.5, 10, 0.5, "Latent (nearest-exact)")
     assert "hires 1.5x→768x1152 Latent (nearest-exact) 10 steps 0.50" in s.describe()
-    s.apply(parse_command("/hires 1024x0"))
+    s.apply(parse_command("/hires 1024x0 upscaler=Latent (bicubic) steps=10"))
+    assert (s.params.hires_upscaler, s.params.hires_steps) == ("Latent (bicubic)", 10)  # a name with blanks, then more
     assert (s.params.hires_scale, s.params.hires_width, s.params.hires_height) == (0.0, 1024, 0)
     assert s.params.hires_steps == 10  # kept: only what is named changes
     assert "hires 1024x0→1024x1536" in s.describe()
@@ -235,6 +236,9 @@ def test_hires_command(tmp_path):
     ("5x", "hires scale must be between 1 and 4, got 5"),
     ("2x strength=0", "hires strength must be above 0"),
     ("2x steps=ten", "hires steps must be a whole number, got 'ten'"),
+    ("0x0", "hires size 0x0 gives no size"),
+    ("2x steps=3 lanczos", "hires steps must be a whole number, got '3 lanczos'"),
+    ("2x lanczos", "/hires: expected steps=N, strength=S or upscaler=NAME, got 'lanczos'"),
 ])
 def test_bad_hires_command_is_one_line_and_changes_nothing(tmp_path, arg, message):
     s = _session(tmp_path)
