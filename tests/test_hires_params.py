@@ -278,3 +278,14 @@ def test_a_history_line_without_the_hires_fields_loads_with_the_hires_fix_off():
             '"height":512,"path":null,"model_hash":"h"}')
     p = HistoryEntry.from_json(line).params
     assert not p.hires and (p.hires_strength, p.hires_upscaler, p.hires_steps) == (0.7, "Latent", 0)
+
+
+def test_a_from_file_line_takes_the_hires_flags(tmp_path):
+    from sdterm.cli.generate import _batch_jobs
+
+    lines = tmp_path / "jobs.txt"
+    lines.write_text("a castle --hires-size 1024x0 --hires-upscaler lanczos\na fox\n", encoding="utf-8")
+    (_, castle), (_, fox) = _batch_jobs(str(lines), _parse("--hires-scale", "2"))
+    p = params_from_args(castle)
+    assert (p.hires_scale, p.hires_width, p.hires_height, p.hires_upscaler) == (2.0, 1024, 0, "Lanczos")
+    assert params_from_args(fox).hires_scale == 2.0 and params_from_args(fox).hires_width == 0
