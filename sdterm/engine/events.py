@@ -80,13 +80,25 @@ class MemorySample:
 
 
 @dataclass(frozen=True)
+class Preview:
+    """A live preview frame (``sdterm/engine/preview.py``): the clean latent the sampler predicts
+    after ``step`` of ``total`` (1-based) of ``stage`` ("unet", or "hires" for the hires fix's
+    second pass), as a latent-sized RGB PIL image."""
+
+    stage: str
+    step: int
+    total: int
+    image: object
+
+
+@dataclass(frozen=True)
 class Notice:
     message: str
     level: str = "info"
     """'info' or 'warning'."""
 
 
-Event = Union[StageStarted, StageFinished, StepDone, MemorySample, Notice]
+Event = Union[StageStarted, StageFinished, StepDone, MemorySample, Notice, Preview]
 Emit = Callable[[Event], None]
 
 

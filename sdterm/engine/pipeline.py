@@ -16,25 +16,26 @@ from typing import Callable
 import torch
 
 from ..params import Params
-from .embedding_cache import ChunkStore, EmbeddingCache
+from .embedding_cache import EmbeddingCache
 from .events import STAGE_TITLES, Emit, Notice, ignore
 from .loading.models import Models, ModelSource, open_model
-from .memory.meter import StageMeter
 from .result import Cancelled, OutOfMemory, Result, to_image
 from .memory.placement import Placement, resolve_device, run_dtype
 from .memory.planner import Plan, cheaper, plan_render
 from .memory.tiling import choose_tile, vae_activation_bytes
-from .prompt.conditioning import (Chunk, RolePrompt, cache_status, empty_chunk, encode_chunk,
-                                  needed_chunks, prepare_prompts, role_prompt, schedule_steps)
+from .prompt.conditioning import (empty_chunk, needed_chunks, prepare_prompts, role_prompt, schedule_steps)
 from .prompt.embedding_db import EmbeddingFolders
 from .prompt.report import infotext_extra, prompt_summary
-from .lora.state import LoraState, RenderLoras
+from .lora.state import LoraState
 from .sampling import get_sampler
+from .sampling.kdiffusion import discrete_sigmas
 from .sampling.rng import ImageRNG
+from .preview import Previewer
 from .sampling.img2img import t_enc
 from .init_image import prepare as prepare_init_image
 from .hires import hires_request, hires_steps, is_latent, to_image_truncated, upscale_image, upscale_latent
 from .init_image import to_tensor
+from .text_stage import TextStage
 from .unet_stage import UNetStage
 from .vae_stage import VaeStage
 
@@ -42,7 +43,7 @@ DEFAULT_BUDGET_MARGIN = 512 * 2**20
 """Without --vram-budget, leave this much of the device's free memory to others."""
 
 
-class Engine(UNetStage, VaeStage):
+class Engine(TextStage, UNetStage, VaeStage):
     """The models of one checkpoint, rendering requests on one device within a VRAM budget."""
 
     def __init__(
@@ -77,6 +78,8 @@ class Engine(UNetStage, VaeStage):
         """VRAM budget in bytes; None: the device's free memory minus a margin (no planning on CPU)."""
         self.forced_plan = plan
         """A fixed plan instead of the planner's choice (tests, experiments)."""
+        self._preview: float | None = None
+        """The render in progress's preview interval (``generate(preview=...)``)."""
         self.cache = cache
         self.placement = Placement(self.device)
         self.loras = LoraState(self.models.cfg, lora_dirs or [], optional_lora_dirs or [])
@@ -165,8 +168,13 @@ class Engine(UNetStage, VaeStage):
         *,
         emit: Emit = ignore,
         cancelled: Callable[[], bool] = lambda: False,
+        preview: float | None = None,
     ) -> Result:
+        """Render ``request``; ``emit`` gets the events, ``cancelled()`` is polled between steps;
+        ``preview``: send :class:`~.events.Preview` frames at most this many seconds apart
+        (None: none; they are made off the render thread, see ``preview.py``)."""
         req = request.validated()
+        self._preview = preview
         started = time.perf_counter()
         notices: list[str] = []
 
@@ -264,11 +272,17 @@ class Engine(UNetStage, VaeStage):
         # Where a retry resumes: the sampler's state after its last completed step (its carry: the
         # step, the latent, a multistep sampler's history) and the generator's state after it (the
         # per-step noise of a retried step must be what a first try would have drawn).
+        previewer = (Previewer(emit, self._preview, discrete_sigmas(self.models.cfg.schedule), stage)
+                     if self._preview is not None else None)
         progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state(), "calls": 0, "init": init,
-                    "t_enc": t, "stage": stage}
-        latents, stats, plan = self._with_retry(stage, plan, req, notice,
-                                                lambda p: self._unet_stage(req, cond, uncond, p, progress, emit, check,
-                                                                           loras))
+                    "t_enc": t, "stage": stage, "preview": previewer}
+        try:
+            latents, stats, plan = self._with_retry(stage, plan, req, notice,
+                                                    lambda p: self._unet_stage(req, cond, uncond, p, progress, emit,
+                                                                               check, loras))
+        finally:
+            if previewer is not None:
+                previewer.close()
         stages.append(stats)
         return latents, plan
 
@@ -343,65 +357,6 @@ class Engine(UNetStage, VaeStage):
             self.placement.offload(stage)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def _embeddings(self, notice):
-        """The textual-inversion embeddings (rescanned: files added, changed or removed since the
-        last render count), or None without embedding folders; each file that can't be used is
-        named once per engine, and the render goes on without it."""
-        db = self.embeddings.index(self.models.tokenizer.ids)
-        for problem in self.embeddings.untold():
-            notice(f"embedding not used: {problem}", "warning")
-        return db
-
-    def merge_loras(self, stage: str, loras: RenderLoras) -> None:
-        """Fold this render's LoRAs into the stage's model (a no-op when it holds them already)."""
-        self.loras.merge_into(stage, self.models, self.placement, self.device, loras)
-
-    def _chunk_store(self, loras: RenderLoras) -> ChunkStore | None:
-        """The embedding cache for this encoder, tokenizer, device and dtype (None without one)."""
-        if self.cache is None:
-            return None
-        lora = self.loras.text_signature(loras)
-        return ChunkStore(self.cache, self.models.encoder_id + (f"+lora:{lora}" if lora else ""),
-                          self.models.tokenizer.identity,
-                          f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}", self.models.model_hash)
-
-    def _text_stage(self, texts: dict[str, RolePrompt], needed: list[Chunk], cached: dict[tuple, torch.Tensor],
-                    clip_skip: int, plan: Plan, emit: Emit, notice, loras: RenderLoras, hires: dict[str, RolePrompt]):
-        """The unweighted encoder output (fp16, (77, dim), on the host) of every chunk the render
-        needs (``hires``: the hires pass's schedules too), by chunk key; the encoder is neither
-        built nor moved to the device when the cache has every chunk."""
-        meter = StageMeter("text", self.device, emit)
-        chunks = dict(cached)
-        missing = [c for c in needed if c.key not in chunks]
-        if missing:
-            self.merge_loras("text", loras)
-            encoder = self._acquire("text", plan.text)
-            if plan.prefetch_unet and plan.unet in ("staged", "resident"):
-                self._acquire_prefetch("unet")
-            meter.loaded()
-            try:
-                fresh: dict[tuple, torch.Tensor] = {}
-                with torch.inference_mode():
-                    for c in missing:
-                        # One chunk a pass (the values don't depend on which chunks share a batch),
-                        # rounded to fp16 on a miss too: hit and miss give the same values.
-                        fresh[c.key] = encode_chunk(encoder, c, clip_skip, self.device).to("cpu", torch.float16)
-            finally:
-                self._release("text", plan.text)
-            chunks.update(fresh)
-            store = self._chunk_store(loras)
-            if store is not None:
-                try:
-                    store.put(missing, fresh, {c.key: p.text for p in (*texts.values(), *hires.values())
-                                               for c in p.chunks}, clip_skip)
-                except OSError as exc:
-                    notice(f"embedding cache unusable ({exc.strerror or exc}): rendering without it", "warning")
-                    self.cache = None
-        else:
-            meter.loaded()
-        overall, status = cache_status(texts, cached) if self.cache is not None else (None, None)
-        return chunks, meter.finish(cache=overall, cache_texts=status, skipped=not missing, note=f"text {plan.text}")
 
     def _acquire_prefetch(self, stage: str) -> None:
         """Start uploading the next stage's model on the side stream; ``_acquire`` joins it."""

@@ -53,8 +53,9 @@ class UNetStage:
             t0 = time.perf_counter()
 
             # The denoiser counts its calls (the prompt schedule follows them); a retry resumes the count.
+            previewer = progress.get("preview")
             denoiser = ScheduledGuidance(unet, cond.to(self.device).at, uncond.to(self.device).at, req.cfg,
-                                         split=split, calls=progress["calls"])
+                                         split=split, calls=progress["calls"], keep_last=previewer is not None)
 
             def on_step(i: int, t: float, x_now: torch.Tensor) -> None:
                 progress["rng_state"] = rng.get_state()
@@ -62,6 +63,8 @@ class UNetStage:
                 check()
                 emit(StepDone(i + 1, total, t, time.perf_counter() - t0))
                 emit(memory_sample(stage, self.device))
+                if previewer is not None:
+                    previewer.offer(i + 1, total, denoiser.last)
 
             def noise() -> torch.Tensor:
                 z = rng.next()

@@ -76,11 +76,15 @@ class ScheduledGuidance:
     per pair of tensors it meets."""
 
     def __init__(self, unet, cond_at: Callable[[int], torch.Tensor], uncond_at: Callable[[int], torch.Tensor],
-                 scale: float, *, split: bool = False, calls: int = 0):
+                 scale: float, *, split: bool = False, calls: int = 0, keep_last: bool = False):
         self.unet, self.cond_at, self.uncond_at, self.scale, self.split = unet, cond_at, uncond_at, scale, split
         self.calls = calls
         """Denoiser calls made so far (the next call's number)."""
         self._made: dict[tuple[int, int], Denoiser] = {}
+        self.keep_last = keep_last
+        self.last: tuple[torch.Tensor, float, torch.Tensor] | None = None
+        """With ``keep_last``: the last call's (x, t, guided eps), for a preview of the clean
+        latent it predicts (references, not copies: the step's own tensors)."""
 
     def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
         c, u = self.cond_at(self.calls), self.uncond_at(self.calls)
@@ -89,4 +93,7 @@ class ScheduledGuidance:
         if denoise is None:
             denoise = self._made[key] = guided(self.unet, c, u, self.scale, split=self.split)
         self.calls += 1
-        return denoise(x, t)
+        eps = denoise(x, t)
+        if self.keep_last:
+            self.last = (x, t, eps)
+        return eps

@@ -1,0 +1,114 @@
+"""Live previews: the clean latent the sampler predicts at a step, as a small RGB picture.
+
+Every sampler reaches the model through the guided denoiser, which sees the DDPM latent
+x_t = sqrt(a) x0 + sqrt(1 - a) eps at a (possibly fractional) timestep t; from its last call the
+predicted clean latent is x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), with a = 1 / (1 + sigma(t)^2)
+from the model's own discrete sigmas (for the k-diffusion samplers this is exactly the
+``denoised`` they step with). So one hook serves DDIM, PLMS, UniPC, LCM and the k-diffusion family.
+
+x0 becomes RGB by a 4x3 linear map, latent-sized (a 512x512 render gives a 64x64 picture). The
+coefficients are the ones published for SD v1 by Keturn on the Hugging Face forum ("Decoding latents
+to RGB without upscaling", 2022) and used as AUTOMATIC1111's "Approx cheap" preview
+(``sd_vae_approx.cheap_approximation``): rgb = x0 . M, then (rgb + 1) / 2 clamped to [0, 1], 8-bit
+by truncation as A1111. They were fitted on the real SD v1 VAE; sdterm cannot fit its own here
+(no real weights on the build machines), so it takes them as published.
+
+The picture is made on the device, copied without blocking into pinned memory behind a CUDA event,
+and finished (event wait, PIL image, ``emit``) on a small thread of its own: the render thread never
+waits for the GPU to make a preview. Frames are throttled (``interval`` seconds apart; the last
+step always) and, when the thread is still busy with the previous frame, the newer one replaces
+the one waiting.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import torch
+from PIL import Image
+
+from .events import Emit, Preview
+
+LATENT_RGB = ((0.298, 0.207, 0.208),
+              (0.187, 0.286, 0.173),
+              (-0.158, 0.189, 0.264),
+              (-0.184, -0.271, -0.473))
+"""Rows: the four SD v1 latent channels; columns: their R, G, B weights (see the module doc)."""
+
+
+def latent_rgb(x0: torch.Tensor) -> torch.Tensor:
+    """(1, 4, h, w) clean latent -> (h, w, 3) uint8 on the latent's device."""
+    m = torch.tensor(LATENT_RGB, dtype=torch.float32, device=x0.device)
+    rgb = torch.einsum("lhw,lr->hwr", x0[0].float(), m)
+    return (((rgb + 1) / 2).clamp(0, 1) * 255).to(torch.uint8)  # truncation, as A1111
+
+
+def predicted_x0(x: torch.Tensor, t: float, eps: torch.Tensor, sigmas) -> torch.Tensor:
+    """The clean latent the denoiser's call at ``t`` predicts (``sigmas``: the model's
+    :class:`~.sampling.kdiffusion.DiscreteSigmas`); batch 1, fp32."""
+    sigma = float(sigmas.t_to_sigma(torch.tensor(t)))
+    a = 1.0 / (1.0 + sigma * sigma)
+    return (x[:1].float() - (1 - a) ** 0.5 * eps[:1].float()) / a**0.5
+
+
+class Previewer:
+    """One render's preview frames: :meth:`offer` after each step, :meth:`close` at the end."""
+
+    def __init__(self, emit: Emit, interval: float, sigmas, stage: str = "unet"):
+        self.emit, self.interval, self.sigmas, self.stage = emit, interval, sigmas, stage
+        self.last_sent = float("-inf")
+        self.frames = 0
+        """Frames handed on (throttled ones not counted)."""
+        self._pending: tuple | None = None
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def offer(self, step: int, total: int, last: tuple[torch.Tensor, float, torch.Tensor] | None) -> None:
+        """After step ``step`` (1-based) of ``total``: a frame from the denoiser's last call, unless
+        one went out less than ``interval`` ago (the last step always makes one)."""
+        now = time.monotonic()
+        if last is None or (step < total and now - self.last_sent < self.interval):
+            return
+        self.last_sent = now
+        x, t, eps = last
+        with torch.inference_mode():
+            rgb = latent_rgb(predicted_x0(x, t, eps, self.sigmas))
+        self.frames += 1
+        if rgb.device.type != "cuda":
+            self._finish(step, total, rgb, None)
+            return
+        host = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(rgb, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        with self._cv:
+            self._pending = (step, total, host, done)  # a newer frame replaces one still waiting
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sdterm-preview", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._pending is None and not self._closed:
+                    self._cv.wait()
+                if self._pending is None:
+                    return
+                step, total, host, done = self._pending
+                self._pending = None
+            self._finish(step, total, host, done)
+
+    def _finish(self, step: int, total: int, rgb: torch.Tensor, done) -> None:
+        if done is not None:
+            done.synchronize()
+        self.emit(Preview(self.stage, step, total, Image.fromarray(rgb.cpu().numpy(), "RGB")))
+
+    def close(self) -> None:
+        """Send what is waiting, then stop the thread (the render's frames all arrive before its result)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
