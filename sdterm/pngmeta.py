@@ -371,7 +371,7 @@ def params_from_sdterm_json(text: str) -> ImageParameters:
         if payload.get(name) is not None and not isinstance(payload[name], str):
             raise MetadataError(f"the sdterm chunk's {name} is not text")
     extra = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in payload.items()
-             if k not in ("request", "model", "model_hash")}
+             if k not in ("request", "model", "model_hash", "stamp")}  # stamp: stamp.py
     known = _known_from(extra)
     return ImageParameters(source="sdterm", params=params, sampler=params.sampler, model=payload.get("model"),
                            model_hash=payload.get("model_hash"), **known, extra=extra)

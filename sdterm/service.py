@@ -4,9 +4,10 @@ Three steps, each its own method so a front end can run them where it needs to (
 and saves in its worker thread and records on its UI thread):
 
 * :meth:`RenderService.render`: the engine renders the :class:`~sdterm.params.Params`;
-* :meth:`RenderService.save`: the PNG, with its metadata (``sdterm/pngmeta.py``), published as the
-  next free ``OUTDIR/NNNNN-SEED.png``, never overwriting anything (even another sdterm's image
-  written at the same moment); when that fails, a copy is kept in the temporary folder;
+* :meth:`RenderService.save`: the PNG, with its metadata (``sdterm/pngmeta.py``) and reproducibility
+  stamp (``sdterm/stamp.py``), published as the next free ``OUTDIR/NNNNN-SEED.png``, never
+  overwriting anything (even another sdterm's image written at the same moment); when that fails,
+  a copy is kept in the temporary folder;
 * :meth:`RenderService.record`: one line in the history (``sdterm/history.py``).
 
 No UI imports (textual, rich): the service reports nothing itself; the engine's events go to the
@@ -24,6 +25,7 @@ from .fsutil import exclusive_publish, write_temp
 from .history import History, HistoryEntry
 from .params import Params
 from .pngmeta import png_bytes
+from .stamp import STAMP_KEY, gather
 
 NAME_RE = re.compile(r"^(\d{5,})-")
 """An image's name in the output folder starts with its number: ``00042-1234.png``."""
@@ -91,7 +93,9 @@ class RenderService:
     def save(self, params: Params, result) -> Path:
         """The rendered ``result`` of ``params`` as a PNG with its metadata, in the output folder;
         its path. :class:`SaveError` when it can't be written there (a copy is kept if it can be)."""
-        data = png_bytes(result.image, params, result.model_name, result.model_hash, {"demo": result.demo},
+        stamp = gather(self.engine, params, result)  # how it was made, for `sdterm verify` (stamp.py)
+        data = png_bytes(result.image, params, result.model_name, result.model_hash,
+                         {"demo": result.demo, STAMP_KEY: stamp},
                          getattr(result, "infotext_extra", None))  # a stand-in engine's result may lack it
         try:
             return publish_png(data, self.outdir, params.seed)
