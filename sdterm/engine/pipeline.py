@@ -31,6 +31,8 @@ from .sampling import get_sampler
 from .sampling.kdiffusion import discrete_sigmas
 from .sampling.rng import ImageRNG
 from .preview import Previewer
+from .fork import Fork, resume_carry
+from .fork import check as check_fork
 from .sampling.img2img import t_enc
 from .init_image import prepare as prepare_init_image
 from .hires import hires_request, hires_steps, is_latent, to_image_truncated, upscale_image, upscale_latent
@@ -79,7 +81,9 @@ class Engine(TextStage, UNetStage, VaeStage):
         self.forced_plan = plan
         """A fixed plan instead of the planner's choice (tests, experiments)."""
         self._preview: float | None = None
-        """The render in progress's preview interval (``generate(preview=...)``)."""
+        """The render in progress's preview interval, trail and fork (``generate``'s arguments)."""
+        self._fork: Fork | None = None
+        self._trail: list | None = None
         self.cache = cache
         self.placement = Placement(self.device)
         self.loras = LoraState(self.models.cfg, lora_dirs or [], optional_lora_dirs or [])
@@ -169,12 +173,18 @@ class Engine(TextStage, UNetStage, VaeStage):
         emit: Emit = ignore,
         cancelled: Callable[[], bool] = lambda: False,
         preview: float | None = None,
+        trail: bool = False,
+        fork: Fork | None = None,
     ) -> Result:
         """Render ``request``; ``emit`` gets the events, ``cancelled()`` is polled between steps;
         ``preview``: send :class:`~.events.Preview` frames at most this many seconds apart
-        (None: none; they are made off the render thread, see ``preview.py``)."""
+        (None: none; they are made off the render thread, see ``preview.py``); ``trail``: keep
+        the sampler's state after every step in ``Result.trail``; ``fork``: start from one of
+        them (``fork.py``)."""
         req = request.validated()
-        self._preview = preview
+        if fork is not None:
+            check_fork(fork, req)  # one line, before any work
+        self._preview, self._fork, self._trail = preview, fork, [] if trail else None
         started = time.perf_counter()
         notices: list[str] = []
 
@@ -248,6 +258,7 @@ class Engine(TextStage, UNetStage, VaeStage):
             model_hash=self.models.model_hash,
             demo=self.source.demo,
             latents=latents.cpu(),
+            trail=self._trail,
             notices=notices,
             plan=plan.describe(self.models.sizes() if plan.unet != "host" else None),
             prompts={role: prompt_summary(p) for role, p in texts.items()},
@@ -276,6 +287,11 @@ class Engine(TextStage, UNetStage, VaeStage):
                      if self._preview is not None else None)
         progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state(), "calls": 0, "init": init,
                     "t_enc": t, "stage": stage, "preview": previewer}
+        if stage == "unet":  # the first sampler run: a fork starts there, a trail is kept there
+            progress["trail"] = self._trail
+            if self._fork is not None and self._fork.at.step > 0:
+                progress.update(carry=resume_carry(self._fork, req, self.device), rng_state=self._fork.at.rng_state,
+                                calls=self._fork.at.calls)
         try:
             latents, stats, plan = self._with_retry(stage, plan, req, notice,
                                                     lambda p: self._unet_stage(req, cond, uncond, p, progress, emit,

@@ -12,6 +12,7 @@ import torch
 from ..params import Params
 from ..samplers import resolve_schedule
 from .events import Emit, StepDone
+from .fork import snapshot
 from .lora.state import RenderLoras
 from .memory.meter import StageMeter, memory_sample
 from .memory.planner import Plan
@@ -53,13 +54,16 @@ class UNetStage:
             t0 = time.perf_counter()
 
             # The denoiser counts its calls (the prompt schedule follows them); a retry resumes the count.
-            previewer = progress.get("preview")
+            previewer, trail = progress.get("preview"), progress.get("trail")
             denoiser = ScheduledGuidance(unet, cond.to(self.device).at, uncond.to(self.device).at, req.cfg,
                                          split=split, calls=progress["calls"], keep_last=previewer is not None)
 
             def on_step(i: int, t: float, x_now: torch.Tensor) -> None:
                 progress["rng_state"] = rng.get_state()
                 progress["calls"] = denoiser.calls
+                if trail is not None:
+                    del trail[carry["step"] - 1:]  # a retried step replaces what its first try kept
+                    trail.append(snapshot(carry, progress["rng_state"], denoiser.calls))
                 check()
                 emit(StepDone(i + 1, total, t, time.perf_counter() - t0))
                 emit(memory_sample(stage, self.device))

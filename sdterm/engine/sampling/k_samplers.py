@@ -45,7 +45,8 @@ def _run(ctx: SamplingContext, x: torch.Tensor, step: Step, **history: Any) -> t
     start = ctx.resume()
     if start:
         x = ctx.carry["x"]
-        state = {k: ctx.carry[k] for k in history}
+        # A fork into this sampler from another one carries the latent alone: its history starts afresh.
+        state = {k: ctx.carry.get(k, v) for k, v in history.items()}
     else:
         x = x * sigmas[0] if ctx.init is None else ctx.init + x * sigmas[0]
         state = dict(history)
