@@ -7,9 +7,10 @@ returning its parser) and ``run(args) -> int``. ``sdterm`` with no COMMAND opens
 "internal error" with its traceback behind ``--debug``) and ``entry``, the ``sdterm`` script's and
 ``python -m sdterm``'s entry point. Nothing else in sdterm imports this package.
 
-The commands: ``app.py``, ``generate.py`` (one prompt or a batch file to PNGs), ``cache.py`` (the
-prompt-embedding cache), ``doctor.py`` (what this machine has), ``demo_model.py``; ``sdterm bench``
-is ``sdterm/bench/``, ``sdterm download`` ``sdterm/download/`` and ``sdterm show`` ``sdterm/show.py``.
+The commands: ``app.py``, ``generate.py`` (one prompt or a batch file to PNGs), ``verify.py`` (an
+image's request rendered again and compared), ``cache.py`` (the prompt-embedding cache),
+``doctor.py`` (what this machine has), ``demo_model.py``; ``sdterm bench`` is ``sdterm/bench/``,
+``sdterm download`` ``sdterm/download/`` and ``sdterm show`` ``sdterm/show.py``.
 Each imports torch, the engine and the UI inside ``run``, so ``sdterm --help`` stays fast.
 """
 
@@ -23,12 +24,12 @@ from .. import __version__, show
 from ..bench import command as bench
 from ..download import command as download
 from ..errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, EXIT_USAGE, UserError, debug_enabled, report
-from . import app, cache, demo_model, doctor, generate
+from . import app, cache, demo_model, doctor, generate, verify
 
 __all__ = ["EXIT_CANCELLED", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "SUBCOMMANDS", "UserError", "build_parser",
            "entry", "main"]
 
-SUBCOMMANDS = (generate, cache, bench, doctor, download, show, demo_model)
+SUBCOMMANDS = (generate, verify, cache, bench, doctor, download, show, demo_model)
 """Every ``sdterm COMMAND``, in the order ``sdterm --help`` lists them."""
 
 DEBUG_HELP = "print the traceback of a failure, for a bug report (also: SDTERM_DEBUG=1)"
