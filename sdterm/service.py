@@ -85,10 +85,14 @@ class RenderService:
         self.history = history
         """Where renders are recorded; None records nothing."""
 
-    def render(self, params: Params, *, emit: Callable | None = None, cancelled: Callable[[], bool] | None = None):
+    def render(self, params: Params, *, emit: Callable | None = None, cancelled: Callable[[], bool] | None = None,
+               **options):
         """The engine's result for ``params`` (validated by the engine); its events go to ``emit``.
-        ``cancelled`` is polled at each step (the engine raises ``Cancelled``)."""
-        return self.engine.generate(params, emit=emit or _ignore, cancelled=cancelled or _never)
+        ``cancelled`` is polled at each step (the engine raises ``Cancelled``). ``options``: the
+        engine's ``preview``, ``trail`` and ``fork`` (passed only when given: a stand-in engine
+        without them still renders)."""
+        return self.engine.generate(params, emit=emit or _ignore, cancelled=cancelled or _never,
+                                    **{k: v for k, v in options.items() if v is not None and v is not False})
 
     def save(self, params: Params, result) -> Path:
         """The rendered ``result`` of ``params`` as a PNG with its metadata, in the output folder;

@@ -45,6 +45,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per image with the path, seed, per-stage figures, and the "
                           "prompts' chunks and embeddings")
+    gen.add_argument("--progress", choices=("auto", "json", "none"), default="auto",
+                     help="how the render reports itself as it goes: auto (step and stage lines on stderr), "
+                          "json (one JSON object a line on stdout: step, stage, notice, preview, then the "
+                          "result), none")
+    gen.add_argument("--preview", metavar="FILE.png",
+                     help="write the live preview (the picture as it forms, every half second) over FILE.png")
     gen.add_argument("--history", action=argparse.BooleanOptionalAction, default=None,
                      help="record each image in the history, as the app does (default: defaults.history "
                           "in sdterm.yaml, else yes)")
@@ -149,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"-n/--batch-count must be between 1 and {MAX_BATCH}, got {args.batch_count}")
     if not args.from_file:
         _params_from(args)
+    if args.preview:  # a path that can't take the preview: one line before any work
+        from .progress import PreviewFile
+
+        PreviewFile.checked(Path(args.preview).expanduser())
     from .. import paths
     from ..engine.pipeline import open_model
     from ..engine.prompt.tokenizer import PromptError
@@ -179,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
                 more = f" (to {batch(params, args.batch_count)[-1].seed})" if args.batch_count > 1 else ""
                 print(f"{prefix}seed {params.seed}{more}", file=sys.stderr)
             for one in batch(params, args.batch_count):  # A1111's batch count: seed, seed+1, ...
-                _render_one(service, one, args.json)
+                _render_one(service, one, args.json, args)
         except (ConfigError, PromptError) as exc:
             if not args.from_file:
                 raise
@@ -188,12 +198,20 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_ERROR if failed else 0
 
 
-def _render_one(service, params: Params, as_json: bool) -> None:
+def _render_one(service, params: Params, as_json: bool, args=None) -> None:
     """Render, save and record one image (the render service), and say where it went."""
     from ..service import SaveError
+    from .progress import PREVIEW_INTERVAL, JsonProgress, PreviewFile, fan_out
 
     engine = service.engine
-    result = service.render(params, emit=StderrProgress(quiet=as_json))
+    mode = getattr(args, "progress", "auto")
+    as_json = as_json or mode == "json"
+    reporter = JsonProgress() if mode == "json" else StderrProgress(quiet=as_json or mode == "none")
+    preview = PreviewFile.checked(Path(args.preview).expanduser()) if getattr(args, "preview", None) else None
+    result = service.render(params, emit=fan_out(reporter, preview),
+                            preview=PREVIEW_INTERVAL if preview is not None else None)
+    if preview is not None and preview.error is not None:
+        print(f"note: --preview {preview.path} not written ({preview.error.strerror or preview.error})", file=sys.stderr)
     try:
         path = service.save(params, result)
     except SaveError as exc:
@@ -225,6 +243,8 @@ def _render_one(service, params: Params, as_json: bool) -> None:
             "stages": [s.to_dict() for s in result.stages],
             "notices": result.notices + ([demo_note] if result.demo else []),
         }
+        if mode == "json":
+            out = {"event": "result", **out}
         print(json.dumps(out), flush=True)
     else:
         if result.demo:
