@@ -92,3 +92,26 @@ def test_the_table_says_what_the_rows_render(bench_cli, tiny_config):
     assert code == 0, err
     assert "hires fix: x1.5 (Latent), 2 more steps at strength 0.7" in out
     assert any(line.startswith("64x64->96x96") for line in out.splitlines())
+
+
+def test_preview_rows_are_timed_beside_the_plain_ones(demo_model):
+    from sdterm.engine.events import Preview
+    from sdterm.engine.pipeline import Engine, open_model
+    from sdterm.bench.run import bench_sdterm
+
+    engine = Engine(open_model(demo_model), "cpu")
+    calls = []
+    real = engine.generate
+
+    def spy(req, **kw):
+        frames = []
+        result = real(req, emit=lambda e: isinstance(e, Preview) and frames.append(e), **kw)
+        calls.append((kw.get("preview"), len(frames)))
+        return result
+
+    engine.generate = spy
+    rows = bench_sdterm(engine, BenchOptions(sizes=((64, 64),), steps=3, repeats=2, preview=True))
+    assert [(r.label, r.error) for r in rows] == [("none", None), ("none +preview", None)]
+    # warm-ups, then plain and previewed renders alternate; a previewed render sends a frame a step
+    assert calls == [(None, 0), (0.0, 3), (None, 0), (0.0, 3), (None, 0), (0.0, 3)]
+    assert all(len(r.seconds) == 2 for r in rows)

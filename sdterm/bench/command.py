@@ -55,6 +55,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --hires: its denoising strength (default 0.7)")
     p.add_argument("--hires-upscaler", type=_upscaler, default=None, metavar="NAME",
                    help="with --hires: Latent (default), Lanczos, ... (A1111's names)")
+    p.add_argument("--preview", action="store_true",
+                   help="also time each sdterm row with a live preview at every step (a '+preview' row: its "
+                        "cost, renders interleaved with the plain ones)")
     p.add_argument("--lora-rank", type=whole_number, default=None, metavar="N",
                    help="also time a random rank-N LoRA: reading, merging, re-weighting, a render with it")
     return p

@@ -58,6 +58,8 @@ class BenchOptions:
     hires_steps: int = 0
     hires_strength: float = 0.7
     hires_upscaler: str = "Latent"
+    preview: bool = False
+    """``--preview``: each sdterm row is timed again with a live preview every step, interleaved."""
 
     def request(self, width: int, height: int, init_image: str = "") -> Params:
         """One render of the run; with ``--init``, from ``init_image`` (a path)."""
@@ -176,6 +178,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         seed=args.seed,
         **_sampler_options(args),
         **_img2img_options(args),
+        preview=bool(getattr(args, "preview", False)),
     )
     for w, h in opts.sizes:
         opts.request(w, h, "init.png")  # steps, cfg, seed, hires: ConfigError names the bad one

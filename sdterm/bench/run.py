@@ -47,8 +47,11 @@ def bench_sdterm(engine, opts: BenchOptions, log: Log = no_log, folder: Path | N
         req = opts.request(w, h, init)
         for budget in opts.budgets:
             row = Row("sdterm", w, h, budget.label, budget=budget.bytes, target=target_size(req))
-            rows.append(row)
-            log(f"sdterm {row.size} budget {budget.label}: warm-up + {opts.repeats} timed")
+            watched = Row("sdterm", w, h, f"{budget.label} +preview", budget=budget.bytes,
+                          target=target_size(req)) if opts.preview else None
+            rows.extend([row] + ([watched] if watched else []))
+            log(f"sdterm {row.size} budget {budget.label}: warm-up + {opts.repeats} timed"
+                + (" (and as many with a preview every step, interleaved)" if watched else ""))
             try:
                 if supports_budget(engine):
                     engine.set_budget(budget.bytes)
@@ -56,16 +59,25 @@ def bench_sdterm(engine, opts: BenchOptions, log: Log = no_log, folder: Path | N
                     raise UserError("this sdterm's engine has no VRAM budget yet: use --budgets none")
                 clean_device(engine.device)
                 engine.generate(req)  # warm-up
-                results = []
+                if watched:
+                    engine.generate(req, preview=0.0)
+                results, previewed = [], []
                 for _ in range(opts.repeats):
                     gc.collect()  # the stage meters reset the peak counters themselves
                     results.append(engine.generate(req))
+                    if watched:
+                        gc.collect()
+                        previewed.append(engine.generate(req, preview=0.0))
             except soft as exc:
                 row.error = error_line(exc)
+                if watched:
+                    watched.error = row.error
                 log(f"  {row.error}")
                 clean_device(engine.device)
                 continue
             _fill_sdterm_row(row, results, opts.steps)
+            if watched:
+                _fill_sdterm_row(watched, previewed, opts.steps)
     release_device(engine)
     return rows
 
