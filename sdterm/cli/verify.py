@@ -13,7 +13,7 @@ from ..options import whole_number
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``sdterm verify`` on ``parser.add_subparsers(...)``; returns its parser."""
-    from ..verify import DEFAULT_TOLERANCE
+    from ..verify import CPU_TOLERANCE, DEFAULT_TOLERANCE
 
     p = sub.add_parser(
         "verify",
@@ -27,8 +27,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="PATH",
                    help="render with this model (default: the file in the models folder whose sha256 the image records)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default auto)")
-    p.add_argument("--tolerance", metavar="N", type=whole_number, default=DEFAULT_TOLERANCE,
-                   help=f"the most levels (of 255) a pixel may differ by and still pass (default {DEFAULT_TOLERANCE})")
+    p.add_argument("--tolerance", metavar="N", type=whole_number, default=None,
+                   help=f"the most levels (of 255) a pixel may differ by and still pass (default {DEFAULT_TOLERANCE} "
+                        f"on a GPU, whose kernels may round differently in another memory plan; {CPU_TOLERANCE} "
+                        "on the CPU, which reproduces itself exactly)")
     p.add_argument("--vram-budget", metavar="SIZE", default=None, help="VRAM budget, e.g. 3.5G (default: automatic)")
     p.add_argument("--vae", metavar="PATH", default=None,
                    help="the VAE file the image was decoded with (default: the one it names, from the vae folder)")
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from ..resolve import apply_defaults, resolve_vae, user_config
     from ..verify import find_model, read_image, verify
 
-    if args.tolerance < 0 or args.tolerance > 255:
+    if args.tolerance is not None and not 0 <= args.tolerance <= 255:
         raise UserError(f"--tolerance must be between 0 and 255 levels, got {args.tolerance}")
     request = read_image(args.image)  # before torch: a PNG without parameters is answered at once
     cfg = user_config()
@@ -78,5 +80,5 @@ def run(args: argparse.Namespace) -> int:
     if verdict.ok:
         return 0
     what = f"max diff {verdict.max_diff} levels" if verdict.max_diff is not None else "a different size"
-    print(f"sdterm: verify: {request.path.name} differs ({what}, tolerance {args.tolerance})", file=sys.stderr)
+    print(f"sdterm: verify: {request.path.name} differs ({what}, tolerance {verdict.tolerance})", file=sys.stderr)
     return EXIT_ERROR
