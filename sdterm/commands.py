@@ -127,6 +127,16 @@ def _whole(text: str, name: str, lo: int, hi: int) -> int:
     return value
 
 
+def _fork(session, arg: str) -> Outcome:
+    try:
+        step = int(arg)
+    except ValueError:
+        raise CommandError(f"/fork K: K is a step number (0 ... steps - 1), got {arg!r}") from None
+    if step < 0:
+        raise CommandError(f"/fork K: K is a step number (0 ... steps - 1), got {step}")
+    return Outcome("fork", str(step))
+
+
 def _batch(session, arg: str) -> Outcome:
     session.batch_count = _whole(arg, "batch count", 1, MAX_BATCH)
     n = session.batch_count
@@ -195,6 +205,8 @@ COMMANDS: dict[str, SlashCommand] = {
                      lambda session, arg: Outcome("load", os.path.expanduser(arg)), values="path"),
         SlashCommand("init", REQUIRED_TEXT, "/init IMAGE|off", "img2img: start from IMAGE (off: noise)", render.set_init, values="path"),
         SlashCommand("strength", ONE_VALUE, "/strength S", "img2img denoising strength (0 ... 1; 0 keeps the image)", render.set_strength),
+        SlashCommand("fork", ONE_VALUE, "/fork K", "render the last image again from its step K with the current prompt, "
+                     "CFG or sampler (0 ... steps - 1)", _fork),
         SlashCommand("history", OPTIONAL_VALUE, "/history [N]", f"list the last N renders, numbered (default {HISTORY_LENGTH})",
                      _history),
         SlashCommand("recall", REQUIRED_TEXT, "/recall N|IMAGE.png",
@@ -210,6 +222,10 @@ COMMANDS: dict[str, SlashCommand] = {
                      lambda session, arg: Outcome("vae", arg), values="vae"),
         SlashCommand("lora", REQUIRED_TEXT, "/lora NAME[:W] | -NAME",
                      "add <lora:NAME:W> to the prompt (W 1), set its weight, or take it out (-NAME)", _lora, values="lora"),
+        SlashCommand("verify", TEXT, "/verify [IMAGE.png]",
+                     "render the last image (or IMAGE.png) again and compare: identical, within N levels or different, "
+                     "and what differs from this machine", lambda session, arg: Outcome("verify", os.path.expanduser(arg)),
+                     values="path"),
         SlashCommand("draft", OPTIONAL_VALUE, "/draft [on|off]",
                      "draft mode: renders use the draft settings (LCM 4 steps cfg 1.5), yours are kept (F2)", _draft),
         SlashCommand("cache", NO_ARG, "/cache", "show the prompt-embedding cache", lambda session, arg: Outcome("cache")),

@@ -30,7 +30,8 @@ class Outcome:
     """What the front end should do after a command."""
 
     action: str
-    """"message", "budget", "open", "load", "recall", "history", "model", "vae", "lora", "cache", "help", "quit"."""
+    """"message", "budget", "open", "load", "recall", "history", "model", "vae", "lora", "cache", "help", "quit",
+    "fork"."""
     message: str = ""
     """The notice line's text; the file ("open", "load"), entry number ("recall"), count ("history"), name ("model")."""
 

@@ -55,18 +55,24 @@ class HistoryEntry:
     model_hash: str
     time: str
     """When it finished: ISO 8601, UTC."""
+    fork: dict | None = None
+    """A render forked from another (``/fork K``): ``{"parent": its image's path or None,
+    "step": K}``; None otherwise (the key is left out of the line)."""
 
     @classmethod
-    def now(cls, params: Params, path: str | Path | None, model_hash: str) -> "HistoryEntry":
+    def now(cls, params: Params, path: str | Path | None, model_hash: str,
+            fork: dict | None = None) -> "HistoryEntry":
         """The entry for a render of ``params`` finishing now, saved at ``path`` (None: not saved)."""
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        return cls(params, None if path is None else str(path), model_hash, stamp)
+        return cls(params, None if path is None else str(path), model_hash, stamp, fork)
 
     def to_json(self) -> str:
         """One line of JSON (newlines inside the texts are escaped by the encoder)."""
         fields = self.params.to_dict()
         legacy = {old: fields[name] for name, old in LEGACY_NAMES.items()}
         line = {"time": self.time, **fields, **legacy, "path": self.path, "model_hash": self.model_hash}
+        if self.fork is not None:
+            line["fork"] = self.fork
         return json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
     @classmethod
@@ -93,7 +99,13 @@ class HistoryEntry:
             raise ValueError(f"history: time is not ISO 8601: {time[:40]!r}") from None
         if stamp.tzinfo is None:
             raise ValueError("history: time has no time zone")
-        return cls(Params.from_dict(data), path, model_hash, time)  # ConfigError is a ValueError
+        fork = data.get("fork")
+        if fork is not None and not (isinstance(fork, dict) and isinstance(fork.get("step"), int)
+                                     and not isinstance(fork.get("step"), bool)
+                                     and (fork.get("parent") is None or isinstance(fork.get("parent"), str))):
+            raise ValueError("history: fork must be {parent: path or null, step: a whole number}")
+        return cls(Params.from_dict(data), path, model_hash, time,  # ConfigError is a ValueError
+                   {"parent": fork.get("parent"), "step": fork["step"]} if fork is not None else None)
 
     def same_render(self, other: "HistoryEntry") -> bool:
         """Same prompt and parameters (time, file and model aside)."""

@@ -106,12 +106,14 @@ class RenderService:
         except OSError as exc:
             raise SaveError(exc, self.outdir, keep_copy(data, params.seed)) from exc
 
-    def record(self, params: Params, path: str | Path | None, model_hash: str) -> HistoryEntry | None:
+    def record(self, params: Params, path: str | Path | None, model_hash: str,
+               fork: dict | None = None) -> HistoryEntry | None:
         """Add the finished render to the history (None when there is no history); OSError when
-        the history can't be written, for the caller to report."""
+        the history can't be written, for the caller to report. ``fork``: the parent image and
+        step of a forked render."""
         if self.history is None:
             return None
-        entry = HistoryEntry.now(params, path, model_hash)
+        entry = HistoryEntry.now(params, path, model_hash, fork)
         self.history.append(entry)
         return entry
 

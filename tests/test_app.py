@@ -54,6 +54,7 @@ class Held:
     def __init__(self, engine: Engine):
         self._engine = engine
         self.requests = []
+        self.options: list[dict] = []
         self.outcomes: list[str] = []
         self.steps_done: list[int] = []
         self._hold_next = False
@@ -73,9 +74,10 @@ class Held:
     def release(self) -> None:
         self._release.set()
 
-    def generate(self, request, *, emit, cancelled):
+    def generate(self, request, *, emit, cancelled, **options):
         self.idle.clear()
         self.requests.append(request)
+        self.options.append(options)  # preview, trail, fork: passed on
         hold, self._hold_next = self._hold_next, False
         steps = [0]
 
@@ -89,7 +91,7 @@ class Held:
                         raise RuntimeError("the test never released the held render")
 
         try:
-            result = self._engine.generate(request, emit=watched, cancelled=cancelled)
+            result = self._engine.generate(request, emit=watched, cancelled=cancelled, **options)
         except Cancelled:
             self.outcomes.append("cancelled")
             raise

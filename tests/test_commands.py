@@ -32,9 +32,10 @@ from sdterm.ui.screens import help_text
 SAMPLE_ARGS = {"seed": "7", "steps": "20", "cfg": "5", "size": "64x48", "n": "4", "neg": "blurry", "eta": "0.5", "clipskip": "2",
                "budget": "1G", "open": "a.png", "load": "a.png", "history": "5", "recall": "1", "model": "demo",
                "sampler": "DPM++ 2M Karras", "schedule": "Karras", "rng": "nv", "vae": "ft-mse", "lora": "detail:0.8",
-               "draft": "on", "init": "a.png", "strength": "0.6",
-               "hires": "2x steps=10"}
-ACTIONS = ("message", "budget", "open", "load", "recall", "history", "model", "vae", "lora", "cache", "help", "quit")
+               "draft": "on", "init": "a.png", "strength": "0.6", "verify": "a.png",
+               "hires": "2x steps=10", "fork": "3"}
+ACTIONS = ("message", "budget", "open", "load", "recall", "history", "model", "vae", "lora", "cache", "help", "quit",
+           "fork")
 
 
 def session(tmp_path) -> Session:

@@ -77,3 +77,18 @@ def test_a_fork_that_cannot_resume_is_one_line(engine, change, needle):
 
 def test_no_trail_unless_asked(engine):
     assert engine.generate(small_request(steps=2)).trail is None
+
+
+def test_the_history_line_records_a_fork_and_reads_it_back():
+    from sdterm.history import HistoryEntry
+    from sdterm.params import Params
+
+    entry = HistoryEntry.now(Params(prompt="a fox"), "/x/child.png", "abc", {"parent": "/x/parent.png", "step": 3})
+    back = HistoryEntry.from_json(entry.to_json())
+    assert back.fork == {"parent": "/x/parent.png", "step": 3} and back.params == entry.params
+    plain = HistoryEntry.now(Params(prompt="a fox"), None, "abc")
+    assert "fork" not in plain.to_json() and HistoryEntry.from_json(plain.to_json()).fork is None
+    for bad in ('"fork": 3', '"fork": {"step": "3"}', '"fork": {"step": true}', '"fork": {"parent": 1, "step": 2}'):
+        line = plain.to_json()[:-1] + ", " + bad + "}"
+        with pytest.raises(ValueError, match="fork"):
+            HistoryEntry.from_json(line)

@@ -32,10 +32,12 @@ from ..service import RenderService, SaveError
 from ..session import Session
 from ..units import format_bytes
 from .addons import Addons, lora_values, vae_values
+from .forking import Forking
 from .keys import Keys
 from .messages import EngineEvent, LoadProgress, ModelFailed, ModelLoaded, RenderDone, RenderFailed, failure_line
 from .prompting import PromptFlow
 from .screens import HistoryProvider
+from .verifying import Verifying
 from .text import plain
 from .widgets.image_view import ImageView
 from .widgets.prompt import PromptInput
@@ -47,7 +49,11 @@ Loader = Callable[[str | None, Callable[[str], None]], RenderService]
 ``progress(text)`` says what it is doing. Runs on a worker thread; raises what the command line would."""
 
 
-class SdtermApp(PromptFlow, Keys, Addons, App):
+PREVIEW_INTERVAL = 1 / 8
+"""Seconds between live preview frames asked of the engine (the image view may draw fewer)."""
+
+
+class SdtermApp(PromptFlow, Keys, Addons, Verifying, Forking, App):
     CSS_PATH = "app.tcss"
     TITLE = "sdterm"
     COMMANDS = {HistoryProvider}
@@ -92,6 +98,10 @@ class SdtermApp(PromptFlow, Keys, Addons, App):
         self._loading: tuple[str, float] | None = None
         self._load_timer = None
         self.last_result = None
+        self._fork_next = None
+        """``/fork K``: (the fork, its history record) for the next render to start."""
+        self._fork_record: dict | None = None
+        """The render in progress's fork (parent image, step) for the history; None when not a fork."""
         self.print_tracebacks = debug_enabled(debug)
         """--debug / SDTERM_DEBUG=1: the caller prints ``internal_errors`` after the app exits."""
         self.internal_errors: list[str] = []
@@ -296,16 +306,21 @@ class SdtermApp(PromptFlow, Keys, Addons, App):
         self.query_one(StagePanel).start(req.steps, hires=req.hires)
         self.refresh_params()
         part = f" ({len(self._sheet) + 1} of {len(self._sheet) + 1 + len(self._job)})" if self._sheet is not None else ""
-        self.notice(f"rendering seed {req.seed}{part}…")
-        self._render(req, render_id, self._cancel)
+        fork, self._fork_record = self.take_fork()
+        self.notice(f"rendering seed {req.seed}{part}" + (f" from step {self._fork_record['step']}" if fork else "")
+                    + "…")
+        self._render(req, render_id, self._cancel, fork)
 
     @work(thread=True, group="render")
-    def _render(self, req: Params, render_id: int, cancel: threading.Event) -> None:
+    def _render(self, req: Params, render_id: int, cancel: threading.Event, fork=None) -> None:
         def emit(event) -> None:
             self.post_message(EngineEvent(event, render_id))
 
         try:
-            result = self.service.render(req, emit=emit, cancelled=cancel.is_set)
+            # A single image shows its preview as it forms and keeps its steps for /fork.
+            single = self._sheet is None
+            result = self.service.render(req, emit=emit, cancelled=cancel.is_set, fork=fork, trail=single,
+                                         preview=PREVIEW_INTERVAL if single else None)
             if cancel.is_set():
                 self.post_message(RenderFailed(render_id, "cancelled: nothing was written", cancelled=True))
                 return
@@ -370,7 +385,7 @@ class SdtermApp(PromptFlow, Keys, Addons, App):
             self.session.last_path = message.path
             self._remember(req, message.path)
         try:
-            self.service.record(req, message.path, result.model_hash)
+            self.service.record(req, message.path, result.model_hash, self._fork_record)
             history_error = None
         except OSError as exc:
             history_error = f"history not written ({exc.strerror or exc}): {self.service.history.path}"

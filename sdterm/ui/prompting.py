@@ -219,6 +219,8 @@ class PromptFlow:
             "model": self._model_command,
             "vae": self.vae_command,
             "lora": self.lora_command,
+            "verify": self.verify_command,
+            "fork": self.fork_command,
         }
         effect = effects.get(outcome.action)
         if effect is not None:
