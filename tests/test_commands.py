@@ -35,7 +35,7 @@ SAMPLE_ARGS = {"seed": "7", "steps": "20", "cfg": "5", "size": "64x48", "n": "4"
                "draft": "on", "init": "a.png", "strength": "0.6", "verify": "a.png",
                "hires": "2x steps=10", "fork": "3"}
 ACTIONS = ("message", "budget", "open", "load", "recall", "history", "model", "vae", "lora", "cache", "help", "quit",
-           "fork")
+           "fork", "verify")
 
 
 def session(tmp_path) -> Session:
