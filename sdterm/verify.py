@@ -8,7 +8,7 @@ The one procedure behind ``sdterm verify IMAGE`` (``sdterm/cli/verify.py``) and 
    (``sdterm/stamp.py``; None for A1111's and older images). Bad input is one line (UserError).
 2. :func:`find_model`: the model file whose sha256 is the stamp's (else whose first 10 hex digits
    are A1111's ``Model hash``), among the models folder's, the configured default and, for a demo
-   image, the demo model; hashes through the same memo as the engine's (free once computed).
+   image, ``sdterm --demo``'s demo model; hashes through the same memo as the engine's (free once computed).
 3. :func:`verify`: render the request through the render service (the path ``generate`` and the
    app use), in memory: nothing is written, the image is only read. Compare pixels (max and mean
    absolute difference over all pixels and channels, 0..255) and this render's stamp with the
@@ -164,8 +164,8 @@ def find_model(request: Request, cfg, *, progress: Callable[[str], None] = lambd
     candidates = find_models()
     if cfg.defaults.model:
         candidates.append(Path(cfg.defaults.model).expanduser())
-    if found.extra.get("demo") == "true" or found.model == "demo":
-        candidates.append(demo_model_dir())
+    if found.extra.get("demo") == "true" and (paths.data_dir() / "demo-model").is_dir():
+        candidates.append(demo_model_dir())  # sdterm --demo's
     candidates.sort(key=lambda p: p.stem != found.model and p.name != found.model)  # the named one first
     memo = paths.cache_dir() / "model-hashes.json"
     for path in candidates:
