@@ -283,7 +283,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         # Where a retry resumes: the sampler's state after its last completed step (its carry: the
         # step, the latent, a multistep sampler's history) and the generator's state after it (the
         # per-step noise of a retried step must be what a first try would have drawn).
-        previewer = (Previewer(emit, self._preview, discrete_sigmas(self.models.cfg.schedule), stage)
+        previewer = (Previewer(emit, self._preview, discrete_sigmas(self.models.cfg.schedule), stage, self.device)
                      if self._preview is not None else None)
         progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state(), "calls": 0, "init": init,
                     "t_enc": t, "stage": stage, "preview": previewer}

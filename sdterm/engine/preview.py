@@ -36,9 +36,22 @@ LATENT_RGB = ((0.298, 0.207, 0.208),
 """Rows: the four SD v1 latent channels; columns: their R, G, B weights (see the module doc)."""
 
 
+_MAPS: dict[torch.device, torch.Tensor] = {}
+
+
+def _map_on(device: torch.device) -> torch.Tensor:
+    """The 4x3 map on ``device``, uploaded once: ``torch.tensor(..., device="cuda")`` from Python
+    data is a pageable copy that waits for the whole stream, which at every step would keep the
+    host from running ahead of the GPU (the streamed plan's prefetch lives on that)."""
+    m = _MAPS.get(device)
+    if m is None:
+        m = _MAPS[device] = torch.tensor(LATENT_RGB, dtype=torch.float32).to(device)
+    return m
+
+
 def latent_rgb(x0: torch.Tensor) -> torch.Tensor:
     """(1, 4, h, w) clean latent -> (h, w, 3) uint8 on the latent's device."""
-    m = torch.tensor(LATENT_RGB, dtype=torch.float32, device=x0.device)
+    m = _map_on(x0.device)
     rgb = torch.einsum("lhw,lr->hwr", x0[0].float(), m)
     return (((rgb + 1) / 2).clamp(0, 1) * 255).to(torch.uint8)  # truncation, as A1111
 
@@ -54,8 +67,10 @@ def predicted_x0(x: torch.Tensor, t: float, eps: torch.Tensor, sigmas) -> torch.
 class Previewer:
     """One render's preview frames: :meth:`offer` after each step, :meth:`close` at the end."""
 
-    def __init__(self, emit: Emit, interval: float, sigmas, stage: str = "unet"):
+    def __init__(self, emit: Emit, interval: float, sigmas, stage: str = "unet", device: torch.device | None = None):
         self.emit, self.interval, self.sigmas, self.stage = emit, interval, sigmas, stage
+        if device is not None:
+            _map_on(device)  # uploaded before the sampler starts, not in its first step
         self.last_sent = float("-inf")
         self.frames = 0
         """Frames handed on (throttled ones not counted)."""
