@@ -102,7 +102,7 @@ class ScriptedEngine:
     def set_budget(self, budget: int | None) -> None:
         self.budget = budget
 
-    def generate(self, req, *, emit, cancelled=lambda: False) -> ScriptedResult:
+    def generate(self, req, *, emit, cancelled=lambda: False, **options) -> ScriptedResult:  # preview, trail, fork
         emit(StageStarted("text", "loading"))
         emit(StageStarted("text", "running"))
         emit(_sample("text", 246 * MiB))
