@@ -23,6 +23,7 @@ from .params import FIELDS, Params, hires_size
 from .infotext_hires import hires_notes, number_text
 from .pngmeta import ImageParameters, MetadataError, read_png_parameters
 from .show_files import addon_checks, embedding_checks
+from .stamp import read_stamp, summary as stamp_summary
 
 
 def _num(x: float) -> str:
@@ -206,9 +207,10 @@ def run(args: argparse.Namespace) -> int:
         hashed = f" [{found.model_hash}]" if found.model_hash else ""
         said.append(f"made with model {found.model}{hashed}; the line uses your default model "
                     "(add --model PATH to name one)")
+    stamp = read_stamp(args.image) if found.source == "sdterm" else None  # how it was made (sdterm verify's)
     if args.json:
         print(json.dumps({"file": str(args.image), **found.to_dict(), "embedding_files": [c.to_dict() for c in checks],
-                          "lora_files": lora_checks, "command": command, "notes": said}))
+                          "lora_files": lora_checks, "stamp": stamp, "command": command, "notes": said}))
         return 0
     p, get = found.params, found.get
     rows: list[tuple[str, str]] = [("source", {"sdterm": "sdterm", "a1111": "AUTOMATIC1111 parameters"}[found.source]),
@@ -252,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
     if found.vae or found.vae_hash:
         rows.append(("VAE", " ".join(filter(None, [found.vae, found.vae_hash and f"[{found.vae_hash}]"]))))
     rows += list(found.extra.items())
+    if stamp:
+        rows.append(("made on", stamp_summary(stamp)))
     width = max([10, *(len(label) + 1 for label, _ in rows if len(label) < 24)])
     for label, value in rows:
         pad = " " * (width + 1)

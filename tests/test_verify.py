@@ -177,3 +177,13 @@ def test_a_missing_model_is_one_line_naming_its_hash(fresh, run_cli, tmp_path):
     a1111 = rewrite(fresh, tmp_path / "a1111.png", sdterm=False)
     code, out, err = run_cli("verify", a1111)
     assert code == 1 and f"no model with the image's hash {sha[:10]} (demo) in " in err
+
+
+def test_sdterm_show_prints_the_stamp_in_one_row(fresh, run_cli):
+    code, out, err = run_cli("show", fresh)
+    assert code == 0, err
+    (row,) = [line for line in out.splitlines() if line.startswith("made on")]
+    assert f"sdterm {__version__} · torch {torch.__version__} · cpu" in row and "DDIM Uniform · rng cpu · plan cpu" in row
+    assert not any(line.startswith("stamp") for line in out.splitlines())
+    code, out, err = run_cli("show", fresh, "--json")
+    assert json.loads(out)["stamp"] == read_stamp(fresh)
