@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
     from ..ui.app import SdtermApp
     from ..ui.terminal import prepare_graphics
 
-    prepare_graphics()  # textual-image's terminal queries must run before Textual starts
+    protocol = prepare_graphics(args.image_protocol)  # the terminal's answers must come before Textual starts
 
-    app = SdtermApp(None, session, load=models.load, model_names=models.names, image_protocol=args.image_protocol,
+    app = SdtermApp(None, session, load=models.load, model_names=models.names, image_protocol=protocol,
                     debug=debug_enabled(args.debug))
     app.run()
     return app_exit_code(app)

@@ -18,17 +18,29 @@ PROTOCOLS = ("auto", "kitty", "sixel", "halfcell", "unicode")
 
 
 def image_widget_class(protocol: str):
-    """The textual-image widget for ``protocol`` ('auto' uses textual-image's detection, which
-    must run before the app starts: importing this module does that)."""
+    """The picture widget for ``protocol``: 'auto' takes what :func:`sdterm.ui.terminal.prepare_graphics`
+    detected (textual-image's own detection where that never ran, as in tests); Sixel and Kitty
+    pictures are sdterm's (:mod:`.picture`: each picture travels once)."""
     from textual_image import widget
 
+    from ..terminal import detected_protocol
+    from .picture import KittyPicture, SixelPicture
+
+    if protocol == "auto":
+        protocol = detected_protocol() or _library_choice()
     return {
-        "auto": widget.Image,
-        "kitty": widget.TGPImage,
-        "sixel": widget.SixelImage,
+        "kitty": KittyPicture,
+        "sixel": SixelPicture,
         "halfcell": widget.HalfcellImage,
         "unicode": widget.UnicodeImage,
     }[protocol]
+
+
+def _library_choice() -> str:
+    """What textual-image's own detection (run when it was first imported) picked."""
+    from textual_image import renderable as r
+
+    return {r.SixelImage: "sixel", r.TGPImage: "kitty", r.HalfcellImage: "halfcell"}.get(r.Image, "unicode")
 
 
 class ImageView(Vertical, can_focus=True):
