@@ -4,9 +4,9 @@ host memory, and a new render that resumes from one of them with another prompt,
 A render asked to keep its trail (``Engine.generate(trail=True)``) records, after each step of
 its (first) sampler run, what a resumed run needs: the sampler's carry (the latent, a multistep
 sampler's history: the same state an out-of-memory retry resumes from), the per-step noise
-generator's state and the guidance's call count (the prompt schedule follows it). Copies go to
-pinned host memory without blocking the render (the stream orders them before anything that
-could change the tensors); about 64 KiB a step at 512x512, more for multistep samplers.
+generator's state and the guidance's call count (the prompt schedule follows it). Each step's
+copy is queued on the device (no waiting) and the lot moves to host memory when the sampler is
+done: about 64 KiB a step at 512x512, more for multistep samplers.
 
 ``generate(fork=Fork(step, trail_step, parent))`` starts from that state: the U-Net runs only the
 remaining steps. What may change: the prompt, the negative, CFG, LoRAs, clip skip, eta. The
@@ -58,17 +58,15 @@ def _map(value, fn):
     return value
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "cuda":
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        return host
-    return t.clone()
-
-
 def snapshot(carry: dict, rng_state, calls: int) -> TrailStep:
-    """The state after the step ``carry`` records, copied to the host without blocking."""
-    return TrailStep(int(carry["step"]), _map(dict(carry), _to_host), rng_state, calls)  # get_state: a host copy
+    """The state after the step ``carry`` records: a copy on its device (queued, no waiting; a few
+    latents a step), for :func:`to_host` at the end of the render."""
+    return TrailStep(int(carry["step"]), _map(dict(carry), torch.clone), rng_state, calls)  # get_state: a copy
+
+
+def to_host(step: TrailStep) -> TrailStep:
+    """``step`` with its tensors in host memory (waits for them on a GPU)."""
+    return TrailStep(step.step, _map(step.carry, lambda t: t.cpu()), step.rng_state, step.calls)
 
 
 def to_device(carry: dict, device: torch.device) -> dict:

@@ -31,7 +31,7 @@ from .sampling import get_sampler
 from .sampling.kdiffusion import discrete_sigmas
 from .sampling.rng import ImageRNG
 from .preview import Previewer
-from .fork import Fork, resume_carry
+from .fork import Fork, resume_carry, to_host
 from .fork import check as check_fork
 from .sampling.img2img import t_enc
 from .init_image import prepare as prepare_init_image
@@ -283,8 +283,8 @@ class Engine(TextStage, UNetStage, VaeStage):
         # Where a retry resumes: the sampler's state after its last completed step (its carry: the
         # step, the latent, a multistep sampler's history) and the generator's state after it (the
         # per-step noise of a retried step must be what a first try would have drawn).
-        previewer = (Previewer(emit, self._preview, discrete_sigmas(self.models.cfg.schedule), stage, self.device)
-                     if self._preview is not None else None)
+        previewer = (Previewer(emit, self._preview, discrete_sigmas(self.models.cfg.schedule), stage, self.device,
+                               (req.height // 8, req.width // 8)) if self._preview is not None else None)
         progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state(), "calls": 0, "init": init,
                     "t_enc": t, "stage": stage, "preview": previewer}
         if stage == "unet":  # the first sampler run: a fork starts there, a trail is kept there
@@ -299,6 +299,8 @@ class Engine(TextStage, UNetStage, VaeStage):
         finally:
             if previewer is not None:
                 previewer.close()
+        if progress.get("trail"):
+            progress["trail"][:] = [to_host(s) for s in progress["trail"]]  # one copy at the end, not one a step
         stages.append(stats)
         return latents, plan
 

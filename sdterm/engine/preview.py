@@ -64,13 +64,34 @@ def predicted_x0(x: torch.Tensor, t: float, eps: torch.Tensor, sigmas) -> torch.
     return (x[:1].float() - (1 - a) ** 0.5 * eps[:1].float()) / a**0.5
 
 
+SLOTS = 3
+"""Pinned host buffers a render's previews cycle through on CUDA."""
+
+
+class _Slot:
+    """A pinned host buffer for one frame and the event its copy completes at."""
+
+    def __init__(self, shape: tuple[int, int]):
+        self.host = torch.empty((*shape, 3), dtype=torch.uint8, pin_memory=True)
+        self.done = torch.cuda.Event()
+        self.busy = False
+        """Handed to the preview thread (or waiting for it); it clears this when done."""
+
+    def free(self, shape) -> bool:
+        return not self.busy and tuple(self.host.shape) == tuple(shape)
+
+
 class Previewer:
     """One render's preview frames: :meth:`offer` after each step, :meth:`close` at the end."""
 
-    def __init__(self, emit: Emit, interval: float, sigmas, stage: str = "unet", device: torch.device | None = None):
+    def __init__(self, emit: Emit, interval: float, sigmas, stage: str = "unet", device: torch.device | None = None,
+                 shape: tuple[int, int] | None = None):
         self.emit, self.interval, self.sigmas, self.stage = emit, interval, sigmas, stage
-        if device is not None:
+        self._slots: list[_Slot] = []
+        if device is not None and device.type == "cuda":
             _map_on(device)  # uploaded before the sampler starts, not in its first step
+            if shape is not None:  # pinned buffers made now: a pinned allocation mid-render stalls the host
+                self._slots = [_Slot(shape) for _ in range(SLOTS)]
         self.last_sent = float("-inf")
         self.frames = 0
         """Frames handed on (throttled ones not counted)."""
@@ -89,16 +110,23 @@ class Previewer:
         x, t, eps = last
         with torch.inference_mode():
             rgb = latent_rgb(predicted_x0(x, t, eps, self.sigmas))
-        self.frames += 1
         if rgb.device.type != "cuda":
+            self.frames += 1
             self._finish(step, total, rgb, None)
             return
-        host = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
-        host.copy_(rgb, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        slot = next((b for b in self._slots if b.free(rgb.shape)), None)
+        if slot is None:
+            if step < total:
+                return  # every buffer still on its way to the screen: this frame is skipped
+            slot = _Slot(tuple(rgb.shape[:2]))  # the last frame always goes
+        self.frames += 1
+        slot.host.copy_(rgb, non_blocking=True)
+        slot.done.record()
+        slot.busy = True
         with self._cv:
-            self._pending = (step, total, host, done)  # a newer frame replaces one still waiting
+            if self._pending is not None:  # a newer frame replaces one still waiting
+                self._pending[2].busy = False
+            self._pending = (step, total, slot)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="sdterm-preview", daemon=True)
                 self._thread.start()
@@ -111,9 +139,12 @@ class Previewer:
                     self._cv.wait()
                 if self._pending is None:
                     return
-                step, total, host, done = self._pending
+                step, total, slot = self._pending
                 self._pending = None
-            self._finish(step, total, host, done)
+            try:
+                self._finish(step, total, slot.host, slot.done)
+            finally:
+                slot.busy = False
 
     def _finish(self, step: int, total: int, rgb: torch.Tensor, done) -> None:
         if done is not None:
