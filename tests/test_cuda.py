@@ -515,3 +515,27 @@ def test_out_of_memory_in_the_hires_pass_resumes_it(demo_model):
     assert any("hires U-Net" in n and "retrying" in n for n in notices), notices
     assert len(calls) == 4 + 4 + 1  # the failed call made again, nothing else
     assert torch.equal(r.latents, base.latents)
+
+
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")
+def test_previews_and_forks_on_every_plan(full_size):
+    """Previews made on the GPU (pinned copies behind events, finished on their thread) arrive one a
+    step, the last within a level of the final latent's map (Euler lands on its prediction); a
+    render's trail kept on the way resumes a fork that reproduces it, on every plan."""
+    from sdterm.engine.events import Preview
+    from sdterm.engine.fork import Fork
+    from sdterm.engine.preview import latent_rgb
+
+    engine = Engine(full_size, "cuda")
+    req = small_request(width=256, height=256, steps=5, sampler="Euler", negative="blurry")
+    for name, budget in {"resident": None, "staged": 2 * GiB, "streamed": GiB}.items():
+        engine.set_budget(budget)
+        frames = []
+        parent = engine.generate(req, emit=lambda e: isinstance(e, Preview) and frames.append(e), preview=0.0,
+                                 trail=True)
+        assert name in parent.plan and [f.step for f in frames] == [1, 2, 3, 4, 5], (name, [f.step for f in frames])
+        last = torch.from_numpy(np.asarray(frames[-1].image)).int()
+        assert (last - latent_rgb(parent.latents).int()).abs().max() <= 1, name
+        assert all(s.carry["x"].device.type == "cpu" for s in parent.trail)
+        child = engine.generate(req, fork=Fork(req, parent.trail[2]))
+        assert torch.equal(child.latents, parent.latents), name
