@@ -781,7 +781,7 @@ async def test_a_save_failure_shows_an_error_and_keeps_the_image(engine, tmp_pat
 
 
 def broken_generate(exc: BaseException):
-    def generate(request, *, emit, cancelled):
+    def generate(request, *, emit, cancelled, **options):  # preview, trail, fork
         raise exc
 
     return generate

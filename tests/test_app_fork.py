@@ -26,6 +26,7 @@ async def test_fork_renders_the_rest_with_the_new_prompt_and_the_history_says_so
         await settle(pilot)
         assert engine.options[-1].get("fork") is None
         assert torch.equal(app.last_result.latents, parent.latents)
+        parent, parent_path = app.last_result, app.session.last_path  # the image shown is the parent now
         await enter(pilot, "/cfg 3")
         await enter(pilot, "/seed 99")  # the fork keeps the parent's seed: its latent holds that noise
         await enter(pilot, "/fork 2")

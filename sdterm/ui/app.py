@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +32,9 @@ from ..session import Session
 from ..units import format_bytes
 from .addons import Addons, lora_values, vae_values
 from .forking import Forking
+from .loading import ModelLoading
 from .keys import Keys
-from .messages import EngineEvent, LoadProgress, ModelFailed, ModelLoaded, RenderDone, RenderFailed, failure_line
+from .messages import EngineEvent, RenderDone, RenderFailed
 from .prompting import PromptFlow
 from .screens import HistoryProvider
 from .verifying import Verifying
@@ -53,7 +53,7 @@ PREVIEW_INTERVAL = 1 / 8
 """Seconds between live preview frames asked of the engine (the image view may draw fewer)."""
 
 
-class SdtermApp(PromptFlow, Keys, Addons, Verifying, Forking, App):
+class SdtermApp(PromptFlow, Keys, Addons, Verifying, Forking, ModelLoading, App):
     CSS_PATH = "app.tcss"
     TITLE = "sdterm"
     COMMANDS = {HistoryProvider}
@@ -182,78 +182,6 @@ class SdtermApp(PromptFlow, Keys, Addons, Verifying, Forking, App):
     def busy(self) -> bool:
         return self._current is not None or self._vae_switch
 
-    # ---- the model ---------------------------------------------------------------------------
-
-    def begin_load(self, name: str | None) -> None:
-        """Load model ``name`` (None: the configured one) on a worker; the screen stays live."""
-        self.service = None
-        self._rendered.clear()
-        self._loading = (name or "the model", time.monotonic())
-        self._load_step = "starting"
-        self._load_timer = self.set_interval(0.5, self._show_loading)
-        self._show_loading()
-        self.refresh_params()
-        self._load_worker(name)
-
-    def _show_loading(self) -> None:
-        if self._loading is not None:
-            name, started = self._loading
-            self.notice(f"loading {name}: {self._load_step}… {time.monotonic() - started:.0f}s (type away; "
-                        "Enter queues the render)")
-
-    @work(thread=True, group="load", exclusive=True)
-    def _load_worker(self, name: str | None) -> None:
-        started = time.monotonic()
-        try:
-            service = self.load_model(name, lambda text: self.post_message(LoadProgress(text)))
-        except Exception as exc:  # the one line on the notice line; the app stays up
-            line, tb, log = failure_line(exc, self.print_tracebacks, "loading a model")
-            self.post_message(ModelFailed(line, tb, log))
-            return
-        self.post_message(ModelLoaded(service, time.monotonic() - started))
-
-    @on(LoadProgress)
-    def _load_progress(self, message: LoadProgress) -> None:
-        self._load_step = message.text
-        self._show_loading()
-
-    def _stop_loading(self) -> None:
-        self._loading = None
-        if self._load_timer is not None:
-            self._load_timer.stop()
-            self._load_timer = None
-
-    @on(ModelLoaded)
-    def _model_loaded(self, message: ModelLoaded) -> None:
-        self._stop_loading()
-        self._model_ready(message.service)
-        self.notice(f"model {message.service.engine.source.name} ready ({message.seconds:.1f}s)")
-        if self._pending:
-            self._start_job(self._take_pending())
-
-    @on(ModelFailed)
-    def _model_failed(self, message: ModelFailed) -> None:
-        self._stop_loading()
-        if message.traceback is not None:
-            self.internal_errors.append(message.traceback)
-            self.error_log = message.log or self.error_log
-        self._pending = []
-        self.refresh_params()
-        self.notice(f"{message.message} — /model NAME loads another, Ctrl+Q quits", "error")
-
-    def _model_ready(self, service: RenderService) -> None:
-        self.service = service
-        engine = service.engine
-        panel = self.query_one(StagePanel)
-        panel.cuda = engine.device.type == "cuda"
-        panel.border_title = plain(f"model {engine.source.name}")
-        panel.refresh_table()
-        banner = "demo model: random weights, images are noise" if engine.source.demo else ""
-        self.query_one(ImageView).query_one("#banner", Static).update(plain(banner))
-        if self.session.budget is not None or engine.budget is not None:
-            engine.set_budget(self.session.budget)
-        self.refresh_params()
-
     def switch_model(self, name: str) -> None:
         """``/model NAME``: after the render in flight (if any), unload this model and load ``name``."""
         if self.load_model is None:
@@ -358,12 +286,17 @@ class SdtermApp(PromptFlow, Keys, Addons, Verifying, Forking, App):
     def _engine_event(self, message: EngineEvent) -> None:
         if message.render_id != self._current:
             return
-        from ..engine.events import Notice
+        from ..engine.events import Notice, Preview
 
-        if isinstance(message.event, Notice):
-            self.notice(message.event.message, message.event.level)
+        event = message.event
+        if isinstance(event, Notice):
+            self.notice(event.message, event.level)
+        elif isinstance(event, Preview):
+            if self._sheet is None:  # a single render: the picture forming (a batch shows its sheet)
+                what = "hires pass " if event.stage == "hires" else ""
+                self.query_one(ImageView).show_preview(event.image, f"preview · {what}step {event.step}/{event.total}")
         else:
-            self.query_one(StagePanel).handle(message.event)
+            self.query_one(StagePanel).handle(event)
 
     @on(RenderDone)
     def _render_done(self, message: RenderDone) -> None:
@@ -413,6 +346,7 @@ class SdtermApp(PromptFlow, Keys, Addons, Verifying, Forking, App):
         self._job = []  # the rest of a batch after a failure: not started
         if message.cancelled:
             self.query_one(StagePanel).cancelled()
+            self.query_one(ImageView).preview_cancelled()  # the last preview stays, marked cancelled
             self.notice(message.message, "warning")
         else:
             self.notice(message.message, "error")
