@@ -36,6 +36,27 @@ def make_engine(source, device: str, cache, budget: int | None, **kwargs):
     return Engine(source, device, cache=cache, **kwargs)
 
 
+def preview_taesd(folder: Path) -> Path:
+    """The TAESD file ``sdterm download taesd`` fetched, or one with random weights written into
+    ``folder`` (its timing is the same: an architecture, not a picture, is measured)."""
+    from .. import paths
+    from ..cli.engine_setup import taesd_file
+
+    found = taesd_file(paths.data_dir())
+    if found is not None:
+        return found
+    import torch
+    from safetensors.torch import save_file
+
+    from ..engine.networks.taesd import TAESDDecoder
+
+    path = folder / "taesd-random.safetensors"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        save_file({k: v.contiguous() for k, v in TAESDDecoder().state_dict().items()}, str(path))
+    return path
+
+
 def bench_sdterm(engine, opts: BenchOptions, log: Log = no_log, folder: Path | None = None) -> list[Row]:
     """One row per size x budget: a warm-up render (fills the embedding cache, builds the models in
     host memory), then ``opts.repeats`` timed renders. With ``--init`` the init images are written
@@ -145,6 +166,8 @@ def run_bench(source, device: str, opts: BenchOptions, *, log: Log = no_log, **e
         diffusers_version = None
 
     with tempfile.TemporaryDirectory(prefix="sdterm-bench-") as tmp:
+        if opts.preview:  # TAESD previews too where the plan has room (the downloaded file, else random weights)
+            engine_kwargs = {**engine_kwargs, "taesd": preview_taesd(Path(tmp))}
         engine = make_engine(source, device, EmbeddingCache(Path(tmp)), opts.budgets[0].bytes, **engine_kwargs)
         if not supports_budget(engine) and any(b.bytes is not None for b in opts.budgets):
             raise UserError("this sdterm's engine has no VRAM budget yet: use --budgets none")
@@ -168,6 +191,9 @@ def run_bench(source, device: str, opts: BenchOptions, *, log: Log = no_log, **e
             report.rows.extend(bench_img2img_reference(engine, opts, modes, log, Path(tmp), report.notes))
         del engine
         clean_device(dev)
+    if opts.preview:
+        report.notes.append("+preview rows: a preview at every step (the linear map; TAESD's decoder every 4th step "
+                            "and the last where the plan leaves it room)")
     add_ratios(report.rows)
     if report.demo:
         report.notes.append("random or demo weights: timings and memory are real, the images are noise")

@@ -5,6 +5,7 @@ by ``sdterm generate`` and the app."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import UserError
 from ..resolve import embedding_folders, lora_folders, open_cache, resolve_vae
@@ -72,6 +73,14 @@ def apply_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def taesd_file(data_dir: Path) -> Path | None:
+    """TAESD's decoder for previews where ``sdterm download taesd`` put it; None when it isn't there."""
+    from ..download.catalog import TAESD
+
+    path = Path(data_dir) / TAESD.dest
+    return path if path.is_file() else None
+
+
 def make_engine(source, args: argparse.Namespace):
     """The engine for ``source`` with the user's device, cache, budget, embeddings and LoRA folders
     and VAE file (``args.embeddings``, ``args.lora_dir``, ``args.vae``, filled from the settings by
@@ -100,6 +109,7 @@ def make_engine(source, args: argparse.Namespace):
         lora_dirs=lora_dirs,
         optional_lora_dirs=optional_lora_dirs,
         vae=resolve_vae(getattr(args, "vae", None)),
+        taesd=taesd_file(paths.data_dir()),
     )
     engine.models.token_memo = not args.no_cache  # --no-cache: no prompt text in the cache folder at all
     engine.models.tokenizer

@@ -44,8 +44,8 @@ class JsonProgress:
 
 class PreviewFile:
     """Writes each :class:`~sdterm.engine.events.Preview` frame over ``path`` (a temporary file
-    renamed into place: a reader never sees half a PNG), scaled up to the image's size with
-    nearest-neighbour (it is a latent-sized picture)."""
+    renamed into place: a reader never sees half a PNG), at the image's size (the linear map's
+    latent-sized frames scaled up with nearest-neighbour)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -77,7 +77,9 @@ class PreviewFile:
 
         if not isinstance(event, Preview) or self.error is not None:
             return
-        image = event.image.resize((event.image.width * 8, event.image.height * 8), Image.Resampling.NEAREST)
+        image = event.image
+        if event.scale != 1:  # the linear map's latent-sized frame (a TAESD frame is image-sized already)
+            image = image.resize((image.width * event.scale, image.height * event.scale), Image.Resampling.NEAREST)
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         try:

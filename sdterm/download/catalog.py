@@ -51,6 +51,40 @@ MODELS: dict[str, ModelSpec] = {
 DEFAULT_MODEL = "sd-v1-5"
 
 
+@dataclass(frozen=True)
+class ExtraSpec:
+    """A small file that is not a checkpoint, fetched into the data folder."""
+
+    name: str
+    repo: str
+    filename: str
+    dest: str
+    """Where it goes, relative to the data folder."""
+    licence: str
+    note: str = ""
+
+
+TAESD = ExtraSpec(
+    "taesd", "madebyollin/taesd", "diffusion_pytorch_model.safetensors", "taesd/diffusion_pytorch_model.safetensors",
+    "MIT", "TAESD, the tiny autoencoder (about 10 MB with its encoder): better live previews where the VRAM "
+    "budget has room; its sha256 is the hub's",
+)
+EXTRAS = {TAESD.name: TAESD}
+
+
+def download_extra(name: str, data_dir: Path | str, *, force: bool = False, progress: bool = True,
+                   endpoint: str | None = None) -> Path:
+    """Fetch the extra file ``name`` (a key of ``EXTRAS``) into the data folder; returns its path.
+    A file already there is kept unless ``force``. Raises ``DownloadError``."""
+    spec = EXTRAS[name]
+    dest = Path(data_dir).expanduser() / spec.dest
+    if dest.is_file() and not force:
+        return dest
+    fetch(spec.repo, spec.filename, dest, sha256=None, token=None, endpoint=endpoint, progress=progress, force=force,
+          command=f"sdterm download {name}")
+    return dest
+
+
 def tokenizer_dir(data_dir: Path) -> Path:
     """Where ``find_tokenizer(None, data_dir)`` looks (``engine.text.tokenizer_dir_candidates``)."""
     from ..engine.prompt.tokenizer import TOKENIZER_REPO

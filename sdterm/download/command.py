@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import EXIT_CANCELLED
-from .catalog import DEFAULT_MODEL, MODELS, download_model, download_tokenizer
+from .catalog import DEFAULT_MODEL, EXTRAS, MODELS, download_extra, download_model, download_tokenizer
 from .explain import size_text
 from .hub import partial_files
 
@@ -21,8 +21,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "folder, and the CLIP tokenizer beside it. HF_TOKEN / `hf auth login` and HF_ENDPOINT are honoured.",
     )
     listing = "; ".join(f"{s.name}: {s.repo}/{s.filename}" for s in MODELS.values())
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=tuple(MODELS), metavar="MODEL",
-                   help=f"which checkpoint (default {DEFAULT_MODEL}); {listing}")
+    extras = "; ".join(f"{s.name}: {s.repo}/{s.filename} ({s.note})" for s in EXTRAS.values())
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=(*MODELS, *EXTRAS), metavar="MODEL",
+                   help=f"which checkpoint (default {DEFAULT_MODEL}); {listing}; or {extras}")
     p.add_argument("--dir", metavar="DIR", help="where the checkpoint goes (default: the data folder's models/)")
     p.add_argument("--force", action="store_true", help="download again even when the files are there")
     return p
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     """``sdterm download``: the checkpoint, then the tokenizer; the checkpoint's path on stdout."""
     from .. import paths
 
+    if args.model in EXTRAS:
+        return _extra(args, paths.data_dir())
     spec = MODELS[args.model]
     data = paths.data_dir()
     default_dir = data / "models"
@@ -58,5 +61,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"tokenizer: {tok}", file=sys.stderr)
     if dest_dir.resolve() != default_dir.resolve():
         print(f"outside the models folder: use it with --model {path}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def _extra(args: argparse.Namespace, data: Path) -> int:
+    """``sdterm download taesd``: the file into the data folder (``--dir`` is for checkpoints)."""
+    spec = EXTRAS[args.model]
+    print(f"{spec.name}: {spec.repo} {spec.filename}; licence {spec.licence}", file=sys.stderr)
+    if args.dir:
+        print(f"note: --dir is for checkpoints; {spec.name} goes to the data folder", file=sys.stderr)
+    try:
+        path = download_extra(spec.name, data, force=args.force)
+    except KeyboardInterrupt:
+        print("sdterm: interrupted: run the same command again to resume", file=sys.stderr)
+        return EXIT_CANCELLED
     print(path)
     return 0

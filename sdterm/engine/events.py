@@ -83,12 +83,14 @@ class MemorySample:
 class Preview:
     """A live preview frame (``sdterm/engine/preview.py``): the clean latent the sampler predicts
     after ``step`` of ``total`` (1-based) of ``stage`` ("unet", or "hires" for the hires fix's
-    second pass), as a latent-sized RGB PIL image."""
+    second pass), as an RGB PIL image (latent-sized, or image-sized from TAESD: ``scale``)."""
 
     stage: str
     step: int
     total: int
     image: object
+    scale: int = 8
+    """Image pixels per frame pixel: 8 for the latent-sized linear map, 1 for a TAESD frame."""
 
 
 @dataclass(frozen=True)

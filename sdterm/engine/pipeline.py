@@ -30,7 +30,7 @@ from .lora.state import LoraState
 from .sampling import get_sampler
 from .sampling.kdiffusion import discrete_sigmas
 from .sampling.rng import ImageRNG
-from .preview import Previewer
+from .preview import Previewer, TaesdSource
 from .fork import Fork, resume_carry, to_host
 from .fork import check as check_fork
 from .sampling.img2img import t_enc
@@ -65,6 +65,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         lora_dirs: list[Path] | None = None,
         optional_lora_dirs: list[Path] | None = None,
         vae: Path | None = None,
+        taesd: Path | None = None,
     ):
         self.device = resolve_device(device)
         self.models = Models(
@@ -83,6 +84,8 @@ class Engine(TextStage, UNetStage, VaeStage):
         self._preview: float | None = None
         """The render in progress's preview interval, trail and fork (``generate``'s arguments)."""
         self._fork: Fork | None = None
+        self.taesd = TaesdSource(taesd) if taesd is not None else None
+        """TAESD's decoder file for better previews (``sdterm download taesd``); None: the linear map."""
         self._trail: list | None = None
         self.cache = cache
         self.placement = Placement(self.device)
@@ -283,8 +286,12 @@ class Engine(TextStage, UNetStage, VaeStage):
         # Where a retry resumes: the sampler's state after its last completed step (its carry: the
         # step, the latent, a multistep sampler's history) and the generator's state after it (the
         # per-step noise of a retried step must be what a first try would have drawn).
-        previewer = (Previewer(emit, self._preview, discrete_sigmas(self.models.cfg.schedule), stage, self.device,
-                               (req.height // 8, req.width // 8)) if self._preview is not None else None)
+        previewer = None
+        if self._preview is not None:  # TAESD frames too where the plan leaves room for it
+            taesd = self.taesd.for_pass(self.device, self.dtype, self.effective_budget(), plan.estimate, req.width,
+                                        req.height, notice) if self.taesd is not None else None
+            previewer = Previewer(emit, self._preview, discrete_sigmas(self.models.cfg.schedule), stage, self.device,
+                                  (req.height // 8, req.width // 8), taesd=taesd)
         progress = {"carry": {}, "x": x_t, "rng": rng, "rng_state": rng.get_state(), "calls": 0, "init": init,
                     "t_enc": t, "stage": stage, "preview": previewer}
         if stage == "unet":  # the first sampler run: a fork starts there, a trail is kept there
@@ -299,6 +306,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         finally:
             if previewer is not None:
                 previewer.close()
+                previewer.taesd = None  # its device copy goes with the pass
         if progress.get("trail"):
             progress["trail"][:] = [to_host(s) for s in progress["trail"]]  # one copy at the end, not one a step
         stages.append(stats)

@@ -56,6 +56,14 @@ def latent_rgb(x0: torch.Tensor) -> torch.Tensor:
     return (((rgb + 1) / 2).clamp(0, 1) * 255).to(torch.uint8)  # truncation, as A1111
 
 
+def taesd_rgb(decoder, x0: torch.Tensor) -> torch.Tensor:
+    """(1, 4, h, w) clean latent -> (8h, 8w, 3) uint8 through TAESD's decoder (its output is
+    about [0, 1]), on the decoder's device and in its dtype."""
+    weight = next(decoder.parameters())
+    image = decoder(x0.to(weight.dtype))[0].float()
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
 def predicted_x0(x: torch.Tensor, t: float, eps: torch.Tensor, sigmas) -> torch.Tensor:
     """The clean latent the denoiser's call at ``t`` predicts (``sigmas``: the model's
     :class:`~.sampling.kdiffusion.DiscreteSigmas`); batch 1, fp32."""
@@ -85,13 +93,18 @@ class Previewer:
     """One render's preview frames: :meth:`offer` after each step, :meth:`close` at the end."""
 
     def __init__(self, emit: Emit, interval: float, sigmas, stage: str = "unet", device: torch.device | None = None,
-                 shape: tuple[int, int] | None = None):
+                 shape: tuple[int, int] | None = None, taesd=None, every: int = 4):
         self.emit, self.interval, self.sigmas, self.stage = emit, interval, sigmas, stage
+        self.taesd, self.every = taesd, every
+        """TAESD's decoder on the device (None: the linear map only), used every ``every`` steps and
+        at the last one; the other frames are the linear map's."""
         self._slots: list[_Slot] = []
         if device is not None and device.type == "cuda":
             _map_on(device)  # uploaded before the sampler starts, not in its first step
             if shape is not None:  # pinned buffers made now: a pinned allocation mid-render stalls the host
                 self._slots = [_Slot(shape) for _ in range(SLOTS)]
+                if taesd is not None:
+                    self._slots += [_Slot((shape[0] * 8, shape[1] * 8)) for _ in range(2)]
         self.last_sent = float("-inf")
         self.frames = 0
         """Frames handed on (throttled ones not counted)."""
@@ -108,11 +121,14 @@ class Previewer:
             return
         self.last_sent = now
         x, t, eps = last
+        decode = self.taesd is not None and (step % self.every == 0 or step == total)
         with torch.inference_mode():
-            rgb = latent_rgb(predicted_x0(x, t, eps, self.sigmas))
+            x0 = predicted_x0(x, t, eps, self.sigmas)
+            rgb = taesd_rgb(self.taesd, x0) if decode else latent_rgb(x0)
+        scale = 1 if decode else 8
         if rgb.device.type != "cuda":
             self.frames += 1
-            self._finish(step, total, rgb, None)
+            self._finish(step, total, rgb, None, scale)
             return
         slot = next((b for b in self._slots if b.free(rgb.shape)), None)
         if slot is None:
@@ -126,7 +142,7 @@ class Previewer:
         with self._cv:
             if self._pending is not None:  # a newer frame replaces one still waiting
                 self._pending[2].busy = False
-            self._pending = (step, total, slot)
+            self._pending = (step, total, slot, scale)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="sdterm-preview", daemon=True)
                 self._thread.start()
@@ -139,17 +155,17 @@ class Previewer:
                     self._cv.wait()
                 if self._pending is None:
                     return
-                step, total, slot = self._pending
+                step, total, slot, scale = self._pending
                 self._pending = None
             try:
-                self._finish(step, total, slot.host, slot.done)
+                self._finish(step, total, slot.host, slot.done, scale)
             finally:
                 slot.busy = False
 
-    def _finish(self, step: int, total: int, rgb: torch.Tensor, done) -> None:
+    def _finish(self, step: int, total: int, rgb: torch.Tensor, done, scale: int) -> None:
         if done is not None:
             done.synchronize()
-        self.emit(Preview(self.stage, step, total, Image.fromarray(rgb.cpu().numpy(), "RGB")))
+        self.emit(Preview(self.stage, step, total, Image.fromarray(rgb.cpu().numpy(), "RGB"), scale))
 
     def close(self) -> None:
         """Send what is waiting, then stop the thread (the render's frames all arrive before its result)."""
@@ -158,3 +174,38 @@ class Previewer:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join()
+
+
+class TaesdSource:
+    """A TAESD decoder file (``sdterm download taesd``), read on first use and kept on the host;
+    each pass that has room for it gets a device copy for its previews."""
+
+    def __init__(self, path):
+        self.path = path
+        self._module = None
+        self.failed: str | None = None
+        """Why the file can't be used (said once; previews then use the linear map)."""
+
+    def for_pass(self, device: torch.device, dtype: torch.dtype, budget: int | None, estimate: int, width: int,
+                 height: int, notice) -> torch.nn.Module | None:
+        """TAESD's decoder on ``device`` for a pass of ``width`` x ``height``, or None: on the CPU
+        (too slow there), without a budget to check against, or when the plan's estimated peak
+        leaves less room than the decoder needs (its weights and activations,
+        :func:`~.networks.taesd.taesd_bytes`): previews never raise the peak above the budget."""
+        from .networks.taesd import TAESDError, load_taesd, taesd_bytes
+
+        if device.type != "cuda" or budget is None or self.failed is not None:
+            return None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if budget - estimate < taesd_bytes(width, height, itemsize):
+            return None
+        if self._module is None:
+            try:
+                self._module = load_taesd(self.path)
+            except TAESDError as exc:
+                self.failed = str(exc)
+                notice(f"TAESD previews off: {exc}", "warning")
+                return None
+        import copy
+
+        return copy.deepcopy(self._module).to(device, dtype)

@@ -294,7 +294,9 @@ class SdtermApp(PromptFlow, Keys, Addons, Verifying, Forking, ModelLoading, App)
         elif isinstance(event, Preview):
             if self._sheet is None:  # a single render: the picture forming (a batch shows its sheet)
                 what = "hires pass " if event.stage == "hires" else ""
-                self.query_one(ImageView).show_preview(event.image, f"preview · {what}step {event.step}/{event.total}")
+                size = (event.image.width * event.scale, event.image.height * event.scale)
+                self.query_one(ImageView).show_preview(event.image, f"preview · {what}step {event.step}/{event.total}",
+                                                       size)
         else:
             self.query_one(StagePanel).handle(event)
 

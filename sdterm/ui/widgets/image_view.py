@@ -4,6 +4,8 @@ keys pick one."""
 
 from __future__ import annotations
 
+import time
+
 from PIL import Image as PILImage
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -15,6 +17,13 @@ from ..text import plain
 from .contact_sheet import Sheet, compose_sheet
 
 PROTOCOLS = ("auto", "kitty", "sixel", "halfcell", "unicode")
+PREVIEW_BUDGET = 100_000
+"""Bytes a second that preview frames may take over Sixel or Kitty graphics (a frame waits until
+the previous one's bytes fit in it): an SSH link at 1 Mbit/s still has room for typing."""
+PREVIEW_FPS = 8
+"""The most preview frames a second, whatever the protocol (half-block cells cost no more)."""
+LATENT_SCALE = 8
+"""A preview the size of the latent is 1/8 of the image's width and height."""
 
 
 def image_widget_class(protocol: str):
@@ -115,6 +124,9 @@ class ImageView(Vertical, can_focus=True):
         self._sheet_area = (0, 0)
         self._thumbnails: dict = {}
         """compose_sheet's thumbnails of the sheet's renders (by id: cleared with the sheet)."""
+        self._preview_at: float | None = None
+        """When the last preview frame was drawn (None: no preview on screen)."""
+        self._preview_caption = ""
 
     def compose(self) -> ComposeResult:
         yield Static(plain(self.banner), id="banner")
@@ -125,6 +137,10 @@ class ImageView(Vertical, can_focus=True):
 
     def show(self, image: PILImage.Image, caption: str) -> None:
         """One image, big; leaves sheet mode."""
+        self._preview_at = None
+        self._show(image, caption)
+
+    def _show(self, image: PILImage.Image, caption: str) -> None:
         was_sheet = self.in_sheet
         self._sheet_images, self._sheet_captions, self._selected, self.sheet = None, [], 0, None
         self._thumbnails = {}
@@ -132,6 +148,41 @@ class ImageView(Vertical, can_focus=True):
         self.query_one("#caption", Static).update(plain(caption))
         if was_sheet:
             self.refresh_bindings()
+
+    # ---- live preview ------------------------------------------------------------------------
+
+    def show_preview(self, image: PILImage.Image, caption: str, size: tuple[int, int] | None = None) -> bool:
+        """A preview frame of the render under way (e.g. the 64×64 latent as RGB for 512×512),
+        scaled up (nearest) to ``size``, the render's size (default: 8 times the frame's), so the
+        picture keeps its place and size when the final image replaces it through :meth:`show`.
+        Returns False, drawing nothing, while the traffic budget says wait: at most
+        :data:`PREVIEW_FPS` frames a second, and with Sixel or Kitty graphics no more than
+        :data:`PREVIEW_BUDGET` bytes a second (judged by the last picture's size)."""
+        now = time.monotonic()
+        if self._preview_at is not None:
+            interval = 1 / PREVIEW_FPS
+            counter = getattr(self.query_one("#picture"), "counter", None)
+            if counter is not None:
+                interval = max(interval, counter.last_bytes / PREVIEW_BUDGET)
+            if now - self._preview_at < interval:
+                return False
+        width, height = size or (image.width * LATENT_SCALE, image.height * LATENT_SCALE)
+        frame = image.convert("RGB").resize((max(1, width), max(1, height)), PILImage.Resampling.NEAREST)
+        self._preview_at, self._preview_caption = now, caption
+        self._show(frame, caption)
+        return True
+
+    @property
+    def previewing(self) -> bool:
+        """True while a preview frame (not a finished image) is on screen."""
+        return self._preview_at is not None
+
+    def preview_cancelled(self, caption: str | None = None) -> None:
+        """The render was cancelled: the last preview frame stays, its caption says "cancelled"."""
+        if self._preview_at is None:
+            return
+        self._preview_caption = f"{caption or self._preview_caption} · cancelled"
+        self.query_one("#caption", Static).update(plain(self._preview_caption))
 
     # ---- contact sheet -----------------------------------------------------------------------
 
