@@ -539,3 +539,27 @@ def test_previews_and_forks_on_every_plan(full_size):
         assert all(s.carry["x"].device.type == "cpu" for s in parent.trail)
         child = engine.generate(req, fork=Fork(req, parent.trail[2]))
         assert torch.equal(child.latents, parent.latents), name
+
+
+@pytest.mark.filterwarnings("ignore:Should have:UserWarning")
+def test_taesd_previews_where_the_plan_has_room_and_never_above_the_budget(full_size, tmp_path):
+    """With a TAESD file: an image-sized frame every 8th frame and the last when the budget has room
+    (no budget), the linear map only under a 1 GiB budget (streamed: no room), whose peak stays
+    within it."""
+    from safetensors.torch import save_file
+
+    from sdterm.engine.events import Preview
+    from sdterm.engine.networks.taesd import TAESDDecoder
+
+    path = tmp_path / "taesd.safetensors"
+    save_file({k: v.contiguous() for k, v in TAESDDecoder().state_dict().items()}, str(path))
+    engine = Engine(full_size, "cuda", taesd=path)
+    req = small_request(width=256, height=256, steps=5, sampler="Euler")
+    for budget, expected in ((None, [8, 8, 8, 8, 1]), (GiB, [8, 8, 8, 8, 8])):  # TAESD: every 8th frame, the last
+        engine.set_budget(budget)
+        frames = []
+        r = engine.generate(req, emit=lambda e: isinstance(e, Preview) and frames.append(e), preview=0.0)
+        assert [f.scale for f in frames] == expected, (budget, r.plan)
+        assert all(f.image.size == ((256, 256) if f.scale == 1 else (32, 32)) for f in frames)
+        for s in r.stages:
+            assert budget is None or s.peak_allocated <= budget, (s.stage, s.peak_allocated / MiB)

@@ -96,7 +96,7 @@ def test_previews_use_taesd_every_n_steps_and_the_last(reference, tmp_path):
     decoder = load_taesd(diffusers_file(reference, tmp_path / "t.safetensors"))
     sigmas = DiscreteSigmas(torch.linspace(0.03, 14.6, 1000))
     frames = []
-    p = Previewer(frames.append, 0.0, sigmas, taesd=decoder, every=2)
+    p = Previewer(frames.append, 0.0, sigmas, taesd=decoder, every=2)  # the 2nd, 4th frame sent and the last
     x, eps = torch.randn(1, 4, 6, 5), torch.randn(1, 4, 6, 5)
     for step in range(1, 6):
         p.offer(step, 5, (x, 500.0, eps))

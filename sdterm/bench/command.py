@@ -57,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --hires: Latent (default), Lanczos, ... (A1111's names)")
     p.add_argument("--preview", action="store_true",
                    help="also time each sdterm row with a live preview at every step (a '+preview' row: its "
-                        "cost, renders interleaved with the plain ones; TAESD every 4th step where the plan has room)")
+                        "cost, renders interleaved with the plain ones; TAESD every 8th frame where the plan has room)")
     p.add_argument("--lora-rank", type=whole_number, default=None, metavar="N",
                    help="also time a random rank-N LoRA: reading, merging, re-weighting, a render with it")
     return p

@@ -192,7 +192,7 @@ def run_bench(source, device: str, opts: BenchOptions, *, log: Log = no_log, **e
         del engine
         clean_device(dev)
     if opts.preview:
-        report.notes.append("+preview rows: a preview at every step (the linear map; TAESD's decoder every 4th step "
+        report.notes.append("+preview rows: a preview at every step (the linear map; TAESD's decoder every 8th frame "
                             "and the last where the plan leaves it room)")
     add_ratios(report.rows)
     if report.demo:
