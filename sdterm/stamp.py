@@ -26,6 +26,7 @@ parameters' reader leaves it out of ``ImageParameters.extra``); :func:`differenc
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 from pathlib import Path
@@ -50,8 +51,9 @@ CAUSES = ("sdterm", "torch", "cuda", "cudnn", "device", "dtype_unet", "dtype_vae
 """The fields whose difference can change pixels (the model's and VAE's names can't: their hashes can)."""
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    """The CPU's model name (``/proc/cpuinfo``, read once), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
             key, sep, value = line.partition(":")
