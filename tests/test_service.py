@@ -102,9 +102,9 @@ def spied(monkeypatch):
         calls.append(("save", params))
         return save(self, params, result)
 
-    def spy_record(self, params, path, model_hash):
+    def spy_record(self, params, path, model_hash, fork=None):
         calls.append(("record", params))
-        return record(self, params, path, model_hash)
+        return record(self, params, path, model_hash, fork)
 
     monkeypatch.setattr(RenderService, "save", spy_save)
     monkeypatch.setattr(RenderService, "record", spy_record)
