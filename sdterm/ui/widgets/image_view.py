@@ -22,6 +22,8 @@ PREVIEW_BUDGET = 100_000
 the previous one's bytes fit in it): an SSH link at 1 Mbit/s still has room for typing."""
 PREVIEW_FPS = 8
 """The most preview frames a second, whatever the protocol (half-block cells cost no more)."""
+clock = time.monotonic
+"""The preview throttle's clock (tests replace it)."""
 LATENT_SCALE = 8
 """A preview the size of the latent is 1/8 of the image's width and height."""
 
@@ -158,7 +160,7 @@ class ImageView(Vertical, can_focus=True):
         Returns False, drawing nothing, while the traffic budget says wait: at most
         :data:`PREVIEW_FPS` frames a second, and with Sixel or Kitty graphics no more than
         :data:`PREVIEW_BUDGET` bytes a second (judged by the last picture's size)."""
-        now = time.monotonic()
+        now = clock()
         if self._preview_at is not None:
             interval = 1 / PREVIEW_FPS
             counter = getattr(self.query_one("#picture"), "counter", None)
