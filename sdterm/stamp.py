@@ -119,7 +119,7 @@ def gather(engine, params, result) -> dict[str, Any]:
              "plan": getattr(result, "plan", None), "model": getattr(result, "model_name", None),
              "model_sha256": getattr(models, "sha256", None) if getattr(getattr(models, "source", None),
                                                                           "checkpoint", None) else None}
-    vae_file = getattr(getattr(models, "_vae", None), "path", None)  # the engine keeps the external VAE's path
+    vae_file = getattr(models, "vae_path", None)  # the external VAE's file (None: the checkpoint's own)
     stamp["vae"] = getattr(models, "vae_name", None)
     stamp["vae_sha256"] = _sha256(vae_file, memo)
     stamp["loras"] = sorted({f"{lo['name']} {_sha256(lo.get('file'), memo)}" for lo in getattr(result, "loras", [])})

@@ -210,6 +210,11 @@ class Models:
         return self._vae.name if self._vae is not None else None
 
     @property
+    def vae_path(self) -> Path | None:
+        """The external VAE file in use; None for the checkpoint's own."""
+        return self._vae.path if self._vae is not None else None
+
+    @property
     def vae_hash(self) -> str | None:
         """A1111's ``VAE hash``: the external VAE file's sha256, first 10 hex digits (remembered
         like the model's); None for the checkpoint's own."""
