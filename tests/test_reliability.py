@@ -53,7 +53,7 @@ def test_any_command_line_either_applies_or_gives_one_line(tmp_path_factory, wor
         assert (session.params, session.seed_locked, session.budget) == before
         return
     assert outcome.action in ("message", "open", "load", "cache", "help", "quit", "budget", "recall", "history", "model",
-                              "vae", "lora")
+                              "vae", "lora", "fork", "verify")
     session.params.replace(prompt="x").validated()
 
 

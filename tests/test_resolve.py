@@ -193,7 +193,7 @@ def test_demo_flag_opens_the_app_on_the_demo_model(monkeypatch, run_cli):
     monkeypatch.setattr(app_module, "SdtermApp", FakeApp)
     import sdterm.cli.app as cli_app
 
-    monkeypatch.setattr(terminal, "prepare_graphics", lambda: None)
+    monkeypatch.setattr(terminal, "prepare_graphics", lambda protocol="auto": protocol)
     monkeypatch.setattr(cli_app, "require_terminal", lambda: None)  # pytest's capture: stdout is no TTY
     code, out, err = run_cli("--demo", "--device", "cpu")
     assert code == 0, err

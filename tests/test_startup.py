@@ -119,7 +119,7 @@ def run(self):
 ui_app.SdtermApp.run = run
 cli_app.require_terminal = lambda: None
 import sdterm.ui.terminal as terminal
-terminal.prepare_graphics = lambda: None
+terminal.prepare_graphics = lambda protocol="auto": protocol
 try:
     main(["--model", sys.argv[1], "--device", "cpu"])
 except Stop:

@@ -291,14 +291,18 @@ class SdtermApp(PromptFlow, Keys, Addons, Verifying, Forking, ModelLoading, App)
         event = message.event
         if isinstance(event, Notice):
             self.notice(event.message, event.level)
-        elif isinstance(event, Preview):
+            return
+        if not self.screen_stack:  # the app is closing: nothing to draw on
+            return
+        main = self.screen_stack[0]  # the panels live there, whatever popup is on top
+        if isinstance(event, Preview):
             if self._sheet is None:  # a single render: the picture forming (a batch shows its sheet)
                 what = "hires pass " if event.stage == "hires" else ""
                 size = (event.image.width * event.scale, event.image.height * event.scale)
-                self.query_one(ImageView).show_preview(event.image, f"preview · {what}step {event.step}/{event.total}",
+                main.query_one(ImageView).show_preview(event.image, f"preview · {what}step {event.step}/{event.total}",
                                                        size)
         else:
-            self.query_one(StagePanel).handle(event)
+            main.query_one(StagePanel).handle(event)
 
     @on(RenderDone)
     def _render_done(self, message: RenderDone) -> None:

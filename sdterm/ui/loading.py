@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from textual import on, work
+from textual import work
 from textual.widgets import Static
 
 from ..service import RenderService
@@ -44,8 +44,9 @@ class ModelLoading:
             return
         self.post_message(ModelLoaded(service, time.monotonic() - started))
 
-    @on(LoadProgress)
-    def _load_progress(self, message: LoadProgress) -> None:
+    # Handlers by name (on_<message>): an @on decorator in a mixin is not seen by Textual, which
+    # collects decorated handlers from the App class's own namespace only.
+    def on_load_progress(self, message: LoadProgress) -> None:
         self._load_step = message.text
         self._show_loading()
 
@@ -55,16 +56,14 @@ class ModelLoading:
             self._load_timer.stop()
             self._load_timer = None
 
-    @on(ModelLoaded)
-    def _model_loaded(self, message: ModelLoaded) -> None:
+    def on_model_loaded(self, message: ModelLoaded) -> None:
         self._stop_loading()
         self._model_ready(message.service)
         self.notice(f"model {message.service.engine.source.name} ready ({message.seconds:.1f}s)")
         if self._pending:
             self._start_job(self._take_pending())
 
-    @on(ModelFailed)
-    def _model_failed(self, message: ModelFailed) -> None:
+    def on_model_failed(self, message: ModelFailed) -> None:
         self._stop_loading()
         if message.traceback is not None:
             self.internal_errors.append(message.traceback)
