@@ -58,6 +58,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--preview", action="store_true",
                    help="also time each sdterm row with a live preview at every step (a '+preview' row: its "
                         "cost, renders interleaved with the plain ones; TAESD every 8th frame where the plan has room)")
+    p.add_argument("--cold", action="store_true",
+                   help="instead of the table: time `sdterm generate` in fresh processes (first ever, then twice "
+                        "again) on a single-file fp32 checkpoint the bench writes (or --model's): wall, render, "
+                        "start-up seconds and peak host RSS")
     p.add_argument("--lora-rank", type=whole_number, default=None, metavar="N",
                    help="also time a random rank-N LoRA: reading, merging, re-weighting, a render with it")
     return p
@@ -77,6 +81,12 @@ def _upscaler(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown upscaler {text!r}; one of: {', '.join(HIRES_UPSCALERS)}")
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run(args: argparse.Namespace) -> int:
     """``sdterm bench``: measure, then print the table (or the JSON)."""
     from .. import paths
@@ -84,16 +94,24 @@ def run(args: argparse.Namespace) -> int:
     from ..resolve import random_weights_source
 
     opts = options_from_args(args)
+
+    def log(line: str) -> None:
+        if not args.json:
+            print(line, file=sys.stderr, flush=True)
+
+    if getattr(args, "cold", False):
+        from .cold import format_cold, run_cold
+
+        device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
+        report = run_cold(opts, device, model=args.model, config=args.config, log=log)
+        print(json.dumps(report.to_dict()) if args.json else format_cold(report), flush=True)
+        return 0
     if args.model:
         source = open_model(args.model, config_path=args.config, data_dir=paths.data_dir())
         extra = {"data_dir": paths.data_dir(), "hash_memo": paths.cache_dir() / "model-hashes.json"}
     else:
         source = random_weights_source(args.config)
         extra = {}
-
-    def log(line: str) -> None:
-        if not args.json:
-            print(line, file=sys.stderr, flush=True)
 
     report = run_bench(source, args.device, opts, log=log, **extra)
     if args.json:

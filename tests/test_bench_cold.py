@@ -1,0 +1,46 @@
+"""``sdterm bench --cold`` (issue 18): fresh ``sdterm generate`` processes on a checkpoint the bench writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from sdterm.bench.cold import format_cold, run_cold, write_checkpoint
+from sdterm.bench.options import BenchOptions
+
+from .test_bench import bench_cli, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+__all__ = ["bench_cli", "tiny_config"]  # fixtures shared with tests/test_bench.py
+
+
+def test_the_checkpoint_is_single_file_fp32_under_the_original_keys(tiny_config, tmp_path):
+    path = write_checkpoint(str(tiny_config), tmp_path)
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        assert all(f.get_slice(k).get_dtype() == "F32" for k in keys)
+    assert any(k.startswith("model.diffusion_model.") for k in keys)
+    assert any(k.startswith("first_stage_model.decoder.") for k in keys)
+    assert any(k.startswith("first_stage_model.encoder.") for k in keys)
+    assert any(k.startswith("cond_stage_model.transformer.") for k in keys)
+
+
+def test_cold_runs_are_fresh_processes_with_their_own_figures(tiny_config):
+    opts = BenchOptions(sizes=((64, 48),), steps=2, prompt="a fox")
+    report = run_cold(opts, "cpu", config=str(tiny_config), runs=2)
+    assert len(report.runs) == 2 and report.checkpoint_bytes > 0
+    for run in report.runs:
+        assert run.wall > run.render > 0 and run.startup == pytest.approx(run.wall - run.render)
+        assert run.peak_rss is None or run.peak_rss > 50 * 2**20  # a Python process with torch in it
+    text = format_cold(report)
+    assert "first ever" in text and "again (1)" in text and "64x48" in text
+    data = report.to_dict()
+    assert json.dumps(data) and data["runs"][0]["startup"] == pytest.approx(report.runs[0].startup, abs=1e-3)
+
+
+def test_a_missing_model_is_one_line(bench_cli, tmp_path):
+    code, out, err = bench_cli("--cold", "--model", tmp_path / "nope.safetensors", "--device", "cpu")
+    assert code == 1 and out == "" and "--cold times a single-file checkpoint" in err
+    assert len(err.strip().splitlines()) == 1
