@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..options import number, sampler_choice, schedule_choice, whole_number
+from ..options import hires_scale_number, number, sampler_choice, schedule_choice, whole_number
 from .options import DEFAULT_BUDGETS, DEFAULT_PROMPT, DEFAULT_SIZES, REFERENCE_MODES, options_from_args
 from .report import format_report
 from .run import run_bench
@@ -46,7 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (raw bytes and seconds)")
     p.add_argument("--init", type=number, default=None, metavar="S",
                    help="img2img rows: from an init image the bench writes, at denoising strength S (e.g. 0.6)")
-    p.add_argument("--hires", type=_scale, default=None, metavar="X",
+    p.add_argument("--hires", type=hires_scale_number, default=None, metavar="X",
                    help="hires-fix rows: each size upscaled by X (e.g. 2) and refined; beside diffusers' "
                         "txt2img + latent upscale + img2img at the same sizes")
     p.add_argument("--hires-steps", type=whole_number, default=0, metavar="N",
@@ -67,18 +67,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _scale(text: str) -> float:
-    """"2", "2x", "1.5" -> the factor."""
-    return number(text.strip().lower().removesuffix("x"))
-
-
 def _upscaler(text: str) -> str:
+    from ..infotext_hires import upscaler_name
     from ..params import HIRES_UPSCALERS
 
-    for name in HIRES_UPSCALERS:
-        if name.lower() == " ".join(text.split()).lower():
-            return name
-    raise argparse.ArgumentTypeError(f"unknown upscaler {text!r}; one of: {', '.join(HIRES_UPSCALERS)}")
+    name = upscaler_name(text)
+    if name is None:
+        raise argparse.ArgumentTypeError(f"unknown upscaler {text!r}; one of: {', '.join(HIRES_UPSCALERS)}")
+    return name
 
 
 def _cuda() -> bool:
