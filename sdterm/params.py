@@ -129,6 +129,11 @@ class Params:
         return self
 
     @property
+    def hires_pass_steps(self) -> int:
+        """The steps the hires pass is asked for: ``hires_steps``, or 0 for the first pass's."""
+        return self.hires_steps or self.steps
+
+    @property
     def hires(self) -> bool:
         """True when the hires fix is on: a scale or a hires size is given."""
         return self.hires_scale > 0 or self.hires_width > 0 or self.hires_height > 0
@@ -152,8 +157,8 @@ class Params:
         if self.init_image:
             raise ConfigError("the hires fix renders text-to-image (as A1111's); "
                               "turn it off for img2img, or upscale with a larger size and a strength")
-        requested = self.hires_steps or self.steps
-        schedule = int(requested / min(self.hires_strength, 0.999))
+        requested = self.hires_pass_steps
+        schedule, _ = hires_schedule(self)
         if schedule > MAX_STEPS:
             raise ConfigError(f"hires pass of {requested} steps at strength {self.hires_strength:g} needs a "
                               f"{schedule}-step schedule, over {MAX_STEPS}; raise the hires strength or lower the steps")
@@ -273,6 +278,13 @@ def hires_geometry(p: Params) -> HiresGeometry:
     else:
         to = (ry * p.width // p.height, ry)
     return HiresGeometry(to, ((to[0] - rx) // 8, (to[1] - ry) // 8))
+
+
+def hires_schedule(p: Params) -> tuple[int, int]:
+    """(the schedule's steps, t_enc) of the hires pass: A1111's ``setup_img2img_steps`` on its
+    fixed-steps path, which the hires pass always takes."""
+    requested = p.hires_pass_steps
+    return int(requested / min(p.hires_strength, 0.999)), requested - 1
 
 
 def hires_size(p: Params) -> tuple[int, int]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..params import LATENT_UPSCALERS, HiresGeometry, Params, hires_geometry
+from ..params import hires_schedule as hires_steps  # noqa: F401  (the engine's name for it)
 
 LATENT_MODES = {
     "Latent": ("bilinear", False),
@@ -39,13 +40,6 @@ assert tuple(LATENT_MODES) == LATENT_UPSCALERS
 
 PIXEL_RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 """A1111's UpscalerLanczos / UpscalerNearest: one PIL resize by the scale per round."""
-
-
-def hires_steps(p: Params) -> tuple[int, int]:
-    """(the schedule's steps, t_enc) of the hires pass: A1111's ``setup_img2img_steps`` on its
-    fixed-steps path, which the hires pass always takes."""
-    requested = p.hires_steps or p.steps
-    return int(requested / min(p.hires_strength, 0.999)), requested - 1
 
 
 def hires_request(p: Params) -> Params:

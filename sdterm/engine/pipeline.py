@@ -212,9 +212,8 @@ class Engine(TextStage, UNetStage, VaeStage):
         texts = {"prompt": pos, "negative": neg}
         hires = {}
         if req.hires:  # the second pass's prompt schedules: A1111's hires offsets over its steps
-            requested = (req.hires_steps or req.steps)
             hires = {role: role_prompt(text, tokenizer, schedule_steps(req.steps, second), embeddings=embeddings,
-                                       hires_steps=schedule_steps(requested, second))
+                                       hires_steps=schedule_steps(req.hires_pass_steps, second))
                      for role, text in (("prompt", prompt), ("negative", req.negative))}
         check()
 
