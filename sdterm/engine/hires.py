@@ -92,12 +92,5 @@ def upscale_image(image: Image.Image, p: Params) -> Image.Image:
     return image
 
 
-def to_image_truncated(decoded: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) in [-1, 1] -> RGB, 255 * x truncated as A1111's hires pixel path does."""
-    x = (decoded[0].float().clamp(-1, 1) + 1) / 2
-    x = (x * 255).to(torch.uint8)  # truncation toward 0 (x >= 0)
-    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB")
-
-
 def is_latent(p: Params) -> bool:
     return p.hires_upscaler in LATENT_MODES

@@ -8,6 +8,7 @@ that plan (resident, staged, streamed), retrying a cheaper plan on out-of-memory
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from .fork import Fork, resume_carry, to_host
 from .fork import check as check_fork
 from .sampling.img2img import t_enc
 from .init_image import prepare as prepare_init_image
-from .hires import hires_request, hires_steps, is_latent, to_image_truncated, upscale_image, upscale_latent
+from .hires import hires_request, hires_steps, is_latent, upscale_image, upscale_latent
 from .init_image import to_tensor
 from .text_stage import TextStage
 from .unet_stage import UNetStage
@@ -322,7 +323,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         else:  # decode at the base size under the first plan, resize, encode at the hires size
             image, stats, plan = self._with_retry("vae", plan, req, notice,
                                                   lambda p: self._vae_stage(latents, p, ignore, notice,
-                                                                            convert=to_image_truncated))
+                                                                            convert=functools.partial(to_image, truncate=True)))
             stages.append(stats)
             pixels = to_tensor(upscale_image(image, req))
             check()

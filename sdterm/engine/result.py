@@ -40,10 +40,12 @@ class Result:
     (``fork.TrailStep``, index k = after k + 1 steps), what ``generate(fork=...)`` starts from."""
 
 
-def to_image(decoded: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) in [-1, 1] -> an RGB PIL image."""
-    x = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB")
+def to_image(decoded: torch.Tensor, *, truncate: bool = False) -> Image.Image:
+    """(1, 3, H, W) in [-1, 1] -> an RGB PIL image, 8-bit by rounding (diffusers' convention), or
+    with ``truncate`` by truncation as A1111 writes ``255 * x`` (its hires fix's pixel path)."""
+    x = decoded[0].float().clamp(-1, 1)
+    x = ((x + 1) / 2 * 255) if truncate else ((x + 1) * 127.5).round()
+    return Image.fromarray(x.to(torch.uint8).permute(1, 2, 0).cpu().numpy(), "RGB")
 
 
 class OutOfMemory(RuntimeError):
