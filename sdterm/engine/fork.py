@@ -74,12 +74,23 @@ def to_device(carry: dict, device: torch.device) -> dict:
     return _map(dict(carry), lambda t: t.to(device, copy=True))
 
 
+PARENTS = {"seed": "seed", "subseed": "variation seed", "subseed_strength": "variation strength", "width": "width",
+           "height": "height", "steps": "steps", "rng": "rng", "init_image": "init image",
+           "strength": "denoising strength"}
+"""The fields a fork must share with its parent (its latent at the step holds their effect), by
+what they are called in a message; the schedule too (compared as the sampler resolves it)."""
+
+
+def from_parent(req: Params, parent: Params) -> Params:
+    """``req`` with what a fork takes from ``parent``: :data:`PARENTS`, the schedule and the init
+    image's resize mode (not validated)."""
+    return req.replace(**{name: getattr(parent, name) for name in (*PARENTS, "schedule", "resize_mode")})
+
+
 def check(fork: Fork, req: Params) -> None:
     """ConfigError (one line) when ``req`` can't resume from ``fork``."""
     parent = fork.parent
-    for name, what in (("seed", "seed"), ("subseed", "variation seed"), ("subseed_strength", "variation strength"),
-                       ("width", "width"), ("height", "height"), ("steps", "steps"), ("rng", "rng"),
-                       ("init_image", "init image"), ("strength", "denoising strength")):
+    for name, what in PARENTS.items():
         if getattr(parent, name) != getattr(req, name):
             raise ConfigError(f"fork: the {what} must be the parent's ({getattr(parent, name)!r}, not "
                               f"{getattr(req, name)!r}): the latent at step {fork.at.step} holds its noise")

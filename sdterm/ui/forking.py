@@ -6,16 +6,11 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 
-FIXED = ("seed", "subseed", "subseed_strength", "width", "height", "steps", "rng", "schedule", "init_image",
-         "strength", "resize_mode")
-"""What a fork takes from its parent: the latent at step K holds their effect (the seed's noise,
-the size, the noise level in the schedule)."""
-
 
 class Forking:
     def fork_command(self, outcome) -> None:
         """``/fork K`` (``outcome.message``: K): render the last image again from its step K."""
-        from ..engine.fork import Fork, check
+        from ..engine.fork import Fork, check, from_parent
 
         step = int(outcome.message)
         parent = self.last_result
@@ -28,7 +23,7 @@ class Forking:
             return
         try:
             current = self.session.rerender()
-            req = current.replace(**{name: getattr(parent.request, name) for name in FIXED}).validated()
+            req = from_parent(current, parent.request).validated()  # the seed, size, steps... its latent holds
             fork = Fork(parent.request, trail[step - 1]) if step else None
             if fork is not None:
                 check(fork, req)
