@@ -56,3 +56,13 @@ def release_device(engine) -> None:
     if hasattr(placement, "offload_all"):
         placement.offload_all()
     clean_device(engine.device)
+
+
+def note_peaks(row, device) -> None:
+    """Raise ``row``'s peak allocated / reserved bytes to the device's peaks since they were last
+    reset (a render just timed); nothing on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        row.peak_allocated = max(row.peak_allocated or 0, torch.cuda.max_memory_allocated(device))
+        row.peak_reserved = max(row.peak_reserved or 0, torch.cuda.max_memory_reserved(device))

@@ -21,7 +21,7 @@ import math
 import time
 from pathlib import Path
 
-from .device import budget_errors, clean_device, error_line, release_device, sync_device
+from .device import budget_errors, clean_device, error_line, note_peaks, release_device, sync_device
 from .options import BenchOptions, Log
 from .rows import Row
 
@@ -160,7 +160,5 @@ def _time_row(row: Row, render, repeats: int, device) -> None:
         image = render()
         sync_device(device)
         row.seconds.append(time.perf_counter() - t0)
-        if device.type == "cuda":
-            row.peak_allocated = max(row.peak_allocated or 0, torch.cuda.max_memory_allocated(device))
-            row.peak_reserved = max(row.peak_reserved or 0, torch.cuda.max_memory_reserved(device))
+        note_peaks(row, device)
         row.image = image

@@ -18,7 +18,7 @@ import gc
 import time
 from dataclasses import dataclass
 
-from .device import budget_errors, clean_device, error_line, release_device, sync_device
+from .device import budget_errors, clean_device, error_line, note_peaks, release_device, sync_device
 from .options import BenchOptions, Log, no_log
 from .rows import Row
 
@@ -305,10 +305,7 @@ def _reference_row(pipe, row: Row, cond, uncond, opts: BenchOptions, device, lat
         image, seconds, per_step = render()
         row.seconds.append(seconds)
         row.step_seconds.append(per_step)
-        if device.type == "cuda":
-            a, r = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-            row.peak_allocated = max(row.peak_allocated or 0, a)
-            row.peak_reserved = max(row.peak_reserved or 0, r)
+        note_peaks(row, device)
         row.image = image
 
 
