@@ -107,3 +107,15 @@ def reference_encoder(demo_model):
     missing, unexpected = inner.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.endswith("position_ids") for k in missing)
     return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def kd():
+    """(k_diffusion.sampling, k_diffusion.external): the installed k-diffusion package's own code,
+    the reference the sampler tests compare with (tests/kdiff_reference.py)."""
+    from . import kdiff_reference
+
+    try:
+        return kdiff_reference.load()
+    except (RuntimeError, ImportError) as exc:
+        pytest.fail(f"the k-diffusion reference can't be loaded ({exc}); install it: {kdiff_reference.INSTALL_HINT}")

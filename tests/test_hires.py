@@ -32,10 +32,10 @@ from sdterm.engine.sampling.rng import ImageRNG
 from sdterm.params import Params
 
 from .test_img2img import (CFG_SCALE, NEGATIVE, PROMPT, SEED, SIZE, UNetSpy, acp, assert_close, compvis_ddim_timesteps,
-                           context, engine, guided_eps, kd, pipe, rel_error)
+                           context, engine, guided_eps, pipe, rel_error)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-__all__ = ["context", "engine", "kd", "pipe"]  # fixtures shared with tests/test_img2img.py
+__all__ = ["context", "engine", "pipe"]  # fixtures shared with tests/test_img2img.py
 
 BASE = {"prompt": PROMPT, "negative": NEGATIVE, "seed": SEED, "steps": 6, "cfg": CFG_SCALE, "width": SIZE,
         "height": SIZE, "sampler": "Euler", "schedule": "Karras"}

@@ -49,7 +49,6 @@ from sdterm.engine.pipeline import Engine, open_model
 from sdterm.engine.sampling.rng import ImageRNG
 from sdterm.params import Params
 
-from . import kdiff_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -315,14 +314,6 @@ def kdiff_img2img(kd, pipe, context, init, noise, steps: int, strength: float, s
     fn = {"Euler": sampling.sample_euler, "DPM++ 2M": sampling.sample_dpmpp_2m}[sampler]
     with torch.no_grad():
         return fn(model, xi, sigma_sched, disable=True)
-
-
-@pytest.fixture(scope="module")
-def kd():
-    try:
-        return kdiff_reference.load()
-    except (RuntimeError, ImportError) as exc:
-        pytest.fail(f"the k-diffusion reference can't be loaded ({exc}); install it: {kdiff_reference.INSTALL_HINT}")
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])

@@ -20,7 +20,6 @@ from sdterm.engine.sampling.base import SamplingContext
 from sdterm.engine.sampling.kdiffusion import denoiser, discrete_sigmas
 from sdterm.samplers import SAMPLER_LIST, SCHEDULES
 
-from . import kdiff_reference
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -32,14 +31,6 @@ pytestmark = [
 K_SAMPLERS = [s for s in SAMPLER_LIST if s.k_diffusion]
 ALL_SCHEDULES = [s for s in SCHEDULES if s != "Automatic"]
 SHAPE = (1, 4, 6, 5)
-
-
-@pytest.fixture(scope="module")
-def kd():
-    try:
-        return kdiff_reference.load()
-    except (RuntimeError, ImportError) as exc:
-        pytest.fail(f"the k-diffusion reference can't be loaded ({exc}); install it: {kdiff_reference.INSTALL_HINT}")
 
 
 # -- the tiny model ------------------------------------------------------------------------------
