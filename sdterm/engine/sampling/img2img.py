@@ -26,6 +26,11 @@ def t_enc(strength: float, steps: int) -> int:
     return int(min(strength, 0.999) * steps)
 
 
+def sigma_start(steps: int, t: int) -> int:
+    """Where A1111 slices the sigmas for t_enc ``t``: ``sigmas[steps - t - 1:]`` (never below 0)."""
+    return max(steps - t - 1, 0)
+
+
 def sigma_form(info: SamplerInfo) -> bool:
     """True for the samplers sliced by sigmas (k-diffusion, LCM); False for the CompVis-form ones."""
     return info.k_diffusion or info.name == "LCM"
@@ -43,6 +48,6 @@ def plan(info: SamplerInfo, steps: int, schedule_steps: int, t: int) -> Img2ImgP
     """Where the sampler starts for t_enc ``t``; ``schedule_steps``: the steps its schedule really
     makes (``len(sigmas) - 1``; ``steps`` but for A1111's "DDIM" schedule)."""
     if sigma_form(info):
-        first = max(steps - t - 1, 0)
+        first = sigma_start(steps, t)
         return Img2ImgPlan(first, schedule_steps - first)
     return Img2ImgPlan(steps - t, t)

@@ -29,6 +29,7 @@ import torch
 from .base import SamplingContext
 from .kdiffusion import KDenoiser, denoiser
 from .schedules import sigmas_for
+from .img2img import sigma_start
 
 Step = Callable[[KDenoiser, torch.Tensor, int, torch.Tensor, dict], torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,7 +41,7 @@ def _run(ctx: SamplingContext, x: torch.Tensor, step: Step, **history: Any) -> t
     the step in place; after each step ``ctx.step_done`` records x and the state."""
     sigmas = sigmas_for(ctx)
     if ctx.init is not None:  # img2img: A1111's slice of the schedule (.img2img)
-        sigmas = sigmas[max(ctx.steps - ctx.t_enc - 1, 0):]
+        sigmas = sigmas[sigma_start(ctx.steps, ctx.t_enc):]
     model = denoiser(ctx)
     start = ctx.resume()
     if start:

@@ -24,6 +24,7 @@ import torch
 
 from .base import SamplingContext
 from .ddim import alphas_cumprod
+from .img2img import sigma_start
 
 ORIGINAL_STEPS = 50
 """LCM's original (distillation) steps, A1111's constant."""
@@ -67,7 +68,7 @@ def run(ctx: SamplingContext, x: torch.Tensor) -> torch.Tensor:
     sched = LCMSchedule(alphas_cumprod(ctx.model))
     sigmas = sched.sigmas(ctx.steps)
     if ctx.init is not None:  # img2img: A1111's k-diffusion slice (.img2img)
-        sigmas = sigmas[max(ctx.steps - ctx.t_enc - 1, 0):]
+        sigmas = sigmas[sigma_start(ctx.steps, ctx.t_enc):]
     start = ctx.resume()
     if start > 0:
         x = ctx.carry["x"]
