@@ -92,3 +92,14 @@ def exclusive_publish(tmp: Path, make_name: Callable[[int], Path], start: int, a
         raise FileExistsError(f"no free file name after {attempts} tries in {tmp.parent}")
     finally:
         _remove_quietly(tmp)
+
+
+def create_temp(folder: Path, prefix: str, suffix: str = ".tmp") -> tuple[int, Path]:
+    """A new file with a random name in ``folder``, open for writing: (descriptor, path); for a
+    writer that fills it piece by piece (positioned writes) before renaming it into place."""
+    return _create_temp(folder, prefix, suffix)
+
+
+def remove_quietly(path: Path | str) -> None:
+    """Remove the file ``path`` if it can be; never raises."""
+    _remove_quietly(path)

@@ -65,3 +65,9 @@ def embedding_cache_dir(configured: str = "") -> Path:
 
 def user_config_file() -> Path:
     return config_dir() / "sdterm.yaml"
+
+
+def model_cache_dir() -> Path:
+    """The model cache: checkpoints converted to the run dtype in their placement layout (a few
+    packs of about the model's fp16 size each; ``sdterm cache clear`` removes them)."""
+    return cache_dir() / "models"

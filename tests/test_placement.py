@@ -10,7 +10,7 @@ import torch
 
 from sdterm.engine.events import Notice
 from sdterm.engine.pipeline import Engine, open_model
-from sdterm.engine.memory.placement import Placement
+from sdterm.engine.memory.placement import Placement, get_tensor
 from sdterm.engine.memory.streaming import RingStreamer
 from sdterm.engine.memory.planner import GiB, Plan
 
@@ -83,7 +83,7 @@ def test_ring_streamer_copies_every_streamed_unit_each_pass(demo_model):
         base = unit.device_buf if i == 0 else unit.host
         assert (unit.device_buf is not None) == (i == 0)
         for slot in unit.slots:
-            ptr = unit._get(slot).data_ptr()
+            ptr = get_tensor(slot).data_ptr()
             assert base.data_ptr() <= ptr < base.data_ptr() + unit.nbytes
 
 

@@ -67,6 +67,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         optional_lora_dirs: list[Path] | None = None,
         vae: Path | None = None,
         taesd: Path | None = None,
+        model_cache: Path | None = None,
     ):
         self.device = resolve_device(device)
         self.models = Models(
@@ -77,6 +78,8 @@ class Engine(TextStage, UNetStage, VaeStage):
             tokenizer_dir=tokenizer_dir,
             random_seed=random_seed,
             vae=vae,
+            model_cache=model_cache,
+            pin=self.device.type == "cuda",
         )
         self.budget = budget
         """VRAM budget in bytes; None: the device's free memory minus a margin (no planning on CPU)."""
@@ -371,10 +374,10 @@ class Engine(TextStage, UNetStage, VaeStage):
         return model
 
     def _registered(self, stage: str) -> torch.nn.Module:
-        """The stage's model, packed into the placement's units (the U-Net one unit per layer)."""
+        """The stage's model, packed into the placement's units (the U-Net one unit per layer); a
+        model built straight into its units' host buffers has them adopted, not copied."""
         model = self.models.module(stage)
-        units = [m for _, m, _ in model.units()] if stage == "unet" else None
-        self.placement.register(stage, model, units)
+        self.placement.register(stage, model, self.models.units(stage, model), hosts=self.models.unit_hosts(stage))
         return model
 
     def _release(self, stage: str, mode: str) -> None:

@@ -34,7 +34,8 @@ class Checkpoint:
 
     path: Path
     _tensors: dict | None = None  # .ckpt: name -> tensor (mmap-backed where possible)
-    _safe: object | None = None  # .safetensors: a safe_open handle
+    _safe: object | None = None  # .safetensors: a safe_open handle (names and shapes)
+    _file: object | None = None  # .safetensors: a TensorFile (the weights, by positioned reads)
 
     def keys(self) -> list[str]:
         if self._safe is not None:
@@ -47,12 +48,26 @@ class Checkpoint:
         return tuple(self._tensors[key].shape)
 
     def tensor(self, key: str) -> torch.Tensor:
-        if self._safe is not None:
-            return self._safe.get_tensor(key)
+        if self._file is not None:
+            entry = self._file.entries[key]
+            out = torch.empty(entry.shape, dtype=entry.dtype)
+            self._file.read_into(key, out)
+            return out
         return self._tensors[key]
 
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read the tensor ``key`` into ``out`` (same shape; converted to its dtype): from a
+        safetensors file by positioned reads (no memory map), from a .ckpt by a copy."""
+        if self._file is not None:
+            self._file.read_into(key, out)
+        else:
+            out.copy_(self._tensors[key])
+
     def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
         self._safe = None
+        self._file = None
         self._tensors = None
 
 
@@ -132,12 +147,15 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if kind == "safetensors":
         from safetensors import safe_open
 
+        from .tensor_reader import TensorFile
+
         try:
             handle = safe_open(str(p), framework="pt", device="cpu")
             handle.keys()
+            reader = TensorFile(p)
         except Exception as exc:
             raise CheckpointError(f"{p}: not a readable safetensors file ({first_line(exc)}); is it truncated?") from None
-        return Checkpoint(p, _safe=handle)
+        return Checkpoint(p, _safe=handle, _file=reader)
 
     if kind in ("zip", "pickle"):
         if kind == "zip":
@@ -298,37 +316,36 @@ def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def recall_sha256(path: str | os.PathLike, memo_file: Path | None) -> str | None:
+    """The sha256 ``memo_file`` remembers for ``path`` at its current size and mtime, or None
+    (nothing remembered, or the memo is unreadable): never reads the file itself."""
+    if memo_file is None:
+        return None
+    p = Path(path).resolve()
+    st = p.stat()
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        return None
+    entry = memo.get(str(p)) if isinstance(memo, dict) else None
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        digest = entry.get("sha256")
+        if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest):
+            return digest
+    return None
+
+
 def remembered_sha256(path: str | os.PathLike, memo_file: Path | None) -> str:
     """sha256 of ``path``, read from ``memo_file`` when path, size and mtime are unchanged.
 
     Any trouble with the memo (missing, corrupt, unwritable) only means hashing the file again.
     """
-    p = Path(path).resolve()
-    st = p.stat()
-    key = str(p)
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    memo: dict = {}
+    digest = recall_sha256(path, memo_file)
+    if digest is not None:
+        return digest
+    digest = file_sha256(Path(path).resolve())
     if memo_file is not None:
-        try:
-            memo = json.loads(memo_file.read_text())
-            if not isinstance(memo, dict):
-                memo = {}
-            entry = memo.get(key)
-            if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()):
-                digest = entry.get("sha256")
-                if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest):
-                    return digest
-        except (OSError, ValueError):
-            memo = {}
-    digest = file_sha256(p)
-    if memo_file is not None:
-        from ...fsutil import atomic_write_bytes
-
-        memo[key] = {**stamp, "sha256": digest}
-        try:
-            atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
-        except OSError:
-            pass
+        remember_sha256(path, digest, memo_file)
     return digest
 
 

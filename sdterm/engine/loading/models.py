@@ -29,13 +29,15 @@ from .checkpoint import (
     Checkpoint,
     CheckpointError,
     identify,
-    load_module,
     open_checkpoint,
-    remembered_sha256,
+    recall_sha256,
     resolve_model_path,
     short_hash,
     verify_module,
 )
+from .hasher import BackgroundHash
+from .host_units import PACKED, stage_units
+from .store import HostStore
 from .vae_file import VAEFile, verify_vae_file
 
 
@@ -77,6 +79,10 @@ def open_model(path: str | Path, *, config_path: str | Path | None = None, data_
 ON_DEMAND = frozenset({"vae_encoder"})
 """Models that text-to-image never builds; the checkpoint file is released once all the others are."""
 
+PREFETCH_WHILE_HASHING = 256 << 20
+"""A checkpoint at least this large whose hash is asked for before it is known (the first start:
+the prompt cache is keyed by it) has its text-to-image models loaded while the hash is computed."""
+
 
 class Models:
     """The text encoder, U-Net and VAE decoder of one checkpoint (or random weights), on the host,
@@ -92,7 +98,11 @@ class Models:
         tokenizer_dir: Path | None = None,
         random_seed: int = 0,
         vae: Path | None = None,
+        model_cache: Path | None = None,
+        pin: bool = False,
     ):
+        """``model_cache``: the folder of the model cache (``packed.py``; None: none). ``pin``:
+        the host buffers are page-locked (the device is a GPU)."""
         self.source = source
         self.cfg = source.config
         self.dtype = dtype
@@ -114,8 +124,16 @@ class Models:
             "vae": self._build_vae,
             "vae_encoder": self._build_vae_encoder,
         }
+        self._store: HostStore | None = None
+        self._hash: BackgroundHash | None = None
         if source.checkpoint is not None:
-            self._verify()
+            self._store = HostStore(source.checkpoint, self.cfg, dtype, pin=pin, folder=model_cache,
+                                    checkpoint=self._checkpoint, verify=self._verify, digest=self._digest)
+            if self._store.pack is None:  # a pack is only ever made from a file that passed
+                self._store.ensure_verified()
+            self._sha256 = self._store.sha256 or recall_sha256(source.checkpoint, hash_memo)
+            if self._sha256 is None:
+                self._hash = BackgroundHash(source.checkpoint, hash_memo)
         self._vae: VAEFile | None = verify_vae_file(vae, self.cfg.vae) if vae is not None else None
         self._vae_hash: str | None = None
 
@@ -147,26 +165,26 @@ class Models:
             torch.manual_seed(self.random_seed * 3 + offset if offset < 3 else -(self.random_seed + 1))
             return build().to(self.dtype).eval().requires_grad_(False)
 
+    def _packable(self) -> tuple[str, ...]:
+        """The models this process takes from the checkpoint (not a decoder from a VAE file)."""
+        return tuple(s for s in PACKED if s != "vae" or self._vae is None)
+
     def _build_text(self) -> torch.nn.Module:
         if self.source.checkpoint is None:
             return self._random(lambda: build_text_encoder(self.cfg.text, None, torch.float32), 0)
-        return build_text_encoder(self.cfg.text, self._checkpoint(), self.dtype)
+        return self._store.build("text", self._packable())
 
     def _build_unet(self) -> torch.nn.Module:
         if self.source.checkpoint is None:
             return self._random(lambda: UNetModel(self.cfg.unet), 1)
-        with torch.device("meta"):
-            unet = UNetModel(self.cfg.unet)
-        return load_module(unet, self._checkpoint(), UNET_PREFIX, self.dtype)
+        return self._store.build("unet", self._packable())
 
     def _build_vae(self) -> torch.nn.Module:
         if self._vae is not None:
             return self._vae.load(self.cfg.vae, self.dtype)
         if self.source.checkpoint is None:
             return self._random(lambda: VAEDecoder(self.cfg.vae), 2)
-        with torch.device("meta"):
-            vae = VAEDecoder(self.cfg.vae)
-        return load_module(vae, self._checkpoint(), VAE_PREFIX, self.dtype)
+        return self._store.build("vae", self._packable())
 
     def _build_vae_encoder(self) -> torch.nn.Module:
         """From the external VAE file when it has ``encoder.*`` (A1111 loads the whole VAE), else
@@ -175,18 +193,18 @@ class Models:
             return self._vae.load_encoder(self.cfg.vae, self.dtype)
         if self.source.checkpoint is None:
             return self._random(lambda: VAEEncoder(self.cfg.vae), 3)
+        self._store.ensure_verified()
         ckpt = self._checkpoint()
         if not any(k.startswith(VAE_PREFIX + "encoder.") for k in ckpt.keys()):
             raise CheckpointError(
                 f"{ckpt.path}: has no VAE encoder ({VAE_PREFIX}encoder.*; a pruned file?), so it cannot "
                 "encode an image; use a VAE file that has one (--vae)"
             )
-        with torch.device("meta"):
-            encoder = VAEEncoder(self.cfg.vae)
-        return load_module(encoder, ckpt, VAE_PREFIX, self.dtype)
+        return self._store.build("vae_encoder", ())
 
     def module(self, stage: str) -> torch.nn.Module:
-        """The stage's model in host memory, built from the checkpoint on first use."""
+        """The stage's model in host memory, built on first use (from the model cache, else from
+        the checkpoint)."""
         if stage not in self._modules:
             self._modules[stage] = self.factories[stage]()
             if self._ckpt is not None and all(s in self._modules for s in self.factories if s not in ON_DEMAND):
@@ -203,6 +221,19 @@ class Models:
         self._vae, self._vae_hash = new, None
         self._modules.pop("vae", None)
         self._modules.pop("vae_encoder", None)
+        if self._store is not None:
+            self._store.forget("vae")
+            self._store.forget("vae_encoder")
+
+    def unit_hosts(self, stage: str) -> list[torch.Tensor] | None:
+        """The host buffers the stage's model was built into, one per unit (None: a model built
+        otherwise, which the placement packs itself)."""
+        return self._store.hosts.get(stage) if self._store is not None and stage in self._modules else None
+
+    @staticmethod
+    def units(stage: str, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The modules of ``model`` that move to the device separately (the U-Net's layers)."""
+        return stage_units(stage, model)
 
     @property
     def vae_name(self) -> str | None:
@@ -235,14 +266,27 @@ class Models:
             self._tokenizer = PromptTokenizer(folder, self.cfg.text.max_positions, memo=memo)
         return self._tokenizer
 
+    def _digest(self) -> str:
+        """The checkpoint's sha256, waiting for the hashing thread if need be."""
+        if self._sha256 is None:
+            self._sha256 = self._hash.result() if self._hash is not None else "0" * 64
+        return self._sha256
+
     @property
     def sha256(self) -> str:
-        if self._sha256 is None:
-            if self.source.checkpoint is None:
-                self._sha256 = "0" * 64
-            else:
-                self._sha256 = remembered_sha256(self.source.checkpoint, self.hash_memo)
-        return self._sha256
+        """The checkpoint's sha256: from the model cache or the hash memo, else computed on a
+        thread since the model was opened (waited for now; on a large file the text-to-image
+        models are loaded meanwhile: the first start then pays for the hash only once)."""
+        if self._sha256 is None and self._hash is not None and not self._hash.done():
+            try:
+                big = self.source.checkpoint.stat().st_size >= PREFETCH_WHILE_HASHING
+            except OSError:
+                big = False
+            for stage in self._packable() if big else ():
+                if self._hash.done():
+                    break
+                self.module(stage)
+        return self._digest()
 
     @property
     def encoder_id(self) -> str:

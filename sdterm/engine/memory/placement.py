@@ -71,7 +71,9 @@ ALIGN = 256
 
 
 @dataclass
-class _Slot:
+class Slot:
+    """Where one parameter or buffer sits in its unit's flat byte buffer."""
+
     owner: nn.Module
     name: str
     is_param: bool
@@ -81,53 +83,115 @@ class _Slot:
     nbytes: int
 
 
+def unit_slots(modules: list[nn.Module], dtype: torch.dtype | None = None) -> tuple[list[Slot], int]:
+    """The layout of a unit holding ``modules``: each distinct parameter and buffer at an
+    ``ALIGN``-byte offset, in module order; and the unit's size in bytes. ``dtype``: the dtype the
+    floating tensors will have (for a model still on the meta device; None: as they are).
+
+    The one layout function: :class:`Unit` packs with it and the model cache
+    (``loading/packed.py``) stores and reads with it, so they can never disagree."""
+    slots: list[Slot] = []
+    seen: set[int] = set()
+    offset = 0
+    for module in modules:
+        for owner in module.modules():
+            for name, t in list(owner._parameters.items()) + list(owner._buffers.items()):
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                nbytes = t.numel() * torch.empty((), dtype=dt).element_size()
+                slots.append(Slot(owner, name, name in owner._parameters, t.shape, dt, offset, nbytes))
+                offset += -(-nbytes // ALIGN) * ALIGN
+    return slots, max(offset, ALIGN)
+
+
+def slot_view(flat: torch.Tensor, start: int, slot: Slot) -> torch.Tensor:
+    """The tensor of ``slot`` inside the flat byte buffer ``flat`` whose unit begins at ``start``."""
+    return flat[start + slot.offset : start + slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+
+
+def get_tensor(slot: Slot) -> torch.Tensor:
+    table = slot.owner._parameters if slot.is_param else slot.owner._buffers
+    return table[slot.name].data
+
+
+def set_tensor(slot: Slot, view: torch.Tensor) -> None:
+    """Point the slot's parameter (or buffer) at ``view``."""
+    if slot.is_param:
+        param = slot.owner._parameters[slot.name]
+        if param.is_meta:  # a model built on the meta device: a real parameter in its place
+            slot.owner._parameters[slot.name] = nn.Parameter(view, requires_grad=False)
+        else:
+            param.data = view
+    else:
+        slot.owner._buffers[slot.name] = view
+
+
+PINNED_CACHE_MB = 16
+"""Pinned host blocks above this size are allocated at their exact size and not cached (see
+:func:`host_buffer`)."""
+
+_pinned_config_done = False
+
+
+def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """A flat host byte buffer, page-locked when ``pin`` (the device is a GPU).
+
+    torch's pinned allocator rounds every block up to a power of two (a 1.7 GB U-Net would pin
+    2 GiB); blocks above ``PINNED_CACHE_MB`` are asked for at their exact size instead (and freed,
+    not cached, when dropped: model buffers live as long as the engine). A setting the user gave in
+    PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF wins."""
+    global _pinned_config_done
+    if pin and not _pinned_config_done:
+        import os
+
+        _pinned_config_done = True
+        given = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
+        if "pinned_max" not in given:
+            try:
+                torch._C._accelerator_setAllocatorSettings(f"pinned_max_cached_size_mb:{PINNED_CACHE_MB}")
+            except (AttributeError, RuntimeError):
+                pass
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
 class Unit:
     """Some modules' parameters and buffers packed into one flat byte buffer on the host (pinned
-    when the device is a GPU), so the unit moves to the device with a single copy."""
+    when the device is a GPU), so the unit moves to the device with a single copy.
 
-    def __init__(self, modules: list[nn.Module], pin: bool):
-        slots: list[_Slot] = []
-        seen: set[int] = set()
-        offset = 0
-        for module in modules:
-            for owner in module.modules():
-                for name, t in list(owner._parameters.items()) + list(owner._buffers.items()):
-                    if t is None or id(t) in seen:
-                        continue
-                    seen.add(id(t))
-                    nbytes = t.numel() * t.element_size()
-                    slots.append(_Slot(owner, name, name in owner._parameters, t.shape, t.dtype, offset, nbytes))
-                    offset += -(-nbytes // ALIGN) * ALIGN
-        self.slots = slots
-        self.nbytes = max(offset, ALIGN)
-        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
-        for slot in slots:
-            src = self._get(slot)
-            self._view(self.host, 0, slot).copy_(src)
-            self._set(slot, self._view(self.host, 0, slot))  # the old tensor is freed here
+    ``host``: a buffer the modules' tensors already are views of, each at its place in the layout
+    (a model read from the model cache or converted straight into its units): adopted as it is,
+    nothing copied. Otherwise (or if any tensor is not where the layout puts it) a new buffer is
+    allocated and every tensor copied into it."""
+
+    def __init__(self, modules: list[nn.Module], pin: bool, host: torch.Tensor | None = None):
+        self.slots, self.nbytes = unit_slots(modules)
+        if host is not None and self._laid_out_in(host):
+            self.host = host
+        else:
+            self.host = host_buffer(self.nbytes, pin)
+            for slot in self.slots:
+                view = slot_view(self.host, 0, slot)
+                view.copy_(get_tensor(slot))
+                set_tensor(slot, view)  # the old tensor is freed here
         self.device_buf: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
 
-    @staticmethod
-    def _get(slot: _Slot) -> torch.Tensor:
-        table = slot.owner._parameters if slot.is_param else slot.owner._buffers
-        return table[slot.name].data
-
-    @staticmethod
-    def _set(slot: _Slot, view: torch.Tensor) -> None:
-        if slot.is_param:
-            slot.owner._parameters[slot.name].data = view
-        else:
-            slot.owner._buffers[slot.name] = view
-
-    @staticmethod
-    def _view(flat: torch.Tensor, start: int, slot: _Slot) -> torch.Tensor:
-        return flat[start + slot.offset : start + slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+    def _laid_out_in(self, host: torch.Tensor) -> bool:
+        if host.numel() != self.nbytes or host.dtype != torch.uint8:
+            return False
+        base = host.data_ptr()
+        for slot in self.slots:
+            t = get_tensor(slot)
+            if t.data_ptr() != base + slot.offset or t.dtype != slot.dtype or not t.is_contiguous():
+                return False
+        return True
 
     def bind(self, flat: torch.Tensor, start: int = 0) -> None:
         """Point every tensor of the unit at its place in ``flat`` (host, device buffer or ring)."""
         for slot in self.slots:
-            self._set(slot, self._view(flat, start, slot))
+            set_tensor(slot, slot_view(flat, start, slot))
 
 
 class Placement:
@@ -146,9 +210,13 @@ class Placement:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.models: dict[str, list[Unit]] = {}
 
-    def register(self, name: str, module: nn.Module, units: list[nn.Module] | None = None) -> None:
+    def register(self, name: str, module: nn.Module, units: list[nn.Module] | None = None,
+                 hosts: list[torch.Tensor] | None = None) -> None:
+        """``hosts``: per unit, the host buffer its tensors already live in (adopted, not copied)."""
         if name not in self.models:
-            self.models[name] = [Unit([m], pin=self.cuda) for m in (units or [module])]
+            parts = units or [module]
+            given = hosts if hosts is not None and len(hosts) == len(parts) else [None] * len(parts)
+            self.models[name] = [Unit([m], pin=self.cuda, host=h) for m, h in zip(parts, given)]
 
     def on_device(self, name: str) -> bool:
         return all(u.device_buf is not None for u in self.models.get(name, []))

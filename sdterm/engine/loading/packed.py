@@ -1,0 +1,392 @@
+"""The model cache: a checkpoint's models converted to the run dtype, stored in exactly the
+placement's unit layout, so a later start reads them straight into their host buffers (no
+parsing, no conversion, no hashing).
+
+One file per (checkpoint path, architecture, dtype) in the cache folder, ``<key>.pack``::
+
+    magic (8 bytes) | format (u32) | header length (u64) | header crc32 (u32) | header (JSON) | padding
+    payload: each model's buffer, one after the other (4096-byte aligned)
+
+The header holds the key (the checkpoint's identity: resolved path, size, mtime, ctime, inode,
+device; the architecture; the dtype; the format), the checkpoint's sha256, and per model its
+offset, its units' layout (each tensor's name, dtype, shape, offset) and a crc32 of every
+``BLOCK`` bytes of each unit.
+
+A pack is trusted only when all of this holds (STYLE.md: any read error is a miss): the header's
+crc, the key equal to the checkpoint's current identity (a file changed in place, even with its
+mtime put back, has a new ctime), the file's length equal to header + payload (a truncated file),
+the layout equal to what the code builds now, and every block's crc, computed while reading.
+Anything else: the pack is deleted and the model comes from the checkpoint (and is packed again).
+
+Writing happens while a model is converted: each unit goes to a temporary file in the same folder
+as soon as it is complete (a writer thread), the header last, then an atomic rename (a thread the
+process waits for before exiting). A write that fails is dropped without a word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+import weakref
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ...fsutil import create_temp, remove_quietly
+from .host_units import StageLayout
+from .tensor_reader import byte_view, pread_full
+
+MAGIC = b"SDTPACK\x00"
+FORMAT = 1
+PREFIX = struct.Struct("<8sIQI")
+PAGE = 4096
+BLOCK = 16 << 20
+"""Bytes per checksum: blocks are verified in parallel while they are read."""
+SUFFIX = ".pack"
+TEMP_PREFIX = ".pack-"
+KEEP = 2
+"""Packs kept in the folder (the most recently used); each is about the model's size in fp16."""
+READ_THREADS = 8
+
+
+class PackError(Exception):
+    """The pack can't be trusted; the model comes from the checkpoint instead."""
+
+
+def identity(checkpoint: Path) -> dict:
+    """What makes a checkpoint the same file with the same content, as far as stat can tell."""
+    p = Path(checkpoint).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "ino": st.st_ino, "dev": st.st_dev}
+
+
+def architecture(cfg) -> str:
+    return repr((cfg.unet, cfg.vae, cfg.text))
+
+
+def pack_key(checkpoint: Path, cfg, dtype: torch.dtype) -> dict:
+    return {"identity": identity(checkpoint), "architecture": architecture(cfg),
+            "dtype": str(dtype).removeprefix("torch."), "format": FORMAT}
+
+
+def pack_path(folder: Path, key: dict) -> Path:
+    """One file per checkpoint path, architecture and dtype: a changed checkpoint replaces it."""
+    name = json.dumps([key["identity"]["path"], key["architecture"], key["dtype"], key["format"]])
+    return folder / (hashlib.sha256(name.encode()).hexdigest()[:24] + SUFFIX)
+
+
+def _blocks(nbytes: int) -> list[tuple[int, int]]:
+    return [(at, min(BLOCK, nbytes - at)) for at in range(0, nbytes, BLOCK)] or [(0, 0)]
+
+
+def _align(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def read_header(fd: int) -> tuple[dict, int]:
+    """(header, payload offset) of an open pack; PackError if it is not a sound one."""
+    head = bytearray(PREFIX.size)
+    try:
+        pread_full(fd, memoryview(head), 0)
+    except OSError:
+        raise PackError("no header") from None
+    magic, fmt, length, crc = PREFIX.unpack(head)
+    if magic != MAGIC or fmt != FORMAT or length > 64 << 20:
+        raise PackError("not a pack of this format")
+    raw = bytearray(length)
+    try:
+        pread_full(fd, memoryview(raw), PREFIX.size)
+    except OSError:
+        raise PackError("truncated header") from None
+    if zlib.crc32(raw) != crc:
+        raise PackError("header checksum")
+    try:
+        header = json.loads(raw)
+        payload = int(header["payload"])
+    except (ValueError, KeyError, TypeError):
+        raise PackError("header unreadable") from None
+    start = _align(PREFIX.size + length)
+    if os.fstat(fd).st_size != start + payload:
+        raise PackError("length differs from the header's (truncated?)")
+    return header, start
+
+
+class Pack:
+    """An open, verified-so-far pack; ``read_stage`` verifies each model's data as it reads it."""
+
+    def __init__(self, path: Path, fd: int, header: dict, start: int):
+        self.path, self.fd, self.header, self.start = path, fd, header, start
+        self._ino = os.fstat(fd).st_ino
+
+    @classmethod
+    def open(cls, folder: Path, key: dict) -> Pack | None:
+        """The pack for ``key`` if there is one that can be trusted so far; a broken or stale one
+        is deleted. Never raises."""
+        path = pack_path(folder, key)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        try:
+            header, start = read_header(fd)
+            if header.get("key") != key:
+                raise PackError("stale: the checkpoint or the architecture changed")
+            pack = cls(path, fd, header, start)
+        except (PackError, OSError):
+            _discard(path, fd)
+            return None
+        try:
+            os.utime(path)  # most recently used: eviction keeps it
+        except OSError:
+            pass
+        return pack
+
+    @property
+    def sha256(self) -> str | None:
+        digest = self.header.get("sha256")
+        return digest if isinstance(digest, str) and len(digest) == 64 else None
+
+    def has(self, stage: str) -> bool:
+        return stage in self.header.get("models", {})
+
+    def read_stage(self, stage: str, layout: StageLayout, buffer: torch.Tensor) -> None:
+        """Read the model ``stage`` into ``buffer`` (its layout's), checking every block's crc in
+        parallel threads; PackError on any mismatch or read error."""
+        try:
+            entry = self.header["models"][stage]
+            stored = [{"nbytes": u["nbytes"], "slots": u["slots"]} for u in entry["units"]]
+            if stored != _unit_layout(layout) or entry["nbytes"] != layout.total:
+                raise PackError(f"{stage}: layout differs from this version's")
+            jobs = []
+            for host, unit, start in zip(layout.unit_hosts(buffer), entry["units"], layout.starts):
+                for (at, n), crc in zip(_blocks(unit["nbytes"]), unit["crc"]):
+                    jobs.append((host[at : at + n], self.start + entry["offset"] + start + at, crc))
+        except (KeyError, TypeError, ValueError):
+            raise PackError(f"{stage}: header unreadable") from None
+
+        def read(job) -> bool:
+            view, offset, crc = job
+            data = byte_view(view)
+            pread_full(self.fd, data, offset)
+            return zlib.crc32(data) == crc
+
+        try:
+            with ThreadPoolExecutor(min(READ_THREADS, os.cpu_count() or 1), thread_name_prefix="sdterm-pack") as pool:
+                good = all(list(pool.map(read, jobs)))
+        except OSError as exc:
+            raise PackError(f"{stage}: {exc}") from None
+        if not good:
+            raise PackError(f"{stage}: checksum mismatch")
+
+    def discard(self) -> None:
+        """Delete the pack (it can't be trusted) unless it has already been replaced."""
+        _discard(self.path, self.fd, self._ino)
+        self.fd = -1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+
+def _discard(path: Path, fd: int, ino: int | None = None) -> None:
+    try:
+        ino = os.fstat(fd).st_ino if ino is None else ino
+        if os.stat(path).st_ino == ino:  # not a fresh pack another process just put there
+            os.unlink(path)
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _unit_layout(layout: StageLayout) -> list[dict]:
+    """The layout as the header stores it (JSON round-trip: lists, not tuples), without crcs."""
+    return json.loads(json.dumps(layout.describe()))
+
+
+class PackWriter:
+    """Writes a pack while its models are converted: ``unit_done`` queues a unit (crc + write on a
+    writer thread), ``stage_done`` waits for a model's units (its weights may change after, e.g. a
+    LoRA merge), ``finish`` writes the header and publishes the file once every model is in.
+
+    Never raises: the first failure drops the pack (and its temporary file)."""
+
+    def __init__(self, folder: Path, key: dict, layouts: dict[str, StageLayout], *,
+                 sha256: Callable[[], str | None], still: Callable[[], dict]):
+        """``sha256()``: the checkpoint's (waited for on the publishing thread); ``still()``: the
+        checkpoint's key now (the pack is dropped if it changed while it was packed)."""
+        self.folder, self.key = folder, key
+        self._sha256, self._still = sha256, still
+        self.failed = False
+        self.finished = False
+        self.entries: dict[str, dict] = {}
+        offset = 0
+        for stage, layout in layouts.items():
+            units = _unit_layout(layout)
+            for unit in units:
+                unit["crc"] = [0xFFFFFFFF] * len(_blocks(unit["nbytes"]))  # widest placeholders
+            self.entries[stage] = {"offset": offset, "nbytes": layout.total, "units": units}
+            offset += _align(layout.total)
+        self.payload = offset
+        self.starts = {stage: layout.starts for stage, layout in layouts.items()}
+        self.pending: dict[str, list[Future]] = {stage: [] for stage in layouts}
+        self.done: set[str] = set()
+        self.reserved = len(self._header_json("f" * 64))
+        self.start = _align(PREFIX.size + self.reserved)
+        self.temp = _Temp()
+        self._cleanup = weakref.finalize(self, self.temp.drop)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.temp.fd, self.temp.path = create_temp(folder, TEMP_PREFIX, ".tmp")
+            os.ftruncate(self.temp.fd, self.start + self.payload)
+        except OSError:
+            self._fail()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sdterm-pack-write")
+
+    def _header_json(self, sha256: str | None, stages=None) -> bytes:
+        models = {s: e for s, e in self.entries.items() if stages is None or s in stages}
+        return json.dumps({"key": self.key, "sha256": sha256, "payload": self.payload, "models": models},
+                          separators=(",", ":")).encode()
+
+    def _fail(self) -> None:
+        self.failed = True
+        self.temp.drop()
+
+    def unit_done(self, stage: str, index: int, host: torch.Tensor) -> None:
+        """Unit ``index`` of ``stage`` is complete in ``host``: checksum and write it (queued)."""
+        if self.failed or stage not in self.entries:
+            return
+        unit = self.entries[stage]["units"][index]
+        offset = self.start + self.entries[stage]["offset"] + self.starts[stage][index]
+
+        def write() -> None:
+            if self.failed:
+                return
+            data = byte_view(host)
+            crcs = []
+            for at, n in _blocks(unit["nbytes"]):
+                block = data[at : at + n]
+                crcs.append(zlib.crc32(block))
+                done = 0
+                while done < n:
+                    done += os.pwrite(self.temp.fd, block[done:], offset + at + done)
+            unit["crc"] = crcs
+
+        self.pending[stage].append(self._writer.submit(write))
+
+    def stage_done(self, stage: str) -> None:
+        """Wait until every unit of ``stage`` is written (or the pack has failed)."""
+        for job in self.pending.get(stage, []):
+            try:
+                job.result()
+            except (OSError, ValueError, RuntimeError):
+                self._fail()
+        self.pending[stage] = []
+        self.done.add(stage)
+
+    def complete(self) -> bool:
+        return set(self.entries) <= self.done
+
+    def abandon(self) -> None:
+        """Drop the pack (a model could not be read)."""
+        self._fail()
+        self._writer.shutdown(wait=False)
+
+    def finish(self) -> threading.Thread | None:
+        """Publish the pack with the models written so far, on a thread the process waits for
+        before exiting: the header (with the sha256, waited for there) and an atomic rename,
+        unless the checkpoint changed meanwhile."""
+        if self.failed or self.finished or not self.done:
+            return None
+        self.finished = True
+        stages = set(self.done)
+
+        def publish() -> None:
+            try:
+                header = self._header_json(self._sha256(), stages)
+                if self._still() != self.key or len(header) > self.reserved:
+                    raise OSError("the checkpoint changed while it was packed")
+                header += b" " * (self.reserved - len(header))
+                os.pwrite(self.temp.fd, PREFIX.pack(MAGIC, FORMAT, len(header), zlib.crc32(header)) + header, 0)
+                self.temp.close()
+                os.replace(self.temp.path, pack_path(self.folder, self.key))
+                self.temp.path = None  # published: nothing to clean up
+                evict(self.folder)
+            except Exception:  # noqa: BLE001 - a pack that can't be written is simply not there
+                self._fail()
+            finally:
+                self._writer.shutdown(wait=False)
+
+        thread = threading.Thread(target=publish, name="sdterm-pack-publish", daemon=False)
+        thread.start()
+        return thread
+
+
+class _Temp:
+    """The pack being written: its descriptor and temporary file, closed and removed at most once
+    (on failure, or when the writer is dropped unfinished, at the latest when the process exits)."""
+
+    def __init__(self):
+        self.fd = -1
+        self.path: Path | None = None
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd >= 0:
+                try:
+                    os.close(self.fd)
+                except OSError:
+                    pass
+                self.fd = -1
+
+    def drop(self) -> None:
+        self.close()
+        with self.lock:
+            if self.path is not None:
+                remove_quietly(self.path)
+                self.path = None
+
+
+# ---- the folder: listing, eviction, pruning ----------------------------------------------------
+
+
+def pack_files(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.name.endswith(SUFFIX) and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def temp_files(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    except OSError:
+        return []
+
+
+def evict(folder: Path, keep: int = KEEP) -> int:
+    """Delete all but the ``keep`` most recently used packs; how many were deleted."""
+    def used(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    old = sorted(pack_files(folder), key=used, reverse=True)[keep:]
+    for p in old:
+        remove_quietly(p)
+    return len(old)
