@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdterm.bench.options import BenchOptions, Budget, options_from_args, parse_budgets, parse_modes, parse_sizes
-from sdterm.bench.reference import reference_modes_to_run
+from sdterm.bench.options import (REFERENCE_MODES, BenchOptions, Budget, options_from_args, parse_budgets,
+                                  parse_modes, parse_sizes)
+from sdterm.bench.reference import MODE_PLANS, reference_modes_to_run
 from sdterm.bench.report import format_report
 from sdterm.bench.rows import BenchReport, Row, add_ratios
 from sdterm.bench.run import bench_sdterm, run_bench
@@ -78,15 +79,20 @@ def test_parse_budgets():
 
 def test_parse_modes():
     assert parse_modes("gpu,model-offload") == ("gpu", "model-offload")
-    with pytest.raises(UserError, match="reference-modes"):
-        parse_modes("gpu,cpu-offload")
+    assert parse_modes("compile, group-offload-block,compile") == ("compile", "group-offload-block")
+    assert parse_modes("all") == parse_modes(",".join(REFERENCE_MODES)) == REFERENCE_MODES
+    assert parse_modes("compile,all") == ("compile", *(m for m in REFERENCE_MODES if m != "compile"))
+    assert set(REFERENCE_MODES) == set(MODE_PLANS)  # each mode has its plan text
+    for bad in ("gpu,cpu-offload", "group-offload", "compile,", "ALL"):
+        with pytest.raises(UserError, match="--reference-modes: unknown mode .*; use gpu, .*compile or all"):
+            parse_modes(bad)
 
 
-def test_offload_modes_are_skipped_with_a_note_on_the_cpu():
+def test_offload_and_compile_modes_are_skipped_with_a_note_on_the_cpu():
     notes: list[str] = []
     modes = reference_modes_to_run(BenchOptions(), torch.device("cpu"), notes)
-    assert modes == ("gpu",)
-    assert len(notes) == 2 and all("needs a CUDA device" in n for n in notes)
+    assert BenchOptions().reference_modes == REFERENCE_MODES and modes == ("gpu",)
+    assert notes == [f"diffusers {m} skipped: it needs a CUDA device" for m in REFERENCE_MODES[1:]]
 
 
 @pytest.mark.parametrize(
@@ -96,6 +102,7 @@ def test_offload_modes_are_skipped_with_a_note_on_the_cpu():
         (("--sizes", "512by512"), "--sizes"),
         (("--budgets", "1G,lots"), "--budgets"),
         (("--reference-modes", "tpu"), "--reference-modes"),
+        (("--reference-modes", "gpu,compiled"), "unknown mode 'compiled'"),
         (("--steps", "0"), "steps"),
         (("--repeats", "0"), "--repeats"),
     ],
@@ -163,6 +170,7 @@ def test_table_layout():
     assert "diffusers gpu" in lines[head + 2] and "1.00x" in lines[head + 2] and "3.00 GiB" in lines[head + 2]
     assert "error: out of memory: boom" in lines[head + 3]
     assert lines[-1] == "note: a note"
+    assert "vs compile" not in text  # no torch.compile row: the table keeps its columns
     # the columns line up: "s/render" ends at the same place in every row
     end = lines[head].index("s/render") + len("s/render")
     assert lines[head + 1][:end].endswith("3.000") and lines[head + 2][:end].endswith("1.500")
@@ -239,6 +247,8 @@ def test_json_has_sdterm_and_reference_rows(bench_cli, tiny_config):
     assert [s["stage"] for s in ours["stages"]] == ["text", "unet", "vae"]
     assert ours["stages"][0]["cache"] == "hit"  # the timed render had the prompt cached
     assert ref["mode"] == "gpu" and ref["ratio_to_diffusers_gpu"] == pytest.approx(1.0)
+    assert ref["first_render_seconds"] > 0 and ours["first_render_seconds"] is None  # the reference's warm-up
+    assert ours["ratio_to_diffusers_compile"] is None and ref["notices"] == []  # no compile row on the CPU
     expected = ours["seconds_per_render"] / ref["seconds_per_render"]
     assert ours["ratio_to_diffusers_gpu"] == pytest.approx(expected, rel=1e-3)
 

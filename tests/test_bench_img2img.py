@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from sdterm.bench.img2img import diffusers_steps, write_init_image
+from sdterm.bench.img2img import bench_img2img_reference, diffusers_steps, write_init_image
 from sdterm.bench.options import BenchOptions
 from sdterm.bench.run import run_bench
 
@@ -52,6 +52,17 @@ def test_diffusers_steps_make_the_updates_asked_for():
         for strength in (0.3, 0.5, 0.7, 0.75, 0.999, 1.0):
             n = diffusers_steps(updates, strength)
             assert int(n * strength) == updates and int((n - 1) * strength) < updates, (updates, strength, n)
+
+
+@pytest.mark.parametrize("kind", [{"init_strength": 0.5}, {"hires_scale": 2.0}])
+def test_other_modes_than_gpu_are_skipped_with_a_note(tmp_path, kind):
+    """Offload and torch.compile are measured for text-to-image only: here a note, no rows, no crash."""
+    opts = BenchOptions(sizes=((64, 64),), **kind)
+    notes: list[str] = []
+    modes = ("compile", "group-offload-block", "group-offload-leaf")
+    assert bench_img2img_reference(None, opts, modes, print, tmp_path, notes) == []
+    assert notes == [f"{opts.kind} reference: diffusers all on the device only "
+                     "(compile, group-offload-block, group-offload-leaf not measured)"]
 
 
 def test_hires_rows_from_a_real_run(demo_model):

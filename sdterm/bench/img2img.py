@@ -59,8 +59,8 @@ def diffusers_steps(updates: int, strength: float) -> int:
 
 def bench_img2img_reference(engine, opts: BenchOptions, modes: tuple[str, ...], log: Log, folder: Path,
                             notes: list[str]) -> list[Row]:
-    """diffusers all on the device for the ``--init`` / ``--hires`` rows (its offload modes are not
-    measured here: a note says so)."""
+    """diffusers all on the device for the ``--init`` / ``--hires`` rows (its other modes, offload
+    and torch.compile, are not measured here: a note says so)."""
     if not modes:
         return []
     skipped = [m for m in modes if m != "gpu"]

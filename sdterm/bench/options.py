@@ -12,8 +12,12 @@ from ..params import Params
 from ..samplers import SAMPLERS, split_sampler
 from ..units import parse_size, parse_wh
 
-REFERENCE_MODES = ("gpu", "model-offload", "sequential-offload")
-"""diffusers' three ways to place the pipeline: all on the device, one model at a time, layer by layer."""
+REFERENCE_MODES = ("gpu", "model-offload", "sequential-offload", "group-offload-block", "group-offload-leaf",
+                   "compile")
+"""diffusers' ways to run the pipeline: all on the device, one model at a time, layer by layer (accelerate),
+one block or one layer at a time prefetched on a CUDA stream (group offload), all on the device with the
+U-Net compiled (torch.compile, last: its first render compiles, about a minute on a GPU per size).
+All are the default (``all``); those this machine cannot run are skipped with a note."""
 
 DEFAULT_PROMPT = "a photo of a red fox in the snow, highly detailed"
 DEFAULT_SIZES = "512x512"
@@ -126,10 +130,14 @@ def parse_budgets(text: str) -> tuple[Budget, ...]:
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
+    """'gpu,compile' -> ("gpu", "compile"), in the order given; 'all' -> every mode."""
     out: list[str] = []
     for part in (p.strip() for p in str(text).split(",")):
+        if part == "all":
+            out.extend(m for m in REFERENCE_MODES if m not in out)
+            continue
         if part not in REFERENCE_MODES:
-            raise UserError(f"--reference-modes: unknown mode {part!r}; use {', '.join(REFERENCE_MODES)}")
+            raise UserError(f"--reference-modes: unknown mode {part!r}; use {', '.join(REFERENCE_MODES)} or all")
         if part not in out:
             out.append(part)
     return tuple(out)

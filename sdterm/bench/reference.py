@@ -3,9 +3,10 @@
 The engine's own modules are exported under the original single-file keys and converted with
 diffusers' own converters (so the key mapping is diffusers', not ours), then put together into a
 fresh pipeline with the same DDIM schedule and tokenizer. ``bench_reference`` places it in each
-requested mode (all on the device, model CPU offload, sequential CPU offload) and times it like
-sdterm's rows: the prompt encoded once up front, one warm-up render, then the timed ones from
-the same x_T as sdterm's; rows come back as ``rows.Row``.
+requested mode (``reference_modes``: all on the device, model or sequential CPU offload, group
+offload with a stream, torch.compile) and times it like sdterm's rows: the prompt encoded once up
+front, one warm-up render (timed too: with torch.compile it is the compile), then the timed ones
+from the same x_T as sdterm's; rows come back as ``rows.Row``.
 
 diffusers (and accelerate, for the offload modes) are imported only inside the functions that need
 them, so this module, like the rest of the bench, imports without them.
@@ -20,14 +21,8 @@ from dataclasses import dataclass
 
 from .device import budget_errors, clean_device, error_line, note_peaks, release_device, sync_device
 from .options import BenchOptions, Log, no_log
+from .reference_modes import MODE_PLANS, mode_error_line, mode_errors, mode_unavailable, place_pipeline, release_mode
 from .rows import Row
-
-MODE_PLANS = {
-    "gpu": "pipe.to(device)",
-    "model-offload": "enable_model_cpu_offload()",
-    "sequential-offload": "enable_sequential_cpu_offload()",
-}
-"""How each of diffusers' placements (``options.REFERENCE_MODES``) is set up, shown in the plan column."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,14 +159,6 @@ def build_pipeline(engine, weights: ReferenceWeights, dtype):
 # --------------------------------------------------------------------------------------------
 
 
-def _has_accelerate() -> bool:
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def reference_modes_to_run(opts: BenchOptions, device, notes: list[str]) -> tuple[str, ...]:
     """The requested modes that can run here; a note for each one skipped."""
     try:
@@ -185,10 +172,9 @@ def reference_modes_to_run(opts: BenchOptions, device, notes: list[str]) -> tupl
         return ()
     out = []
     for mode in opts.reference_modes:
-        if mode != "gpu" and device.type != "cuda":
-            notes.append(f"diffusers {mode} skipped: it needs a CUDA device")
-        elif mode != "gpu" and not _has_accelerate():
-            notes.append(f"diffusers {mode} skipped: it needs accelerate (pip install accelerate)")
+        why = mode_unavailable(mode, device)
+        if why:
+            notes.append(f"diffusers {mode} skipped: {why}")
         else:
             out.append(mode)
     return tuple(out)
@@ -217,22 +203,17 @@ def _bench_reference(engine, opts: BenchOptions, modes: tuple[str, ...], log: Lo
     device, dtype = engine.device, engine.dtype
     release_device(engine)
     weights = reference_weights(engine)
-    soft = budget_errors()
     rows: list[Row] = []
     guided = opts.cfg > 1.0
     for mode in modes:
         mode_rows = [Row("diffusers", w, h, mode, mode=mode, plan=MODE_PLANS[mode]) for w, h in opts.sizes]
         rows.extend(mode_rows)
+        soft = mode_errors(mode, budget_errors())
         clean_device(device)
         pipe = None
         try:
             pipe = build_pipeline(engine, weights, dtype)
-            if mode == "gpu":
-                pipe.to(device)
-            elif mode == "model-offload":
-                pipe.enable_model_cpu_offload(device=device)
-            else:
-                pipe.enable_sequential_cpu_offload(device=device)
+            place_pipeline(pipe, mode, device)
             with torch.inference_mode():
                 cond, uncond = pipe.encode_prompt(
                     opts.prompt, pipe._execution_device, 1, guided, negative_prompt=opts.negative
@@ -242,18 +223,17 @@ def _bench_reference(engine, opts: BenchOptions, modes: tuple[str, ...], log: Lo
                 try:
                     _reference_row(pipe, row, cond, uncond if guided else None, opts, device, latents_noise)
                 except soft as exc:
-                    row.error = error_line(exc)
+                    row.error = mode_error_line(mode, exc, error_line)
                     log(f"  {row.error}")
                     clean_device(device)
         except soft as exc:
             for row in mode_rows:
                 if not row.seconds and row.error is None:
-                    row.error = error_line(exc)
-            log(f"  {error_line(exc)}")
+                    row.error = mode_error_line(mode, exc, error_line)
+            log(f"  {mode_error_line(mode, exc, error_line)}")
         finally:
             if pipe is not None:
-                if mode != "gpu":
-                    pipe.remove_all_hooks()
+                release_mode(pipe, mode)
                 del pipe
             cond = uncond = None
             clean_device(device)
@@ -299,7 +279,9 @@ def _reference_row(pipe, row: Row, cond, uncond, opts: BenchOptions, device, lat
         per_step = (marks[steps - 1] - marks[0]) / (steps - 1) if steps > 1 else marks[0] - t0
         return image, seconds, per_step
 
-    render()  # warm-up
+    _, row.first_seconds, _ = render()  # warm-up: with torch.compile, the compile
+    if row.mode == "compile":
+        row.notices.append(f"first render {row.first_seconds:.1f} s (compiles)")
     for _ in range(opts.repeats):
         gc.collect()
         image, seconds, per_step = render()

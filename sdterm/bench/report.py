@@ -47,13 +47,18 @@ def format_report(report: BenchReport) -> str:
         *_kind_lines(o),
         "",
     ]
-    head = ("size", "run", "peak alloc", "peak resvd", "s/render", "s/step", "vs gpu", "plan")
+    # "vs compile" only when a diffusers + torch.compile row was timed: the table stays as narrow as before.
+    compiled = any(r.ratio_compiled is not None for r in report.rows)
+    head = ("size", "run", "peak alloc", "peak resvd", "s/render", "s/step", "vs gpu",
+            *(("vs compile",) if compiled else ()), "plan")
     table = []
     for r in report.rows:
         run = f"sdterm {r.label}" if r.who == "sdterm" else f"diffusers {r.label}"
         if r.error:
-            table.append((r.size, run, "-", "-", "-", "-", "-", f"error: {r.error}"))
+            table.append((r.size, run, "-", "-", "-", "-", "-", *(("-",) if compiled else ()), f"error: {r.error}"))
             continue
+        # sdterm's notices have their own lines below; a diffusers row's (the compile's first render) go here.
+        plan = "; ".join([r.plan or "-", *(r.notices if r.who == "diffusers" else [])])
         table.append((
             r.size,
             run,
@@ -62,10 +67,11 @@ def format_report(report: BenchReport) -> str:
             _fmt_seconds(r.seconds_per_render),
             _fmt_seconds(r.seconds_per_step),
             _fmt_ratio(r.ratio),
-            r.plan or "-",
+            *((_fmt_ratio(r.ratio_compiled),) if compiled else ()),
+            plan,
         ))
     widths = [max(len(str(x[i])) for x in [head, *table]) for i in range(len(head))]
-    right = {2, 3, 4, 5, 6}
+    right = set(range(2, len(head) - 1))
 
     def fmt(cols) -> str:
         cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cols, widths))]

@@ -53,9 +53,14 @@ class Row:
     stages: list[StagePeak] = field(default_factory=list)
     ratio: float | None = None
     """s/render over diffusers all-on-GPU s/render at the same size."""
+    ratio_compiled: float | None = None
+    """s/render over diffusers + torch.compile's s/render at the same size."""
+    first_seconds: float | None = None
+    """diffusers: the warm-up render's seconds (with torch.compile: the compile's cost)."""
     error: str | None = None
     notices: list[str] = field(default_factory=list)
-    """sdterm: the engine's notices during the timed renders (e.g. an out-of-memory retry)."""
+    """sdterm: the engine's notices during the timed renders (e.g. an out-of-memory retry);
+    diffusers: what the reader should know beside the plan (torch.compile's first render)."""
     image: Any = field(default=None, repr=False)
     """The last timed render's image (PIL); not part of the JSON."""
     target: tuple[int, int] | None = None
@@ -94,6 +99,8 @@ class Row:
             "seconds_per_step": r(self.seconds_per_step),
             "seconds": [r(s) for s in self.seconds],
             "ratio_to_diffusers_gpu": r(self.ratio),
+            "ratio_to_diffusers_compile": r(self.ratio_compiled),
+            "first_render_seconds": r(self.first_seconds),
             "stages": [s.to_dict() for s in self.stages],
             "error": self.error,
             "notices": self.notices,
@@ -154,12 +161,15 @@ class BenchReport:
 
 
 def add_ratios(rows: list[Row]) -> None:
-    """Each row's s/render over diffusers all-on-GPU's at the same size (None without that row)."""
-    base = {
-        (r.width, r.height): r.seconds_per_render
-        for r in rows
-        if r.who == "diffusers" and r.mode == "gpu" and r.seconds_per_render
-    }
+    """Each row's s/render over diffusers all-on-GPU's (eager) and over diffusers + torch.compile's
+    at the same size (None without that row)."""
+    def base(mode: str) -> dict:
+        return {(r.width, r.height): r.seconds_per_render for r in rows
+                if r.who == "diffusers" and r.mode == mode and r.seconds_per_render}
+
+    eager, compiled = base("gpu"), base("compile")
     for r in rows:
-        b = base.get((r.width, r.height))
-        r.ratio = r.seconds_per_render / b if (b and r.seconds_per_render is not None) else None
+        s = r.seconds_per_render
+        b, c = eager.get((r.width, r.height)), compiled.get((r.width, r.height))
+        r.ratio = s / b if (b and s is not None) else None
+        r.ratio_compiled = s / c if (c and s is not None) else None
