@@ -151,7 +151,7 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
         if "pinned_max" not in given:
             try:
                 torch._C._accelerator_setAllocatorSettings(f"pinned_max_cached_size_mb:{PINNED_CACHE_MB}")
-            except (AttributeError, RuntimeError):
+            except (AttributeError, RuntimeError, ValueError):  # torch 2.11 has no such key
                 pass
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
 
