@@ -563,3 +563,68 @@ def test_taesd_previews_where_the_plan_has_room_and_never_above_the_budget(full_
         assert all(f.image.size == ((256, 256) if f.scale == 1 else (32, 32)) for f in frames)
         for s in r.stages:
             assert budget is None or s.peak_allocated <= budget, (s.stage, s.peak_allocated / MiB)
+
+
+# ---- CUDA graphs (issue 18) ----------------------------------------------------------------------
+
+
+GRAPH_CASES = [
+    # (plan budget, request): resident / staged, batch of two / split passes, sizes, a prompt schedule
+    (None, dict(width=512, height=512, steps=6, negative="blurry")),
+    (2 * GiB, dict(width=512, height=512, steps=6, negative="blurry", sampler="DPM++ 2M", schedule="Karras")),
+    (None, dict(width=520, height=384, steps=5, prompt="a [red:blue:0.5] fox", sampler="Heun")),
+    (None, dict(width=512, height=512, steps=4, prompt="a fox " * 60, negative="blurry")),  # apart: 2 vs 1 chunks
+]
+
+
+@pytest.mark.parametrize("budget,request_kw", GRAPH_CASES)
+def test_graphed_renders_are_the_eager_renders_bit_for_bit(full_size, budget, request_kw):
+    """Two renders with graphs (the first captures, the second replays from its first call) and
+    one eager: identical latents. Graphs must actually have been captured and replayed."""
+    engine = Engine(full_size, "cuda", budget=budget)
+    req = small_request(**request_kw)
+    engine.cuda_graphs = False
+    eager = engine.generate(req)
+    engine.cuda_graphs = True
+    first = engine.generate(req)
+    graphs = engine.unet_graphs
+    assert graphs.captures >= 1 and not graphs.failures, graphs.failures
+    second = engine.generate(req)
+    assert torch.equal(first.latents, eager.latents) and torch.equal(second.latents, eager.latents), first.plan
+    if budget is None:  # resident with room: the graphs stayed, the second render captured nothing new
+        assert "unet resident" in second.plan and graphs.graphs
+        assert graphs.captures == len([g for g in graphs.graphs.values() if g is not None])
+
+
+def test_graphs_leave_no_memory_behind_a_staged_plan(full_size):
+    """Staged: the graphs go with the U-Net at the end of the stage (allocated memory back to its
+    baseline), and the next render captures again."""
+    engine = Engine(full_size, "cuda", budget=2 * GiB)
+    req = small_request(width=512, height=512, steps=4)
+    engine.generate(req)
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    r = engine.generate(req)
+    graphs = engine.unet_graphs
+    assert "unet staged" in r.plan and graphs.captures >= 2 and not graphs.graphs, (graphs.skipped, graphs.failures)
+    assert torch.cuda.memory_allocated() == baseline
+
+
+def test_a_budget_without_room_for_the_pool_runs_eagerly(full_size):
+    """A staged plan whose budget leaves the activations but not a graph's pool: the U-Net runs
+    eagerly (within the budget), rendering the same latents."""
+    from sdterm.engine.memory.planner import MARGIN, unet_activation
+
+    engine = Engine(full_size, "cuda")
+    budget = engine.models.sizes().unet + unet_activation(512, 512, 2) + MARGIN + 16 * MiB
+    engine.set_budget(budget)
+    req = small_request(width=512, height=512, steps=4)
+    engine.cuda_graphs = False
+    eager = engine.generate(req)
+    engine.cuda_graphs = True
+    r = engine.generate(req)
+    assert "unet staged" in r.plan and "split" not in r.plan, r.plan
+    assert engine.unet_graphs.captures == 0
+    assert torch.equal(r.latents, eager.latents)
+    for s in r.stages:
+        assert s.peak_allocated <= budget, (s.stage, s.peak_allocated / MiB, r.plan)

@@ -14,8 +14,9 @@ from ..samplers import resolve_schedule
 from .events import Emit, StepDone
 from .fork import snapshot
 from .lora.state import RenderLoras
+from .memory.graphs import UNetGraphs
 from .memory.meter import StageMeter, memory_sample
-from .memory.planner import Plan
+from .memory.planner import MiB, Plan
 from .memory.streaming import RingStreamer
 from .prompt.conditioning import Conditioning
 from .sampling import SamplingContext, get_sampler
@@ -23,7 +24,45 @@ from .sampling.guidance import ScheduledGuidance, runs_apart, unet_passes
 from .sampling.schedules import sampler_plan
 
 
+GRAPH_MARGIN = 32 * MiB
+"""Kept free beside the weights and a graph's pool: the sampler's latents and the step's small tensors."""
+
+
 class UNetStage:
+    cuda_graphs = True
+    """Replay the U-Net's forward as CUDA graphs where its weights stay put for the stage
+    (resident and staged plans); False: always eager (tests compare the two)."""
+
+    @property
+    def unet_graphs(self) -> UNetGraphs:
+        graphs = self.__dict__.get("_unet_graphs")
+        if graphs is None:
+            graphs = self._unet_graphs = UNetGraphs(self.device)
+        return graphs
+
+    def _graphed(self, unet, plan: Plan):
+        """The forward the stage calls: graphed (resident or staged U-Net on a GPU), else ``unet``."""
+        if not (self.cuda_graphs and self.device.type == "cuda" and plan.unet in ("resident", "staged")):
+            self.unet_graphs.clear()
+            return unet
+        weights = tuple(u.device_buf.data_ptr() for u in self.placement.models["unet"])
+        # The pool replaces the eager activations the planner counted (within its margin): what
+        # must fit is this engine's weights on the device, the pool and the step's small tensors.
+        held = sum(self.placement.device_bytes(name) for name in self.placement.models)
+        room = None if plan.budget is None else plan.budget - held - GRAPH_MARGIN
+        return self.unet_graphs.bind(unet, weights, room)
+
+    def _end_graphs(self, plan: Plan, failed: bool) -> None:
+        """Keep the graphs for the next render only where the U-Net stays on the device and the
+        budget leaves their pool room beside the rest of the render (the VAE's decode)."""
+        graphs = self.unet_graphs
+        if not graphs.graphs:
+            return
+        keep = not failed and plan.unet == "resident" and (
+            plan.budget is None or plan.estimate + graphs.held <= plan.budget)
+        if not keep:
+            graphs.clear()
+
     def _unet_stage(self, req: Params, cond: Conditioning, uncond: Conditioning, plan: Plan, progress: dict,
                     emit: Emit, check, loras: RenderLoras):
         self.merge_loras("unet", loras)
@@ -38,8 +77,10 @@ class UNetStage:
         # is the same for the whole render.
         split = runs_apart(cond.segments[0], uncond.segments[0], plan.split_cfg)
         unet = self._acquire("unet", plan.unet)
+        failed = True
         with contextlib.ExitStack() as stack:
             stack.callback(self._release, "unet", plan.unet)
+            stack.callback(lambda: self._end_graphs(plan, failed))
             if plan.unet == "streamed":
                 # Exactly the passes the rest of the render makes: nothing is prefetched past them.
                 passes = calls * unet_passes(req.cfg, split=split)
@@ -55,7 +96,7 @@ class UNetStage:
 
             # The denoiser counts its calls (the prompt schedule follows them); a retry resumes the count.
             previewer, trail = progress.get("preview"), progress.get("trail")
-            denoiser = ScheduledGuidance(unet, cond.to(self.device).at, uncond.to(self.device).at, req.cfg,
+            denoiser = ScheduledGuidance(self._graphed(unet, plan), cond.to(self.device).at, uncond.to(self.device).at, req.cfg,
                                          split=split, calls=progress["calls"], keep_last=previewer is not None)
 
             def on_step(i: int, t: float, x_now: torch.Tensor) -> None:
@@ -87,5 +128,7 @@ class UNetStage:
                 info=sampler.info, init=progress["init"], t_enc=progress["t_enc"] or 0)
             with torch.inference_mode():
                 latents = sampler.run(ctx, x_t.to(self.device))
+            failed = False
         note = plan.describe(self.models.sizes()) if plan.unet != "host" else "cpu"
         return latents, meter.finish(note=note)
+

@@ -1,0 +1,132 @@
+"""CUDA graphs of the U-Net forward: a render's shapes are static, so after one eager call at a
+shape the whole forward (about a thousand kernels) is captured once and replayed, and the CPU no
+longer launches kernel by kernel (at 512x512 on an H100 that launching is half of a step).
+
+A graph records device addresses: the weights' (so a graph is only valid while the U-Net's units
+stay where they were when it was captured: :class:`UNetGraphs` is keyed by those addresses and
+drops every graph when they change) and its inputs' (static buffers the caller's tensors are
+copied into). The activations live in a memory pool private to the graphs, shared by all of
+them (they never run at the same time; each output is copied out before the next replay).
+
+What a replay computes is what the eager forward computes: the same kernels on the same inputs
+(tests/test_cuda.py compares whole renders, graphed and eager, bit for bit).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+MAX_GRAPHS = 4
+"""Graphs kept at once (per input signature: the batch of two, the split passes, a hires pass)."""
+POOL_FACTOR = 1.5
+"""A graph's private pool against the eager forward's activation peak (measured on an H100 at
+512x512, batch 2: a 234 MiB pool for a 158 MiB eager peak)."""
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _Graph:
+    def __init__(self, forward: Forward, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pool):
+        # Static inputs: every replay reads these addresses.
+        self.x, self.t, self.context = x.clone(), t.clone(), context.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA calls (the UI's memory sampling) cannot break the capture.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.out = forward(self.x, self.t, self.context)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.context.copy_(context)
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites ``out``
+
+
+def signature(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> tuple:
+    return (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, tuple(context.shape), context.dtype)
+
+
+class UNetGraphs:
+    """The U-Net's CUDA graphs on one device, kept between renders while its weights stay put.
+
+    ``bind(forward, weights, room)`` gives the callable a stage runs: per input signature the
+    first call runs eagerly (a warm-up: it loads the kernels and picks the algorithms), the
+    second captures a graph when its pool (estimated from that call's peak) fits ``room`` (bytes the budget leaves;
+    None: no limit) and replays it, every later call replays. A signature whose pool does not
+    fit, or whose capture runs out of memory, runs eagerly until the graphs are cleared.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.weights: tuple = ()
+        self.graphs: OrderedDict[tuple, _Graph | None] = OrderedDict()
+        """Signature -> graph; None: this signature runs eagerly (no room, or its capture failed)."""
+        self._peaks: dict[tuple, int] = {}
+        """Signature -> its first (eager) call's activation peak: device bytes above what was
+        allocated before it (an over-estimate where the stage peaked higher before it)."""
+        self._pool = None
+        self.captures = 0
+        """Graphs captured so far (tests and the bench read it)."""
+        self.held = 0
+        """Device bytes the graphs' pool took when they were captured (what they hold)."""
+        self.skipped: list[str] = []
+        """Signatures left eager for want of room, one line each (why)."""
+        self.failures: list[str] = []
+        """Why captures failed (each such signature ran eagerly): one line each."""
+
+    def clear(self) -> None:
+        """Drop every graph (and so their memory pool)."""
+        self.graphs.clear()
+        self._peaks.clear()
+        self._pool = None
+        self.weights = ()
+        self.held = 0
+
+    def bind(self, forward: Forward, weights: tuple, room: int | None) -> Forward:
+        if weights != self.weights:
+            self.clear()  # the weights moved: every graph reads the old addresses
+            self.weights = weights
+
+        def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            key = signature(x, t, context)
+            if key in self.graphs:
+                graph = self.graphs[key]
+                self.graphs.move_to_end(key)
+                return graph(x, t, context) if graph is not None else forward(x, t, context)
+            if key not in self._peaks:
+                before = torch.cuda.memory_allocated(self.device)
+                out = forward(x, t, context)
+                self._peaks[key] = max(torch.cuda.max_memory_allocated(self.device) - before, 0)
+                return out
+            graph = self._capture(forward, key, x, t, context, room)
+            return graph(x, t, context) if graph is not None else forward(x, t, context)
+
+        return run
+
+    def _capture(self, forward: Forward, key: tuple, x, t, context, room: int | None) -> _Graph | None:
+        while len(self.graphs) >= MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        if room is not None and POOL_FACTOR * self._peaks[key] > room:
+            self.graphs[key] = None
+            self.skipped.append(f"no room: a pool of about {POOL_FACTOR * self._peaks[key] / 2**20:.0f} MiB, "
+                                f"{room / 2**20:.0f} MiB left in the budget")
+            return None
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        before = torch.cuda.memory_reserved(self.device)
+        try:
+            graph = _Graph(forward, x, t, context, self._pool)
+            self.held += max(torch.cuda.memory_reserved(self.device) - before, 0)
+        except RuntimeError as exc:  # out of memory (an OutOfMemoryError), or an op that cannot be captured
+            graph = None
+            self.failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            torch.cuda.empty_cache()
+        self.graphs[key] = graph
+        self.captures += graph is not None
+        return graph
+
+
+__all__ = ["MAX_GRAPHS", "POOL_FACTOR", "UNetGraphs", "signature"]
