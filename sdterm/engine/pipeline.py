@@ -116,6 +116,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         the device; the next render plans and uploads again."""
         self.budget = budget
         self.placement.offload_all()
+        self.unet_graphs.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -132,7 +133,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         if self.budget is not None:
             return self.budget
         free, _total = torch.cuda.mem_get_info(self.device)
-        held = sum(self.placement.device_bytes(n) for n in self.placement.models)
+        held = sum(self.placement.device_bytes(n) for n in self.placement.models) + self.unet_graphs.held
         return free + held - DEFAULT_BUDGET_MARGIN
 
     def plan(self, req: Params, text_needed: bool = True, encode: bool = False) -> Plan:
@@ -279,6 +280,8 @@ class Engine(TextStage, UNetStage, VaeStage):
         for name, mode in (("text", plan.text), ("unet", plan.unet), ("vae", plan.vae)):
             if mode != "resident":
                 self.placement.offload(name)
+        if plan.unet != "resident":
+            self.unet_graphs.clear()  # they read the U-Net's device addresses, and hold their pool
 
     def _denoise(self, req: Params, cond, uncond, plan: Plan, init, t: int | None, stage: str, emit, check, notice,
                  loras, stages) -> tuple[torch.Tensor, Plan]:
