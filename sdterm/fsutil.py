@@ -103,3 +103,15 @@ def create_temp(folder: Path, prefix: str, suffix: str = ".tmp") -> tuple[int, P
 def remove_quietly(path: Path | str) -> None:
     """Remove the file ``path`` if it can be; never raises."""
     _remove_quietly(path)
+
+
+def pread_full(fd: int, into: memoryview, offset: int) -> None:
+    """Fill ``into`` from ``fd`` at ``offset`` (positioned reads, so threads can share ``fd``);
+    OSError if the file ends first."""
+    done = 0
+    total = len(into)
+    while done < total:
+        n = os.preadv(fd, [into[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += n

@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.model:
         source = open_model(args.model, config_path=args.config, data_dir=paths.data_dir())
-        extra = {"data_dir": paths.data_dir(), "hash_memo": paths.cache_dir() / "model-hashes.json"}
+        extra = {"data_dir": paths.data_dir(), "hash_memo": paths.cache_dir() / "model-hashes.json",
+                 "model_cache": paths.model_cache_dir()}
     else:
         source = random_weights_source(args.config)
         extra = {}

@@ -102,6 +102,7 @@ def make_engine(source, args: argparse.Namespace):
         args.device,
         data_dir=paths.data_dir(),
         hash_memo=paths.cache_dir() / "model-hashes.json",
+        model_cache=paths.model_cache_dir(),
         cache=open_cache(args.no_cache),
         budget=parse_budget(args.vram_budget, "--vram-budget"),
         embedding_dirs=embedding_dirs,

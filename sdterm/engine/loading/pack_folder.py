@@ -1,6 +1,6 @@
 """The model cache's folder as ``sdterm cache`` sees it: how many packs and bytes, which are stale
 (their checkpoint changed or is gone), and clearing them. Eviction of all but the most recently
-used packs happens when a pack is written (``packed.evict``)."""
+used packs happens when a pack is written (``pack_format.evict``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ...fsutil import remove_quietly
-from .packed import PackError, identity, pack_files, read_header, temp_files
+from .pack_format import PackError, identity, pack_files, read_header, temp_files
 
 
 def stale(path: Path) -> bool:

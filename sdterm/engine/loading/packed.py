@@ -25,10 +25,8 @@ process waits for before exiting). A write that fails is dropped without a word.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 import threading
 import weakref
 import zlib
@@ -38,33 +36,13 @@ from typing import Callable
 
 import torch
 
-from ...fsutil import create_temp, remove_quietly
+from ...fsutil import create_temp, pread_full, remove_quietly
 from .host_units import StageLayout
-from .tensor_reader import byte_view, pread_full
+from .pack_format import (FORMAT, MAGIC, PREFIX, TEMP_PREFIX, PackError, align, blocks, evict, identity, pack_path,
+                          read_header)
+from .tensor_reader import byte_view
 
-MAGIC = b"SDTPACK\x00"
-FORMAT = 1
-PREFIX = struct.Struct("<8sIQI")
-PAGE = 4096
-BLOCK = 16 << 20
-"""Bytes per checksum: blocks are verified in parallel while they are read."""
-SUFFIX = ".pack"
-TEMP_PREFIX = ".pack-"
-KEEP = 2
-"""Packs kept in the folder (the most recently used); each is about the model's size in fp16."""
 READ_THREADS = 8
-
-
-class PackError(Exception):
-    """The pack can't be trusted; the model comes from the checkpoint instead."""
-
-
-def identity(checkpoint: Path) -> dict:
-    """What makes a checkpoint the same file with the same content, as far as stat can tell."""
-    p = Path(checkpoint).resolve()
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
-            "ino": st.st_ino, "dev": st.st_dev}
 
 
 def architecture(cfg) -> str:
@@ -74,48 +52,6 @@ def architecture(cfg) -> str:
 def pack_key(checkpoint: Path, cfg, dtype: torch.dtype) -> dict:
     return {"identity": identity(checkpoint), "architecture": architecture(cfg),
             "dtype": str(dtype).removeprefix("torch."), "format": FORMAT}
-
-
-def pack_path(folder: Path, key: dict) -> Path:
-    """One file per checkpoint path, architecture and dtype: a changed checkpoint replaces it."""
-    name = json.dumps([key["identity"]["path"], key["architecture"], key["dtype"], key["format"]])
-    return folder / (hashlib.sha256(name.encode()).hexdigest()[:24] + SUFFIX)
-
-
-def _blocks(nbytes: int) -> list[tuple[int, int]]:
-    return [(at, min(BLOCK, nbytes - at)) for at in range(0, nbytes, BLOCK)] or [(0, 0)]
-
-
-def _align(n: int) -> int:
-    return -(-n // PAGE) * PAGE
-
-
-def read_header(fd: int) -> tuple[dict, int]:
-    """(header, payload offset) of an open pack; PackError if it is not a sound one."""
-    head = bytearray(PREFIX.size)
-    try:
-        pread_full(fd, memoryview(head), 0)
-    except OSError:
-        raise PackError("no header") from None
-    magic, fmt, length, crc = PREFIX.unpack(head)
-    if magic != MAGIC or fmt != FORMAT or length > 64 << 20:
-        raise PackError("not a pack of this format")
-    raw = bytearray(length)
-    try:
-        pread_full(fd, memoryview(raw), PREFIX.size)
-    except OSError:
-        raise PackError("truncated header") from None
-    if zlib.crc32(raw) != crc:
-        raise PackError("header checksum")
-    try:
-        header = json.loads(raw)
-        payload = int(header["payload"])
-    except (ValueError, KeyError, TypeError):
-        raise PackError("header unreadable") from None
-    start = _align(PREFIX.size + length)
-    if os.fstat(fd).st_size != start + payload:
-        raise PackError("length differs from the header's (truncated?)")
-    return header, start
 
 
 class Pack:
@@ -166,7 +102,7 @@ class Pack:
                 raise PackError(f"{stage}: layout differs from this version's")
             jobs = []
             for host, unit, start in zip(layout.unit_hosts(buffer), entry["units"], layout.starts):
-                for (at, n), crc in zip(_blocks(unit["nbytes"]), unit["crc"]):
+                for (at, n), crc in zip(blocks(unit["nbytes"]), unit["crc"]):
                     jobs.append((host[at : at + n], self.start + entry["offset"] + start + at, crc))
         except (KeyError, TypeError, ValueError):
             raise PackError(f"{stage}: header unreadable") from None
@@ -237,15 +173,15 @@ class PackWriter:
         for stage, layout in layouts.items():
             units = _unit_layout(layout)
             for unit in units:
-                unit["crc"] = [0xFFFFFFFF] * len(_blocks(unit["nbytes"]))  # widest placeholders
+                unit["crc"] = [0xFFFFFFFF] * len(blocks(unit["nbytes"]))  # widest placeholders
             self.entries[stage] = {"offset": offset, "nbytes": layout.total, "units": units}
-            offset += _align(layout.total)
+            offset += align(layout.total)
         self.payload = offset
         self.starts = {stage: layout.starts for stage, layout in layouts.items()}
         self.pending: dict[str, list[Future]] = {stage: [] for stage in layouts}
         self.done: set[str] = set()
         self.reserved = len(self._header_json("f" * 64))
-        self.start = _align(PREFIX.size + self.reserved)
+        self.start = align(PREFIX.size + self.reserved)
         self.temp = _Temp()
         self._cleanup = weakref.finalize(self, self.temp.drop)
         try:
@@ -277,7 +213,7 @@ class PackWriter:
                 return
             data = byte_view(host)
             crcs = []
-            for at, n in _blocks(unit["nbytes"]):
+            for at, n in blocks(unit["nbytes"]):
                 block = data[at : at + n]
                 crcs.append(zlib.crc32(block))
                 done = 0
@@ -359,34 +295,3 @@ class _Temp:
             if self.path is not None:
                 remove_quietly(self.path)
                 self.path = None
-
-
-# ---- the folder: listing, eviction, pruning ----------------------------------------------------
-
-
-def pack_files(folder: Path) -> list[Path]:
-    try:
-        return sorted(p for p in folder.iterdir() if p.name.endswith(SUFFIX) and not p.name.startswith("."))
-    except OSError:
-        return []
-
-
-def temp_files(folder: Path) -> list[Path]:
-    try:
-        return [p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX)]
-    except OSError:
-        return []
-
-
-def evict(folder: Path, keep: int = KEEP) -> int:
-    """Delete all but the ``keep`` most recently used packs; how many were deleted."""
-    def used(p: Path) -> float:
-        try:
-            return p.stat().st_mtime
-        except OSError:
-            return 0.0
-
-    old = sorted(pack_files(folder), key=used, reverse=True)[keep:]
-    for p in old:
-        remove_quietly(p)
-    return len(old)

@@ -65,7 +65,7 @@ class HostStore:
         (a pack is written for those)."""
         layout = self._layout(stage)
         buffer = new_buffer(layout, self.pin)
-        if self.pack is not None and self.pack.has(stage):
+        if self.pack is not None and self.pack.fd >= 0 and self.pack.has(stage):
             try:
                 self.pack.read_stage(stage, layout, buffer)
             except PackError:
@@ -93,6 +93,8 @@ class HostStore:
         self._layouts.pop(stage, None)
         self._built.add(stage)
         self.hosts[stage] = hosts
+        if self.pack is not None and all(s in self._built for s in self.pack.header.get("models", {})):
+            self.pack.close()  # all read (its header stays: the sha256)
         return layout.model.eval().requires_grad_(False)
 
     def _writer_for(self, stage: str, packable: tuple[str, ...]) -> PackWriter | None:

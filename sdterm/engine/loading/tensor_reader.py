@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ...fsutil import pread_full
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -70,18 +72,6 @@ def read_header(path: Path) -> dict[str, Entry]:
             raise ValueError(f"{key}: data offsets out of range")
         entries[key] = Entry(dtype, shape, base + begin, nbytes)
     return entries
-
-
-def pread_full(fd: int, into: memoryview, offset: int) -> None:
-    """Fill ``into`` from ``fd`` at ``offset`` (positioned reads, so threads can share ``fd``);
-    OSError if the file ends first."""
-    done = 0
-    total = len(into)
-    while done < total:
-        n = os.preadv(fd, [into[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"unexpected end of file at byte {offset + done}")
-        done += n
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
