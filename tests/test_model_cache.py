@@ -342,3 +342,44 @@ def test_cache_command_sees_the_packs(model, run_cli):
     load(model, paths.model_cache_dir())
     code, out, _ = run_cli("cache", "clear")
     assert code == 0 and "removed 1 model pack(s)" in out and not pack_format.pack_files(paths.model_cache_dir())
+
+
+def test_pinned_buffers_are_registered_at_their_exact_size_and_released_last(monkeypatch):
+    """host_memory.pinned_exact: page-aligned, exactly nbytes registered with CUDA (no power-of-two
+    rounding), unregistered only once the last view of it is gone. A fake CUDA runtime stands in."""
+    import gc
+
+    from sdterm.engine.memory import host_memory
+
+    calls: list[tuple] = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(host_memory, "_cudart", lambda: FakeCudart())
+    n = 3 * 2**20 + 100
+    buf = host_memory.host_buffer(n, pin=True)
+    assert buf.numel() == n and buf.dtype == torch.uint8
+    assert calls == [("register", buf.data_ptr(), n)] and buf.data_ptr() % host_memory.PAGE == 0
+    view = buf[4096:8192]
+    del buf
+    gc.collect()
+    assert len(calls) == 1  # a view still uses the memory
+    view.fill_(1)
+    del view
+    gc.collect()
+    assert calls[-1][0] == "unregister" and calls[-1][1] == calls[0][1]
+
+    class Refusing(FakeCudart):
+        def cudaHostRegister(self, ptr, size, flags):
+            return 2
+
+    monkeypatch.setattr(host_memory, "_cudart", lambda: Refusing())
+    assert host_memory.pinned_exact(1000) is None

@@ -128,32 +128,12 @@ def set_tensor(slot: Slot, view: torch.Tensor) -> None:
         slot.owner._buffers[slot.name] = view
 
 
-PINNED_CACHE_MB = 16
-"""Pinned host blocks above this size are allocated at their exact size and not cached (see
-:func:`host_buffer`)."""
-
-_pinned_config_done = False
-
-
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """A flat host byte buffer, page-locked when ``pin`` (the device is a GPU).
+    """A flat host byte buffer, page-locked at its exact size when ``pin`` (the device is a GPU;
+    torch's pinned allocator would round it up to a power of two: see ``host_memory.py``)."""
+    from .host_memory import host_buffer as allocate
 
-    torch's pinned allocator rounds every block up to a power of two (a 1.7 GB U-Net would pin
-    2 GiB); blocks above ``PINNED_CACHE_MB`` are asked for at their exact size instead (and freed,
-    not cached, when dropped: model buffers live as long as the engine). A setting the user gave in
-    PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF wins."""
-    global _pinned_config_done
-    if pin and not _pinned_config_done:
-        import os
-
-        _pinned_config_done = True
-        given = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
-        if "pinned_max" not in given:
-            try:
-                torch._C._accelerator_setAllocatorSettings(f"pinned_max_cached_size_mb:{PINNED_CACHE_MB}")
-            except (AttributeError, RuntimeError, ValueError):  # torch 2.11 has no such key
-                pass
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    return allocate(nbytes, pin)
 
 
 class Unit:
