@@ -137,3 +137,27 @@ def test_oom_with_nothing_cheaper_is_one_clear_error(demo_model):
     # and the engine recovers for the next render
     vae.forward = type(vae).forward.__get__(vae)
     assert engine.generate(small_request(**REQ)).image.size == (64, 48)
+
+
+def test_half_precision_unet_units_lay_convolution_weights_out_channels_last():
+    """The U-Net's units in fp16 (the GPU's run dtype) hold 4-D weights as channels-last views of
+    their bytes, with the values unchanged; other models, and fp32, stay NCHW."""
+    from torch import nn
+
+    from sdterm.engine.memory.placement import Placement, channels_last
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(4, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 6, 1)).half()
+    want = {k: v.clone() for k, v in conv.state_dict().items()}
+    placement = Placement(torch.device("cpu"))
+    placement.register("unet", conv, list(conv))
+    for k, v in conv.state_dict().items():
+        assert torch.equal(v, want[k]), k
+        if v.dim() == 4:
+            assert v.is_contiguous(memory_format=torch.channels_last), k
+            assert not v.is_contiguous() or v.shape[-2:] == (1, 1), k  # a 1x1 kernel is both
+    assert channels_last("unet", torch.float16) and not channels_last("unet", torch.float32)
+    assert not channels_last("vae", torch.float16)
+    vae = nn.Sequential(nn.Conv2d(4, 8, 3)).half()
+    placement.register("vae", vae)
+    assert vae[0].weight.is_contiguous()

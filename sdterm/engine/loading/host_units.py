@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ...config import ModelConfig
-from ..memory.placement import Slot, host_buffer, set_tensor, slot_view, unit_slots
+from ..memory.placement import Slot, channels_last, host_buffer, set_tensor, slot_view, unit_slots
 from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Checkpoint, CheckpointError
 
 PACKED = ("text", "unet", "vae")
@@ -91,7 +91,8 @@ class StageLayout:
     def describe(self) -> list[dict]:
         """The layout as plain data (the model cache's header stores it and compares it on read)."""
         names = self.names()
-        return [{"nbytes": nbytes, "slots": [[n, str(s.dtype).removeprefix("torch."), list(s.shape), s.offset]
+        return [{"nbytes": nbytes, "slots": [[n, str(s.dtype).removeprefix("torch."), list(s.shape), s.offset,
+                                              "nhwc" if s.channels_last else "nchw"]
                                              for n, s in zip(unit_names, slots)]}
                 for (slots, nbytes), unit_names in zip(self.units, names)]
 
@@ -115,7 +116,8 @@ def stage_layout(stage: str, model: nn.Module, dtype: torch.dtype) -> StageLayou
         emb = load_root(stage, model).embeddings
         n = emb.position_embedding.weight.shape[0]
         emb.register_buffer("position_ids", torch.empty((1, n), dtype=torch.int64, device="meta"), persistent=False)
-    units = [unit_slots([m], dtype) for m in stage_units(stage, model)]
+    last = channels_last(stage, dtype)
+    units = [unit_slots([m], dtype, last=last) for m in stage_units(stage, model)]
     starts, at = [], 0
     for _, nbytes in units:
         starts.append(at)

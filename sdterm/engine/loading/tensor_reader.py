@@ -100,8 +100,13 @@ class TensorFile:
 
     def read_into(self, key: str, out: torch.Tensor) -> None:
         entry = self.entries[key]
-        if tuple(out.shape) != entry.shape or not out.is_contiguous():
+        if tuple(out.shape) != entry.shape:
             raise ValueError(f"{key}: shape {entry.shape}, asked into {tuple(out.shape)}")
+        if not out.is_contiguous():  # a channels-last weight: read as stored, then laid out
+            dense = torch.empty(out.shape, dtype=out.dtype)
+            self.read_into(key, dense)
+            out.copy_(dense)
+            return
         if self.fd is None:
             raise ValueError("file closed")
         if out.dtype == entry.dtype:

@@ -53,8 +53,8 @@ class UNetGraphs:
     """The U-Net's CUDA graphs on one device, kept between renders while its weights stay put.
 
     ``bind(forward, weights, room)`` gives the callable a stage runs: per input signature the
-    first call runs eagerly (a warm-up: it loads the kernels and picks the algorithms), the
-    second captures a graph when its pool (estimated from that call's peak) fits ``room`` (bytes the budget leaves;
+    first call in the process runs eagerly (a warm-up: it loads the kernels and picks the
+    algorithms), the next captures a graph when its pool (estimated from that call's peak) fits ``room`` (bytes the budget leaves;
     None: no limit) and replays it, every later call replays. A signature whose pool does not
     fit, or whose capture runs out of memory, runs eagerly until the graphs are cleared.
     """
@@ -66,7 +66,8 @@ class UNetGraphs:
         """Signature -> graph; None: this signature runs eagerly (no room, or its capture failed)."""
         self._peaks: dict[tuple, int] = {}
         """Signature -> its first (eager) call's activation peak: device bytes above what was
-        allocated before it (an over-estimate where the stage peaked higher before it)."""
+        allocated before it (an over-estimate where the stage peaked higher before it). Kept
+        when the graphs go: the kernels and algorithms it loaded stay loaded in the process."""
         self._pool = None
         self.captures = 0
         """Graphs captured so far (tests and the bench read it)."""
@@ -78,9 +79,9 @@ class UNetGraphs:
         """Why captures failed (each such signature ran eagerly): one line each."""
 
     def clear(self) -> None:
-        """Drop every graph (and so their memory pool)."""
+        """Drop every graph (and so their memory pool). The signatures' peaks stay: a signature
+        this process has run before needs no warm-up call, its next render captures at once."""
         self.graphs.clear()
-        self._peaks.clear()
         self._pool = None
         self.weights = ()
         self.held = 0

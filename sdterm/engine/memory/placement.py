@@ -81,12 +81,28 @@ class Slot:
     dtype: torch.dtype
     offset: int
     nbytes: int
+    channels_last: bool = False
+    """A convolution weight stored (o, kh, kw, i): the tensor is its channels-last view."""
 
 
-def unit_slots(modules: list[nn.Module], dtype: torch.dtype | None = None) -> tuple[list[Slot], int]:
+CHANNELS_LAST_STAGES = frozenset({"unet"})
+"""Models whose convolution weights are laid out channels-last in half precision (the GPU's run
+dtype): cuDNN's NHWC kernels run the U-Net 10-15% faster on an H100, and their first call in a
+process costs 0.7 s instead of 4.7 s (measured with 2.11+cu130). The CPU's fp32 stays NCHW."""
+
+
+def channels_last(stage: str, dtype: torch.dtype) -> bool:
+    """Whether ``stage``'s units in ``dtype`` lay their 4-D weights out channels-last; the one
+    rule both :class:`Unit` and the model cache's layout follow."""
+    return stage in CHANNELS_LAST_STAGES and dtype in (torch.float16, torch.bfloat16)
+
+
+def unit_slots(modules: list[nn.Module], dtype: torch.dtype | None = None, *,
+               last: bool = False) -> tuple[list[Slot], int]:
     """The layout of a unit holding ``modules``: each distinct parameter and buffer at an
     ``ALIGN``-byte offset, in module order; and the unit's size in bytes. ``dtype``: the dtype the
     floating tensors will have (for a model still on the meta device; None: as they are).
+    ``last``: 4-D floating tensors (convolution weights) channels-last (:func:`channels_last`).
 
     The one layout function: :class:`Unit` packs with it and the model cache
     (``loading/packed.py``) stores and reads with it, so they can never disagree."""
@@ -101,14 +117,19 @@ def unit_slots(modules: list[nn.Module], dtype: torch.dtype | None = None) -> tu
                 seen.add(id(t))
                 dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
                 nbytes = t.numel() * torch.empty((), dtype=dt).element_size()
-                slots.append(Slot(owner, name, name in owner._parameters, t.shape, dt, offset, nbytes))
+                cl = last and t.dim() == 4 and t.is_floating_point()
+                slots.append(Slot(owner, name, name in owner._parameters, t.shape, dt, offset, nbytes, cl))
                 offset += -(-nbytes // ALIGN) * ALIGN
     return slots, max(offset, ALIGN)
 
 
 def slot_view(flat: torch.Tensor, start: int, slot: Slot) -> torch.Tensor:
     """The tensor of ``slot`` inside the flat byte buffer ``flat`` whose unit begins at ``start``."""
-    return flat[start + slot.offset : start + slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+    flat = flat[start + slot.offset : start + slot.offset + slot.nbytes].view(slot.dtype)
+    if slot.channels_last:
+        o, i, kh, kw = slot.shape
+        return flat.view(o, kh, kw, i).permute(0, 3, 1, 2)  # (o, kh, kw, i) -> (o, i, kh, kw), NHWC strides
+    return flat.view(slot.shape)
 
 
 def get_tensor(slot: Slot) -> torch.Tensor:
@@ -145,8 +166,8 @@ class Unit:
     nothing copied. Otherwise (or if any tensor is not where the layout puts it) a new buffer is
     allocated and every tensor copied into it."""
 
-    def __init__(self, modules: list[nn.Module], pin: bool, host: torch.Tensor | None = None):
-        self.slots, self.nbytes = unit_slots(modules)
+    def __init__(self, modules: list[nn.Module], pin: bool, host: torch.Tensor | None = None, *, last: bool = False):
+        self.slots, self.nbytes = unit_slots(modules, last=last)
         if host is not None and self._laid_out_in(host):
             self.host = host
         else:
@@ -164,7 +185,8 @@ class Unit:
         base = host.data_ptr()
         for slot in self.slots:
             t = get_tensor(slot)
-            if t.data_ptr() != base + slot.offset or t.dtype != slot.dtype or not t.is_contiguous():
+            laid = slot_view(host, 0, slot)
+            if t.data_ptr() != laid.data_ptr() or t.dtype != slot.dtype or t.stride() != laid.stride():
                 return False
         return True
 
@@ -196,7 +218,9 @@ class Placement:
         if name not in self.models:
             parts = units or [module]
             given = hosts if hosts is not None and len(hosts) == len(parts) else [None] * len(parts)
-            self.models[name] = [Unit([m], pin=self.cuda, host=h) for m, h in zip(parts, given)]
+            dtype = next((t.dtype for t in module.parameters() if t.is_floating_point()), torch.float32)
+            last = channels_last(name, dtype)
+            self.models[name] = [Unit([m], pin=self.cuda, host=h, last=last) for m, h in zip(parts, given)]
 
     def on_device(self, name: str) -> bool:
         return all(u.device_buf is not None for u in self.models.get(name, []))
