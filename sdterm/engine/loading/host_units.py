@@ -19,7 +19,7 @@ from torch import nn
 
 from ...config import ModelConfig
 from ..memory.placement import Slot, channels_last, host_buffer, set_tensor, slot_view, unit_slots
-from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Checkpoint, CheckpointError
+from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Checkpoint, CheckpointError, match_shapes
 
 PACKED = ("text", "unet", "vae")
 """The models text-to-image builds from the checkpoint, in the order of their stages."""
@@ -138,18 +138,19 @@ def fill_from_checkpoint(stage: str, layout: StageLayout, buffer: torch.Tensor, 
     prefix = checkpoint_prefix(stage, ckpt.keys())
     hosts = layout.unit_hosts(buffer)
     names = layout.names()
+    rebuilt = stage == "text"  # position_ids: not loaded but rebuilt (some files lack it)
+    # Every tensor present with its shape, or one line naming what is missing (a pruned encoder).
+    match_shapes({n: tuple(s.shape) for unit_names, (slots, _) in zip(names, layout.units)
+                  for n, s in zip(unit_names, slots) if not (rebuilt and n.endswith("position_ids"))}, ckpt, prefix)
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="sdterm-read") as pool:
         for i, (host, (slots, _), unit_names) in enumerate(zip(hosts, layout.units, names)):
             jobs = []
             for name, slot in zip(unit_names, slots):
                 view = slot_view(host, 0, slot)
-                if name.endswith("position_ids") and stage == "text":
+                if rebuilt and name.endswith("position_ids"):
                     view.copy_(torch.arange(view.shape[-1]).expand_as(view))
                     continue
-                key = prefix + name
-                if tuple(ckpt.shape(key)) != tuple(slot.shape):
-                    raise CheckpointError(f"{ckpt.path}: {key} is {list(ckpt.shape(key))}, expected {list(slot.shape)}")
-                jobs.append(pool.submit(ckpt.read_into, key, view))
+                jobs.append(pool.submit(ckpt.read_into, prefix + name, view))
             for job in jobs:
                 try:
                     job.result()

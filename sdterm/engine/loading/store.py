@@ -101,7 +101,8 @@ class HostStore:
         """The pack being written, started with the first model that comes from the checkpoint
         when none is built yet (a model read earlier may hold a LoRA merge by now: no pack then)."""
         if self.writer is not None:
-            return None if self.writer.failed or stage not in self.writer.entries else self.writer
+            usable = not (self.writer.failed or self.writer.finished) and stage in self.writer.entries
+            return self.writer if usable else None
         if self.folder is None or self._key is None or self._built or stage not in packable:
             return None
         try:
