@@ -383,3 +383,29 @@ def test_pinned_buffers_are_registered_at_their_exact_size_and_released_last(mon
 
     monkeypatch.setattr(host_memory, "_cudart", lambda: Refusing())
     assert host_memory.pinned_exact(1000) is None
+
+
+def test_a_pack_without_the_text_encoder_is_published_at_exit_and_completed_from_the_file(model, tmp_path,
+                                                                                           monkeypatch):
+    """The prompt cache had every chunk: the text encoder was never built. At exit the pack is
+    published with the U-Net and the VAE; the next start reads those from it and only the text
+    encoder from the checkpoint."""
+    import weakref
+
+    from sdterm.engine.loading.store import _publish_partial
+
+    cache = tmp_path / "packs"
+    first = Models(open_model(model), torch.float32, model_cache=cache)
+    first.module("unet")
+    first.module("vae")
+    assert not pack_format.pack_files(cache)  # not complete: nothing published yet
+    _publish_partial(weakref.ref(first._store.writer))  # what atexit does
+    assert set(_header(the_pack(cache))["models"]) == {"unet", "vae"}
+    spies = Spies(monkeypatch)
+    second = Models(open_model(model), torch.float32, model_cache=cache)
+    second.module("unet")
+    second.module("vae")
+    assert spies.reads == 0
+    second.module("text")
+    assert spies.reads > 0
+    assert same_weights(second, load(model, None))
