@@ -409,3 +409,32 @@ def test_a_pack_without_the_text_encoder_is_published_at_exit_and_completed_from
     second.module("text")
     assert spies.reads > 0
     assert same_weights(second, load(model, None))
+
+
+def test_pinned_models_are_filled_then_locked_at_their_exact_size(model, tmp_path, monkeypatch):
+    """With ``pin`` (a GPU), each model's buffer is read or converted first and page-locked after
+    (CUDA's start-up overlaps the reading), once, at the model's exact size; pack or not."""
+    from sdterm.engine.memory import host_memory
+
+    registered: list[tuple[int, int]] = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            registered.append((ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(host_memory, "_cudart", lambda: FakeCudart())
+    cache = tmp_path / "packs"
+    for run in range(2):  # from the checkpoint (and packed), then from the pack
+        registered.clear()
+        m = load(model, cache, pin=True)
+        assert (m._store.pack is not None) == (run == 1)
+        assert len(registered) == len(STAGES)
+        for stage in STAGES:
+            hosts = m.unit_hosts(stage)
+            assert (hosts[0].data_ptr(), sum(h.numel() for h in hosts)) in registered
+        assert same_weights(m, load(model, None))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ...config import ModelConfig
-from ..memory.placement import Slot, channels_last, host_buffer, set_tensor, slot_view, unit_slots
+from ..memory.placement import Slot, channels_last, set_tensor, slot_view, unit_slots
 from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Checkpoint, CheckpointError, match_shapes
 
 PACKED = ("text", "unet", "vae")
@@ -123,10 +123,6 @@ def stage_layout(stage: str, model: nn.Module, dtype: torch.dtype) -> StageLayou
         starts.append(at)
         at += nbytes
     return StageLayout(stage, model, units, starts, max(at, 1))
-
-
-def new_buffer(layout: StageLayout, pin: bool) -> torch.Tensor:
-    return host_buffer(layout.total, pin)
 
 
 def fill_from_checkpoint(stage: str, layout: StageLayout, buffer: torch.Tensor, ckpt: Checkpoint,

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint
-from .host_units import PACKED, StageLayout, fill_from_checkpoint, meta_model, new_buffer, stage_layout
+from ..memory.host_memory import aligned, lock
+from .host_units import PACKED, StageLayout, fill_from_checkpoint, meta_model, stage_layout
 from .packed import Pack, PackError, PackWriter, pack_key
 
 
@@ -64,7 +65,8 @@ class HostStore:
         else from the checkpoint. ``packable``: the models this process takes from the checkpoint
         (a pack is written for those)."""
         layout = self._layout(stage)
-        buffer = new_buffer(layout, self.pin)
+        # Filled first, page-locked after (CUDA's start-up, on a thread, overlaps the reading).
+        buffer = aligned(layout.total) if self.pin else torch.empty(layout.total, dtype=torch.uint8)
         if self.pack is not None and self.pack.fd >= 0 and self.pack.has(stage):
             try:
                 self.pack.read_stage(stage, layout, buffer)
@@ -72,7 +74,7 @@ class HostStore:
                 self.pack.discard()  # never trusted again; rebuilt from the checkpoint below
                 self.pack = None
             else:
-                return self._done(stage, layout, layout.bind(buffer))
+                return self._done(stage, layout, layout.bind(buffer), buffer)
         self.ensure_verified()
         writer = self._writer_for(stage, packable)
         on_unit = (lambda i, host: writer.unit_done(stage, i, host)) if writer is not None else None
@@ -87,9 +89,11 @@ class HostStore:
             writer.stage_done(stage)  # before anyone may change the weights (a LoRA merge)
             if writer.complete():
                 writer.finish()
-        return self._done(stage, layout, hosts)
+        return self._done(stage, layout, hosts, buffer)
 
-    def _done(self, stage: str, layout: StageLayout, hosts: list[torch.Tensor]) -> nn.Module:
+    def _done(self, stage: str, layout: StageLayout, hosts: list[torch.Tensor], buffer: torch.Tensor) -> nn.Module:
+        if self.pin:
+            lock(buffer)  # where CUDA refuses, plain memory: uploads from it are synchronous
         self._layouts.pop(stage, None)
         self._built.add(stage)
         self.hosts[stage] = hosts

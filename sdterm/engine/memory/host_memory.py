@@ -29,19 +29,35 @@ def _unregister(ptr: int) -> None:
         pass
 
 
-def pinned_exact(nbytes: int) -> torch.Tensor | None:
-    """``nbytes`` of page-locked host memory (a uint8 tensor), or None where CUDA refuses."""
-    if nbytes <= 0:
-        return None
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+"""The numpy array behind each buffer :func:`aligned` made, by the buffer's address (the
+finalizer that unlocks the memory must hang on the array that frees it)."""
+
+
+def aligned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of plain host memory (a uint8 tensor), page-aligned, that :func:`lock` can
+    page-lock later (after it is filled: CUDA's start-up need not wait for the reading)."""
+    raw = np.empty(max(nbytes, 1) + PAGE, dtype=np.uint8)
+    skip = (-raw.ctypes.data) % PAGE
+    buf = torch.from_numpy(raw)[skip : skip + nbytes]
+    _OWNERS[buf.data_ptr()] = raw
+    return buf
+
+
+def lock(buf: torch.Tensor) -> bool:
+    """Page-lock ``buf`` (from :func:`aligned`) at its exact size; False where CUDA refuses (it
+    stays plain memory: uploads from it then are synchronous, nothing else changes). Unlocked
+    just before its memory is freed, when the last tensor viewing it is gone."""
+    owner = _OWNERS.get(buf.data_ptr())
+    if owner is None or buf.numel() == 0:
+        return False
+    ptr = buf.data_ptr()
     try:
         torch.cuda.init()
         cudart = _cudart()
-        raw = np.empty(nbytes + PAGE, dtype=np.uint8)
-        skip = (-raw.ctypes.data) % PAGE
-        ptr = raw.ctypes.data + skip
-        code = int(cudart.cudaHostRegister(ptr, nbytes, 0))
-    except Exception:  # noqa: BLE001 - no CUDA runtime to ask: torch's pinned allocation then
-        return None
+        code = int(cudart.cudaHostRegister(ptr, buf.numel(), 0))
+    except Exception:  # noqa: BLE001 - no CUDA runtime to ask
+        return False
     if code != 0:
         clear = getattr(cudart, "cudaGetLastError", None)
         if clear is not None:
@@ -49,10 +65,18 @@ def pinned_exact(nbytes: int) -> torch.Tensor | None:
                 clear()  # not left for the next kernel launch check to report
             except Exception:  # noqa: BLE001
                 pass
-        return None
-    done = weakref.finalize(raw, _unregister, ptr)
+        return False
+    done = weakref.finalize(owner, _unregister, ptr)
     done.atexit = False  # at exit the process's memory goes anyway; CUDA may be gone by then
-    return torch.from_numpy(raw)[skip : skip + nbytes]
+    return True
+
+
+def pinned_exact(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of page-locked host memory (a uint8 tensor), or None where CUDA refuses."""
+    if nbytes <= 0:
+        return None
+    buf = aligned(nbytes)
+    return buf if lock(buf) else None
 
 
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:

@@ -22,6 +22,7 @@ copy is left pending behind a render, whatever happened during it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -182,7 +183,6 @@ class Unit:
     def _laid_out_in(self, host: torch.Tensor) -> bool:
         if host.numel() != self.nbytes or host.dtype != torch.uint8:
             return False
-        base = host.data_ptr()
         for slot in self.slots:
             t = get_tensor(slot)
             laid = slot_view(host, 0, slot)
@@ -196,6 +196,13 @@ class Unit:
             set_tensor(slot, slot_view(flat, start, slot))
 
 
+def _init_cuda() -> None:
+    try:
+        torch.cuda.init()
+    except Exception:  # noqa: BLE001 - the first real use of CUDA reports it
+        pass
+
+
 class Placement:
     """Moves packed models between pinned host memory and the device.
 
@@ -207,10 +214,20 @@ class Placement:
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
+        self._copy_stream: torch.cuda.Stream | None = None
         if self.cuda:
             use_expandable_segments()
-        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+            # CUDA's start-up (creating the context) on a thread while the models are read; the
+            # first use of CUDA waits for it (torch's lazy initialisation is serialised).
+            threading.Thread(target=_init_cuda, name="sdterm-cuda-init", daemon=True).start()
         self.models: dict[str, list[Unit]] = {}
+
+    @property
+    def copy_stream(self) -> torch.cuda.Stream | None:
+        """The side stream uploads that overlap compute run on (None on the CPU); made on first use."""
+        if self.cuda and self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        return self._copy_stream
 
     def register(self, name: str, module: nn.Module, units: list[nn.Module] | None = None,
                  hosts: list[torch.Tensor] | None = None) -> None:
