@@ -43,6 +43,7 @@ from .pack_format import (FORMAT, MAGIC, PREFIX, TEMP_PREFIX, PackError, align, 
 from .tensor_reader import byte_view
 
 READ_THREADS = 8
+WRITE_THREADS = 4
 
 
 def architecture(cfg) -> str:
@@ -190,7 +191,8 @@ class PackWriter:
             os.ftruncate(self.temp.fd, self.start + self.payload)
         except OSError:
             self._fail()
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sdterm-pack-write")
+        # Blocks are checksummed in parallel (zlib releases the GIL); the writes go to distinct offsets.
+        self._writer = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="sdterm-pack-write")
 
     def _header_json(self, sha256: str | None, stages=None) -> bytes:
         models = {s: e for s, e in self.entries.items() if stages is None or s in stages}
@@ -208,20 +210,20 @@ class PackWriter:
         unit = self.entries[stage]["units"][index]
         offset = self.start + self.entries[stage]["offset"] + self.starts[stage][index]
 
-        def write() -> None:
+        data = byte_view(host)
+        crcs = unit["crc"] = [0] * len(blocks(unit["nbytes"]))
+
+        def write(k: int, at: int, n: int) -> None:
             if self.failed:
                 return
-            data = byte_view(host)
-            crcs = []
-            for at, n in blocks(unit["nbytes"]):
-                block = data[at : at + n]
-                crcs.append(zlib.crc32(block))
-                done = 0
-                while done < n:
-                    done += os.pwrite(self.temp.fd, block[done:], offset + at + done)
-            unit["crc"] = crcs
+            block = data[at : at + n]
+            crcs[k] = zlib.crc32(block)
+            done = 0
+            while done < n:
+                done += os.pwrite(self.temp.fd, block[done:], offset + at + done)
 
-        self.pending[stage].append(self._writer.submit(write))
+        for k, (at, n) in enumerate(blocks(unit["nbytes"])):
+            self.pending[stage].append(self._writer.submit(write, k, at, n))
 
     def stage_done(self, stage: str) -> None:
         """Wait until every unit of ``stage`` is written (or the pack has failed)."""
