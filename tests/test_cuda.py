@@ -151,6 +151,7 @@ def test_out_of_memory_in_each_stage_with_eta_gives_the_same_pixels(demo_model, 
     req = small_request(width=256, height=192, steps=5, eta=0.5, negative="blurry")
     base = Engine(open_model(demo_model), "cuda", plan=plan).generate(req)
     engine = Engine(open_model(demo_model), "cuda", plan=plan)
+    engine.cuda_graphs = False  # an OOM of an eager call (a replay allocates nothing: see the graph tests)
     model = engine.models.module(stage)
     model.forward = oom_on_call(model.forward, 3 if stage == "unet" else 1)
     notices: list[str] = []
@@ -506,6 +507,7 @@ def test_out_of_memory_in_the_hires_pass_resumes_it(demo_model):
                         sampler="Euler a")
     base = Engine(open_model(demo_model), "cuda", plan=plan).generate(req)
     engine = Engine(open_model(demo_model), "cuda", plan=plan)
+    engine.cuda_graphs = False  # counts the U-Net's eager calls (a replay makes none)
     unet = engine.models.module("unet")
     calls = []
     forward = oom_on_call(unet.forward, 4 + 2)  # the hires pass's second call
@@ -533,7 +535,10 @@ def test_previews_and_forks_on_every_plan(full_size):
         frames = []
         parent = engine.generate(req, emit=lambda e: isinstance(e, Preview) and frames.append(e), preview=0.0,
                                  trail=True)
-        assert name in parent.plan and [f.step for f in frames] == [1, 2, 3, 4, 5], (name, [f.step for f in frames])
+        # One a step at most: a frame whose buffers are all still on their way is skipped (a
+        # graphed U-Net can run ahead of the copies), the last always comes.
+        steps = [f.step for f in frames]
+        assert name in parent.plan and steps == sorted(set(steps)) and steps[-1] == 5 and len(steps) >= 2, (name, steps)
         last = torch.from_numpy(np.asarray(frames[-1].image)).int()
         assert (last - latent_rgb(parent.latents).int()).abs().max() <= 1, name
         assert all(s.carry["x"].device.type == "cpu" for s in parent.trail)
@@ -610,21 +615,27 @@ def test_graphs_leave_no_memory_behind_a_staged_plan(full_size):
     assert torch.cuda.memory_allocated() == baseline
 
 
-def test_a_budget_without_room_for_the_pool_runs_eagerly(full_size):
-    """A staged plan whose budget leaves the activations but not a graph's pool: the U-Net runs
-    eagerly (within the budget), rendering the same latents."""
-    from sdterm.engine.memory.planner import MARGIN, unet_activation
+def test_a_pool_without_room_or_a_failed_capture_runs_eagerly(full_size, monkeypatch):
+    """A staged plan whose budget has no room for a graph's pool (a pool estimated 20x the eager
+    peak here), and a capture that runs out of memory: the U-Net runs eagerly, the same latents."""
+    from sdterm.engine.memory import graphs as graphs_module
 
-    engine = Engine(full_size, "cuda")
-    budget = engine.models.sizes().unet + unet_activation(512, 512, 2) + MARGIN + 16 * MiB
-    engine.set_budget(budget)
+    engine = Engine(full_size, "cuda", budget=2 * GiB)
     req = small_request(width=512, height=512, steps=4)
     engine.cuda_graphs = False
     eager = engine.generate(req)
     engine.cuda_graphs = True
+    monkeypatch.setattr(graphs_module, "POOL_FACTOR", 20.0)
     r = engine.generate(req)
-    assert "unet staged" in r.plan and "split" not in r.plan, r.plan
-    assert engine.unet_graphs.captures == 0
+    graphs = engine.unet_graphs
+    assert "unet staged" in r.plan and graphs.captures == 0 and graphs.skipped, (r.plan, graphs.skipped)
     assert torch.equal(r.latents, eager.latents)
-    for s in r.stages:
-        assert s.peak_allocated <= budget, (s.stage, s.peak_allocated / MiB, r.plan)
+    monkeypatch.setattr(graphs_module, "POOL_FACTOR", 1.5)
+
+    def no_memory(*_args, **_kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected into the capture)")
+
+    monkeypatch.setattr(graphs_module._Graph, "__init__", no_memory)
+    r = engine.generate(req)
+    assert graphs.captures == 0 and graphs.failures and "OutOfMemoryError" in graphs.failures[0]
+    assert torch.equal(r.latents, eager.latents)
