@@ -102,6 +102,8 @@ def apply_defaults(args: argparse.Namespace, cfg: UserConfig, *, demo: bool = Fa
         args.threads = d.threads
     if getattr(args, "history", None) is None:
         args.history = d.history
+    if getattr(args, "cuda_graphs", None) is None:
+        args.cuda_graphs = d.cuda_graphs
 
 
 def embedding_folders(given: str | None) -> tuple[list[Path], list[Path]]:

@@ -63,6 +63,9 @@ class Defaults:
     """CPU threads for torch (torch.set_num_threads); 0: torch's own default."""
     history: bool = True
     """False: ``sdterm generate`` records nothing in the history (as ``--no-history``)."""
+    cuda_graphs: bool = True
+    """False: the U-Net runs kernel by kernel, never replayed as a CUDA graph (as
+    ``--no-cuda-graphs``): slower, the same pixels; for ruling graphs out when a driver misbehaves."""
 
 
 @dataclass(frozen=True)

@@ -215,3 +215,21 @@ def test_from_file_unknown_flag_is_reported_with_its_line(demo_model, tmp_path, 
     bad = [line for line in err.splitlines() if f"{batch}:2:" in line]
     assert len(bad) == 1 and "--bogus-flag" in bad[0]
     assert "Traceback" not in err and "usage:" not in err
+
+
+def test_no_cuda_graphs_flag_and_setting_reach_the_engine(demo_model, tmp_path, monkeypatch):
+    """``--no-cuda-graphs`` (or ``defaults.cuda_graphs: false``) turns the engine's graphs off;
+    neither given: on."""
+    from sdterm.cli import build_parser
+    from sdterm.cli.engine_setup import make_engine
+    from sdterm.engine.pipeline import open_model
+    from sdterm.resolve import apply_defaults
+    from sdterm.settings import Defaults, UserConfig
+
+    monkeypatch.setenv("SDTERM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SDTERM_DATA_DIR", str(tmp_path / "data"))
+    for argv, setting, want in ((["a fox"], True, True), (["a fox", "--no-cuda-graphs"], True, False),
+                                (["a fox"], False, False)):
+        args = build_parser().parse_args(["generate", *argv, "--model", str(demo_model), "--device", "cpu"])
+        apply_defaults(args, UserConfig(defaults=Defaults(cuda_graphs=setting)))
+        assert make_engine(open_model(demo_model), args).cuda_graphs is want, (argv, setting)

@@ -12,7 +12,8 @@ from ..errors import EXIT_INTERNAL, UserError, debug_enabled
 from ..options import add_render_options, params_from_args
 from ..params import MAX_SEED
 from ..resolve import user_config
-from .engine_setup import add_addon_options, add_embeddings_option, add_threads_option, make_engine, with_loras
+from .engine_setup import (add_addon_options, add_embeddings_option, add_graphs_option, add_threads_option,
+                           make_engine, with_loras)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_embeddings_option(parser)
     add_addon_options(parser)
     add_threads_option(parser)
+    add_graphs_option(parser)
 
 
 def app_session(args: argparse.Namespace, cfg, params, history, budget: int | None):

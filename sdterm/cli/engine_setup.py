@@ -19,6 +19,13 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: defaults.threads in sdterm.yaml, else torch's default)")
 
 
+def add_graphs_option(p: argparse.ArgumentParser) -> None:
+    """``--no-cuda-graphs``: the U-Net eager, kernel by kernel (``defaults.cuda_graphs`` in sdterm.yaml)."""
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="run the U-Net kernel by kernel instead of replaying it as a CUDA graph (slower, the "
+                        "same pixels; default: defaults.cuda_graphs in sdterm.yaml)")
+
+
 def add_embeddings_option(p: argparse.ArgumentParser) -> None:
     """``--embeddings DIR``: the textual-inversion embeddings folder (A1111's ``--embeddings-dir``)."""
     p.add_argument("--embeddings", metavar="DIR", default=None,
@@ -111,6 +118,7 @@ def make_engine(source, args: argparse.Namespace):
         optional_lora_dirs=optional_lora_dirs,
         vae=resolve_vae(getattr(args, "vae", None)),
         taesd=taesd_file(paths.data_dir()),
+        cuda_graphs=getattr(args, "cuda_graphs", None) is not False,
     )
     engine.models.token_memo = not args.no_cache  # --no-cache: no prompt text in the cache folder at all
     engine.models.tokenizer

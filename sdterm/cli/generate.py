@@ -14,7 +14,8 @@ from ..options import add_render_options, params_from_args, whole_number
 from ..params import MAX_BATCH, MAX_SEED, Params, batch
 from ..resolve import user_config
 from ..units import format_bytes
-from .engine_setup import add_addon_options, add_embeddings_option, add_threads_option, make_engine, with_loras
+from .engine_setup import (add_addon_options, add_embeddings_option, add_graphs_option, add_threads_option,
+                           make_engine, with_loras)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -58,6 +59,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_embeddings_option(gen)
     add_addon_options(gen)
     add_threads_option(gen)
+    add_graphs_option(gen)
     return gen
 
 

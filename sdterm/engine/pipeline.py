@@ -68,6 +68,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         vae: Path | None = None,
         taesd: Path | None = None,
         model_cache: Path | None = None,
+        cuda_graphs: bool = True,
     ):
         self.device = resolve_device(device)
         self.models = Models(
@@ -81,6 +82,8 @@ class Engine(TextStage, UNetStage, VaeStage):
             model_cache=model_cache,
             pin=self.device.type == "cuda",
         )
+        self.cuda_graphs = cuda_graphs
+        """Replay the U-Net as CUDA graphs where the plan allows (``unet_stage.py``); False: eager."""
         self.budget = budget
         """VRAM budget in bytes; None: the device's free memory minus a margin (no planning on CPU)."""
         self.forced_plan = plan
