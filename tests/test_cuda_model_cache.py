@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from sdterm.engine.memory.host_memory import page_locked
+
 from sdterm.engine.loading import pack_format
 from sdterm.engine.memory.planner import GiB, Plan
 from sdterm.engine.pipeline import Engine, open_model
@@ -63,7 +65,7 @@ def test_pack_render_is_identical_with_pinned_adopted_units(model, tmp_path):
             assert all(torch.equal(a[k].cpu(), b[k].cpu()) and a[k].dtype == b[k].dtype for k in a), stage
             hosts = again.models.unit_hosts(stage)
             units = again.placement.models[stage]
-            assert all(u.host.is_pinned() for u in units), stage
+            assert all(page_locked(u.host) for u in units), stage
             assert [h.data_ptr() for h in hosts] == [u.host.data_ptr() for u in units], stage
         assert again.models.module("unet").out[2].bias.dtype == torch.float16
 
@@ -73,7 +75,7 @@ def test_checkpoint_load_is_pinned_and_adopted_without_a_pack(model):
     e.generate(small_request(**REQ))
     for stage in STAGES:
         units = e.placement.models[stage]
-        assert all(u.host.is_pinned() for u in units)
+        assert all(page_locked(u.host) for u in units)
         assert [h.data_ptr() for h in e.models.unit_hosts(stage)] == [u.host.data_ptr() for u in units]
 
 

@@ -22,7 +22,21 @@ def _cudart():
     return torch.cuda.cudart()
 
 
+_LOCKED: dict[int, int] = {}
+"""Address -> bytes of every buffer :func:`lock` page-locked and not yet unlocked."""
+
+
+def page_locked(t: torch.Tensor) -> bool:
+    """Whether ``t``'s memory is page-locked: torch's pinned memory, or inside a buffer
+    :func:`lock` registered (torch's ``is_pinned`` does not know those on torch 2.11)."""
+    if t.is_pinned():
+        return True
+    ptr = t.data_ptr()
+    return any(base <= ptr < base + n for base, n in list(_LOCKED.items()))
+
+
 def _unregister(ptr: int) -> None:
+    _LOCKED.pop(ptr, None)
     try:
         _cudart().cudaHostUnregister(ptr)
     except Exception:  # noqa: BLE001 - at worst the pages stay locked until the process ends
@@ -66,6 +80,7 @@ def lock(buf: torch.Tensor) -> bool:
             except Exception:  # noqa: BLE001
                 pass
         return False
+    _LOCKED[ptr] = buf.numel()
     done = weakref.finalize(owner, _unregister, ptr)
     done.atexit = False  # at exit the process's memory goes anyway; CUDA may be gone by then
     return True
