@@ -1,6 +1,8 @@
 """One ``sdterm`` command line in this fresh process, for ``sdterm bench --cold``: runs it, then
 writes its exit code and this process's peak resident set (bytes) as JSON to the file named
-first: ``python -m sdterm.bench.cold_child OUT.json generate PROMPT --model ...``."""
+first: ``python -m sdterm.bench.cold_child OUT.json generate PROMPT --model ...``. With
+``--twice`` before the command it runs it twice in this process (the second render finds
+everything loaded: the steady render next to the first)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,14 @@ import sys
 
 def main(argv: list[str]) -> int:
     out, args = argv[0], argv[1:]
+    times = 1
+    if args and args[0] == "--twice":
+        times, args = 2, args[1:]
     from sdterm.cli import main as sdterm_main
 
-    code = sdterm_main(args)
+    code = 0
+    for _ in range(times):
+        code = code or sdterm_main(args)
     try:
         import resource
 
