@@ -639,3 +639,22 @@ def test_a_pool_without_room_or_a_failed_capture_runs_eagerly(full_size, monkeyp
     r = engine.generate(req)
     assert graphs.captures == 0 and graphs.failures and "OutOfMemoryError" in graphs.failures[0]
     assert torch.equal(r.latents, eager.latents)
+
+
+def test_a_warmed_up_engine_renders_its_first_render_without_an_eager_call_or_a_capture(full_size):
+    """After ``warm_up`` at the size the user renders, the first real render (resident plan)
+    replays the graph the warm-up captured: no new capture, no eager warm-up call; same latents."""
+    from sdterm.engine.warmup import warm_up
+
+    req = small_request(width=512, height=512, steps=4, negative="blurry")
+    cold = Engine(full_size, "cuda").generate(req)
+    engine = Engine(full_size, "cuda")
+    assert warm_up(engine, 512, 512, req.cfg)
+    graphs = engine.unet_graphs
+    captured, calls = graphs.captures, []
+    unet = engine.models.module("unet")
+    forward = unet.forward
+    unet.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    r = engine.generate(req)
+    assert graphs.captures == captured and calls == [], (graphs.captures, captured, len(calls))
+    assert torch.equal(r.latents, cold.latents)

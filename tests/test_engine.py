@@ -191,3 +191,15 @@ def test_odd_latent_sizes_match_diffusers_upsample_rule():
     with torch.no_grad():
         out = unet(torch.randn(1, 4, 13, 11), torch.tensor([10]), torch.randn(1, 77, 8))
     assert out.shape == (1, 4, 13, 11)
+
+
+def test_warm_up_does_nothing_on_the_cpu(demo_model):
+    """``warm_up`` renders only on a GPU (on the CPU a render is slow and kernels need no loading)."""
+    from sdterm.engine.pipeline import Engine, open_model
+    from sdterm.engine.warmup import warm_up
+
+    engine = Engine(open_model(demo_model), "cpu")
+    built = []
+    for stage, make in list(engine.models.factories.items()):
+        engine.models.factories[stage] = lambda make=make, stage=stage: built.append(stage) or make()
+    assert warm_up(engine, 64, 64, 7.5) is False and built == []

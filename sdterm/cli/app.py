@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     history = History(history_file())
     session = app_session(args, cfg, params, history, budget)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
-    models = AppModels(args, model, outdir, history)
+    models = AppModels(args, model, outdir, history, warm=params)
     from ..ui.app import SdtermApp
     from ..ui.terminal import prepare_graphics
 
@@ -90,11 +90,14 @@ class AppModels:
     """The app's models: the one it starts on and those ``/model NAME`` switches to (a name in the
     models folder, or a path). :meth:`load` runs on the app's worker thread."""
 
-    def __init__(self, args: argparse.Namespace, model: str, outdir: Path, history) -> None:
+    def __init__(self, args: argparse.Namespace, model: str, outdir: Path, history, warm=None) -> None:
         self.args = args
         self.model = model
         self.outdir = outdir
         self.history = history
+        self.warm = warm
+        """The parameters the app starts with: on a GPU each loaded model renders a throwaway at
+        their size first (``engine/warmup.py``), while the user types; None: no warm-up."""
 
     def names(self) -> list[str]:
         """The models in the models folder, by name (what ``/model`` completes)."""
@@ -129,6 +132,11 @@ class AppModels:
         source = open_model(model, config_path=self.args.config, data_dir=paths.data_dir())
         progress("setting up the engine")
         engine = make_engine(source, self.args)
+        if self.warm is not None and engine.device.type == "cuda":
+            from ..engine.warmup import warm_up
+
+            progress("warming up the GPU")  # the first render then pays no start-up of its own
+            warm_up(engine, self.warm.width, self.warm.height, self.warm.cfg)
         self.model = model
         return RenderService(engine, self.outdir, self.history)
 
