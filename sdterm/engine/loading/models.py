@@ -126,9 +126,9 @@ class Models:
         }
         self._store: HostStore | None = None
         self._hash: BackgroundHash | None = None
+        self._pin, self._model_cache = pin, model_cache
         if source.checkpoint is not None:
-            self._store = HostStore(source.checkpoint, self.cfg, dtype, pin=pin, folder=model_cache,
-                                    checkpoint=self._checkpoint, verify=self._verify, digest=self._digest)
+            self._store = self._open_store(dtype)
             if self._store.pack is None:  # a pack is only ever made from a file that passed
                 self._store.ensure_verified()
             self._sha256 = self._store.sha256 or recall_sha256(source.checkpoint, hash_memo)
@@ -136,6 +136,27 @@ class Models:
                 self._hash = BackgroundHash(source.checkpoint, hash_memo)
         self._vae: VAEFile | None = verify_vae_file(vae, self.cfg.vae) if vae is not None else None
         self._vae_hash: str | None = None
+
+    def _open_store(self, dtype: torch.dtype) -> HostStore:
+        return HostStore(self.source.checkpoint, self.cfg, dtype, pin=self._pin, folder=self._model_cache,
+                         checkpoint=self._checkpoint, verify=self._verify, digest=self._digest)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The run dtype every model is built in (fp16 on a GPU, fp32 on the CPU)."""
+        return self._dtype
+
+    @dtype.setter
+    def dtype(self, value: torch.dtype) -> None:
+        """Another run dtype, before any model is built (tests run fp16 on the CPU): the host store
+        (and its pack, keyed by dtype) follows."""
+        if value == getattr(self, "_dtype", None):
+            return
+        if getattr(self, "_modules", None):
+            raise RuntimeError("the run dtype can change only before any model is built")
+        self._dtype = value
+        if getattr(self, "_store", None) is not None:
+            self._store = self._open_store(value)
 
     def _verify(self) -> None:
         """Fail now, with one line, if the file is unreadable, unsafe, another architecture or
