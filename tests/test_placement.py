@@ -161,3 +161,24 @@ def test_half_precision_unet_units_lay_convolution_weights_out_channels_last():
     vae = nn.Sequential(nn.Conv2d(4, 8, 3)).half()
     placement.register("vae", vae)
     assert vae[0].weight.is_contiguous()
+
+
+def test_bind_points_every_tensor_where_slot_view_does():
+    """``Unit.bind`` (the fast path a streamed U-Net takes every step) gives each tensor exactly
+    :func:`slot_view`'s place, shape and strides, channels-last ones included, at any ALIGN start."""
+    from torch import nn
+
+    from sdterm.engine.memory.placement import ALIGN, Unit, get_tensor, slot_view
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(4, 8, 3), nn.GroupNorm(2, 8), nn.Linear(8, 5), nn.BatchNorm1d(5)).half()
+    unit = Unit([block], pin=False, last=True)
+    flat = torch.zeros(unit.nbytes + 3 * ALIGN, dtype=torch.uint8)
+    for start in (0, ALIGN, 3 * ALIGN):
+        unit.bind(flat, start)
+        for slot in unit.slots:
+            t, want = get_tensor(slot), slot_view(flat, start, slot)
+            assert (t.data_ptr(), t.shape, t.stride(), t.dtype) == (want.data_ptr(), want.shape, want.stride(),
+                                                                    want.dtype), slot.name
+    unit.bind(unit.host)
+    assert all(get_tensor(s).data_ptr() == slot_view(unit.host, 0, s).data_ptr() for s in unit.slots)

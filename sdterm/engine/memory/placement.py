@@ -169,6 +169,7 @@ class Unit:
 
     def __init__(self, modules: list[nn.Module], pin: bool, host: torch.Tensor | None = None, *, last: bool = False):
         self.slots, self.nbytes = unit_slots(modules, last=last)
+        self._binds: list[tuple] | None = None
         if host is not None and self._laid_out_in(host):
             self.host = host
         else:
@@ -191,9 +192,33 @@ class Unit:
         return True
 
     def bind(self, flat: torch.Tensor, start: int = 0) -> None:
-        """Point every tensor of the unit at its place in ``flat`` (host, device buffer or ring)."""
-        for slot in self.slots:
-            set_tensor(slot, slot_view(flat, start, slot))
+        """Point every tensor of the unit at its place in ``flat`` (host, device buffer or ring).
+
+        What :func:`slot_view` gives, made faster: a streamed U-Net rebinds about 700 tensors
+        every step, on the CPU's critical path. One typed view of the unit's bytes per dtype,
+        then one ``as_strided`` per tensor (strides and offsets worked out once)."""
+        if self._binds is None:
+            self._binds = [_bind_entry(slot) for slot in self.slots]
+        typed: dict[torch.dtype, tuple[torch.Tensor, int]] = {}
+        for table, name, is_param, dtype, shape, stride, offset in self._binds:
+            view = typed.get(dtype)
+            if view is None:
+                t = flat[start : start + self.nbytes].view(dtype)
+                view = typed[dtype] = (t, t.storage_offset())
+            t = view[0].as_strided(shape, stride, view[1] + offset)
+            if is_param:
+                table[name].data = t
+            else:
+                table[name] = t
+
+
+def _bind_entry(slot: Slot) -> tuple:
+    """(the owner's table, name, is a parameter, dtype, shape, strides, offset in elements) of a
+    slot: what :meth:`Unit.bind` needs to point its tensor anywhere."""
+    probe = slot_view(torch.empty(slot.offset + slot.nbytes, dtype=torch.uint8, device="meta"), 0, slot)
+    table = slot.owner._parameters if slot.is_param else slot.owner._buffers
+    itemsize = torch.empty((), dtype=slot.dtype).element_size()
+    return table, slot.name, slot.is_param, slot.dtype, tuple(probe.shape), probe.stride(), slot.offset // itemsize
 
 
 def _init_cuda() -> None:
