@@ -105,6 +105,17 @@ def remove_quietly(path: Path | str) -> None:
     _remove_quietly(path)
 
 
+def close_quietly(fd: int) -> int:
+    """Close the descriptor ``fd`` when it is open (>= 0), never raising; returns -1, the closed
+    value to store back (``self.fd = close_quietly(self.fd)``)."""
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return -1
+
+
 def pread_full(fd: int, into: memoryview, offset: int) -> None:
     """Fill ``into`` from ``fd`` at ``offset`` (positioned reads, so threads can share ``fd``);
     OSError if the file ends first."""

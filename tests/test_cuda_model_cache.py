@@ -5,8 +5,6 @@ damaged or stale pack is rebuilt. (The CPU tests are in test_model_cache.py.)"""
 from __future__ import annotations
 
 import os
-import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -21,22 +19,13 @@ from sdterm.engine.memory.planner import GiB, Plan
 from sdterm.engine.pipeline import Engine, open_model
 
 from .conftest import small_request
+from .test_model_cache import model, published
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+__all__ = ["model"]  # the fixture, shared with tests/test_model_cache.py
 
 STAGES = ("text", "unet", "vae")
 REQ = dict(width=64, height=48, steps=3)
-
-
-def published() -> None:
-    for t in threading.enumerate():
-        if t.name == "sdterm-pack-publish":
-            t.join()
-
-
-@pytest.fixture
-def model(demo_model, tmp_path) -> Path:
-    return Path(shutil.copytree(demo_model, tmp_path / "model"))
 
 
 def engine(model: Path, cache: Path | None, plan: Plan | None = None) -> Engine:

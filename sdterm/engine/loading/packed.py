@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from ...fsutil import create_temp, pread_full, remove_quietly
+from ...fsutil import close_quietly, create_temp, pread_full, remove_quietly
 from .host_units import StageLayout
 from .pack_format import (FORMAT, MAGIC, PREFIX, TEMP_PREFIX, PackError, align, blocks, evict, identity, pack_path,
                           read_header)
@@ -128,12 +128,7 @@ class Pack:
         self.fd = -1
 
     def close(self) -> None:
-        if self.fd >= 0:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-            self.fd = -1
+        self.fd = close_quietly(self.fd)
 
 
 def _discard(path: Path, fd: int, ino: int | None = None) -> None:
@@ -284,12 +279,7 @@ class _Temp:
 
     def close(self) -> None:
         with self.lock:
-            if self.fd >= 0:
-                try:
-                    os.close(self.fd)
-                except OSError:
-                    pass
-                self.fd = -1
+            self.fd = close_quietly(self.fd)
 
     def drop(self) -> None:
         self.close()
