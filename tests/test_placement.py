@@ -157,10 +157,10 @@ def test_half_precision_unet_units_lay_convolution_weights_out_channels_last():
             assert v.is_contiguous(memory_format=torch.channels_last), k
             assert not v.is_contiguous() or v.shape[-2:] == (1, 1), k  # a 1x1 kernel is both
     assert channels_last("unet", torch.float16) and not channels_last("unet", torch.float32)
-    assert not channels_last("vae", torch.float16)
-    vae = nn.Sequential(nn.Conv2d(4, 8, 3)).half()
-    placement.register("vae", vae)
-    assert vae[0].weight.is_contiguous()
+    assert channels_last("vae", torch.float16) and not channels_last("vae_encoder", torch.float16)
+    encoder = nn.Sequential(nn.Conv2d(4, 8, 3)).half()
+    placement.register("vae_encoder", encoder)
+    assert encoder[0].weight.is_contiguous()
 
 
 def test_bind_points_every_tensor_where_slot_view_does():

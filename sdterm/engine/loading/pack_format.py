@@ -14,7 +14,7 @@ from pathlib import Path
 from ...fsutil import pread_full, remove_quietly
 
 MAGIC = b"SDTPACK\x00"
-FORMAT = 2  # 2: the U-Net's convolution weights channels-last in half precision
+FORMAT = 3  # 2: the U-Net's convolution weights channels-last in half precision; 3: the VAE decoder's too
 PREFIX = struct.Struct("<8sIQI")
 PAGE = 4096
 BLOCK = 16 << 20
