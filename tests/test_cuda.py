@@ -564,7 +564,11 @@ def test_taesd_previews_where_the_plan_has_room_and_never_above_the_budget(full_
         engine.set_budget(budget)
         frames = []
         r = engine.generate(req, emit=lambda e: isinstance(e, Preview) and frames.append(e), preview=0.0)
-        assert [f.scale for f in frames] == expected, (budget, r.plan)
+        # A frame whose buffers are all still in flight is skipped (a graphed U-Net runs ahead of
+        # the copies): the frames that came are the expected ones, the last always among them.
+        scales = [f.scale for f in frames]
+        assert len(scales) >= 2 and scales[-1] == expected[-1] and scales[:-1] == expected[:len(scales) - 1], (
+            budget, r.plan, scales)
         assert all(f.image.size == ((256, 256) if f.scale == 1 else (32, 32)) for f in frames)
         for s in r.stages:
             assert budget is None or s.peak_allocated <= budget, (s.stage, s.peak_allocated / MiB)
