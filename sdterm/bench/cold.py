@@ -8,8 +8,8 @@ processes with one fresh cache folder: the first ever (the model's hash computed
 remembered), then the same command twice. For each: the wall time from spawning the process to its
 exit, the render's own seconds (its ``--json``), the difference (start-up: interpreter, imports,
 reading and converting the checkpoint, hashing), and the process's peak resident set. Last, one
-more process renders twice: its first render (kernels loaded, algorithms picked, graphs captured
-on the way) beside its second, the steady render.
+more process renders two images (``-n 2``, one engine): its first render (models read, kernels
+loaded, algorithms picked, graphs captured on the way) beside its second, the steady render.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def run_cold(opts: BenchOptions, device: str, *, model: str | None = None, confi
 
 def _one(command: list[str], env: dict, result_file: Path, twice: bool = False) -> tuple[ColdRun, list[float]]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "sdterm.bench.cold_child", str(result_file),
-                           *(["--twice"] if twice else []), *command], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "sdterm.bench.cold_child", str(result_file), *command,
+                           *(["-n", "2"] if twice else [])], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -1,8 +1,6 @@
 """One ``sdterm`` command line in this fresh process, for ``sdterm bench --cold``: runs it, then
 writes its exit code and this process's peak resident set (bytes) as JSON to the file named
-first: ``python -m sdterm.bench.cold_child OUT.json generate PROMPT --model ...``. With
-``--twice`` before the command it runs it twice in this process (the second render finds
-everything loaded: the steady render next to the first)."""
+first: ``python -m sdterm.bench.cold_child OUT.json generate PROMPT --model ...``."""
 
 from __future__ import annotations
 
@@ -10,24 +8,31 @@ import json
 import sys
 
 
-def main(argv: list[str]) -> int:
-    out, args = argv[0], argv[1:]
-    times = 1
-    if args and args[0] == "--twice":
-        times, args = 2, args[1:]
-    from sdterm.cli import main as sdterm_main
-
-    code = 0
-    for _ in range(times):
-        code = code or sdterm_main(args)
+def peak_rss() -> int | None:
+    """This process's peak resident set in bytes: Linux's VmHWM (the high-water mark of this
+    address space, which starts anew at exec), else getrusage's ru_maxrss, which Linux carries
+    over from the parent across fork and exec (the bench's own peak would show through)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     except ImportError:  # Windows: no getrusage
-        peak = None
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def main(argv: list[str]) -> int:
+    out, args = argv[0], argv[1:]
+    from sdterm.cli import main as sdterm_main
+
+    code = sdterm_main(args)
     with open(out, "w", encoding="utf-8") as f:
-        json.dump({"code": code, "peak_rss": peak}, f)
+        json.dump({"code": code, "peak_rss": peak_rss()}, f)
     return code
 
 
