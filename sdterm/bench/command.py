@@ -42,7 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=whole_number, default=1, help="seed of every render (default 1)")
     p.add_argument("--no-reference", action="store_true", help="skip diffusers")
     p.add_argument("--reference-modes", default=",".join(REFERENCE_MODES), metavar="MODE,...",
-                   help=f"diffusers placements to measure: {', '.join(REFERENCE_MODES)} (default all)")
+                   help=f"diffusers placements to measure: {', '.join(REFERENCE_MODES)} (default all; "
+                        "compile's first render compiles the U-Net: about a minute per size on an H100)")
     p.add_argument("--json", action="store_true", help="print one JSON object (raw bytes and seconds)")
     p.add_argument("--init", type=number, default=None, metavar="S",
                    help="img2img rows: from an init image the bench writes, at denoising strength S (e.g. 0.6)")
