@@ -21,6 +21,7 @@ from .embedding_cache import EmbeddingCache
 from .events import STAGE_TITLES, Emit, Notice, ignore
 from .loading.models import Models, ModelSource, open_model
 from .result import Cancelled, OutOfMemory, Result, to_image
+from .memory.graphs import UNetGraphs
 from .memory.placement import Placement, resolve_device, run_dtype
 from .memory.planner import Plan, cheaper, plan_render
 from .memory.tiling import choose_tile, vae_activation_bytes
@@ -84,6 +85,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         )
         self.cuda_graphs = cuda_graphs
         """Replay the U-Net as CUDA graphs where the plan allows (``unet_stage.py``); False: eager."""
+        self.unet_graphs = UNetGraphs(self.device)
         self.budget = budget
         """VRAM budget in bytes; None: the device's free memory minus a margin (no planning on CPU)."""
         self.forced_plan = plan
@@ -136,7 +138,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         if self.budget is not None:
             return self.budget
         free, _total = torch.cuda.mem_get_info(self.device)
-        held = sum(self.placement.device_bytes(n) for n in self.placement.models) + self.unet_graphs.held
+        held = self.placement.held_bytes() + self.unet_graphs.held
         return free + held - DEFAULT_BUDGET_MARGIN
 
     def plan(self, req: Params, text_needed: bool = True, encode: bool = False) -> Plan:

@@ -29,16 +29,9 @@ GRAPH_MARGIN = 32 * MiB
 
 
 class UNetStage:
-    cuda_graphs = True
-    """Replay the U-Net's forward as CUDA graphs where its weights stay put for the stage
-    (resident and staged plans); False: always eager (tests compare the two)."""
-
-    @property
-    def unet_graphs(self) -> UNetGraphs:
-        graphs = self.__dict__.get("_unet_graphs")
-        if graphs is None:
-            graphs = self._unet_graphs = UNetGraphs(self.device)
-        return graphs
+    unet_graphs: UNetGraphs
+    """The U-Net's CUDA graphs (the engine makes them); used where ``cuda_graphs`` is on."""
+    cuda_graphs: bool
 
     def _graphed(self, unet, plan: Plan):
         """The forward the stage calls: graphed (resident or staged U-Net on a GPU), else ``unet``."""
@@ -48,8 +41,7 @@ class UNetStage:
         weights = tuple(u.device_buf.data_ptr() for u in self.placement.models["unet"])
         # The pool replaces the eager activations the planner counted (within its margin): what
         # must fit is this engine's weights on the device, the pool and the step's small tensors.
-        held = sum(self.placement.device_bytes(name) for name in self.placement.models)
-        room = None if plan.budget is None else plan.budget - held - GRAPH_MARGIN
+        room = None if plan.budget is None else plan.budget - self.placement.held_bytes() - GRAPH_MARGIN
         return self.unet_graphs.bind(unet, weights, room)
 
     def _end_graphs(self, plan: Plan, failed: bool) -> None:

@@ -14,11 +14,14 @@ What a replay computes is what the eager forward computes: the same kernels on t
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Callable
 
 import torch
 
+REASONS_KEPT = 16
+"""Lines of ``skipped`` and ``failures`` kept (the newest): a staged plan without room adds one
+every render of a long app session."""
 MAX_GRAPHS = 4
 """Graphs kept at once (per input signature: the batch of two, the split passes, a hires pass)."""
 POOL_FACTOR = 1.5
@@ -73,9 +76,9 @@ class UNetGraphs:
         """Graphs captured so far (tests and the bench read it)."""
         self.held = 0
         """Device bytes the graphs' pool took when they were captured (what they hold)."""
-        self.skipped: list[str] = []
+        self.skipped: deque[str] = deque(maxlen=REASONS_KEPT)
         """Signatures left eager for want of room, one line each (why)."""
-        self.failures: list[str] = []
+        self.failures: deque[str] = deque(maxlen=REASONS_KEPT)
         """Why captures failed (each such signature ran eagerly): one line each."""
 
     def clear(self) -> None:

@@ -85,6 +85,11 @@ class Slot:
     channels_last: bool = False
     """A convolution weight stored (o, kh, kw, i): the tensor is its channels-last view."""
 
+    @property
+    def table(self) -> dict:
+        """The owner's table that holds the tensor: its parameters or its buffers."""
+        return self.owner._parameters if self.is_param else self.owner._buffers
+
 
 CHANNELS_LAST_STAGES = frozenset({"unet", "vae"})
 """Models whose convolution weights are laid out channels-last in half precision (the GPU's run
@@ -137,8 +142,7 @@ def slot_view(flat: torch.Tensor, start: int, slot: Slot) -> torch.Tensor:
 
 
 def get_tensor(slot: Slot) -> torch.Tensor:
-    table = slot.owner._parameters if slot.is_param else slot.owner._buffers
-    return table[slot.name].data
+    return slot.table[slot.name].data
 
 
 def set_tensor(slot: Slot, view: torch.Tensor) -> None:
@@ -219,9 +223,8 @@ def _bind_entry(slot: Slot) -> tuple:
     """(the owner's table, name, is a parameter, dtype, shape, strides, offset in elements) of a
     slot: what :meth:`Unit.bind` needs to point its tensor anywhere."""
     probe = slot_view(torch.empty(slot.offset + slot.nbytes, dtype=torch.uint8, device="meta"), 0, slot)
-    table = slot.owner._parameters if slot.is_param else slot.owner._buffers
     itemsize = torch.empty((), dtype=slot.dtype).element_size()
-    return table, slot.name, slot.is_param, slot.dtype, tuple(probe.shape), probe.stride(), slot.offset // itemsize
+    return slot.table, slot.name, slot.is_param, slot.dtype, tuple(probe.shape), probe.stride(), slot.offset // itemsize
 
 
 def _init_cuda() -> None:
@@ -272,6 +275,10 @@ class Placement:
 
     def device_bytes(self, name: str) -> int:
         return sum(u.nbytes for u in self.models.get(name, []) if u.device_buf is not None)
+
+    def held_bytes(self) -> int:
+        """Device bytes every model's units hold now."""
+        return sum(self.device_bytes(name) for name in self.models)
 
     def copy_async(self, dst: torch.Tensor, src: torch.Tensor, after: object = COMPUTE):
         """Copy ``src`` (pinned host) into ``dst`` (device) on the side stream; returns the event
