@@ -105,6 +105,12 @@ def remove_quietly(path: Path | str) -> None:
     _remove_quietly(path)
 
 
+def open_for_reading(path: Path | str) -> int:
+    """A read-only descriptor of ``path`` for positioned reads (not inherited by child
+    processes); OSError as ``os.open`` raises it."""
+    return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
 def close_quietly(fd: int) -> int:
     """Close the descriptor ``fd`` when it is open (>= 0), never raising; returns -1, the closed
     value to store back (``self.fd = close_quietly(self.fd)``)."""

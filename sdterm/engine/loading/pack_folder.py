@@ -4,17 +4,16 @@ used packs happens when a pack is written (``pack_format.evict``)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from ...fsutil import remove_quietly
+from ...fsutil import close_quietly, open_for_reading, remove_quietly
 from .pack_format import PackError, identity, pack_files, read_header, temp_files
 
 
 def stale(path: Path) -> bool:
     """True when the pack can never be used: unreadable, or its checkpoint changed or is gone."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_for_reading(path)
     except OSError:
         return True
     try:
@@ -24,7 +23,7 @@ def stale(path: Path) -> bool:
     except (PackError, OSError, KeyError, TypeError):
         return True
     finally:
-        os.close(fd)
+        close_quietly(fd)
 
 
 def prune(folder: Path, *, temp_age: float = 3600.0) -> int:

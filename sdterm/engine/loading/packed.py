@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from ...fsutil import close_quietly, create_temp, pread_full, remove_quietly
+from ...fsutil import close_quietly, create_temp, open_for_reading, pread_full, remove_quietly
 from .host_units import StageLayout
 from .pack_format import (FORMAT, MAGIC, PREFIX, TEMP_PREFIX, PackError, align, blocks, evict, identity, pack_path,
                           read_header)
@@ -68,7 +68,7 @@ class Pack:
         is deleted. Never raises."""
         path = pack_path(folder, key)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = open_for_reading(path)
         except OSError:
             return None
         try:
@@ -138,10 +138,7 @@ def _discard(path: Path, fd: int, ino: int | None = None) -> None:
             os.unlink(path)
     except OSError:
         pass
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+    close_quietly(fd)
 
 
 def _unit_layout(layout: StageLayout) -> list[dict]:

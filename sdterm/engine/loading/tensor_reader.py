@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ...fsutil import pread_full
+from ...fsutil import open_for_reading, pread_full
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -96,7 +96,7 @@ class TensorFile:
     def __init__(self, path: Path):
         self.path = path
         self.entries = read_header(path)
-        self.fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.fd: int | None = open_for_reading(path)
 
     def read_into(self, key: str, out: torch.Tensor) -> None:
         entry = self.entries[key]
