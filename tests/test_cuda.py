@@ -98,6 +98,7 @@ def test_streamed_ring_leaves_no_copy_behind():
 
 def test_streamed_render_leaves_no_pending_copy_and_no_memory(full_size, monkeypatch):
     engine = Engine(full_size, "cuda", budget=GiB)
+    engine.cuda_graphs = False  # one streamer for the render (graphed, a streamer per pass: below)
     req = small_request(width=512, height=512, steps=4)
     engine.generate(req)  # warm-up: cuBLAS workspace, cached embeddings
     torch.cuda.synchronize()
@@ -366,7 +367,8 @@ def spy_streamers(monkeypatch) -> list[RingStreamer]:
 def test_every_sampler_streams_exactly_its_planned_passes(full_size, sampler, monkeypatch):
     """Full-size weights, the U-Net streamed (1 GiB) with split CFG: the streamer was told exactly
     the passes the sampler makes (it raises on a pass nobody planned and must not prefetch past the
-    last), and the latents are the resident plan's (the same arithmetic, placed differently)."""
+    last), and the latents are the resident plan's (the same arithmetic, placed differently).
+    Graphed (a streamer per pass, captured): the eager streamed latents bit for bit."""
     engine = Engine(full_size, "cuda")
     req = small_request(width=256, height=256, steps=3, sampler=sampler, seed=5)
     engine.set_budget(None)
@@ -374,6 +376,7 @@ def test_every_sampler_streams_exactly_its_planned_passes(full_size, sampler, mo
     assert "resident" in resident.plan
     seen = spy_streamers(monkeypatch)
     engine.set_budget(GiB)
+    engine.cuda_graphs = False
     streamed = engine.generate(req)
     assert "streamed" in streamed.plan and len(seen) == 1
     s = seen[0]
@@ -382,6 +385,11 @@ def test_every_sampler_streams_exactly_its_planned_passes(full_size, sampler, mo
     assert s.next == s.total == SAMPLERS[sampler].calls(3) * passes_per_call * len(s.order)
     assert passes_per_call in (1, 2)
     assert torch.allclose(streamed.latents, resident.latents, rtol=1e-3, atol=1e-3), sampler
+    engine.cuda_graphs = True
+    for _ in range(2):  # the first render warms up and captures, the second captures at once
+        graphed = engine.generate(req)
+        assert torch.equal(graphed.latents, streamed.latents), sampler
+    assert engine.unet_graphs.captures >= 2 and not engine.unet_graphs.failures, engine.unet_graphs.failures
 
 
 @pytest.mark.parametrize("sampler", ["DDIM", "Heun"])
@@ -460,7 +468,8 @@ def test_img2img_gives_the_resident_latents_on_every_plan_and_streams_its_passes
             reference = r.latents
         else:
             assert torch.allclose(r.latents, reference, rtol=1e-3, atol=1e-3), name
-    assert len(seen) == 1 and seen[0].next == seen[0].total
+    # Graphed, a streamer per pass (each told one pass): none made a pass it was not told of.
+    assert seen and all(s.next == s.total for s in seen)
 
 
 @pytest.mark.filterwarnings("ignore:Should have:UserWarning")
@@ -583,6 +592,8 @@ GRAPH_CASES = [
     (2 * GiB, dict(width=512, height=512, steps=6, negative="blurry", sampler="DPM++ 2M", schedule="Karras")),
     (None, dict(width=520, height=384, steps=5, prompt="a [red:blue:0.5] fox", sampler="Heun")),
     (None, dict(width=512, height=512, steps=4, prompt="a fox " * 60, negative="blurry")),  # apart: 2 vs 1 chunks
+    (GiB, dict(width=512, height=512, steps=6, negative="blurry")),  # streamed: the copies captured too
+    (GiB, dict(width=520, height=384, steps=4, prompt="a [red:blue:0.5] fox " * 40, sampler="Euler a")),
 ]
 
 
@@ -617,6 +628,66 @@ def test_graphs_leave_no_memory_behind_a_staged_plan(full_size):
     graphs = engine.unet_graphs
     assert "unet staged" in r.plan and graphs.captures >= 2 and not graphs.graphs, (graphs.skipped, graphs.failures)
     assert torch.cuda.memory_allocated() == baseline
+
+
+def test_a_graphed_streamed_render_stays_in_its_budget_and_leaves_nothing_behind(full_size):
+    """Streamed (1 GiB), graphed pass by pass: the U-Net stage's peak (ring, resident units and
+    the graphs' pool) stays within the budget, the graphs and the ring go at the end of the
+    stage (allocated memory back to its baseline), and no copy is left pending."""
+    engine = Engine(full_size, "cuda", budget=GiB)
+    req = small_request(width=512, height=512, steps=4, negative="blurry")
+    engine.generate(req)
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    r = engine.generate(req)
+    graphs = engine.unet_graphs
+    assert "streamed" in r.plan and graphs.captures >= 2 and not graphs.graphs, (graphs.skipped, graphs.failures)
+    assert not graphs.skipped and not graphs.failures
+    for s in r.stages:
+        assert s.peak_allocated <= GiB, (s.stage, s.peak_allocated / MiB, r.plan)
+    torch.cuda.current_stream().synchronize()
+    assert engine.placement.copy_stream.query()
+    assert torch.cuda.memory_allocated() == baseline
+
+
+def test_a_model_collected_during_a_capture_does_not_break_it(full_size):
+    """Page-locked host memory that becomes garbage (in a reference cycle, as a dropped model's)
+    in the middle of a capture, with the collector set to run at nearly every allocation: no
+    collection may run inside the capture (its cudaHostUnregister would invalidate it, and the
+    memory would stay registered after numpy frees it). The capture succeeds; the buffer is
+    unlocked once collected after it."""
+    import gc
+
+    from sdterm.engine.memory import host_memory
+
+    engine = Engine(full_size, "cuda", budget=GiB)
+    req = small_request(width=256, height=256, steps=3)
+    engine.generate(req)  # the signature's eager call: the next render captures at its first call
+    captures = engine.unet_graphs.captures
+    pending = [host_memory.pinned_exact(64 * MiB)]
+    assert pending[0] is not None
+    address = pending[0].data_ptr()
+
+    class Dropped:
+        pass
+
+    def drop(_module, _args):
+        if pending and torch.cuda.is_current_stream_capturing():
+            cycle = Dropped()
+            cycle.me, cycle.host = cycle, pending.pop()
+
+    hook = engine.models.module("unet").register_forward_pre_hook(drop)
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        engine.generate(req)
+    finally:
+        gc.set_threshold(*threshold)
+        hook.remove()
+    graphs = engine.unet_graphs
+    assert not pending and graphs.captures > captures and not graphs.failures, graphs.failures
+    gc.collect()
+    assert address not in host_memory._LOCKED  # collected after the capture, and unlocked
 
 
 def test_a_pool_without_room_or_a_failed_capture_runs_eagerly(full_size, monkeypatch):

@@ -11,7 +11,7 @@ import torch
 from sdterm.engine.events import Notice
 from sdterm.engine.pipeline import Engine, open_model
 from sdterm.engine.memory.placement import Placement, get_tensor
-from sdterm.engine.memory.streaming import RingStreamer
+from sdterm.engine.memory.streaming import RingStreamer, ring_size
 from sdterm.engine.memory.planner import GiB, Plan
 
 from .conftest import oom_on_call, small_request
@@ -85,6 +85,58 @@ def test_ring_streamer_copies_every_streamed_unit_each_pass(demo_model):
         for slot in unit.slots:
             ptr = get_tensor(slot).data_ptr()
             assert base.data_ptr() <= ptr < base.data_ptr() + unit.nbytes
+
+
+def test_streamers_one_per_pass_share_the_callers_ring(demo_model):
+    """The graphed streamed U-Net runs one streamer per pass through one ring the stage owns:
+    every pass is the resident result, every streamed unit is copied into that ring (no ring of
+    its own), and a ring smaller than the largest streamed unit is refused."""
+    engine = Engine(open_model(demo_model), "cpu")
+    unet = engine.models.module("unet")
+    modules = [m for _, m, _ in unet.units()]
+    placement = Placement(torch.device("cpu"))
+    placement.register("unet", unet, modules)
+    sizes = [u.nbytes for u in placement.models["unet"]]
+    size = ring_size(placement, "unet", frozenset({0}), 0)
+    assert size == max(sizes[1:])
+    ring = torch.zeros(2 * size, dtype=torch.uint8)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.inference_mode():
+        expected = unet(x, t, ctx)
+        for _ in range(3):
+            with RingStreamer(placement, "unet", modules, frozenset({0}), 2 * size, 1, ring) as s:
+                assert torch.equal(unet(x, t, ctx), expected)
+                assert s.ring is ring and s.copied_bytes == sum(sizes) - sizes[0]
+        assert ring.any()  # the units' bytes went through the caller's ring (it was zeros)
+        with pytest.raises(ValueError, match="a ring of"):
+            RingStreamer(placement, "unet", modules, frozenset({0}), 0, 1, ring[: size - 1])
+
+
+def test_a_streamer_whose_first_copies_fail_leaves_no_hook_behind(demo_model, monkeypatch):
+    """A copy refused while the streamer fills its ring on entry (as in a CUDA graph capture that
+    cannot copy from the host buffers): no hook of it stays on the model, and the next streamer
+    (the eager retry of that pass) runs the resident result."""
+    engine = Engine(open_model(demo_model), "cpu")
+    unet = engine.models.module("unet")
+    modules = [m for _, m, _ in unet.units()]
+    placement = Placement(torch.device("cpu"))
+    placement.register("unet", unet, modules)
+    ring = torch.zeros(2 * ring_size(placement, "unet", frozenset(), 0), dtype=torch.uint8)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+
+    def refused(self):
+        raise RuntimeError("copy refused")
+
+    with torch.inference_mode():
+        expected = unet(x, t, ctx)
+        with monkeypatch.context() as m:
+            m.setattr(RingStreamer, "_fill", refused)
+            with pytest.raises(RuntimeError, match="copy refused"):
+                with RingStreamer(placement, "unet", modules, frozenset(), 0, 1, ring):
+                    pass
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in modules)
+        with RingStreamer(placement, "unet", modules, frozenset(), 0, 1, ring):
+            assert torch.equal(unet(x, t, ctx), expected)
 
 
 def test_split_cfg_and_tiled_vae_are_close(demo_model, baseline):

@@ -17,7 +17,7 @@ from .lora.state import RenderLoras
 from .memory.graphs import UNetGraphs
 from .memory.meter import StageMeter, memory_sample
 from .memory.planner import MiB, Plan
-from .memory.streaming import RingStreamer
+from .memory.streaming import RingStreamer, ring_size
 from .prompt.conditioning import Conditioning
 from .sampling import SamplingContext, get_sampler
 from .sampling.guidance import ScheduledGuidance, runs_apart, unet_passes
@@ -33,16 +33,37 @@ class UNetStage:
     """The U-Net's CUDA graphs (the engine makes them); used where ``cuda_graphs`` is on."""
     cuda_graphs: bool
 
-    def _graphed(self, unet, plan: Plan):
-        """The forward the stage calls: graphed (resident or staged U-Net on a GPU), else ``unet``."""
-        if not (self.cuda_graphs and self.device.type == "cuda" and plan.unet in ("resident", "staged")):
+    def _graphs_on(self, plan: Plan) -> bool:
+        return self.cuda_graphs and self.device.type == "cuda" and plan.unet in ("resident", "staged", "streamed")
+
+    def _graphed(self, unet, plan: Plan, ring: list[torch.Tensor]):
+        """The forward the stage calls: graphed (a U-Net on a GPU), else ``unet``.
+
+        A streamed U-Net is graphed one pass at a time: each call streams its units through the
+        stage's ``ring`` from scratch (a streamer per pass, the copies on the side stream inside
+        the capture), so every replay repeats one schedule at the same addresses, and neither the
+        CPU's launches nor its streaming bookkeeping stand between the copies and the compute.
+        ``ring`` holds that buffer (the stage empties it before its memory goes back)."""
+        if not self._graphs_on(plan):
             self.unet_graphs.clear()
             return unet
-        weights = tuple(u.device_buf.data_ptr() for u in self.placement.models["unet"])
+        units = self.placement.models["unet"]
+        # Where each unit's bytes are read from: its device buffer, or (streamed) its host buffer.
+        weights = tuple((u.device_buf if u.device_buf is not None else u.host).data_ptr() for u in units)
+        forward = unet
+        if plan.unet == "streamed":
+            weights += (ring[0].data_ptr(),)
+            modules = [m for _, m, _ in unet.units()]
+
+            def forward(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+                with RingStreamer(self.placement, "unet", modules, plan.resident_units, plan.ring_bytes, 1, ring[0]):
+                    return unet(x, t, context)
         # The pool replaces the eager activations the planner counted (within its margin): what
-        # must fit is this engine's weights on the device, the pool and the step's small tensors.
-        room = None if plan.budget is None else plan.budget - self.placement.held_bytes() - GRAPH_MARGIN
-        return self.unet_graphs.bind(unet, weights, room)
+        # must fit is this engine's weights on the device (and the ring), the pool and the step's
+        # small tensors.
+        held = self.placement.held_bytes() + sum(r.numel() for r in ring)
+        room = None if plan.budget is None else plan.budget - held - GRAPH_MARGIN
+        return self.unet_graphs.bind(forward, weights, room)
 
     def _end_graphs(self, plan: Plan, failed: bool) -> None:
         """Keep the graphs for the next render only where the U-Net stays on the device and the
@@ -73,7 +94,14 @@ class UNetStage:
         with contextlib.ExitStack() as stack:
             stack.callback(self._release, "unet", plan.unet)
             stack.callback(lambda: self._end_graphs(plan, failed))
-            if plan.unet == "streamed":
+            ring: list[torch.Tensor] = []
+            if plan.unet == "streamed" and self._graphs_on(plan):
+                # One ring for the stage, streamed through pass by pass (see _graphed).
+                self.placement.upload("unet", units=list(plan.resident_units))
+                size = ring_size(self.placement, "unet", plan.resident_units, plan.ring_bytes)
+                ring.append(torch.empty(size, dtype=torch.uint8, device=self.device))
+                stack.callback(ring.clear)  # freed before the release empties the cache
+            elif plan.unet == "streamed":
                 # Exactly the passes the rest of the render makes: nothing is prefetched past them.
                 passes = calls * unet_passes(req.cfg, split=split)
                 modules = [m for _, m, _ in unet.units()]
@@ -88,7 +116,7 @@ class UNetStage:
 
             # The denoiser counts its calls (the prompt schedule follows them); a retry resumes the count.
             previewer, trail = progress.get("preview"), progress.get("trail")
-            denoiser = ScheduledGuidance(self._graphed(unet, plan), cond.to(self.device).at, uncond.to(self.device).at, req.cfg,
+            denoiser = ScheduledGuidance(self._graphed(unet, plan, ring), cond.to(self.device).at, uncond.to(self.device).at, req.cfg,
                                          split=split, calls=progress["calls"], keep_last=previewer is not None)
 
             def on_step(i: int, t: float, x_now: torch.Tensor) -> None:

@@ -8,16 +8,23 @@ drops every graph when they change) and its inputs' (static buffers the caller's
 copied into). The activations live in a memory pool private to the graphs, shared by all of
 them (they never run at the same time; each output is copied out before the next replay).
 
+A streamed U-Net is captured one pass at a time with its copies: the forward the stage hands
+over streams every unit through the stage's ring from scratch (``unet_stage``), so a graph holds
+the copy schedule too, on the side stream, ordered against the compute by the captured events.
+
 What a replay computes is what the eager forward computes: the same kernels on the same inputs
 (tests/test_cuda.py compares whole renders, graphed and eager, bit for bit).
 """
 
 from __future__ import annotations
 
+import gc
 from collections import OrderedDict, deque
 from typing import Callable
 
 import torch
+
+from .cudart import clear_error
 
 REASONS_KEPT = 16
 """Lines of ``skipped`` and ``failures`` kept (the newest): a staged plan without room adds one
@@ -36,9 +43,17 @@ class _Graph:
         # Static inputs: every replay reads these addresses.
         self.x, self.t, self.context = x.clone(), t.clone(), context.clone()
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA calls (the UI's memory sampling) cannot break the capture.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.out = forward(self.x, self.t, self.context)
+        # thread_local: another thread's CUDA calls (the UI's memory sampling) cannot break the
+        # capture. Nor may this thread's garbage collector: a model dropped earlier, collected
+        # mid-capture, would unregister its page-locked host memory, a call a capture forbids.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.out = forward(self.x, self.t, self.context)
+        finally:
+            if collecting:
+                gc.enable()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         self.x.copy_(x)
@@ -126,7 +141,10 @@ class UNetGraphs:
             self.held += max(torch.cuda.memory_reserved(self.device) - before, 0)
         except RuntimeError as exc:  # out of memory (an OutOfMemoryError), or an op that cannot be captured
             graph = None
+            while exc.__context__ is not None:  # the first error (an invalidated capture fails what follows)
+                exc = exc.__context__
             self.failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            clear_error()
             torch.cuda.empty_cache()
         self.graphs[key] = graph
         self.captures += graph is not None

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cudart import copy_to_device
+
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu. An unavailable 'cuda' is a clear error."""
@@ -299,7 +301,11 @@ class Placement:
         elif after is not None:
             stream.wait_event(after)
         with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
+            if torch.cuda.is_current_stream_capturing():
+                # torch refuses registered host memory in a capture (it does not know it as pinned)
+                copy_to_device(dst, src, stream)
+            else:
+                dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         dst.record_stream(stream)

@@ -9,6 +9,12 @@ from torch import nn
 from .placement import Placement
 
 
+def ring_size(placement: Placement, name: str, resident: frozenset[int], ring_bytes: int) -> int:
+    """A streamer's ring in bytes: the plan's, or the largest streamed unit where that is more."""
+    units = placement.models[name]
+    return max(ring_bytes, max((u.nbytes for i, u in enumerate(units) if i not in resident), default=0))
+
+
 class RingStreamer:
     """Runs a model whose resident units stay on the device while the others flow through a ring
     buffer: unit k+1, k+2, ... are copied on the side stream while unit k computes.
@@ -21,6 +27,11 @@ class RingStreamer:
     the compute stream joins the copy stream and the ring (recorded on the copy stream) is freed:
     no copy is pending and none can write into memory the allocator hands out later. Use as a
     context manager.
+
+    ``ring``: a buffer the caller owns, at least :func:`ring_size` bytes, for streamers that run
+    one after another (one per pass, as a captured pass needs: a CUDA graph records the ring's
+    address, so every replay must find its units at the same place). A streamer of its own
+    ring allocates it on entry and frees it on exit; a caller's ring stays the caller's.
     """
 
     def __init__(
@@ -31,6 +42,7 @@ class RingStreamer:
         resident: frozenset[int],
         ring_bytes: int,
         passes: int,
+        ring: torch.Tensor | None = None,
     ):
         self.p = placement
         self.units = placement.models[name]
@@ -38,12 +50,15 @@ class RingStreamer:
         self.modules = modules
         self.resident = resident
         self.order = [i for i in range(len(self.units)) if i not in resident]
-        self.ring_bytes = max(ring_bytes, max((self.units[i].nbytes for i in self.order), default=0))
+        self.ring_bytes = ring_size(placement, name, resident, ring_bytes)
         self.passes = passes
         self.total = passes * len(self.order)
         """Streamed unit runs over the whole render: the prefetch stops after this many copies."""
         self.hooks: list = []
         self.ring: torch.Tensor | None = None
+        self._given = ring
+        if ring is not None and ring.numel() < self.ring_bytes:
+            raise ValueError(f"a ring of {ring.numel()} bytes for units that need {self.ring_bytes}")
         self.fifo: list[list] = []  # [unit, start, end, ready_event, release_event | None]
         self.next = 0  # copies issued so far; the next one is of self.order[self.next % len(order)]
         self.copied_bytes = 0
@@ -56,13 +71,19 @@ class RingStreamer:
     def __enter__(self) -> "RingStreamer":
         self.p.upload(self.name, units=list(self.resident))
         if self.order:
-            self.ring = torch.empty(self.ring_bytes, dtype=torch.uint8, device=self.p.device)
+            self.ring = self._given
+            if self.ring is None:
+                self.ring = torch.empty(self.ring_bytes, dtype=torch.uint8, device=self.p.device)
             if self.p.cuda:  # the ring's memory may have held earlier compute: copies come after it
                 self.p.copy_stream.wait_stream(torch.cuda.current_stream(self.p.device))
-            for i in self.order:
-                self.hooks.append(self.modules[i].register_forward_pre_hook(self._pre(i)))
-                self.hooks.append(self.modules[i].register_forward_hook(self._post(i)))
-            self._fill()
+            try:
+                for i in self.order:
+                    self.hooks.append(self.modules[i].register_forward_pre_hook(self._pre(i)))
+                    self.hooks.append(self.modules[i].register_forward_hook(self._post(i)))
+                self._fill()
+            except BaseException:  # a copy refused (in a capture): no hook may outlive this streamer
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -72,7 +93,7 @@ class RingStreamer:
         for i in self.order:
             self.units[i].bind(self.units[i].host)
         self.p.join()  # an error mid-pass can leave prefetches in flight: order them before what follows
-        self.ring = None  # recorded on the copy stream by copy_async: freed once the copies are done
+        self.ring = self._given = None  # recorded on the copy stream: freed (if ours) once the copies are done
         self.fifo.clear()
 
     # ---- the ring ----------------------------------------------------------------------------
