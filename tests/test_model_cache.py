@@ -212,7 +212,12 @@ def test_damaged_pack_is_detected_and_rebuilt(model, tmp_path, monkeypatch, dama
         header, start = _read_header(pack)
         _flip(pack, start + header["models"]["unet"]["offset"] + header["models"]["unet"]["nbytes"] - 7)
     else:
-        _flip(pack, pack_format.PREFIX.size + 10)
+        fd = os.open(pack, os.O_RDONLY)
+        try:
+            at, _length = pack_format.header_offset(fd)
+        finally:
+            os.close(fd)
+        _flip(pack, at + 10)
     spies = Spies(monkeypatch)
     second = load(model, cache)
     assert spies.reads > 0  # the damage was noticed: the weights came from the checkpoint

@@ -63,6 +63,10 @@ class Checkpoint:
         else:
             out.copy_(self._tensors[key])
 
+    def tensor_file(self):
+        """The safetensors file's :class:`TensorFile` (its tensors' offsets); None for a .ckpt."""
+        return self._file
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

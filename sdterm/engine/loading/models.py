@@ -36,6 +36,7 @@ from .checkpoint import (
     verify_module,
 )
 from .hasher import BackgroundHash
+from .single_pass import SinglePass
 from .host_units import PACKED, stage_units
 from .store import HostStore
 from .vae_file import VAEFile, verify_vae_file
@@ -78,6 +79,9 @@ def open_model(path: str | Path, *, config_path: str | Path | None = None, data_
 
 ON_DEMAND = frozenset({"vae_encoder"})
 """Models that text-to-image never builds; the checkpoint file is released once all the others are."""
+
+SINGLE_PASS_BYTES = 256 << 20
+"""A checkpoint at least this large is read in one pass on its first use (``single_pass.py``)."""
 
 PREFETCH_WHILE_HASHING = 256 << 20
 """A checkpoint at least this large whose hash is asked for before it is known (the first start:
@@ -125,17 +129,31 @@ class Models:
             "vae_encoder": self._build_vae_encoder,
         }
         self._store: HostStore | None = None
-        self._hash: BackgroundHash | None = None
+        self._hash: BackgroundHash | SinglePass | None = None
         self._pin, self._model_cache = pin, model_cache
+        self._vae: VAEFile | None = verify_vae_file(vae, self.cfg.vae) if vae is not None else None
+        self._vae_hash: str | None = None
         if source.checkpoint is not None:
             self._store = self._open_store(dtype)
             if self._store.pack is None:  # a pack is only ever made from a file that passed
                 self._store.ensure_verified()
             self._sha256 = self._store.sha256 or recall_sha256(source.checkpoint, hash_memo)
-            if self._sha256 is None:
-                self._hash = BackgroundHash(source.checkpoint, hash_memo)
-        self._vae: VAEFile | None = verify_vae_file(vae, self.cfg.vae) if vae is not None else None
-        self._vae_hash: str | None = None
+            self._start_loading()
+
+    def _start_loading(self) -> None:
+        """A first use of a large safetensors file (no pack): its U-Net and VAE decoder are built
+        in one pass over the file, on threads, from now on (the start-up's imports and the text
+        encoder run meanwhile), the file hashed on the way. Else the hash, if unknown, on a thread."""
+        first = None
+        try:
+            big = self.source.checkpoint.stat().st_size >= SINGLE_PASS_BYTES
+        except OSError:
+            big = False
+        if big and self._store.pack is None:
+            stages = tuple(s for s in ("unet", "vae") if s in self._packable())
+            first = self._store.start_pass(stages, self._packable(), sha256=self._sha256 is None, memo=self.hash_memo)
+        if self._sha256 is None:
+            self._hash = first if first is not None else BackgroundHash(self.source.checkpoint, self.hash_memo)
 
     def _open_store(self, dtype: torch.dtype) -> HostStore:
         return HostStore(self.source.checkpoint, self.cfg, dtype, pin=self._pin, folder=self._model_cache,
@@ -156,7 +174,18 @@ class Models:
             raise RuntimeError("the run dtype can change only before any model is built")
         self._dtype = value
         if getattr(self, "_store", None) is not None:
+            first = self._store.first_pass
+            if first is not None:  # its models are in the old dtype: dropped, the hash kept
+                first.cancel()
+                if self._hash is first:
+                    self._hash = None
+                    try:
+                        self._sha256 = self._sha256 or first.result()
+                    except BaseException:  # noqa: BLE001 - cancelled before the end: hashed again
+                        pass
             self._store = self._open_store(value)
+            if first is not None:
+                self._start_loading()
 
     def _verify(self) -> None:
         """Fail now, with one line, if the file is unreadable, unsafe, another architecture or
@@ -239,6 +268,8 @@ class Models:
         so the next decode builds it from the new file; so is the encoder (the new file's when it
         has one, else the checkpoint's). The other models stay as they are."""
         new = verify_vae_file(path, self.cfg.vae) if path is not None else None
+        if self._store is not None:
+            self._store.settle()  # not a decoder still being built from the checkpoint
         self._vae, self._vae_hash = new, None
         self._modules.pop("vae", None)
         self._modules.pop("vae_encoder", None)
@@ -296,8 +327,9 @@ class Models:
     @property
     def sha256(self) -> str:
         """The checkpoint's sha256: from the model cache or the hash memo, else computed on a
-        thread since the model was opened (waited for now; on a large file the text-to-image
-        models are loaded meanwhile: the first start then pays for the hash only once)."""
+        thread since the model was opened (by the first pass over a large file, which builds the
+        U-Net and the VAE decoder from the same bytes); waited for now, the text-to-image models
+        being loaded meanwhile: the first start pays for the hash only once."""
         if self._sha256 is None and self._hash is not None and not self._hash.done():
             try:
                 big = self.source.checkpoint.stat().st_size >= PREFETCH_WHILE_HASHING

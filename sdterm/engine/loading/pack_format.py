@@ -14,9 +14,13 @@ from pathlib import Path
 from ...fsutil import pread_full, remove_quietly
 
 MAGIC = b"SDTPACK\x00"
-FORMAT = 3  # 2: the U-Net's convolution weights channels-last in half precision; 3: the VAE decoder's too
-PREFIX = struct.Struct("<8sIQI")
+FORMAT = 4  # 2: the U-Net's convolution weights channels-last in half precision; 3: the VAE decoder's too;
+# 4: the header after the payload (a model's layout may be added while the others are written)
+PREFIX = struct.Struct("<8sIQQI")
+"""magic, format, header offset, header length, header crc32."""
 PAGE = 4096
+PAYLOAD = PAGE
+"""Where the payload starts: right after the prefix's page."""
 BLOCK = 16 << 20
 """Bytes per checksum: blocks are verified in parallel while they are read."""
 SUFFIX = ".pack"
@@ -51,19 +55,29 @@ def align(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
-def read_header(fd: int) -> tuple[dict, int]:
-    """(header, payload offset) of an open pack; PackError if it is not a sound one."""
+def header_offset(fd: int) -> tuple[int, int]:
+    """(offset, length) of an open pack's header, from its prefix; PackError if there is none."""
     head = bytearray(PREFIX.size)
     try:
         pread_full(fd, memoryview(head), 0)
     except OSError:
         raise PackError("no header") from None
-    magic, fmt, length, crc = PREFIX.unpack(head)
-    if magic != MAGIC or fmt != FORMAT or length > 64 << 20:
+    magic, fmt, at, length, _crc = PREFIX.unpack(head)
+    if magic != MAGIC or fmt != FORMAT or length > 64 << 20 or at < PAYLOAD:
         raise PackError("not a pack of this format")
+    return at, length
+
+
+def read_header(fd: int) -> tuple[dict, int]:
+    """(header, payload offset) of an open pack; PackError if it is not a sound one. The file is
+    prefix | payload | header: its length must be exactly the header's end."""
+    at, length = header_offset(fd)
+    crc = PREFIX.unpack(os.pread(fd, PREFIX.size, 0))[4]
+    if os.fstat(fd).st_size != at + length:
+        raise PackError("length differs from the header's (truncated?)")
     raw = bytearray(length)
     try:
-        pread_full(fd, memoryview(raw), PREFIX.size)
+        pread_full(fd, memoryview(raw), at)
     except OSError:
         raise PackError("truncated header") from None
     if zlib.crc32(raw) != crc:
@@ -73,10 +87,9 @@ def read_header(fd: int) -> tuple[dict, int]:
         payload = int(header["payload"])
     except (ValueError, KeyError, TypeError):
         raise PackError("header unreadable") from None
-    start = align(PREFIX.size + length)
-    if os.fstat(fd).st_size != start + payload:
-        raise PackError("length differs from the header's (truncated?)")
-    return header, start
+    if at != PAYLOAD + payload:
+        raise PackError("payload length differs from the header's")
+    return header, PAYLOAD
 
 
 def pack_files(folder: Path) -> list[Path]:

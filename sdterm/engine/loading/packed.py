@@ -4,8 +4,9 @@ parsing, no conversion, no hashing).
 
 One file per (checkpoint path, architecture, dtype) in the cache folder, ``<key>.pack``::
 
-    magic (8 bytes) | format (u32) | header length (u64) | header crc32 (u32) | header (JSON) | padding
-    payload: each model's buffer, one after the other (4096-byte aligned)
+    magic (8 bytes) | format (u32) | header offset (u64) | header length (u64) | header crc32 (u32)
+    payload from byte 4096: each model's buffer, one after the other (4096-byte aligned)
+    header (JSON) at the header offset, the payload's end; the file ends with it
 
 The header holds the key (the checkpoint's identity: resolved path, size, mtime, ctime, inode,
 device; the architecture; the dtype; the format), the checkpoint's sha256, and per model its
@@ -19,8 +20,9 @@ the layout equal to what the code builds now, and every block's crc, computed wh
 Anything else: the pack is deleted and the model comes from the checkpoint (and is packed again).
 
 Writing happens while a model is converted: each unit goes to a temporary file in the same folder
-as soon as it is complete (a writer thread), the header last, then an atomic rename (a thread the
-process waits for before exiting). A write that fails is dropped without a word.
+as soon as it is complete (a writer thread), the header last (after the payload) and the prefix,
+then an atomic rename (a thread the process waits for before exiting). A write that fails is
+dropped without a word.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ import torch
 
 from ...fsutil import close_quietly, create_temp, open_for_reading, pread_full, remove_quietly
 from .host_units import StageLayout
-from .pack_format import (FORMAT, MAGIC, PREFIX, TEMP_PREFIX, PackError, align, blocks, evict, identity, pack_path,
-                          read_header)
+from .pack_format import (FORMAT, MAGIC, PAYLOAD, PREFIX, TEMP_PREFIX, PackError, align, blocks, evict, identity,
+                          pack_path, read_header)
 from .tensor_reader import byte_view
 
 READ_THREADS = 8
@@ -150,11 +152,14 @@ class PackWriter:
     """Writes a pack while its models are converted: ``unit_done`` queues a unit (crc + write on a
     writer thread), ``stage_done`` waits for a model's units (its weights may change after, e.g. a
     LoRA merge), ``finish`` writes the header and publishes the file once every model is in.
+    A model named in ``later`` is laid out when it is first built (``add``: the text encoder's
+    layout needs transformers, which the others need not wait for); the header goes after the
+    payload, so it may grow.
 
     Never raises: the first failure drops the pack (and its temporary file)."""
 
     def __init__(self, folder: Path, key: dict, layouts: dict[str, StageLayout], *,
-                 sha256: Callable[[], str | None], still: Callable[[], dict]):
+                 sha256: Callable[[], str | None], still: Callable[[], dict], later: tuple[str, ...] = ()):
         """``sha256()``: the checkpoint's (waited for on the publishing thread); ``still()``: the
         checkpoint's key now (the pack is dropped if it changed while it was packed)."""
         self.folder, self.key = folder, key
@@ -162,32 +167,41 @@ class PackWriter:
         self.failed = False
         self.finished = False
         self.entries: dict[str, dict] = {}
-        offset = 0
-        for stage, layout in layouts.items():
-            units = _unit_layout(layout)
-            for unit in units:
-                unit["crc"] = [0xFFFFFFFF] * len(blocks(unit["nbytes"]))  # widest placeholders
-            self.entries[stage] = {"offset": offset, "nbytes": layout.total, "units": units}
-            offset += align(layout.total)
-        self.payload = offset
-        self.starts = {stage: layout.starts for stage, layout in layouts.items()}
-        self.pending: dict[str, list[Future]] = {stage: [] for stage in layouts}
+        self.payload = 0
+        self.starts: dict[str, list[int]] = {}
+        self.pending: dict[str, list[Future]] = {}
+        self.expected = set(layouts) | set(later)
         self.done: set[str] = set()
-        self.reserved = len(self._header_json("f" * 64))
-        self.start = align(PREFIX.size + self.reserved)
+        self.start = PAYLOAD
+        self._lock = threading.Lock()
+        for stage, layout in layouts.items():
+            self.add(stage, layout)
         self.temp = _Temp()
         self._cleanup = weakref.finalize(self, self.temp.drop)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self.temp.fd, self.temp.path = create_temp(folder, TEMP_PREFIX, ".tmp")
-            os.ftruncate(self.temp.fd, self.start + self.payload)
         except OSError:
             self._fail()
         # Blocks are checksummed in parallel (zlib releases the GIL); the writes go to distinct offsets.
         self._writer = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="sdterm-pack-write")
 
-    def _header_json(self, sha256: str | None, stages=None) -> bytes:
-        models = {s: e for s, e in self.entries.items() if stages is None or s in stages}
+    def add(self, stage: str, layout: StageLayout) -> None:
+        """Lay out ``stage`` at the payload's end (once)."""
+        with self._lock:
+            if stage in self.entries:
+                return
+            units = _unit_layout(layout)
+            for unit in units:
+                unit["crc"] = [0] * len(blocks(unit["nbytes"]))  # a unit never written fails verification
+            self.entries[stage] = {"offset": self.payload, "nbytes": layout.total, "units": units}
+            self.payload += align(layout.total)
+            self.starts[stage] = layout.starts
+            self.pending[stage] = []
+            self.expected.add(stage)
+
+    def _header_json(self, sha256: str | None, stages) -> bytes:
+        models = {s: e for s, e in self.entries.items() if s in stages}
         return json.dumps({"key": self.key, "sha256": sha256, "payload": self.payload, "models": models},
                           separators=(",", ":")).encode()
 
@@ -225,10 +239,11 @@ class PackWriter:
             except (OSError, ValueError, RuntimeError):
                 self._fail()
         self.pending[stage] = []
-        self.done.add(stage)
+        if stage in self.entries:
+            self.done.add(stage)
 
     def complete(self) -> bool:
-        return set(self.entries) <= self.done
+        return self.expected <= self.done
 
     def abandon(self) -> None:
         """Drop the pack (a model could not be read)."""
@@ -237,20 +252,27 @@ class PackWriter:
 
     def finish(self) -> threading.Thread | None:
         """Publish the pack with the models written so far, on a thread the process waits for
-        before exiting: the header (with the sha256, waited for there) and an atomic rename,
-        unless the checkpoint changed meanwhile."""
-        if self.failed or self.finished or not self.done:
-            return None
-        self.finished = True
-        stages = set(self.done)
+        before exiting: the header (with the sha256, waited for there) after the payload, the
+        prefix, and an atomic rename, unless the checkpoint changed meanwhile. The payload and the
+        header are checksummed: a file torn by a crash before its data reached the disk fails
+        verification."""
+        with self._lock:  # the last two models may be done on two threads at once: one publishes
+            if self.failed or self.finished or not self.done:
+                return None
+            self.finished = True
+            stages = set(self.done)
 
         def publish() -> None:
             try:
                 header = self._header_json(self._sha256(), stages)
-                if self._still() != self.key or len(header) > self.reserved:
+                if self._still() != self.key:
                     raise OSError("the checkpoint changed while it was packed")
-                header += b" " * (self.reserved - len(header))
-                os.pwrite(self.temp.fd, PREFIX.pack(MAGIC, FORMAT, len(header), zlib.crc32(header)) + header, 0)
+                at = self.start + self.payload
+                done = 0
+                while done < len(header):
+                    done += os.pwrite(self.temp.fd, header[done:], at + done)
+                os.ftruncate(self.temp.fd, at + len(header))
+                os.pwrite(self.temp.fd, PREFIX.pack(MAGIC, FORMAT, at, len(header), zlib.crc32(header)), 0)
                 self.temp.close()
                 os.replace(self.temp.path, pack_path(self.folder, self.key))
                 self.temp.path = None  # published: nothing to clean up

@@ -1,10 +1,13 @@
 """Where a checkpoint's models come from on the host: the model cache (``packed.py``) when it
 holds them, else the checkpoint itself, converted straight into the placement's units (and packed
-meanwhile, for the next start)."""
+meanwhile, for the next start): model by model when a stage asks, or, on a large file's first use,
+the U-Net and the VAE decoder in one pass over the file on threads (``single_pass.py``) that
+``build`` waits for."""
 
 from __future__ import annotations
 
 import atexit
+import threading
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -12,10 +15,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, CheckpointError
 from ..memory.host_memory import aligned, lock
-from .host_units import PACKED, StageLayout, fill_from_checkpoint, meta_model, stage_layout
+from ..memory.placement import slot_view
+from .host_units import PACKED, StageLayout, checkpoint_prefix, fill_from_checkpoint, meta_model, stage_layout
 from .packed import Pack, PackError, PackWriter, pack_key
+from .single_pass import SinglePass
 
 
 class HostStore:
@@ -37,6 +42,10 @@ class HostStore:
         self._layouts: dict[str, StageLayout] = {}
         self._built: set[str] = set()
         self._key: dict | None = None
+        self._lock = threading.RLock()
+        """Held while the bookkeeping changes: a first pass builds models on threads of its own."""
+        self.first_pass: SinglePass | None = None
+        self._pass_stages: set[str] = set()
         if folder is not None:
             try:
                 self._key = pack_key(path, cfg, dtype)
@@ -64,9 +73,15 @@ class HostStore:
         """The model ``stage`` on the host: from the pack if it holds it (verified while read),
         else from the checkpoint. ``packable``: the models this process takes from the checkpoint
         (a pack is written for those)."""
-        layout = self._layout(stage)
-        # Filled first, page-locked after (CUDA's start-up, on a thread, overlaps the reading).
-        buffer = aligned(layout.total) if self.pin else torch.empty(layout.total, dtype=torch.uint8)
+        if stage in self._pass_stages:  # being built by the first pass: waited for
+            self._pass_stages.discard(stage)  # (after a failure, a retry reads the file as below)
+            try:
+                return self.first_pass.model(stage)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{self.path}: cannot read the weights ({exc}); is it truncated?") from None
+        with self._lock:
+            layout = self._layout(stage)
+        buffer = self._buffer(layout)
         if self.pack is not None and self.pack.fd >= 0 and self.pack.has(stage):
             try:
                 self.pack.read_stage(stage, layout, buffer)
@@ -76,22 +91,85 @@ class HostStore:
             else:
                 return self._done(stage, layout, layout.bind(buffer), buffer)
         self.ensure_verified()
-        writer = self._writer_for(stage, packable)
+        with self._lock:
+            writer = self._writer_for(stage, packable)
+            if writer is not None:
+                writer.add(stage, layout)
         on_unit = (lambda i, host: writer.unit_done(stage, i, host)) if writer is not None else None
         try:
             hosts = fill_from_checkpoint(stage, layout, buffer, self._checkpoint(), on_unit)
         except BaseException:
-            self._layouts.pop(stage, None)  # half bound: a retry starts from a fresh model
+            with self._lock:
+                self._layouts.pop(stage, None)  # half bound: a retry starts from a fresh model
             if writer is not None:
                 writer.abandon()
             raise
+        self._written(writer, stage)
+        return self._done(stage, layout, hosts, buffer)
+
+    def _buffer(self, layout: StageLayout) -> torch.Tensor:
+        # Filled first, page-locked after (CUDA's start-up, on a thread, overlaps the reading).
+        return aligned(layout.total) if self.pin else torch.empty(layout.total, dtype=torch.uint8)
+
+    @staticmethod
+    def _written(writer: PackWriter | None, stage: str) -> None:
         if writer is not None:
             writer.stage_done(stage)  # before anyone may change the weights (a LoRA merge)
             if writer.complete():
                 writer.finish()
-        return self._done(stage, layout, hosts, buffer)
+
+    def start_pass(self, stages: tuple[str, ...], packable: tuple[str, ...], *, sha256: bool,
+                   memo: Path | None) -> SinglePass | None:
+        """Build ``stages`` from the checkpoint (a safetensors file; None for another) in one pass
+        over the file on threads of its own, packed meanwhile and hashed when ``sha256`` (the pass
+        is then the hash: ``result()``); ``build`` waits for them. Verifies the file first."""
+        self.ensure_verified()
+        ckpt = self._checkpoint()
+        tensors = ckpt.tensor_file()
+        if tensors is None or not stages:
+            return None
+        with self._lock:
+            layouts = {s: self._layout(s) for s in stages}
+            writer = self._writer_for(stages[0], packable)
+        buffers = {s: self._buffer(layouts[s]) for s in stages}
+        targets: dict[str, tuple[str, int, torch.Tensor]] = {}
+        units: dict[tuple[str, int], torch.Tensor] = {}
+        keys = ckpt.keys()
+        for s in stages:
+            prefix, layout = checkpoint_prefix(s, keys), layouts[s]
+            for i, (host, (slots, _), names) in enumerate(zip(layout.unit_hosts(buffers[s]), layout.units, layout.names())):
+                units[(s, i)] = host
+                for name, slot in zip(names, slots):
+                    targets[prefix + name] = (s, i, slot_view(host, 0, slot))
+
+        def on_stage(stage: str) -> nn.Module:
+            self._written(writer, stage)
+            layout, buffer = layouts[stage], buffers[stage]
+            return self._done(stage, layout, layout.bind(buffer), buffer)
+
+        def on_error(exc: BaseException) -> None:
+            with self._lock:
+                for s in stages:
+                    self._layouts.pop(s, None)
+            if writer is not None:
+                writer.abandon()
+
+        self._pass_stages = set(stages)
+        self.first_pass = SinglePass(self.path, tensors.entries, targets, units, sha256=sha256, memo=memo,
+                                     on_unit=writer.unit_done if writer is not None else None,
+                                     on_stage=on_stage, on_error=on_error)
+        return self.first_pass
+
+    def settle(self) -> None:
+        """Wait for the first pass's models (none is being built on a thread after this)."""
+        if self.first_pass is not None:
+            self.first_pass.wait()
 
     def _done(self, stage: str, layout: StageLayout, hosts: list[torch.Tensor], buffer: torch.Tensor) -> nn.Module:
+        with self._lock:
+            return self._adopt(stage, layout, hosts, buffer)
+
+    def _adopt(self, stage: str, layout: StageLayout, hosts: list[torch.Tensor], buffer: torch.Tensor) -> nn.Module:
         if self.pin:
             lock(buffer)  # where CUDA refuses, plain memory: uploads from it are synchronous
         self._layouts.pop(stage, None)
@@ -105,24 +183,26 @@ class HostStore:
         """The pack being written, started with the first model that comes from the checkpoint
         when none is built yet (a model read earlier may hold a LoRA merge by now: no pack then)."""
         if self.writer is not None:
-            usable = not (self.writer.failed or self.writer.finished) and stage in self.writer.entries
+            usable = not (self.writer.failed or self.writer.finished) and stage in self.writer.expected
             return self.writer if usable else None
         if self.folder is None or self._key is None or self._built or stage not in packable:
             return None
-        try:
-            layouts = {s: self._layout(s) for s in PACKED if s in packable}
+        try:  # the text encoder's layout (transformers) is added when it is built, unless known now
+            layouts = {s: self._layout(s) for s in PACKED if s in packable and (s != "text" or s in self._layouts)}
         except Exception:  # noqa: BLE001 - a model that can't even be laid out is just not packed
             return None
+        later = tuple(s for s in PACKED if s in packable and s not in layouts)
         key, path, cfg, dtype = self._key, self.path, self.cfg, self.dtype
 
         def still() -> dict:
             return pack_key(path, cfg, dtype)
 
-        self.writer = PackWriter(self.folder, key, layouts, sha256=self._digest, still=still)
+        self.writer = PackWriter(self.folder, key, layouts, sha256=self._digest, still=still, later=later)
         atexit.register(_publish_partial, weakref.ref(self.writer))
         return self.writer
 
     def forget(self, stage: str) -> None:
+        self._pass_stages.discard(stage)
         self.hosts.pop(stage, None)
         self._built.discard(stage)
 
