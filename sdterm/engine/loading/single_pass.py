@@ -116,6 +116,16 @@ class SinglePass:
         self.stages: dict[str, Future] = {stage: Future() for stage in self._units_left}
         self._digest: Future = Future()
         self._stop = threading.Event()
+        # Every tensor op of the pass runs here or on executor threads (which the interpreter
+        # joins at exit): the pass's own thread is a daemon (a process that never needs the
+        # models does not wait for it) and a daemon must not be inside torch when the process
+        # ends (taking the GIL back there aborts it).
+        self._before = os.stat(self.path)
+        self._spans = plan_spans(entries, self._before.st_size, targets)
+        self._jobs = [self._pieces(span) for span in self._spans]
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="sdterm-first-stage")
+        for stage, index in [u for u, rows in self._rows_left.items() if rows == 0]:
+            self._rows_done(stage, index, 0)  # a unit with nothing to read
         self._thread = threading.Thread(target=self._run, name="sdterm-first-pass", daemon=True)
         self._thread.start()
 
@@ -154,12 +164,9 @@ class SinglePass:
         except OSError as exc:
             return self._fail(exc)
         try:
-            before = os.fstat(fd)
-            spans = plan_spans(self.entries, before.st_size, self.targets)
-            jobs = [self._pieces(span) for span in spans]
-            for stage, index in [u for u, rows in self._rows_left.items() if rows == 0]:
-                self._rows_done(stage, index, 0)  # a unit with nothing to read
-            error = self._stream(fd, spans, jobs)
+            if os.fstat(fd).st_size != self._before.st_size:
+                raise ValueError("the file changed size")
+            error = self._stream(fd, self._spans, self._jobs)
             if error is None and self._stop.is_set():
                 error = RuntimeError("cancelled")
             if error is None and any(self._units_left.values()):  # never left waiting forever
@@ -167,10 +174,13 @@ class SinglePass:
             if error is not None:
                 return self._fail(error)
             digest = self._hash.hexdigest() if self._hash is not None else None
-            after = os.stat(self.path)
+            before, after = self._before, os.stat(self.path)
             same = (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)
             if digest is not None and same and self.memo is not None:
                 remember_sha256(self.path, digest, self.memo)  # as BackgroundHash does
+            self._finisher.shutdown(wait=True)  # every stage done: nothing left on other threads
+            close_quietly(fd)
+            fd = -1
             self._digest.set_result(digest)
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
             self._fail(exc)
@@ -254,7 +264,7 @@ class SinglePass:
         if unit_complete and self._on_unit is not None:
             self._on_unit(stage, index, self.units[(stage, index)])
         if stage_complete:
-            threading.Thread(target=self._finish_stage, args=(stage,), name="sdterm-first-stage", daemon=True).start()
+            self._finisher.submit(self._finish_stage, stage)
 
     def _finish_stage(self, stage: str) -> None:
         future = self.stages[stage]
