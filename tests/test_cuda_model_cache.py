@@ -94,3 +94,26 @@ def test_damaged_or_stale_pack_is_rebuilt_on_the_gpu(model, tmp_path, damage):
     third = engine(model, cache)
     assert third.models._store.pack is not None
     assert np.array_equal(pixels(third.generate(small_request(**REQ))), reference)
+
+
+def test_first_pass_render_is_identical_with_pinned_adopted_units(model, tmp_path, monkeypatch):
+    """A first use read in one pass (forced here below its size threshold): the U-Net and VAE
+    decoder built on the pass's threads, page-locked there, adopted by the placement; the render,
+    the hash and the pack are those of the model-by-model path."""
+    from sdterm.engine.loading import models as models_mod
+
+    reference = pixels(engine(model, None).generate(small_request(**REQ)))
+    monkeypatch.setattr(models_mod, "SINGLE_PASS_BYTES", 0)
+    cache = tmp_path / "packs"
+    first = engine(model, cache)
+    assert first.models._store.first_pass is not None
+    result = first.generate(small_request(**REQ))
+    assert np.array_equal(pixels(result), reference)
+    for stage in STAGES:
+        units = first.placement.models[stage]
+        assert all(page_locked(u.host) for u in units), stage
+        assert [h.data_ptr() for h in first.models.unit_hosts(stage)] == [u.host.data_ptr() for u in units], stage
+    published()
+    again = engine(model, cache)
+    assert again.models._store.pack is not None and again.models.sha256 == first.models.sha256
+    assert np.array_equal(pixels(again.generate(small_request(**REQ))), reference)
