@@ -7,6 +7,7 @@ test see a copy still in flight, memory reused under it, or the allocator's coun
 from __future__ import annotations
 
 import copy
+import gc
 
 import numpy as np
 import pytest
@@ -35,6 +36,14 @@ PATTERN = 0xA5
 
 def pixels(result) -> np.ndarray:
     return np.asarray(result.image).astype(int)
+
+
+def settled_allocated() -> int:
+    """Device bytes allocated once garbage is collected: an earlier test's engine, freed by the
+    cycle collector at whatever moment it runs, must not move a before/after comparison."""
+    gc.collect()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
 
 
 def fresh_allocation_intact(placement: Placement, nbytes: int = 512 * MiB) -> bool:
@@ -102,7 +111,7 @@ def test_streamed_render_leaves_no_pending_copy_and_no_memory(full_size, monkeyp
     req = small_request(width=512, height=512, steps=4)
     engine.generate(req)  # warm-up: cuBLAS workspace, cached embeddings
     torch.cuda.synchronize()
-    baseline = torch.cuda.memory_allocated()
+    baseline = settled_allocated()
     seen = spy_streamers(monkeypatch)
     r = engine.generate(req)
     assert "streamed" in r.plan and len(seen) == 1
@@ -113,7 +122,7 @@ def test_streamed_render_leaves_no_pending_copy_and_no_memory(full_size, monkeyp
     assert engine.placement.copy_stream.query()
     assert s.next == s.total == req.steps * len(s.order)  # no prefetch past the last pass
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == baseline
+    assert settled_allocated() == baseline
 
 
 def test_plans_give_the_resident_pixels_three_renders_in_a_row(full_size):
@@ -208,7 +217,7 @@ def test_fp16_overflow_in_the_vae_is_decoded_again_in_fp32_on_cuda(demo_model):
 def test_cuda_render_reports_peaks_and_returns_memory(demo_model, tmp_path):
     engine = Engine(open_model(demo_model), "cuda", cache=EmbeddingCache(tmp_path))
     assert engine.dtype == torch.float16
-    baseline = torch.cuda.memory_allocated()
+    baseline = settled_allocated()
     first = engine.generate(small_request(width=128, height=128))
     for s in first.stages:
         assert s.peak_allocated and s.peak_reserved and s.device_total and s.device_free is not None
@@ -227,10 +236,10 @@ def test_allocated_memory_returns_to_baseline_after_every_render(demo_model, tmp
     engine = Engine(open_model(demo_model), "cuda", plan=Plan(GiB, prefetch_unet=True, prefetch_vae=True),
                     cache=EmbeddingCache(tmp_path))
     engine.generate(small_request())  # warm-up: cuBLAS/cuDNN workspaces
-    baseline = torch.cuda.memory_allocated()
+    baseline = settled_allocated()
     for seed in range(20):
         engine.generate(small_request(seed=seed, width=96, height=64))
-        assert torch.cuda.memory_allocated() == baseline
+        assert settled_allocated() == baseline
 
 
 # --- The "nv" generator against torch's CUDA generator (issue 13) ----------------------------
@@ -623,11 +632,11 @@ def test_graphs_leave_no_memory_behind_a_staged_plan(full_size):
     req = small_request(width=512, height=512, steps=4)
     engine.generate(req)
     torch.cuda.synchronize()
-    baseline = torch.cuda.memory_allocated()
+    baseline = settled_allocated()
     r = engine.generate(req)
     graphs = engine.unet_graphs
     assert "unet staged" in r.plan and graphs.captures >= 2 and not graphs.graphs, (graphs.skipped, graphs.failures)
-    assert torch.cuda.memory_allocated() == baseline
+    assert settled_allocated() == baseline
 
 
 def test_a_graphed_streamed_render_stays_in_its_budget_and_leaves_nothing_behind(full_size):
@@ -638,7 +647,7 @@ def test_a_graphed_streamed_render_stays_in_its_budget_and_leaves_nothing_behind
     req = small_request(width=512, height=512, steps=4, negative="blurry")
     engine.generate(req)
     torch.cuda.synchronize()
-    baseline = torch.cuda.memory_allocated()
+    baseline = settled_allocated()
     r = engine.generate(req)
     graphs = engine.unet_graphs
     assert "streamed" in r.plan and graphs.captures >= 2 and not graphs.graphs, (graphs.skipped, graphs.failures)
@@ -647,7 +656,7 @@ def test_a_graphed_streamed_render_stays_in_its_budget_and_leaves_nothing_behind
         assert s.peak_allocated <= GiB, (s.stage, s.peak_allocated / MiB, r.plan)
     torch.cuda.current_stream().synchronize()
     assert engine.placement.copy_stream.query()
-    assert torch.cuda.memory_allocated() == baseline
+    assert settled_allocated() == baseline
 
 
 def test_a_model_collected_during_a_capture_does_not_break_it(full_size):
@@ -656,8 +665,6 @@ def test_a_model_collected_during_a_capture_does_not_break_it(full_size):
     collection may run inside the capture (its cudaHostUnregister would invalidate it, and the
     memory would stay registered after numpy frees it). The capture succeeds; the buffer is
     unlocked once collected after it."""
-    import gc
-
     from sdterm.engine.memory import host_memory
 
     engine = Engine(full_size, "cuda", budget=GiB)
