@@ -60,12 +60,18 @@ def test_streamed_matches_host_with_a_wrapping_ring(demo_model, baseline):
     assert "streamed" in r.plan
 
 
-def test_ring_streamer_copies_every_streamed_unit_each_pass(demo_model):
+def streamed_unet(demo_model):
+    """The demo U-Net, its units (modules) and a CPU placement holding them, for streamers."""
     engine = Engine(open_model(demo_model), "cpu")
     unet = engine.models.module("unet")
     modules = [m for _, m, _ in unet.units()]
     placement = Placement(torch.device("cpu"))
     placement.register("unet", unet, modules)
+    return unet, modules, placement
+
+
+def test_ring_streamer_copies_every_streamed_unit_each_pass(demo_model):
+    unet, modules, placement = streamed_unet(demo_model)
     sizes = [u.nbytes for u in placement.models["unet"]]
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
     with torch.inference_mode():
@@ -91,11 +97,7 @@ def test_streamers_one_per_pass_share_the_callers_ring(demo_model):
     """The graphed streamed U-Net runs one streamer per pass through one ring the stage owns:
     every pass is the resident result, every streamed unit is copied into that ring (no ring of
     its own), and a ring smaller than the largest streamed unit is refused."""
-    engine = Engine(open_model(demo_model), "cpu")
-    unet = engine.models.module("unet")
-    modules = [m for _, m, _ in unet.units()]
-    placement = Placement(torch.device("cpu"))
-    placement.register("unet", unet, modules)
+    unet, modules, placement = streamed_unet(demo_model)
     sizes = [u.nbytes for u in placement.models["unet"]]
     size = ring_size(placement, "unet", frozenset({0}), 0)
     assert size == max(sizes[1:])
@@ -116,11 +118,7 @@ def test_a_streamer_whose_first_copies_fail_leaves_no_hook_behind(demo_model, mo
     """A copy refused while the streamer fills its ring on entry (as in a CUDA graph capture that
     cannot copy from the host buffers): no hook of it stays on the model, and the next streamer
     (the eager retry of that pass) runs the resident result."""
-    engine = Engine(open_model(demo_model), "cpu")
-    unet = engine.models.module("unet")
-    modules = [m for _, m, _ in unet.units()]
-    placement = Placement(torch.device("cpu"))
-    placement.register("unet", unet, modules)
+    unet, modules, placement = streamed_unet(demo_model)
     ring = torch.zeros(2 * ring_size(placement, "unet", frozenset(), 0), dtype=torch.uint8)
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
 
