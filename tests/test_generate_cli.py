@@ -17,6 +17,22 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def test_demo_flag_renders_the_demo_model_with_generate(demo_model, tmp_path, run_cli):
+    """``sdterm --demo generate PROMPT`` renders the demo model (written to the data folder on
+    first use), the same pixels as ``--model`` on it; with --model too, one clear line."""
+    code, out, err = run_cli("--demo", "generate", "a red fox", "--seed", 1, "--json", "--outdir", tmp_path / "a", *SMALL)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["demo"] is True and Path(data["path"]).is_file()
+    code, out, err = run_cli("generate", "a red fox", "--model", demo_model, "--seed", 1, "--json",
+                             "--outdir", tmp_path / "b", *SMALL)
+    assert code == 0, err
+    assert np.array_equal(pixels(data["path"]), pixels(json.loads(out)["path"]))
+    code, out, err = run_cli("--demo", "generate", "x", "--model", demo_model, "--outdir", tmp_path, *SMALL)
+    assert code == 1 and err.strip().splitlines() == [
+        "sdterm: error: --demo renders the demo model: leave out --model and --random-weights"], err
+
+
 def test_generate_json_reports_path_seed_and_stages(demo_model, tmp_path, run_cli):
     code, out, err = run_cli("generate", "a red fox", "--model", demo_model, "--seed", 1, "--json", "--outdir", tmp_path, *SMALL)
     assert code == 0, err

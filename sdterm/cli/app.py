@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--demo",
         action="store_true",
-        help="open the app on the tiny demo model (random weights: images are noise; no GPU needed)",
+        help="use the tiny demo model (random weights: images are noise; no GPU needed): the app, or "
+        "`sdterm --demo generate PROMPT`",
     )
     parser.add_argument("--no-cache", action="store_true", help="don't read or write the prompt-embedding cache")
     add_embeddings_option(parser)

@@ -148,10 +148,13 @@ def run(args: argparse.Namespace) -> int:
     """``sdterm generate``: exit 1 when a line of a batch failed (the others still render)."""
     if (args.prompt is None) == (args.from_file is None):  # before torch is imported: answered at once
         raise UserError("give a PROMPT or --from-file FILE (one of them)")
-    from ..resolve import apply_defaults, random_weights_source, resolve_model
+    from ..resolve import apply_defaults, demo_model_dir, random_weights_source, resolve_model
 
+    demo = getattr(args, "demo", False)
+    if demo and (args.model or args.random_weights):
+        raise UserError("--demo renders the demo model: leave out --model and --random-weights")
     cfg = user_config()
-    apply_defaults(args, cfg)
+    apply_defaults(args, cfg, demo=demo)
     jobs = _batch_jobs(args.from_file, args) if args.from_file else [("", args)]
     if not 1 <= args.batch_count <= MAX_BATCH:  # bad values are reported before torch is imported
         raise UserError(f"-n/--batch-count must be between 1 and {MAX_BATCH}, got {args.batch_count}")
@@ -170,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if args.random_weights:
         source = random_weights_source(args.config)
     else:
-        model = resolve_model(args.model, cfg)
+        model = str(demo_model_dir()) if demo else resolve_model(args.model, cfg)
         source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
     engine = make_engine(source, args)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
