@@ -34,10 +34,15 @@ def test_cold_runs_are_fresh_processes_with_their_own_figures(tiny_config):
     for run in report.runs:
         assert run.wall > run.render > 0 and run.startup == pytest.approx(run.wall - run.render)
         assert run.peak_rss is None or run.peak_rss > 50 * 2**20  # a Python process with torch in it
+        # The wall time split: the interpreter's start, the command outside its render, the exit.
+        assert run.python > 0 and run.exit > 0 and run.before_render > 0  # each part where it belongs
+        assert set(run.loads) == {"text", "unet", "vae"} and all(v >= 0 for v in run.loads.values())
+    assert report.runs[0].loads["text"] > 0  # the first ever builds the text encoder; then its output is cached
     first, second = report.in_process  # a process that rendered twice
     assert first > 0 and second > 0
     text = format_cold(report)
     assert "first ever" in text and "again (1)" in text and "64x48" in text and "in one process: first render" in text
+    assert "where the wall time went" in text and "unet load" in text
     data = report.to_dict()
     assert json.dumps(data) and data["runs"][0]["startup"] == pytest.approx(report.runs[0].startup, abs=1e-3)
 

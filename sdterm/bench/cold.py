@@ -10,6 +10,11 @@ exit, the render's own seconds (its ``--json``), the difference (start-up: inter
 reading and converting the checkpoint, hashing), and the process's peak resident set. Last, one
 more process renders two images (``-n 2``, one engine): its first render (models read, kernels
 loaded, algorithms picked, graphs captured on the way) beside its second, the steady render.
+
+A second table splits each process's wall time: the interpreter's start (to the child's ``main``),
+the command outside its render (imports, opening the model, writing the output), the render with
+each stage's load (the model built, read from the pack or waited for), and the exit (threads
+joined, the interpreter's teardown).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ..errors import UserError
 from .options import BenchOptions, Log, no_log
 
 RUNS = 3
+STAGE_ORDER = ("text", "unet", "hires", "vae")
 
 
 @dataclass
@@ -35,10 +41,23 @@ class ColdRun:
     wall: float
     render: float
     peak_rss: int | None
+    python: float | None = None
+    """From spawning the process to the child's ``main`` (the interpreter's own start)."""
+    exit: float | None = None
+    """From the command's return to the process's end (joining threads, the interpreter's teardown)."""
+    loads: dict[str, float] = field(default_factory=dict)
+    """The render's stages' load seconds (its ``--json``): building or reading each model."""
 
     @property
     def startup(self) -> float:
         return self.wall - self.render
+
+    @property
+    def before_render(self) -> float | None:
+        """The command's own seconds outside its render: imports, opening the model, the output."""
+        if self.python is None or self.exit is None:
+            return None
+        return self.wall - self.python - self.exit - self.render
 
 
 @dataclass
@@ -56,7 +75,8 @@ class ColdReport:
         return {"checkpoint": self.checkpoint, "checkpoint_bytes": self.checkpoint_bytes, "device": self.device,
                 "steps": self.steps, "size": list(self.size),
                 "runs": [{"wall": round(r.wall, 3), "render": round(r.render, 3), "startup": round(r.startup, 3),
-                          "peak_rss": r.peak_rss} for r in self.runs],
+                          "peak_rss": r.peak_rss, "python": r.python, "exit": r.exit,
+                          "before_render": r.before_render, "loads": r.loads} for r in self.runs],
                 "first_and_second_render": list(self.in_process) if self.in_process else None}
 
 
@@ -119,18 +139,24 @@ def run_cold(opts: BenchOptions, device: str, *, model: str | None = None, confi
 
 
 def _one(command: list[str], env: dict, result_file: Path, twice: bool = False) -> tuple[ColdRun, list[float]]:
-    t0 = time.perf_counter()
+    spawned, t0 = time.time(), time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "sdterm.bench.cold_child", str(result_file), *command,
                            *(["-n", "2"] if twice else [])], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"--cold: sdterm generate failed in its process: {tail}")
-    seconds = [float(json.loads(line)["seconds"]) for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    renders = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    seconds = [float(r["seconds"]) for r in renders]
     if len(seconds) != (2 if twice else 1):
         raise UserError(f"--cold: expected {2 if twice else 1} render(s) from the process, got {len(seconds)}")
     child = json.loads(result_file.read_text(encoding="utf-8"))
-    return ColdRun(wall, seconds[-1], child.get("peak_rss")), seconds
+    run = ColdRun(wall, seconds[-1], child.get("peak_rss"))
+    if "began" in child and "returned" in child:
+        run.python = max(child["began"] - spawned, 0.0)
+        run.exit = max(wall - (child["returned"] - spawned), 0.0)
+    run.loads = {s["stage"]: float(s["load_seconds"]) for s in renders[-1].get("stages", []) if "load_seconds" in s}
+    return run, seconds
 
 
 def format_cold(report: ColdReport) -> str:
@@ -144,6 +170,18 @@ def format_cold(report: ColdReport) -> str:
         name = "first ever" if i == 0 else f"again ({i})"
         rss = format_bytes(r.peak_rss) if r.peak_rss is not None else "-"
         lines.append(f"{name:<18} {r.wall:7.2f}s {r.render:7.2f}s {r.startup:8.2f}s  {rss}")
+    if any(r.before_render is not None for r in report.runs):
+        seen = {s for r in report.runs for s in r.loads}
+        stages = [s for s in STAGE_ORDER if s in seen] + sorted(seen - set(STAGE_ORDER))
+        lines += ["", "where the wall time went: python = the interpreter's start; command = imports, opening",
+                  "the model and the output, outside the render; load = each stage's model built or read",
+                  "(inside the render); exit = threads joined and the interpreter's teardown", "",
+                  f"{'run':<18} {'python':>8} {'command':>8} {'render':>8} " + "".join(f"{s + ' load':>11}" for s in stages)
+                  + f" {'exit':>8}"]
+        for i, r in enumerate(report.runs):
+            name = "first ever" if i == 0 else f"again ({i})"
+            loads = "".join(f"{r.loads[s]:10.2f}s" if s in r.loads else f"{'-':>11}" for s in stages)
+            lines.append(f"{name:<18} {_secs(r.python)} {_secs(r.before_render)} {r.render:7.2f}s {loads} {_secs(r.exit)}")
     if len(report.runs) > 1:
         again = statistics.median(r.wall for r in report.runs[1:])
         lines += ["", f"first ever {report.runs[0].wall:.2f} s wall; repeated (median) {again:.2f} s wall"]
@@ -151,3 +189,7 @@ def format_cold(report: ColdReport) -> str:
         first, second = report.in_process
         lines.append(f"in one process: first render {first:.2f} s, second {second:.2f} s ({first / second:.2f}x)")
     return "\n".join(lines)
+
+
+def _secs(value: float | None) -> str:
+    return f"{value:7.2f}s" if value is not None else f"{'-':>8}"

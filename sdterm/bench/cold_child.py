@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 
 def peak_rss() -> int | None:
@@ -27,12 +28,17 @@ def peak_rss() -> int | None:
 
 
 def main(argv: list[str]) -> int:
+    """Runs the command; the JSON also has when this ``main`` began and when the command returned
+    (``time.time()``: the parent, which knows when it spawned the process and when it ended, splits
+    the wall time into the interpreter's start, the command, and the exit)."""
+    began = time.time()
     out, args = argv[0], argv[1:]
     from sdterm.cli import main as sdterm_main
 
     code = sdterm_main(args)
+    returned = time.time()
     with open(out, "w", encoding="utf-8") as f:
-        json.dump({"code": code, "peak_rss": peak_rss()}, f)
+        json.dump({"code": code, "peak_rss": peak_rss(), "began": began, "returned": returned}, f)
     return code
 
 
