@@ -36,13 +36,14 @@ def test_cold_runs_are_fresh_processes_with_their_own_figures(tiny_config):
         assert run.peak_rss is None or run.peak_rss > 50 * 2**20  # a Python process with torch in it
         # The wall time split: the interpreter's start, the command outside its render, the exit.
         assert run.python > 0 and run.exit > 0 and run.before_render > 0  # each part where it belongs
-        assert set(run.loads) == {"text", "unet", "vae"} and all(v >= 0 for v in run.loads.values())
+        assert set(run.loads) == {"prepare", "text", "unet", "vae"} and all(v >= 0 for v in run.loads.values())
+        assert run.loads["prepare"] + sum(run.loads[s] for s in ("text", "unet", "vae")) < run.render
     assert report.runs[0].loads["text"] > 0  # the first ever builds the text encoder; then its output is cached
     first, second = report.in_process  # a process that rendered twice
     assert first > 0 and second > 0
     text = format_cold(report)
     assert "first ever" in text and "again (1)" in text and "64x48" in text and "in one process: first render" in text
-    assert "where the wall time went" in text and "unet load" in text
+    assert "where the wall time went" in text and "unet load" in text and "prepare" in text
     data = report.to_dict()
     assert json.dumps(data) and data["runs"][0]["startup"] == pytest.approx(report.runs[0].startup, abs=1e-3)
 

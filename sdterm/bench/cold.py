@@ -33,7 +33,7 @@ from ..errors import UserError
 from .options import BenchOptions, Log, no_log
 
 RUNS = 3
-STAGE_ORDER = ("text", "unet", "hires", "vae")
+STAGE_ORDER = ("prepare", "text", "unet", "hires", "vae")
 
 
 @dataclass
@@ -156,6 +156,8 @@ def _one(command: list[str], env: dict, result_file: Path, twice: bool = False) 
         run.python = max(child["began"] - spawned, 0.0)
         run.exit = max(wall - (child["returned"] - spawned), 0.0)
     run.loads = {s["stage"]: float(s["load_seconds"]) for s in renders[-1].get("stages", []) if "load_seconds" in s}
+    if "prepare_seconds" in renders[-1]:
+        run.loads["prepare"] = float(renders[-1]["prepare_seconds"])
     return run, seconds
 
 
@@ -174,10 +176,11 @@ def format_cold(report: ColdReport) -> str:
         seen = {s for r in report.runs for s in r.loads}
         stages = [s for s in STAGE_ORDER if s in seen] + sorted(seen - set(STAGE_ORDER))
         lines += ["", "where the wall time went: python = the interpreter's start; command = imports, opening",
-                  "the model and the output, outside the render; load = each stage's model built or read",
-                  "(inside the render); exit = threads joined and the interpreter's teardown", "",
-                  f"{'run':<18} {'python':>8} {'command':>8} {'render':>8} " + "".join(f"{s + ' load':>11}" for s in stages)
-                  + f" {'exit':>8}"]
+                  "the model and the output, outside the render; inside the render: prepare = before its first",
+                  "stage (tokenizing, planning: a first use waits there for the models), load = each stage's",
+                  "model built or read; exit = threads joined and the interpreter's teardown", "",
+                  f"{'run':<18} {'python':>8} {'command':>8} {'render':>8} "
+                  + "".join(f"{s if s == 'prepare' else s + ' load':>11}" for s in stages) + f" {'exit':>8}"]
         for i, r in enumerate(report.runs):
             name = "first ever" if i == 0 else f"again ({i})"
             loads = "".join(f"{r.loads[s]:10.2f}s" if s in r.loads else f"{'-':>11}" for s in stages)

@@ -232,6 +232,7 @@ def _render_one(service, params: Params, as_json: bool, args=None) -> None:
             "path": str(path),
             "seed": params.seed,
             "seconds": round(result.seconds, 4),
+            "prepare_seconds": round(result.prepare_seconds, 4),
             "model": result.model_name,
             "model_hash": result.model_hash,
             "device": str(engine.device),

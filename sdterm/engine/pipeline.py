@@ -234,7 +234,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         plan = self.forced_plan or self.plan(req, text_needed=any(c.key not in cached for c in needed),
                                              encode=init_image is not None)
         self._offload_unplanned(plan)
-
+        prepared = time.perf_counter() - started
         stages = []
         chunks, text_stats, plan = self._with_retry("text", plan, req, notice,
                                                     lambda p: self._text_stage(texts, needed, cached, clip_skip, p,
@@ -265,6 +265,7 @@ class Engine(TextStage, UNetStage, VaeStage):
             image=image,
             request=req,
             seconds=time.perf_counter() - started,
+            prepare_seconds=prepared,
             stages=stages,
             model_name=self.source.name,
             model_hash=self.models.model_hash,
