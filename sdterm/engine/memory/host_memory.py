@@ -15,6 +15,8 @@ import weakref
 import numpy as np
 import torch
 
+from .cudart import clear_error
+
 PAGE = 4096
 
 
@@ -73,12 +75,7 @@ def lock(buf: torch.Tensor) -> bool:
     except Exception:  # noqa: BLE001 - no CUDA runtime to ask
         return False
     if code != 0:
-        clear = getattr(cudart, "cudaGetLastError", None)
-        if clear is not None:
-            try:
-                clear()  # not left for the next kernel launch check to report
-            except Exception:  # noqa: BLE001
-                pass
+        clear_error()  # not left for the next kernel launch check to report
         return False
     _LOCKED[ptr] = buf.numel()
     done = weakref.finalize(owner, _unregister, ptr)
