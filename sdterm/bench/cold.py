@@ -95,7 +95,7 @@ def write_checkpoint(config_path: str | None, folder: Path) -> Path:
     cfg = load_model_config(config_path or default_config_path())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        text = build_text_encoder(cfg.text, None, torch.float32)
+        text = build_text_encoder(cfg.text, torch.float32)
         sd = original_state_dict(text, UNetModel(cfg.unet), VAEDecoder(cfg.vae), VAEEncoder(cfg.vae))
     path = folder / "bench-random-fp32.safetensors"
     save_file({k: v.float().contiguous() for k, v in sd.items()}, str(path))

@@ -201,7 +201,7 @@ class TaesdSource:
 
         if device.type != "cuda" or budget is None or self.failed is not None:
             return None
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if budget - estimate < taesd_bytes(width, height, itemsize):
             return None
         if self._module is None:

@@ -34,7 +34,7 @@ class UNetStage:
     cuda_graphs: bool
 
     def _graphs_on(self, plan: Plan) -> bool:
-        return self.cuda_graphs and self.device.type == "cuda" and plan.unet in ("resident", "staged", "streamed")
+        return self.cuda_graphs and self.device.type == "cuda" and plan.unet != "host"
 
     def _graphed(self, unet, plan: Plan, ring: list[torch.Tensor]):
         """The forward the stage calls: graphed (a U-Net on a GPU), else ``unet``.
@@ -151,4 +151,3 @@ class UNetStage:
             failed = False
         note = plan.describe(self.models.sizes()) if plan.unet != "host" else "cpu"
         return latents, meter.finish(note=note)
-

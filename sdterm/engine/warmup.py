@@ -5,8 +5,8 @@ the U-Net's graph captured) paid ahead, while nobody waits; the app does it whil
 On a GPU it is one short throwaway render at the size and guidance the user will render with
 (an empty prompt: its embedding is cached like any other, so later warm-ups skip the text
 encoder); nothing is saved or recorded. A first real render at that size then replays the U-Net
-at once (resident plan) or captures it without an eager call first (staged, streamed). On the CPU nothing
-is done: kernels there need no loading, and a CPU render is slow.
+at once (resident plan) or captures it without an eager call first (staged, streamed). On the
+CPU nothing is done: kernels there need no loading, and a CPU render is slow.
 """
 
 from __future__ import annotations

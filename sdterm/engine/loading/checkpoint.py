@@ -372,5 +372,14 @@ def remember_sha256(path: str | os.PathLike, digest: str, memo_file: Path) -> No
         pass
 
 
+def remember_if_unchanged(path: str | os.PathLike, before: os.stat_result, digest: str, memo_file: Path | None) -> None:
+    """Record ``digest``, computed from ``path`` as it was at ``before``, unless the file changed
+    since (size, mtime or inode: then the digest may be of neither version)."""
+    after = os.stat(path)
+    same = (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)
+    if memo_file is not None and same:
+        remember_sha256(path, digest, memo_file)
+
+
 def short_hash(sha256: str) -> str:
     return sha256[:10]

@@ -102,7 +102,7 @@ def _random_init(cfg: ModelConfig, dtype: torch.dtype, seed: int):
     from ..networks.clip import build_text_encoder
 
     torch.manual_seed(seed)
-    text = build_text_encoder(cfg.text, None, dtype)
+    text = build_text_encoder(cfg.text, dtype)
     unet = UNetModel(cfg.unet).to(dtype).eval().requires_grad_(False)
     vae = VAEDecoder(cfg.vae).to(dtype).eval().requires_grad_(False)
     return text, unet, vae

@@ -8,7 +8,7 @@ import os
 import threading
 from pathlib import Path
 
-from .checkpoint import file_sha256, remember_sha256
+from .checkpoint import file_sha256, remember_if_unchanged
 
 
 class BackgroundHash:
@@ -27,12 +27,8 @@ class BackgroundHash:
     def _run(self) -> None:
         try:
             before = os.stat(self.path)
-            digest = file_sha256(self.path)
-            after = os.stat(self.path)
-            self._digest = digest
-            same = (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)
-            if self.memo is not None and same:
-                remember_sha256(self.path, digest, self.memo)
+            self._digest = file_sha256(self.path)
+            remember_if_unchanged(self.path, before, self._digest, self.memo)
         except BaseException as exc:  # handed to whoever asks for the result
             self._error = exc
 

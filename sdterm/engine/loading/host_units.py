@@ -19,7 +19,7 @@ from torch import nn
 
 from ...config import ModelConfig
 from ..memory.placement import Slot, channels_last, set_tensor, slot_view, unit_slots
-from .checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Checkpoint, CheckpointError, match_shapes
+from .checkpoint import UNET_PREFIX, VAE_PREFIX, Checkpoint, CheckpointError, match_shapes
 
 PACKED = ("text", "unet", "vae")
 """The models text-to-image builds from the checkpoint, in the order of their stages."""
@@ -31,14 +31,10 @@ READ_THREADS = 4
 def meta_model(stage: str, cfg: ModelConfig) -> nn.Module:
     """The stage's model on the meta device (no memory, no initialisation)."""
     if stage == "text":
-        from transformers import CLIPTextModel
+        from ..networks.clip import text_model
 
-        from ..networks.clip import clip_config
-
-        config = clip_config(cfg.text)
-        config._attn_implementation = "sdpa"
         with torch.device("meta"):
-            return CLIPTextModel(config)
+            return text_model(cfg.text)
     from ..networks.unet import UNetModel
     from ..networks.vae import VAEDecoder, VAEEncoder
 
@@ -66,9 +62,9 @@ def load_root(stage: str, model: nn.Module) -> nn.Module:
 
 def checkpoint_prefix(stage: str, keys: list[str]) -> str:
     if stage == "text":
-        # SD v1 files store cond_stage_model.transformer.text_model.*; a few older ones lack "text_model.".
-        nested = TEXT_PREFIX + "text_model."
-        return nested if any(k.startswith(nested) for k in keys) else TEXT_PREFIX
+        from ..networks.clip import clip_prefix
+
+        return clip_prefix(keys)
     return UNET_PREFIX if stage == "unet" else VAE_PREFIX
 
 

@@ -145,15 +145,18 @@ class Models:
         in one pass over the file, on threads, from now on (the start-up's imports and the text
         encoder run meanwhile), the file hashed on the way. Else the hash, if unknown, on a thread."""
         first = None
-        try:
-            big = self.source.checkpoint.stat().st_size >= SINGLE_PASS_BYTES
-        except OSError:
-            big = False
-        if big and self._store.pack is None:
+        if self._checkpoint_bytes() >= SINGLE_PASS_BYTES and self._store.pack is None:
             stages = tuple(s for s in ("unet", "vae") if s in self._packable())
             first = self._store.start_pass(stages, self._packable(), sha256=self._sha256 is None, memo=self.hash_memo)
         if self._sha256 is None:
             self._hash = first if first is not None else BackgroundHash(self.source.checkpoint, self.hash_memo)
+
+    def _checkpoint_bytes(self) -> int:
+        """The checkpoint file's size (0 where it cannot be read: its readers report that)."""
+        try:
+            return self.source.checkpoint.stat().st_size
+        except OSError:
+            return 0
 
     def _open_store(self, dtype: torch.dtype) -> HostStore:
         return HostStore(self.source.checkpoint, self.cfg, dtype, pin=self._pin, folder=self._model_cache,
@@ -221,7 +224,7 @@ class Models:
 
     def _build_text(self) -> torch.nn.Module:
         if self.source.checkpoint is None:
-            return self._random(lambda: build_text_encoder(self.cfg.text, None, torch.float32), 0)
+            return self._random(lambda: build_text_encoder(self.cfg.text, torch.float32), 0)
         return self._store.build("text", self._packable())
 
     def _build_unet(self) -> torch.nn.Module:
@@ -331,10 +334,7 @@ class Models:
         U-Net and the VAE decoder from the same bytes); waited for now, the text-to-image models
         being loaded meanwhile: the first start pays for the hash only once."""
         if self._sha256 is None and self._hash is not None and not self._hash.done():
-            try:
-                big = self.source.checkpoint.stat().st_size >= PREFETCH_WHILE_HASHING
-            except OSError:
-                big = False
+            big = self._checkpoint_bytes() >= PREFETCH_WHILE_HASHING
             for stage in self._packable() if big else ():
                 if self._hash.done():
                     break

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ...fsutil import close_quietly, open_for_reading, pread_full
-from .checkpoint import remember_sha256
+from .checkpoint import remember_if_unchanged
 from .tensor_reader import Entry
 
 SPAN = 16 << 20
@@ -174,10 +174,8 @@ class SinglePass:
             if error is not None:
                 return self._fail(error)
             digest = self._hash.hexdigest() if self._hash is not None else None
-            before, after = self._before, os.stat(self.path)
-            same = (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)
-            if digest is not None and same and self.memo is not None:
-                remember_sha256(self.path, digest, self.memo)  # as BackgroundHash does
+            if digest is not None:
+                remember_if_unchanged(self.path, self._before, digest, self.memo)
             self._finisher.shutdown(wait=True)  # every stage done: nothing left on other threads
             close_quietly(fd)
             fd = -1

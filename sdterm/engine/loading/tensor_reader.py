@@ -67,7 +67,7 @@ def read_header(path: Path) -> dict[str, Entry]:
             raise ValueError(f"{key}: unsupported dtype")
         shape = tuple(int(d) for d in info["shape"])
         begin, end = (int(x) for x in info["data_offsets"])
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes or begin < 0 or base + end > size:
             raise ValueError(f"{key}: data offsets out of range")
         entries[key] = Entry(dtype, shape, base + begin, nbytes)
@@ -114,7 +114,7 @@ class TensorFile:
                 pread_full(self.fd, byte_view(out), entry.start)
             return
         flat = out.reshape(-1)
-        item = torch.empty((), dtype=entry.dtype).element_size()
+        item = entry.dtype.itemsize
         per = max(CHUNK // item, 1)
         staging = _staging_buffer(min(per, flat.numel()) * item)
         for first in range(0, flat.numel(), per):

@@ -12,34 +12,31 @@ found among the process's mapped files: the same current device and context).
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
 HOST_TO_DEVICE = 1
 """``cudaMemcpyHostToDevice``."""
 
-_RUNTIME: list = []
 
-
+@functools.cache
 def _runtime():
     """The CUDA runtime library this process has loaded (torch's), or None (none mapped: a
     statically linked runtime, or no /proc)."""
-    if not _RUNTIME:
-        lib = None
-        try:
-            with open("/proc/self/maps") as maps:
-                paths = {line.split()[-1] for line in maps if "/libcudart.so" in line}
-            for path in sorted(paths):
-                lib = ctypes.CDLL(path)
-                lib.cudaMemcpyAsync.restype = ctypes.c_int
-                lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                                                ctypes.c_void_p]
-                lib.cudaGetLastError.restype = ctypes.c_int
-                break
-        except (OSError, AttributeError):
-            lib = None
-        _RUNTIME.append(lib)
-    return _RUNTIME[0]
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libcudart.so" in line}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            lib.cudaMemcpyAsync.restype = ctypes.c_int
+            lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                            ctypes.c_void_p]
+            lib.cudaGetLastError.restype = ctypes.c_int
+            return lib
+    except (OSError, AttributeError):
+        pass
+    return None
 
 
 def copy_to_device(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> None:

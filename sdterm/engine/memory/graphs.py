@@ -114,13 +114,13 @@ class UNetGraphs:
             if key in self.graphs:
                 graph = self.graphs[key]
                 self.graphs.move_to_end(key)
-                return graph(x, t, context) if graph is not None else forward(x, t, context)
-            if key not in self._peaks:
+            elif key in self._peaks:
+                graph = self._capture(forward, key, x, t, context, room)
+            else:
                 before = torch.cuda.memory_allocated(self.device)
                 out = forward(x, t, context)
                 self._peaks[key] = max(torch.cuda.max_memory_allocated(self.device) - before, 0)
                 return out
-            graph = self._capture(forward, key, x, t, context, room)
             return graph(x, t, context) if graph is not None else forward(x, t, context)
 
         return run

@@ -127,7 +127,7 @@ def unit_slots(modules: list[nn.Module], dtype: torch.dtype | None = None, *,
                     continue
                 seen.add(id(t))
                 dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
-                nbytes = t.numel() * torch.empty((), dtype=dt).element_size()
+                nbytes = t.numel() * dt.itemsize
                 cl = last and t.dim() == 4 and t.is_floating_point()
                 slots.append(Slot(owner, name, name in owner._parameters, t.shape, dt, offset, nbytes, cl))
                 offset += -(-nbytes // ALIGN) * ALIGN
@@ -225,7 +225,7 @@ def _bind_entry(slot: Slot) -> tuple:
     """(the owner's table, name, is a parameter, dtype, shape, strides, offset in elements) of a
     slot: what :meth:`Unit.bind` needs to point its tensor anywhere."""
     probe = slot_view(torch.empty(slot.offset + slot.nbytes, dtype=torch.uint8, device="meta"), 0, slot)
-    itemsize = torch.empty((), dtype=slot.dtype).element_size()
+    itemsize = slot.dtype.itemsize
     return slot.table, slot.name, slot.is_param, slot.dtype, tuple(probe.shape), probe.stride(), slot.offset // itemsize
 
 

@@ -120,7 +120,7 @@ def vae_activation_bytes(cfg: VAEConfig, lat_h: int, lat_w: int, dtype: torch.dt
     """
     if lat_h < 1 or lat_w < 1:
         raise ValueError(f"latent size must be positive, got {lat_h}x{lat_w}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     k = CONV_LAYOUT_COPIES
     chans = [cfg.ch * m for m in cfg.ch_mult]
     top, z = chans[-1], cfg.z_channels
@@ -166,7 +166,7 @@ def encoder_activation_bytes(cfg: VAEConfig, lat_h: int, lat_w: int, dtype: torc
     ``WORKSPACE_BYTES``."""
     if lat_h < 1 or lat_w < 1:
         raise ValueError(f"latent size must be positive, got {lat_h}x{lat_w}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     k = CONV_LAYOUT_COPIES
     chans = [cfg.ch * m for m in cfg.ch_mult]
     top, z2 = chans[-1], 2 * cfg.z_channels
@@ -202,7 +202,7 @@ def tiled_decode_bytes(
         return vae_activation_bytes(cfg, lat_h, lat_w, dtype)
     th, tw = min(tile, lat_h), min(tile, lat_w)
     f = 2 ** (len(cfg.ch_mult) - 1)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     output = cfg.out_ch * lat_h * lat_w * f * f * itemsize
     blend = (cfg.out_ch + 1) * th * tw * f * f * 4  # tile * weight in fp32, and the weight itself
     return vae_activation_bytes(cfg, th, tw, dtype) + output + blend

@@ -1,5 +1,6 @@
 """The CLIP text encoder (transformers' CLIPTextModel) under the checkpoint's own key names:
-built, verified by name and shape and loaded (``prompt/conditioning.py`` runs it a chunk at a time).
+built and verified by name and shape (the model cache loads it: ``loading/host_units.py``;
+``prompt/conditioning.py`` runs it a chunk at a time).
 
 transformers is imported only where the encoder is built (a cache miss): it costs seconds."""
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...config import TextConfig
-from ..loading.checkpoint import TEXT_PREFIX, Checkpoint, load_module, match_shapes
+from ..loading.checkpoint import TEXT_PREFIX, Checkpoint, match_shapes
 
 
 def clip_config(cfg: TextConfig):
@@ -30,22 +31,20 @@ def clip_config(cfg: TextConfig):
     )
 
 
-def build_text_encoder(cfg: TextConfig, ckpt: Checkpoint | None, dtype: torch.dtype):
-    """transformers' CLIPTextModel with weights from ``cond_stage_model.transformer.*``.
-
-    With ``ckpt=None`` the weights are random (for measurements without a checkpoint).
-    """
+def text_model(cfg: TextConfig):
+    """transformers' CLIPTextModel for ``cfg`` (SDPA attention), initialised where it is made:
+    under ``torch.device("meta")`` it holds no memory (the model cache builds it so, then points
+    its tensors into the units' host buffers)."""
     from transformers import CLIPTextModel
 
     config = clip_config(cfg)
     config._attn_implementation = "sdpa"
-    if ckpt is None:
-        model = CLIPTextModel(config).to(dtype)
-        return model.eval().requires_grad_(False)
-    with torch.device("meta"):
-        model = CLIPTextModel(config)
-    _load_clip(model, ckpt, dtype)
-    return model
+    return CLIPTextModel(config)
+
+
+def build_text_encoder(cfg: TextConfig, dtype: torch.dtype):
+    """The text encoder with random weights (measurements and the demo model, without a checkpoint)."""
+    return text_model(cfg).to(dtype).eval().requires_grad_(False)
 
 
 def clip_inner(model) -> torch.nn.Module:
@@ -53,10 +52,11 @@ def clip_inner(model) -> torch.nn.Module:
     return getattr(model, "text_model", model)
 
 
-def _clip_prefix(ckpt: Checkpoint) -> str:
-    # SD v1 files store cond_stage_model.transformer.text_model.*; a few older ones lack "text_model.".
+def clip_prefix(keys: list[str]) -> str:
+    """The checkpoint prefix of the text model's tensors: SD v1 files store
+    cond_stage_model.transformer.text_model.*; a few older ones lack "text_model."."""
     nested = TEXT_PREFIX + "text_model."
-    return nested if any(k.startswith(nested) for k in ckpt.keys()) else TEXT_PREFIX
+    return nested if any(k.startswith(nested) for k in keys) else TEXT_PREFIX
 
 
 def text_encoder_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
@@ -88,14 +88,4 @@ def text_encoder_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
 def verify_text_encoder(cfg: TextConfig, ckpt: Checkpoint) -> None:
     """Check the checkpoint has every text-encoder tensor, without reading any (or importing
     transformers: this runs for every model opened, cache hit or not)."""
-    match_shapes(text_encoder_shapes(cfg), ckpt, _clip_prefix(ckpt))
-
-
-def _load_clip(model, ckpt: Checkpoint, dtype: torch.dtype) -> None:
-    # position_ids is a buffer some files carry and some transformers versions persist: rebuilt below.
-    inner = clip_inner(model)
-    load_module(inner, ckpt, _clip_prefix(ckpt), dtype, ignore=("position_ids",))
-    emb = inner.embeddings
-    n = emb.position_embedding.weight.shape[0]
-    emb.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)
-    model.eval().requires_grad_(False)
+    match_shapes(text_encoder_shapes(cfg), ckpt, clip_prefix(ckpt.keys()))
