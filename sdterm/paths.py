@@ -67,6 +67,11 @@ def user_config_file() -> Path:
     return config_dir() / "sdterm.yaml"
 
 
+def hash_memo_file() -> Path:
+    """The hash memo: each checkpoint's digests at its size and mtime (``file_hash.py``)."""
+    return cache_dir() / "model-hashes.json"
+
+
 def model_cache_dir() -> Path:
     """The model cache: checkpoints converted to the run dtype in their placement layout (a few
     packs of about the model's fp16 size each; ``sdterm cache clear`` removes them)."""

@@ -90,7 +90,7 @@ def _sha256(path: str | Path | None, memo: Path | None) -> str | None:
     """The file's sha256 through the hash memo (None when there is no file or it can't be read)."""
     if not path:
         return None
-    from .engine.loading.checkpoint import remembered_sha256
+    from .engine.loading.file_hash import remembered_sha256
 
     try:
         return remembered_sha256(path, memo)

@@ -153,7 +153,7 @@ def find_model(request: Request, cfg, *, progress: Callable[[str], None] = lambd
     models folder (the one named like the image's model first), the configured default model or,
     for a demo image, the demo model. UserError naming the hash when none has it."""
     from . import paths
-    from .engine.loading.checkpoint import remembered_sha256
+    from .engine.loading.file_hash import remembered_sha256
     from .resolve import demo_model_dir, find_models, models_dir, resolve_model
 
     found, stamp = request.found, request.stamp or {}
@@ -167,7 +167,7 @@ def find_model(request: Request, cfg, *, progress: Callable[[str], None] = lambd
     if found.extra.get("demo") == "true" and (paths.data_dir() / "demo-model").is_dir():
         candidates.append(demo_model_dir())  # sdterm --demo's
     candidates.sort(key=lambda p: p.stem != found.model and p.name != found.model)  # the named one first
-    memo = paths.cache_dir() / "model-hashes.json"
+    memo = paths.hash_memo_file()
     for path in candidates:
         ckpt = _checkpoint_file(path)
         if ckpt is None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdterm.engine.loading.checkpoint import CheckpointError, open_checkpoint, remembered_sha256
+from sdterm.engine.loading.checkpoint import CheckpointError, open_checkpoint
+from sdterm.engine.loading.file_hash import remembered_sha256
 from sdterm.engine.pipeline import Engine, open_model
 
 from .conftest import small_request
@@ -190,7 +191,7 @@ def test_engine_reports_short_hash(demo_model):
 
 
 def test_a_remembered_download_hash_is_used_without_reading_the_file(tmp_path):
-    from sdterm.engine.loading.checkpoint import remember_sha256
+    from sdterm.engine.loading.file_hash import remember_sha256
 
     f = tmp_path / "m.safetensors"
     save_file({"w": torch.zeros(3)}, f)

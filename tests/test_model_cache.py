@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdterm.engine.loading import checkpoint as checkpoint_mod
+from sdterm.engine.loading import file_hash as file_hash_mod
 from sdterm.engine.loading import hasher as hasher_mod
 from sdterm.engine.loading import models as models_mod
 from sdterm.engine.loading import pack_format
@@ -96,7 +96,7 @@ class Spies:
         monkeypatch.setattr(TensorFile, "read_into", read_into)
         monkeypatch.setattr(models_mod, "open_checkpoint", open_ckpt)
         monkeypatch.setattr(hasher_mod, "file_sha256", sha)
-        monkeypatch.setattr(checkpoint_mod, "file_sha256", sha)
+        monkeypatch.setattr(file_hash_mod, "file_sha256", sha)
 
 
 def test_render_from_the_pack_is_identical_and_adopts_the_buffers(model, tmp_path):

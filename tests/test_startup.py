@@ -72,6 +72,33 @@ def test_cache_hit_render_never_imports_transformers(demo_model, tmp_path):
     assert third["code"] == 0 and "transformers" in third["loaded"]
 
 
+def test_generate_begins_hashing_the_checkpoint_before_it_imports_torch(demo_model, tmp_path):
+    """The file's sha256 (the model hash) runs beside torch's import; the models take that hash
+    (remembered in the memo, so the next start hashes nothing)."""
+    import hashlib
+
+    from sdterm import paths
+    from sdterm.engine.loading.file_hash import recall_sha256
+
+    spy = PROBE.replace("from sdterm.cli import main", """from sdterm.engine.loading import hasher
+seen = []
+real_begin = hasher.begin
+def begin(path, memo):
+    seen.append({"path": str(path), "torch": "torch" in sys.modules, "memo": str(memo)})
+    return real_begin(path, memo)
+hasher.begin = begin
+from sdterm.cli import main""").replace('"loaded":', '"seen": seen, "loaded":')
+    ckpt = demo_model / "model.safetensors"
+    args = ["generate", "a red fox", "--model", ckpt, "--config", demo_model / "config.yaml", "--seed", 1, "--steps", 1,
+            "--width", 64, "--height", 64, "--outdir", tmp_path]
+    proc = subprocess.run([sys.executable, "-c", spy, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ))
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["code"] == 0, got["err"]
+    assert got["seen"] == [{"path": str(ckpt), "torch": False, "memo": str(paths.hash_memo_file())}]
+    assert recall_sha256(ckpt, paths.hash_memo_file()) == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
 def test_memoized_tokens_are_the_tokenizers_own(demo_model, tmp_path):
     """The token memo gives exactly what CLIPTokenizer gives (a fresh tokenizer reads the memo)."""
     from sdterm.engine.prompt.tokenizer import PromptTokenizer

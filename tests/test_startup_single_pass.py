@@ -214,3 +214,84 @@ def test_pinned_models_of_the_pass_are_locked_at_their_exact_size(model, tmp_pat
         assert (hosts[0].data_ptr(), sum(h.numel() for h in hosts)) in [r[:2] for r in registered]
     assert sum(name.startswith("sdterm-first") for _, _, name in registered) == 2  # the U-Net and the VAE
     assert same_weights(m, load(model, None))
+
+
+def test_a_hash_begun_before_the_models_is_theirs_and_the_pass_reads_unhashed(model, tmp_path, single, monkeypatch):
+    """The command line begins the file's sha256 before it imports torch: the models wait for
+    that hash, and their pass converts without hashing (no second sha256 of the file)."""
+    from sdterm.engine.loading import hasher
+
+    gate = threading.Event()
+    real = hasher.file_sha256
+
+    def held(path, *a, **k):
+        assert gate.wait(30)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(hasher, "file_sha256", held)
+    memo = tmp_path / "hashes.json"
+    path = model / "model.safetensors"
+    begun = hasher.begin(path, memo)
+    assert begun is not None and hasher.begin(path, memo) is begun and not begun.done()
+    m = Models(open_model(model), torch.float32, model_cache=tmp_path / "packs", hash_memo=memo)
+    assert m._hash is begun and m._store.first_pass is not None and m._store.first_pass._hash is None
+    for stage in STAGES:
+        m.module(stage)  # the pass is not held back by the hash
+    assert not begun.done()
+    gate.set()
+    assert m.sha256 == _digest(model) and m._store.first_pass.result() is None
+    assert same_weights(m, load(model, None))
+    assert hasher.begin(path, memo) is None  # remembered now: nothing to hash
+    path.touch()  # another version of the file: never the old hash
+    assert hasher.running(path) is None
+
+
+def test_the_digest_is_not_held_back_by_a_stage_being_finished(model, tmp_path, single, monkeypatch):
+    """The pass's sha256 is known as soon as the last byte is hashed, while a stage is still
+    being finished (page-locked, adopted) on the finisher's thread."""
+    from sdterm.engine.loading import store as store_mod
+
+    gate = threading.Event()
+    real = store_mod.HostStore._done
+
+    def slow_done(self, *a, **k):
+        assert gate.wait(30)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(store_mod.HostStore, "_done", slow_done)
+    m = Models(open_model(model), torch.float32, model_cache=tmp_path / "packs")
+    try:
+        assert m._store.first_pass._digest.result(timeout=30) == _digest(model)
+        assert not all(f.done() for f in m._store.first_pass.stages.values())
+    finally:
+        gate.set()
+    assert same_weights(m, load(model, None))
+
+
+def test_the_text_encoders_layout_is_made_without_holding_the_store(model, tmp_path, single, monkeypatch):
+    """Laying out the text encoder imports transformers (seconds on a first start): the pass's
+    thread must meanwhile be able to hand over the U-Net, which takes the store's lock."""
+    from sdterm.engine.loading import store as store_mod
+
+    inside, gate = threading.Event(), threading.Event()
+    real = store_mod.meta_model
+
+    def slow(stage, cfg):
+        if stage == "text":
+            inside.set()
+            assert gate.wait(30)
+        return real(stage, cfg)
+
+    monkeypatch.setattr(store_mod, "meta_model", slow)
+    m = Models(open_model(model), torch.float32, model_cache=tmp_path / "packs")
+    building = threading.Thread(target=m.module, args=("text",))
+    building.start()
+    try:
+        assert inside.wait(30)
+        assert m._store._lock.acquire(timeout=5)  # not held while the layout is made
+        m._store._lock.release()
+        assert m._store.first_pass.model("unet") is not None
+    finally:
+        gate.set()
+        building.join(30)
+    assert same_weights(m, load(model, None))

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.model:
         source = open_model(args.model, config_path=args.config, data_dir=paths.data_dir())
-        extra = {"data_dir": paths.data_dir(), "hash_memo": paths.cache_dir() / "model-hashes.json",
+        extra = {"data_dir": paths.data_dir(), "hash_memo": paths.hash_memo_file(),
                  "model_cache": paths.model_cache_dir()}
     else:
         source = random_weights_source(args.config)

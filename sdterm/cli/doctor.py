@@ -49,7 +49,8 @@ def check_torch() -> list[Check]:
 
 def check_models() -> list[Check]:
     from .. import paths
-    from ..engine.loading.checkpoint import CheckpointError, open_checkpoint, remembered_sha256, short_hash
+    from ..engine.loading.checkpoint import CheckpointError, open_checkpoint
+    from ..engine.loading.file_hash import remembered_sha256, short_hash
     from ..resolve import find_models, models_dir, user_config
 
     out = []
@@ -72,7 +73,7 @@ def check_models() -> list[Check]:
             ckpt = open_checkpoint(path)
             file = ckpt.path
             ckpt.close()
-            digest = remembered_sha256(file, paths.cache_dir() / "model-hashes.json")
+            digest = remembered_sha256(file, paths.hash_memo_file())
             out.append(Check("model", "ok", f"{path} (hash {short_hash(digest)})"))
         except (CheckpointError, OSError) as exc:
             out.append(Check("model", "fail", str(exc), "re-download it (sdterm download) or remove it"))

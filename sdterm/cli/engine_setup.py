@@ -108,7 +108,7 @@ def make_engine(source, args: argparse.Namespace):
         source,
         args.device,
         data_dir=paths.data_dir(),
-        hash_memo=paths.cache_dir() / "model-hashes.json",
+        hash_memo=paths.hash_memo_file(),
         model_cache=paths.model_cache_dir(),
         cache=open_cache(args.no_cache),
         budget=parse_budget(args.vram_budget, "--vram-budget"),

@@ -165,15 +165,20 @@ def run(args: argparse.Namespace) -> int:
 
         PreviewFile.checked(Path(args.preview).expanduser())
     from .. import paths
+
+    model = None if args.random_weights else str(demo_model_dir()) if demo else resolve_model(args.model, cfg)
+    if model is not None:
+        from ..engine.loading.hasher import begin
+
+        begin(model, paths.hash_memo_file())  # the file's sha256 read beside torch's import, not after it
     from ..engine.pipeline import open_model
     from ..engine.prompt.tokenizer import PromptError
     from ..history import History, history_file
     from ..service import RenderService
 
-    if args.random_weights:
+    if model is None:
         source = random_weights_source(args.config)
     else:
-        model = str(demo_model_dir()) if demo else resolve_model(args.model, cfg)
         source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
     engine = make_engine(source, args)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()

@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
         path = download_model(spec.name, dest_dir, force=args.force)
         print(f"{'already there, ' if had else ''}sha256 ok: {path}", file=sys.stderr)
         if spec.sha256:
-            from ..engine.loading.checkpoint import remember_sha256
+            from ..engine.loading.file_hash import remember_sha256
 
-            remember_sha256(path, spec.sha256, paths.cache_dir() / "model-hashes.json")
+            remember_sha256(path, spec.sha256, paths.hash_memo_file())
         tok = download_tokenizer(data, force=args.force)
     except KeyboardInterrupt:
         kept = partial_files(dest_dir, spec.filename)

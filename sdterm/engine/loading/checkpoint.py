@@ -4,8 +4,6 @@ restricted to tensors and plain containers, the original key layout, and the mod
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
 import re
@@ -306,80 +304,3 @@ def load_module(
         raise CheckpointError(f"{ckpt.path}: could not fill {still_meta[0]}")
     return module.eval().requires_grad_(False)
 
-
-# --------------------------------------------------------------------------------------------
-# Model hash (AUTOMATIC1111's: the first 10 hex digits of the file's sha256), remembered
-# --------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def recall_sha256(path: str | os.PathLike, memo_file: Path | None) -> str | None:
-    """The sha256 ``memo_file`` remembers for ``path`` at its current size and mtime, or None
-    (nothing remembered, or the memo is unreadable): never reads the file itself."""
-    if memo_file is None:
-        return None
-    p = Path(path).resolve()
-    st = p.stat()
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        return None
-    entry = memo.get(str(p)) if isinstance(memo, dict) else None
-    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-        digest = entry.get("sha256")
-        if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest):
-            return digest
-    return None
-
-
-def remembered_sha256(path: str | os.PathLike, memo_file: Path | None) -> str:
-    """sha256 of ``path``, read from ``memo_file`` when path, size and mtime are unchanged.
-
-    Any trouble with the memo (missing, corrupt, unwritable) only means hashing the file again.
-    """
-    digest = recall_sha256(path, memo_file)
-    if digest is not None:
-        return digest
-    digest = file_sha256(Path(path).resolve())
-    if memo_file is not None:
-        remember_sha256(path, digest, memo_file)
-    return digest
-
-
-def remember_sha256(path: str | os.PathLike, digest: str, memo_file: Path) -> None:
-    """Record a sha256 already verified elsewhere (e.g. by a download), so the first render does
-    not read the whole file again. Failures to write the memo are ignored."""
-    from ...fsutil import atomic_write_bytes
-
-    p = Path(path).resolve()
-    st = p.stat()
-    try:
-        memo = json.loads(memo_file.read_text())
-        memo = memo if isinstance(memo, dict) else {}
-    except (OSError, ValueError):
-        memo = {}
-    memo[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    try:
-        atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
-    except OSError:
-        pass
-
-
-def remember_if_unchanged(path: str | os.PathLike, before: os.stat_result, digest: str, memo_file: Path | None) -> None:
-    """Record ``digest``, computed from ``path`` as it was at ``before``, unless the file changed
-    since (size, mtime or inode: then the digest may be of neither version)."""
-    after = os.stat(path)
-    same = (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)
-    if memo_file is not None and same:
-        remember_sha256(path, digest, memo_file)
-
-
-def short_hash(sha256: str) -> str:
-    return sha256[:10]

@@ -1,6 +1,10 @@
 """The checkpoint's sha256 (A1111's model hash) computed on a thread while the models load:
 hashlib releases the GIL, so reading and hashing the file costs the start-up nothing until
-someone asks for the hash (and waits for it then)."""
+someone asks for the hash (and waits for it then).
+
+``begin`` starts one as early as the caller knows the file (the command line: before it imports
+torch, so the hash runs beside the imports); the models find it with ``running`` instead of
+hashing the file again. No torch here."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from .checkpoint import file_sha256, remember_if_unchanged
+from .file_hash import file_sha256, recall_sha256, remember_if_unchanged
 
 
 class BackgroundHash:
@@ -41,3 +45,39 @@ class BackgroundHash:
             raise self._error
         assert self._digest is not None
         return self._digest
+
+
+_begun: dict[tuple, BackgroundHash] = {}
+_lock = threading.Lock()
+
+
+def _identity(path: str | os.PathLike) -> tuple:
+    """The file as it is now: its real path, size, mtime and inode (a changed file is another)."""
+    p = Path(path).expanduser().resolve()
+    st = os.stat(p)
+    return str(p), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def begin(path: str | os.PathLike, memo: Path | None) -> BackgroundHash | None:
+    """Start hashing the file ``path`` now, unless the memo knows its digest or it is being hashed
+    already; None when there is nothing to do (or the file can't be read: its loader says so)."""
+    try:
+        if not Path(path).expanduser().is_file() or recall_sha256(Path(path).expanduser(), memo) is not None:
+            return None
+        key = _identity(path)
+    except OSError:
+        return None
+    with _lock:
+        if key not in _begun:
+            _begun[key] = BackgroundHash(Path(key[0]), memo)
+        return _begun[key]
+
+
+def running(path: str | os.PathLike) -> BackgroundHash | None:
+    """The hash ``begin`` started for this very file (same path, size, mtime and inode), if any."""
+    try:
+        key = _identity(path)
+    except OSError:
+        return None
+    with _lock:
+        return _begun.get(key)

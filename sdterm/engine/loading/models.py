@@ -23,6 +23,7 @@ from ..networks.clip import build_text_encoder, text_encoder_shapes, verify_text
 from ..networks.unet import UNetModel
 from ..networks.vae import VAEDecoder, VAEEncoder
 from ..prompt.tokenizer import PromptTokenizer, fetch_tokenizer, find_tokenizer
+from .file_hash import recall_sha256, short_hash
 from .checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
@@ -30,12 +31,10 @@ from .checkpoint import (
     CheckpointError,
     identify,
     open_checkpoint,
-    recall_sha256,
     resolve_model_path,
-    short_hash,
     verify_module,
 )
-from .hasher import BackgroundHash
+from .hasher import BackgroundHash, running
 from .single_pass import SinglePass
 from .host_units import PACKED, stage_units
 from .store import HostStore
@@ -143,13 +142,16 @@ class Models:
     def _start_loading(self) -> None:
         """A first use of a large safetensors file (no pack): its U-Net and VAE decoder are built
         in one pass over the file, on threads, from now on (the start-up's imports and the text
-        encoder run meanwhile), the file hashed on the way. Else the hash, if unknown, on a thread."""
+        encoder run meanwhile), the file hashed on the way (unless the command line began hashing it
+        before its imports: that hash is used). Else the hash, if unknown, on a thread."""
         first = None
+        begun = running(self.source.checkpoint) if self._sha256 is None else None  # by the command line
         if self._checkpoint_bytes() >= SINGLE_PASS_BYTES and self._store.pack is None:
             stages = tuple(s for s in ("unet", "vae") if s in self._packable())
-            first = self._store.start_pass(stages, self._packable(), sha256=self._sha256 is None, memo=self.hash_memo)
+            first = self._store.start_pass(stages, self._packable(), sha256=self._sha256 is None and begun is None,
+                                           memo=self.hash_memo)
         if self._sha256 is None:
-            self._hash = first if first is not None else BackgroundHash(self.source.checkpoint, self.hash_memo)
+            self._hash = begun or first or BackgroundHash(self.source.checkpoint, self.hash_memo)
 
     def _checkpoint_bytes(self) -> int:
         """The checkpoint file's size (0 where it cannot be read: its readers report that)."""

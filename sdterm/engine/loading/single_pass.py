@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ...fsutil import close_quietly, open_for_reading, pread_full
-from .checkpoint import remember_if_unchanged
+from .file_hash import remember_if_unchanged
 from .tensor_reader import Entry
 
 SPAN = 16 << 20
@@ -176,10 +176,10 @@ class SinglePass:
             digest = self._hash.hexdigest() if self._hash is not None else None
             if digest is not None:
                 remember_if_unchanged(self.path, self._before, digest, self.memo)
-            self._finisher.shutdown(wait=True)  # every stage done: nothing left on other threads
             close_quietly(fd)
             fd = -1
-            self._digest.set_result(digest)
+            self._digest.set_result(digest)  # not held back by a stage still being finished
+            self._finisher.shutdown(wait=True)  # every stage done: nothing left on other threads
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
             self._fail(exc)
         finally:

@@ -65,9 +65,15 @@ class HostStore:
             self.verified = True
 
     def _layout(self, stage: str) -> StageLayout:
-        if stage not in self._layouts:
-            self._layouts[stage] = stage_layout(stage, meta_model(stage, self.cfg), self.dtype)
-        return self._layouts[stage]
+        with self._lock:
+            known = self._layouts.get(stage)
+        if known is not None:
+            return known
+        # Made outside the lock: the text encoder's imports transformers (seconds on a first
+        # start), while a first pass's thread waits for the lock to hand over the U-Net.
+        made = stage_layout(stage, meta_model(stage, self.cfg), self.dtype)
+        with self._lock:
+            return self._layouts.setdefault(stage, made)
 
     def build(self, stage: str, packable: tuple[str, ...] = PACKED) -> nn.Module:
         """The model ``stage`` on the host: from the pack if it holds it (verified while read),
@@ -79,8 +85,7 @@ class HostStore:
                 return self.first_pass.model(stage)
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{self.path}: cannot read the weights ({exc}); is it truncated?") from None
-        with self._lock:
-            layout = self._layout(stage)
+        layout = self._layout(stage)
         buffer = self._buffer(layout)
         if self.pack is not None and self.pack.fd >= 0 and self.pack.has(stage):
             try:

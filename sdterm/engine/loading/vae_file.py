@@ -25,6 +25,7 @@ from ...config import VAEConfig
 from torch import nn
 
 from ..networks.vae import VAEDecoder, VAEEncoder
+from .file_hash import remembered_sha256, short_hash
 from .checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
@@ -33,8 +34,6 @@ from .checkpoint import (
     identify,
     load_module,
     open_checkpoint,
-    remembered_sha256,
-    short_hash,
 )
 
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")

@@ -1,0 +1,110 @@
+"""Digests of a checkpoint file, remembered: the file's sha256 (AUTOMATIC1111's model hash is its
+first 10 hex digits) and the text encoder's own digest (the prompt cache's key), kept in the hash
+memo per path at the file's size and mtime, so a second start reads neither.
+
+No torch here: the command line starts hashing a checkpoint before it imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+CHUNK = 8 << 20
+
+
+def file_sha256(path: Path, chunk: int = CHUNK) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _entry(path: Path, memo_file: Path) -> dict | None:
+    """The memo's entry for ``path`` if it was recorded at the file's current size and mtime."""
+    st = path.stat()
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        return None
+    entry = memo.get(str(path)) if isinstance(memo, dict) else None
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return entry
+    return None
+
+
+def recall(path: str | os.PathLike, memo_file: Path | None, field: str = "sha256") -> str | None:
+    """The digest ``field`` (``sha256``: the file's) ``memo_file`` remembers for ``path`` at its
+    current size and mtime, or None (nothing remembered, or the memo is unreadable): never reads
+    the file itself."""
+    if memo_file is None:
+        return None
+    entry = _entry(Path(path).resolve(), memo_file)
+    digest = entry.get(field) if entry is not None else None
+    return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
+def recall_sha256(path: str | os.PathLike, memo_file: Path | None) -> str | None:
+    return recall(path, memo_file, "sha256")
+
+
+def remembered_sha256(path: str | os.PathLike, memo_file: Path | None) -> str:
+    """sha256 of ``path``, read from ``memo_file`` when path, size and mtime are unchanged.
+
+    Any trouble with the memo (missing, corrupt, unwritable) only means hashing the file again.
+    """
+    digest = recall_sha256(path, memo_file)
+    if digest is not None:
+        return digest
+    digest = file_sha256(Path(path).resolve())
+    if memo_file is not None:
+        remember_sha256(path, digest, memo_file)
+    return digest
+
+
+def remember(path: str | os.PathLike, memo_file: Path, **digests: str) -> None:
+    """Record ``digests`` (``sha256=``: the file's, verified elsewhere, e.g. by a download) for
+    ``path`` at its current size and mtime, beside what the memo holds for that same version of
+    the file. Failures to write the memo are ignored."""
+    from ...fsutil import atomic_write_bytes
+
+    p = Path(path).resolve()
+    st = p.stat()
+    try:
+        memo = json.loads(memo_file.read_text())
+        memo = memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        memo = {}
+    old = memo.get(str(p))
+    same = isinstance(old, dict) and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
+    memo[str(p)] = {**(old if same else {}), **digests, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
+    except OSError:
+        pass
+
+
+def remember_sha256(path: str | os.PathLike, digest: str, memo_file: Path) -> None:
+    remember(path, memo_file, sha256=digest)
+
+
+def unchanged(path: str | os.PathLike, before: os.stat_result) -> bool:
+    """Whether ``path`` is still the file it was at ``before`` (size, mtime and inode)."""
+    after = os.stat(path)
+    return (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)
+
+
+def remember_if_unchanged(path: str | os.PathLike, before: os.stat_result, digest: str, memo_file: Path | None,
+                          field: str = "sha256") -> None:
+    """Record ``digest``, computed from ``path`` as it was at ``before``, unless the file changed
+    since (then the digest may be of neither version)."""
+    if memo_file is not None and unchanged(path, before):
+        remember(path, memo_file, **{field: digest})
+
+
+def short_hash(sha256: str) -> str:
+    return sha256[:10]
