@@ -24,7 +24,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # torch only where a tensor is read or written: `sdterm cache` never imports it
     import torch
@@ -231,7 +231,8 @@ class ChunkStore:
     encoder_id: str
     tokenizer_id: str
     precision: str
-    model_hash: str
+    model_hash: Callable[[], str]
+    """The model hash to label new entries with ("" while unknown: never waited for)."""
 
     def key(self, chunk, clip_skip: int) -> str:
         return cache_key(self.encoder_id, self.tokenizer_id, chunk.ids, precision=self.precision,
@@ -251,4 +252,4 @@ class ChunkStore:
         """Store ``outputs[chunk.key]`` for each chunk (``labels[chunk.key]``: the text it came
         from, for ``sdterm cache``); OSError when the cache can't be written."""
         entries = {self.key(c, clip_skip): (outputs[c.key], labels.get(c.key, "")) for c in chunks}
-        self.cache.put_many(entries, model_hash=self.model_hash)
+        self.cache.put_many(entries, model_hash=self.model_hash())

@@ -36,7 +36,7 @@ class TextStage:
         lora = self.loras.text_signature(loras)
         return ChunkStore(self.cache, self.models.encoder_id + (f"+lora:{lora}" if lora else ""),
                           self.models.tokenizer.identity,
-                          f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}", self.models.model_hash)
+                          f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}", self.models.known_model_hash)
 
     def _text_stage(self, texts: dict[str, RolePrompt], needed: list[Chunk], cached: dict[tuple, torch.Tensor],
                     clip_skip: int, plan: Plan, emit: Emit, notice, loras: RenderLoras, hires: dict[str, RolePrompt]):

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 
 CHUNK = 8 << 20
+TEXT_DIGEST = "text_sha256"
+"""The memo's field for the text encoder's own digest (``Models.encoder_id``)."""
 
 
 def file_sha256(path: Path, chunk: int = CHUNK) -> str:
@@ -21,6 +23,29 @@ def file_sha256(path: Path, chunk: int = CHUNK) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def parts_sha256(path: Path, parts: list[tuple[str, int, int]], chunk: int = CHUNK) -> str:
+    """sha256 over ``parts`` of the file, in the order given: each part's label (utf-8, then a
+    newline) and then its ``nbytes`` bytes from ``start`` (label, start, nbytes)."""
+    from ...fsutil import pread_full
+
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        for label, start, nbytes in parts:
+            h.update(label.encode() + b"\n")
+            done = 0
+            while done < nbytes:
+                n = min(chunk, nbytes - done)
+                view = memoryview(buf)[:n]
+                pread_full(fd, view, start + done)
+                h.update(view)
+                done += n
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 

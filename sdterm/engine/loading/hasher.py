@@ -11,28 +11,33 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 from .file_hash import file_sha256, recall_sha256, remember_if_unchanged
 
 
 class BackgroundHash:
     """Hashes ``path`` on a thread as soon as it is made; ``result()`` waits for it. The digest
-    is recorded in ``memo`` (the hash memo) when the file did not change while it was read."""
+    is recorded in ``memo`` (the hash memo) when the file did not change while it was read.
 
-    def __init__(self, path: Path, memo: Path | None):
+    ``compute(path)``: another digest of the file than its sha256, recorded as ``field``."""
+
+    def __init__(self, path: Path, memo: Path | None, *, compute: Callable[[Path], str] | None = None,
+                 field: str = "sha256"):
         self.path = Path(path).resolve()
         self.memo = memo
+        self._compute, self._field = compute, field
         self._digest: str | None = None
         self._error: BaseException | None = None
         # A daemon: a process that never asks for the hash does not wait for it at exit.
-        self._thread = threading.Thread(target=self._run, name="sdterm-hash", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"sdterm-hash-{field}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
             before = os.stat(self.path)
-            self._digest = file_sha256(self.path)
-            remember_if_unchanged(self.path, before, self._digest, self.memo)
+            self._digest = (self._compute or file_sha256)(self.path)
+            remember_if_unchanged(self.path, before, self._digest, self.memo, self._field)
         except BaseException as exc:  # handed to whoever asks for the result
             self._error = exc
 

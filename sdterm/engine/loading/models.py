@@ -19,11 +19,11 @@ import torch
 from ...config import ModelConfig, default_config_path, load_model_config
 from ..memory.placement import ALIGN
 from ..memory.planner import ModelSizes
-from ..networks.clip import build_text_encoder, text_encoder_shapes, verify_text_encoder
+from ..networks.clip import build_text_encoder, clip_prefix, text_encoder_shapes, verify_text_encoder
 from ..networks.unet import UNetModel
 from ..networks.vae import VAEDecoder, VAEEncoder
 from ..prompt.tokenizer import PromptTokenizer, fetch_tokenizer, find_tokenizer
-from .file_hash import recall_sha256, short_hash
+from .file_hash import TEXT_DIGEST, parts_sha256, recall, recall_sha256, short_hash
 from .checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
@@ -38,6 +38,7 @@ from .hasher import BackgroundHash, running
 from .single_pass import SinglePass
 from .host_units import PACKED, stage_units
 from .store import HostStore
+from .tensor_reader import read_header
 from .vae_file import VAEFile, verify_vae_file
 
 
@@ -132,12 +133,14 @@ class Models:
         self._pin, self._model_cache = pin, model_cache
         self._vae: VAEFile | None = verify_vae_file(vae, self.cfg.vae) if vae is not None else None
         self._vae_hash: str | None = None
+        self._text_digest: BackgroundHash | str | None = None
         if source.checkpoint is not None:
             self._store = self._open_store(dtype)
             if self._store.pack is None:  # a pack is only ever made from a file that passed
                 self._store.ensure_verified()
             self._sha256 = self._store.sha256 or recall_sha256(source.checkpoint, hash_memo)
             self._start_loading()
+            self._text_digest = self._start_text_digest()
 
     def _start_loading(self) -> None:
         """A first use of a large safetensors file (no pack): its U-Net and VAE decoder are built
@@ -152,6 +155,22 @@ class Models:
                                            memo=self.hash_memo)
         if self._sha256 is None:
             self._hash = begun or first or BackgroundHash(self.source.checkpoint, self.hash_memo)
+
+    def _start_text_digest(self) -> BackgroundHash | str | None:
+        """The text encoder's own sha256 (its tensors' names, dtypes, shapes and bytes): remembered,
+        else computed on a thread from the file; None for a .ckpt (the file's sha256 stands in)."""
+        known = recall(self.source.checkpoint, self.hash_memo, TEXT_DIGEST)
+        if known is not None:
+            return known
+        try:
+            entries = read_header(self.source.checkpoint)
+        except (OSError, ValueError):  # a .ckpt, or a file the loader will report
+            return None
+        prefix = clip_prefix(list(entries))
+        parts = [(f"{k} {e.dtype} {list(e.shape)}", e.start, e.nbytes) for k, e in sorted(entries.items())
+                 if k.startswith(prefix)]
+        return BackgroundHash(self.source.checkpoint, self.hash_memo, compute=lambda p: parts_sha256(p, parts),
+                              field=TEXT_DIGEST)
 
     def _checkpoint_bytes(self) -> int:
         """The checkpoint file's size (0 where it cannot be read: its readers report that)."""
@@ -345,16 +364,23 @@ class Models:
 
     @property
     def encoder_id(self) -> str:
-        """Identity of the text-encoder weights: the checkpoint's sha256 (remembered per path, size
-        and mtime), or the architecture and seed for random weights."""
+        """Identity of the text-encoder weights (the prompt cache's key): their own digest
+        (remembered per path, size and mtime; a first start does not wait for the whole file's
+        hash), the checkpoint's sha256 for a .ckpt, or the architecture and seed for random weights."""
         if self.source.checkpoint is None:
             return f"random:{self.cfg.text}:{self.random_seed}"
-        return f"sha256:{self.sha256}"
+        if isinstance(self._text_digest, BackgroundHash):
+            self._text_digest = self._text_digest.result()
+        return f"text-sha256:{self._text_digest}" if self._text_digest else f"sha256:{self.sha256}"
 
     @property
     def model_hash(self) -> str:
         """AUTOMATIC1111's model hash: the first 10 hex digits of the file's sha256."""
         return short_hash(self.sha256)
+
+    def known_model_hash(self) -> str:
+        """The model hash if known by now, else "" (never waits)."""
+        return "" if self._sha256 is None and self._hash is not None and not self._hash.done() else self.model_hash
 
     # ---- planning ----------------------------------------------------------------------------
 
