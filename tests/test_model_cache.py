@@ -151,16 +151,22 @@ def test_second_load_neither_reads_nor_hashes_the_checkpoint(model, tmp_path, mo
     assert same_weights(first, second)
 
 
-def test_first_load_hashes_on_a_thread(model, tmp_path, monkeypatch):
-    """Models are built while the hash is still being computed; sha256 waits for it."""
+def hold_file_hashes(monkeypatch) -> threading.Event:
+    """Every whole-file sha256 on a hashing thread waits until the event returned is set."""
     gate = threading.Event()
     real = hasher_mod.file_sha256
 
-    def slow(path, *a, **k):
-        assert gate.wait(30)
+    def held(path, *a, **k):
+        assert gate.wait(60)
         return real(path, *a, **k)
 
-    monkeypatch.setattr(hasher_mod, "file_sha256", slow)
+    monkeypatch.setattr(hasher_mod, "file_sha256", held)
+    return gate
+
+
+def test_first_load_hashes_on_a_thread(model, tmp_path, monkeypatch):
+    """Models are built while the hash is still being computed; sha256 waits for it."""
+    gate = hold_file_hashes(monkeypatch)
     memo = tmp_path / "hashes.json"
     m = Models(open_model(model), torch.float32, hash_memo=memo)
     for stage in STAGES:

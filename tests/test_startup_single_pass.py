@@ -24,7 +24,7 @@ from sdterm.engine.loading.models import Models, open_model
 from sdterm.engine.loading.single_pass import plan_spans
 from sdterm.engine.loading.tensor_reader import TensorFile, read_header
 
-from .test_model_cache import STAGES, Spies, _header, load, published, same_weights, the_pack
+from .test_model_cache import STAGES, Spies, _header, hold_file_hashes, load, published, same_weights, the_pack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -221,14 +221,7 @@ def test_a_hash_begun_before_the_models_is_theirs_and_the_pass_reads_unhashed(mo
     that hash, and their pass converts without hashing (no second sha256 of the file)."""
     from sdterm.engine.loading import hasher
 
-    gate = threading.Event()
-    real = hasher.file_sha256
-
-    def held(path, *a, **k):
-        assert gate.wait(30)
-        return real(path, *a, **k)
-
-    monkeypatch.setattr(hasher, "file_sha256", held)
+    gate = hold_file_hashes(monkeypatch)
     memo = tmp_path / "hashes.json"
     path = model / "model.safetensors"
     begun = hasher.begin(path, memo)

@@ -21,6 +21,7 @@ from sdterm.engine.loading.models import Models
 from sdterm.engine.pipeline import Engine, open_model
 
 from .conftest import small_request
+from .test_model_cache import hold_file_hashes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,14 +67,7 @@ def test_the_text_digest_is_remembered_per_version_of_the_file(demo_model, tmp_p
 
 
 def test_a_first_use_encodes_its_prompts_before_the_files_sha256_is_known(demo_model, tmp_path, monkeypatch):
-    gate = threading.Event()
-    real = hasher.file_sha256
-
-    def held(path, *a, **k):
-        assert gate.wait(60)
-        return real(path, *a, **k)
-
-    monkeypatch.setattr(hasher, "file_sha256", held)
+    gate = hold_file_hashes(monkeypatch)
     model = Path(shutil.copytree(demo_model, tmp_path / "m"))
     e = engine(model, tmp_path)
     results = []
