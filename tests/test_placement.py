@@ -232,3 +232,22 @@ def test_bind_points_every_tensor_where_slot_view_does():
                                                                     want.dtype), slot.name
     unit.bind(unit.host)
     assert all(get_tensor(s).data_ptr() == slot_view(unit.host, 0, s).data_ptr() for s in unit.slots)
+
+
+def test_a_unit_bound_during_inference_keeps_ordinary_tensors():
+    """A streamed U-Net's units are bound inside the render's inference mode (every pass); their
+    tensors must stay ordinary ones, or the model can't be used outside it afterwards (bench's
+    diffusers reference took them as parameters: "Setting requires_grad=True on inference tensor")."""
+    from torch import nn
+
+    from sdterm.engine.memory.placement import Unit, get_tensor
+
+    block = nn.Sequential(nn.Conv2d(4, 8, 3), nn.GroupNorm(2, 8)).half()
+    unit = Unit([block], pin=False)
+    with torch.inference_mode():
+        ring = torch.zeros(unit.nbytes, dtype=torch.uint8)
+        unit.bind(ring)
+        block(torch.zeros(1, 4, 5, 5, dtype=torch.float16))
+        unit.bind(unit.host)
+    assert not any(get_tensor(s).is_inference() for s in unit.slots)
+    nn.Conv2d(4, 8, 3).load_state_dict(block[0].state_dict(), assign=True)  # raised before the fix

@@ -209,16 +209,19 @@ class Unit:
         if self._binds is None:
             self._binds = [_bind_entry(slot) for slot in self.slots]
         typed: dict[torch.dtype, tuple[torch.Tensor, int]] = {}
-        for table, name, is_param, dtype, shape, stride, offset in self._binds:
-            view = typed.get(dtype)
-            if view is None:
-                t = flat[start : start + self.nbytes].view(dtype)
-                view = typed[dtype] = (t, t.storage_offset())
-            t = view[0].as_strided(shape, stride, view[1] + offset)
-            if is_param:
-                table[name].data = t
-            else:
-                table[name] = t
+        # Ordinary tensors even when bound inside a render's inference mode (a streamed pass):
+        # views made there are inference tensors, which no one may use as weights outside it.
+        with torch.inference_mode(False):
+            for table, name, is_param, dtype, shape, stride, offset in self._binds:
+                view = typed.get(dtype)
+                if view is None:
+                    t = flat[start : start + self.nbytes].view(dtype)
+                    view = typed[dtype] = (t, t.storage_offset())
+                t = view[0].as_strided(shape, stride, view[1] + offset)
+                if is_param:
+                    table[name].data = t
+                else:
+                    table[name] = t
 
 
 def _bind_entry(slot: Slot) -> tuple:
