@@ -53,10 +53,9 @@ class UNetStage:
         forward = unet
         if plan.unet == "streamed":
             weights += (ring[0].data_ptr(),)
-            modules = [m for _, m, _ in unet.units()]
 
             def forward(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-                with RingStreamer(self.placement, "unet", modules, plan.resident_units, plan.ring_bytes, 1, ring[0]):
+                with self._streamer(unet, plan, 1, ring[0]):
                     return unet(x, t, context)
         # The pool replaces the eager activations the planner counted (within its margin): what
         # must fit is this engine's weights on the device (and the ring), the pool and the step's
@@ -64,6 +63,12 @@ class UNetStage:
         held = self.placement.held_bytes() + sum(r.numel() for r in ring)
         room = None if plan.budget is None else plan.budget - held - GRAPH_MARGIN
         return self.unet_graphs.bind(forward, weights, room)
+
+    def _streamer(self, unet, plan: Plan, passes: int, ring: torch.Tensor | None = None) -> RingStreamer:
+        """The streamed U-Net's units through a ring for ``passes`` U-Net calls (the caller's
+        ``ring``, or one of its own)."""
+        modules = [m for _, m, _ in unet.units()]
+        return RingStreamer(self.placement, "unet", modules, plan.resident_units, plan.ring_bytes, passes, ring)
 
     def _end_graphs(self, plan: Plan, failed: bool) -> None:
         """Keep the graphs for the next render only where the U-Net stays on the device and the
@@ -103,10 +108,7 @@ class UNetStage:
                 stack.callback(ring.clear)  # freed before the release empties the cache
             elif plan.unet == "streamed":
                 # Exactly the passes the rest of the render makes: nothing is prefetched past them.
-                passes = calls * unet_passes(req.cfg, split=split)
-                modules = [m for _, m, _ in unet.units()]
-                stack.enter_context(RingStreamer(self.placement, "unet", modules, plan.resident_units,
-                                                 plan.ring_bytes, passes))
+                stack.enter_context(self._streamer(unet, plan, calls * unet_passes(req.cfg, split=split)))
             if plan.prefetch_vae and plan.vae != "host":
                 self._acquire_prefetch("vae")
             meter.loaded()

@@ -26,6 +26,12 @@ class CheckpointError(Exception):
     """The file can't be used; ``str(exc)`` is one line naming the file and the reason."""
 
 
+def unreadable(path, exc: BaseException) -> CheckpointError:
+    """The one line for weights that could not be read from ``path`` (a read error, or a file
+    shorter than its header says)."""
+    return CheckpointError(f"{path}: cannot read the weights ({exc}); is it truncated?")
+
+
 @dataclass
 class Checkpoint:
     """A state dict whose tensors are read on demand (safetensors) or memory-mapped (zip .ckpt)."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...config import ModelConfig
 from ..memory.placement import Slot, channels_last, set_tensor, slot_view, unit_slots
-from .checkpoint import UNET_PREFIX, VAE_PREFIX, Checkpoint, CheckpointError, match_shapes
+from .checkpoint import UNET_PREFIX, VAE_PREFIX, Checkpoint, match_shapes, unreadable
 
 PACKED = ("text", "unet", "vae")
 """The models text-to-image builds from the checkpoint, in the order of their stages."""
@@ -147,7 +147,7 @@ def fill_from_checkpoint(stage: str, layout: StageLayout, buffer: torch.Tensor, 
                 try:
                     job.result()
                 except (OSError, ValueError) as exc:
-                    raise CheckpointError(f"{ckpt.path}: cannot read the weights ({exc}); is it truncated?") from None
+                    raise unreadable(ckpt.path, exc) from None
             if on_unit is not None:
                 on_unit(i, host)
     layout.bind(buffer)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, unreadable
 from ..memory.host_memory import aligned, lock
 from ..memory.placement import slot_view
 from .host_units import PACKED, StageLayout, checkpoint_prefix, fill_from_checkpoint, meta_model, stage_layout
@@ -84,7 +84,7 @@ class HostStore:
             try:
                 return self.first_pass.model(stage)
             except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{self.path}: cannot read the weights ({exc}); is it truncated?") from None
+                raise unreadable(self.path, exc) from None
         layout = self._layout(stage)
         buffer = self._buffer(layout)
         if self.pack is not None and self.pack.fd >= 0 and self.pack.has(stage):
