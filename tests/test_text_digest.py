@@ -83,3 +83,35 @@ def test_a_first_use_encodes_its_prompts_before_the_files_sha256_is_known(demo_m
         gate.set()
         render.join(60)
     assert results[0].model_hash == remembered_sha256(model / "model.safetensors", None)[:10]
+
+
+def test_digests_recorded_at_once_on_two_threads_are_both_kept(tmp_path, monkeypatch):
+    """The file's sha256 and its text encoder's digest finish on two threads: neither memo write
+    may drop the other's (read, change and write back under one lock)."""
+    from sdterm.engine.loading import file_hash
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"x" * 100)
+    memo = tmp_path / "memo.json"
+    both_read = threading.Barrier(2, timeout=2)
+    real = Path.read_text
+
+    def read_text(self, *a, **k):
+        text = real(self, *a, **k)
+        if self == memo:
+            try:
+                both_read.wait()  # without the lock both threads read the empty memo first
+            except threading.BrokenBarrierError:
+                pass
+        return text
+
+    memo.write_text("{}")
+    monkeypatch.setattr(Path, "read_text", read_text)
+    threads = [threading.Thread(target=file_hash.remember, args=(path, memo), kwargs={field: "a" * 64})
+               for field in ("sha256", TEXT_DIGEST)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    assert recall(path, memo) == "a" * 64 and recall(path, memo, TEXT_DIGEST) == "a" * 64

@@ -11,9 +11,13 @@ import hashlib
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 CHUNK = 8 << 20
+_memo_lock = threading.Lock()
+"""Held while the memo is read, changed and written back (one process's threads; another process
+may still race: a lost entry only means hashing again)."""
 TEXT_DIGEST = "text_sha256"
 """The memo's field for the text encoder's own digest (``Models.encoder_id``)."""
 
@@ -99,18 +103,19 @@ def remember(path: str | os.PathLike, memo_file: Path, **digests: str) -> None:
 
     p = Path(path).resolve()
     st = p.stat()
-    try:
-        memo = json.loads(memo_file.read_text())
-        memo = memo if isinstance(memo, dict) else {}
-    except (OSError, ValueError):
-        memo = {}
-    old = memo.get(str(p))
-    same = isinstance(old, dict) and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
-    memo[str(p)] = {**(old if same else {}), **digests, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    try:
-        atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
-    except OSError:
-        pass
+    with _memo_lock:  # the file's hash and its text encoder's finish on two threads
+        try:
+            memo = json.loads(memo_file.read_text())
+            memo = memo if isinstance(memo, dict) else {}
+        except (OSError, ValueError):
+            memo = {}
+        old = memo.get(str(p))
+        same = isinstance(old, dict) and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
+        memo[str(p)] = {**(old if same else {}), **digests, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        try:
+            atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
+        except OSError:
+            pass
 
 
 def remember_sha256(path: str | os.PathLike, digest: str, memo_file: Path) -> None:
