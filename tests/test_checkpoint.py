@@ -77,9 +77,11 @@ def test_ckpt_in_original_layout_loads_like_safetensors(demo_model, tmp_path):
     torch.save({"state_dict": sd, "global_step": 470000}, folder / "model.ckpt")
     (folder / "config.yaml").write_bytes((demo_model / "config.yaml").read_bytes())
     (folder / "tokenizer").symlink_to(demo_model / "tokenizer")
-    a = Engine(open_model(folder), "cpu").generate(small_request())
+    ckpt = Engine(open_model(folder), "cpu")
+    a = ckpt.generate(small_request())
     b = Engine(open_model(demo_model), "cpu").generate(small_request())
     assert a.image.tobytes() == b.image.tobytes()
+    assert ckpt.models.encoder_id == f"sha256:{ckpt.models.sha256}"  # no text digest of a pickle: the file's
 
 
 def test_text_keys_without_text_model_level_load(demo_model, tmp_path):
@@ -93,9 +95,11 @@ def test_text_keys_without_text_model_level_load(demo_model, tmp_path):
     save_file(sd, folder / "model.safetensors")
     (folder / "config.yaml").write_bytes((demo_model / "config.yaml").read_bytes())
     (folder / "tokenizer").symlink_to(demo_model / "tokenizer")
-    a = Engine(open_model(folder), "cpu").generate(small_request())
+    ckpt = Engine(open_model(folder), "cpu")
+    a = ckpt.generate(small_request())
     b = Engine(open_model(demo_model), "cpu").generate(small_request())
     assert a.image.tobytes() == b.image.tobytes()
+    assert ckpt.models.encoder_id == f"sha256:{ckpt.models.sha256}"  # no text digest of a pickle: the file's
 
 
 def _variant(demo_model: Path, tmp_path: Path, name: str, edit) -> Path:

@@ -164,7 +164,7 @@ class Models:
             return known
         try:
             entries = read_header(self.source.checkpoint)
-        except (OSError, ValueError):  # a .ckpt, or a file the loader will report
+        except (OSError, ValueError, KeyError, TypeError):  # a .ckpt, or a file the loader reports
             return None
         prefix = clip_prefix(list(entries))
         parts = [(f"{k} {e.dtype} {list(e.shape)}", e.start, e.nbytes) for k, e in sorted(entries.items())
