@@ -52,3 +52,22 @@ def test_a_missing_model_is_one_line(bench_cli, tmp_path):
     code, out, err = bench_cli("--cold", "--model", tmp_path / "nope.safetensors", "--device", "cpu")
     assert code == 1 and out == "" and "--cold times a single-file checkpoint" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_torch_without_cached_bytecode_is_noted(monkeypatch, tmp_path):
+    """Where torch's bytecode is not cached (the GPU machine here sets PYTHONDONTWRITEBYTECODE and
+    its torch has none), every process compiles torch from source: the figures say so."""
+    import importlib.util
+    from pathlib import Path
+
+    from sdterm.bench.cold import ColdReport, bytecode_note
+
+    real = importlib.util.cache_from_source
+    cached = real(importlib.util.find_spec("torch").origin)
+    monkeypatch.setattr(importlib.util, "cache_from_source", lambda path: str(tmp_path / "none.pyc"))
+    note = bytecode_note()
+    assert note and "PYTHONPYCACHEPREFIX" in note
+    report = ColdReport("x.safetensors", 1, "cpu", 1, (64, 64), notes=[note])
+    assert format_cold(report).endswith(note) and report.to_dict()["notes"] == [note]
+    monkeypatch.setattr(importlib.util, "cache_from_source", lambda path: cached)
+    assert (bytecode_note() is None) == Path(cached).exists()  # here: whatever this machine has

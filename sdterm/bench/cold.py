@@ -70,6 +70,8 @@ class ColdReport:
     runs: list[ColdRun] = field(default_factory=list)
     in_process: tuple[float, float] | None = None
     """The first and second render's seconds in one process (the figure of a first render)."""
+    notes: list[str] = field(default_factory=list)
+    """What the reader needs to know to read the figures (printed below them)."""
 
     def to_dict(self) -> dict:
         return {"checkpoint": self.checkpoint, "checkpoint_bytes": self.checkpoint_bytes, "device": self.device,
@@ -77,7 +79,8 @@ class ColdReport:
                 "runs": [{"wall": round(r.wall, 3), "render": round(r.render, 3), "startup": round(r.startup, 3),
                           "peak_rss": r.peak_rss, "python": r.python, "exit": r.exit,
                           "before_render": r.before_render, "loads": r.loads} for r in self.runs],
-                "first_and_second_render": list(self.in_process) if self.in_process else None}
+                "first_and_second_render": list(self.in_process) if self.in_process else None,
+                "notes": list(self.notes)}
 
 
 def write_checkpoint(config_path: str | None, folder: Path) -> Path:
@@ -135,7 +138,26 @@ def run_cold(opts: BenchOptions, device: str, *, model: str | None = None, confi
         log("one more process rendering twice: its first render beside its second")
         _, seconds = _one(command, env, tmp / "child-twice.json", twice=True)
         report.in_process = (seconds[0], seconds[-1])
+    note = bytecode_note()
+    if note:
+        report.notes.append(note)
     return report
+
+
+def bytecode_note() -> str | None:
+    """A line when torch's bytecode is not cached after the runs (``PYTHONDONTWRITEBYTECODE``, or a
+    read-only install without it): every process then compiled torch from source, seconds that an
+    installed package (bytecode compiled at install) does not pay. None otherwise."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.origin:
+        return None
+    if Path(importlib.util.cache_from_source(spec.origin)).exists():
+        return None
+    return ("note: torch's bytecode is not cached here (PYTHONDONTWRITEBYTECODE, or a read-only install): every "
+            "process compiled its imports from source; set PYTHONPYCACHEPREFIX to a writable folder and run "
+            "`python -m compileall` over site-packages once for figures an installed package gives")
 
 
 def _one(command: list[str], env: dict, result_file: Path, twice: bool = False) -> tuple[ColdRun, list[float]]:
@@ -191,6 +213,7 @@ def format_cold(report: ColdReport) -> str:
     if report.in_process:
         first, second = report.in_process
         lines.append(f"in one process: first render {first:.2f} s, second {second:.2f} s ({first / second:.2f}x)")
+    lines += report.notes
     return "\n".join(lines)
 
 
