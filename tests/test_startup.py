@@ -100,7 +100,7 @@ from sdterm.cli import main""").replace('"loaded":', '"seen": seen, "loaded":')
 
 
 def test_memoized_tokens_are_the_tokenizers_own(demo_model, tmp_path):
-    """The token memo gives exactly what CLIPTokenizer gives (a fresh tokenizer reads the memo)."""
+    """The token memo gives exactly what the tokenizer gives (a fresh tokenizer reads the memo)."""
     from sdterm.engine.prompt.tokenizer import PromptTokenizer
 
     texts = ["a red fox", "", "a (castle:1.2) [snow]", "word " * 90]

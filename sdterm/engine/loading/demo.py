@@ -3,7 +3,7 @@
 ``write_demo_model(dir)`` writes ``model.safetensors`` (``demo_modules``: random weights made
 sensitive enough for pixel tests, see ``DEMO_GAINS``) in the original single-file key layout,
 plus the VAE encoder (``demo_encoder``, drawn last from a seed of its own),
-``config.yaml`` and ``tokenizer/`` (a small byte-level BPE vocabulary that CLIPTokenizer loads),
+``config.yaml`` and ``tokenizer/`` (a small byte-level BPE vocabulary in CLIP's format),
 so the demo goes through exactly the loading code a real checkpoint does.
 """
 

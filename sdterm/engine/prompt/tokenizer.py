@@ -118,11 +118,35 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+"""CLIP's word pattern: the special tokens, English contractions, runs of letters, single digits,
+runs of anything else but whitespace."""
+
+
+def clip_bpe(folder: Path):
+    """CLIP's byte-level BPE from ``folder``'s vocab.json and merges.txt, with HF tokenizers, put
+    together as transformers' CLIPTokenizer (5.x) puts it: NFC, whitespace runs to one space and
+    lowercase; CLIP's word pattern, then bytes to printable characters; ``</w>`` ends a word; the
+    two special tokens matched whole, never normalized. tests/test_tokenizer_bpe.py holds its ids to
+    CLIPTokenizer's. Importing tokenizers takes milliseconds, transformers seconds."""
+    from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), dropout=None,
+                        continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS)
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLIT), behavior="removed", invert=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS, EOS)])
+    return tok
+
+
 class PromptTokenizer:
-    """The CLIP tokenizer of ``folder``. transformers' CLIPTokenizer (seconds to import) is loaded
-    on the first text not in the token memo: with ``memo`` (a folder), each text's ids are
-    remembered per tokenizer identity, so a render whose embeddings are all cached never
-    imports transformers."""
+    """The CLIP tokenizer of ``folder`` (:func:`clip_bpe`), loaded on the first text not in the
+    token memo: with ``memo`` (a folder), each text's ids are remembered per tokenizer identity."""
 
     def __init__(self, folder: Path, max_positions: int = 77, memo: Path | None = None):
         self.folder = folder
@@ -143,21 +167,24 @@ class PromptTokenizer:
 
     @property
     def tok(self):
-        """transformers' CLIPTokenizer, loaded on first use."""
+        """The BPE tokenizer (:func:`clip_bpe`), loaded on first use."""
         if self._tok is None:
-            from transformers import CLIPTokenizer
-
             try:
-                self._tok = CLIPTokenizer.from_pretrained(str(self.folder))
+                tok = clip_bpe(self.folder)
+                vocab = tok.get_vocab(with_added_tokens=False)
+                if BOS not in vocab or EOS not in vocab:
+                    raise ValueError(f"no {BOS} or {EOS} in vocab.json")
+                self._tok = tok
             except Exception as exc:
-                raise CheckpointError(f"{self.folder}: not a usable CLIP tokenizer ({type(exc).__name__})") from None
+                detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CheckpointError(f"{self.folder}: not a usable CLIP tokenizer ({detail})") from None
         return self._tok
 
     def _specials(self) -> list[int]:
         tok = self.tok
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        comma = tok.get_vocab().get(",</w>", -1)  # A1111's comma token (-1: the vocabulary has none)
-        return [tok.bos_token_id, tok.eos_token_id, pad, comma]
+        eos = tok.token_to_id(EOS)
+        comma = tok.token_to_id(",</w>")  # A1111's comma token (-1: the vocabulary has none)
+        return [tok.token_to_id(BOS), eos, eos, -1 if comma is None else comma]  # CLIP pads with its EOS
 
     def _ids(self, text: str) -> tuple[list[int], list[int]]:
         """(the text's ids without BOS/EOS, [bos, eos, pad, comma]): from the memo, else the tokenizer."""
@@ -168,7 +195,7 @@ class PromptTokenizer:
         memo = self._load_memo()
         if text in memo["texts"] and len(memo["specials"]) == 4:
             return memo["texts"][text], memo["specials"]
-        ids = list(self.tok(text, add_special_tokens=False, truncation=False)["input_ids"])
+        ids = list(self.tok.encode(text, add_special_tokens=False).ids)
         memo["specials"] = self._specials()
         memo["texts"][text] = ids
         self._save_memo(memo)
