@@ -169,8 +169,8 @@ class Engine(TextStage, UNetStage, VaeStage):
 
     def explain(self, text: str, steps: int = 20, sampler: str = "DDIM"):
         """How ``text`` is tokenized, chunked, weighted and where its embeddings are
-        (``PromptReport``), for a display beside the prompt box: no model is built; the first
-        call may import transformers to tokenize (seconds), so call it off the UI thread."""
+        (``PromptReport``), for a display beside the prompt box: no model is built; it reads
+        files (the tokenizer on the first call, embeddings), so call it off the UI thread."""
         from .prompt.report import explain
 
         db = self.embeddings.index(self.models.tokenizer.ids)

@@ -13,7 +13,7 @@ and, longer, its last ones. Weighted text is warm (above 1) or cool (below 1) wi
 an embedding is ``‹name:Nv›`` (its vectors). The line describes the negative prompt while that box
 has the focus. It is blank for an empty prompt and while a slash command is typed.
 
-The engine's ``explain`` (which may import transformers on its first call, and reads files) runs
+The engine's ``explain`` (which loads the tokenizer on its first call, and reads files) runs
 in a thread worker after a short pause in typing; a newer text supersedes the one on its way. What
 it raises (a prompt over 8 chunks, a broken tokenizer) is the line's one line. The prompt is user
 text: every part of the line is built with ``Text.append``, never parsed as markup.
