@@ -220,7 +220,8 @@ def test_damaged_pack_is_detected_and_rebuilt(model, tmp_path, monkeypatch, dama
     else:
         fd = os.open(pack, os.O_RDONLY)
         try:
-            at, _length = pack_format.header_offset(fd)
+            header, start = pack_format.read_header(fd)
+            at = start + header["payload"]  # the header follows the payload
         finally:
             os.close(fd)
         _flip(pack, at + 10)

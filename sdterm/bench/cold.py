@@ -191,7 +191,7 @@ def format_cold(report: ColdReport) -> str:
              f"{report.device}, {Path(report.checkpoint).name} ({format_bytes(report.checkpoint_bytes)})", "",
              "run                  wall    render  start-up  peak RSS"]
     for i, r in enumerate(report.runs):
-        name = "first ever" if i == 0 else f"again ({i})"
+        name = _run_name(i)
         rss = format_bytes(r.peak_rss) if r.peak_rss is not None else "-"
         lines.append(f"{name:<18} {r.wall:7.2f}s {r.render:7.2f}s {r.startup:8.2f}s  {rss}")
     if any(r.before_render is not None for r in report.runs):
@@ -199,12 +199,12 @@ def format_cold(report: ColdReport) -> str:
         stages = [s for s in STAGE_ORDER if s in seen] + sorted(seen - set(STAGE_ORDER))
         lines += ["", "where the wall time went: python = the interpreter's start; command = imports, opening",
                   "the model and the output, outside the render; inside the render: prepare = before its first",
-                  "stage (tokenizing, planning: a first use waits there for the models), load = each stage's",
-                  "model built or read; exit = threads joined and the interpreter's teardown", "",
+                  "stage (tokenizing, the prompt cache looked up, planning), load = each stage's model built,",
+                  "read or waited for; exit = threads joined and the interpreter's teardown", "",
                   f"{'run':<18} {'python':>8} {'command':>8} {'render':>8} "
                   + "".join(f"{s if s == 'prepare' else s + ' load':>11}" for s in stages) + f" {'exit':>8}"]
         for i, r in enumerate(report.runs):
-            name = "first ever" if i == 0 else f"again ({i})"
+            name = _run_name(i)
             loads = "".join(f"{r.loads[s]:10.2f}s" if s in r.loads else f"{'-':>11}" for s in stages)
             lines.append(f"{name:<18} {_secs(r.python)} {_secs(r.before_render)} {r.render:7.2f}s {loads} {_secs(r.exit)}")
     if len(report.runs) > 1:
@@ -215,6 +215,10 @@ def format_cold(report: ColdReport) -> str:
         lines.append(f"in one process: first render {first:.2f} s, second {second:.2f} s ({first / second:.2f}x)")
     lines += report.notes
     return "\n".join(lines)
+
+
+def _run_name(i: int) -> str:
+    return "first ever" if i == 0 else f"again ({i})"
 
 
 def _secs(value: float | None) -> str:

@@ -37,7 +37,7 @@ class Result:
     """Infotext fields the render adds (``TI hashes``), as A1111 writes them."""
     prepare_seconds: float = 0.0
     """Of ``seconds``, those before the first stage: the prompts tokenized, the prompt cache
-    looked up, the plan made (a first use waits here for the models it sizes)."""
+    looked up (a first use may wait for the text encoder's digest, its key), the plan made."""
     trail: list | None = field(default=None, repr=False)
     """With ``generate(trail=True)``: the sampler's state after each step of the first pass
     (``fork.TrailStep``, index k = after k + 1 steps), what ``generate(fork=...)`` starts from."""

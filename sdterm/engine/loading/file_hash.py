@@ -53,6 +53,11 @@ def parts_sha256(path: Path, parts: list[tuple[str, int, int]], chunk: int = CHU
     return h.hexdigest()
 
 
+def _of_version(entry, st: os.stat_result) -> bool:
+    """Whether the memo's ``entry`` was recorded for the file as ``st`` finds it (size and mtime)."""
+    return isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+
+
 def _entry(path: Path, memo_file: Path) -> dict | None:
     """The memo's entry for ``path`` if it was recorded at the file's current size and mtime."""
     st = path.stat()
@@ -61,9 +66,7 @@ def _entry(path: Path, memo_file: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     entry = memo.get(str(path)) if isinstance(memo, dict) else None
-    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-        return entry
-    return None
+    return entry if _of_version(entry, st) else None
 
 
 def recall(path: str | os.PathLike, memo_file: Path | None, field: str = "sha256") -> str | None:
@@ -110,8 +113,8 @@ def remember(path: str | os.PathLike, memo_file: Path, **digests: str) -> None:
         except (OSError, ValueError):
             memo = {}
         old = memo.get(str(p))
-        same = isinstance(old, dict) and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
-        memo[str(p)] = {**(old if same else {}), **digests, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        memo[str(p)] = {**(old if _of_version(old, st) else {}), **digests, "size": st.st_size,
+                        "mtime_ns": st.st_mtime_ns}
         try:
             atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
         except OSError:

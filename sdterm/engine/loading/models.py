@@ -84,8 +84,8 @@ SINGLE_PASS_BYTES = 256 << 20
 """A checkpoint at least this large is read in one pass on its first use (``single_pass.py``)."""
 
 PREFETCH_WHILE_HASHING = 256 << 20
-"""A checkpoint at least this large whose hash is asked for before it is known (the first start:
-the prompt cache is keyed by it) has its text-to-image models loaded while the hash is computed."""
+"""A checkpoint at least this large whose hash is asked for before it is known (on a first start,
+the model hash of the image) has its text-to-image models loaded while the hash is computed."""
 
 
 class Models:
@@ -354,7 +354,7 @@ class Models:
         thread since the model was opened (by the first pass over a large file, which builds the
         U-Net and the VAE decoder from the same bytes); waited for now, the text-to-image models
         being loaded meanwhile: the first start pays for the hash only once."""
-        if self._sha256 is None and self._hash is not None and not self._hash.done():
+        if self._hashing():
             big = self._checkpoint_bytes() >= PREFETCH_WHILE_HASHING
             for stage in self._packable() if big else ():
                 if self._hash.done():
@@ -380,7 +380,11 @@ class Models:
 
     def known_model_hash(self) -> str:
         """The model hash if known by now, else "" (never waits)."""
-        return "" if self._sha256 is None and self._hash is not None and not self._hash.done() else self.model_hash
+        return "" if self._hashing() else self.model_hash
+
+    def _hashing(self) -> bool:
+        """Whether the checkpoint's sha256 is still being computed."""
+        return self._sha256 is None and self._hash is not None and not self._hash.done()
 
     # ---- planning ----------------------------------------------------------------------------
 

@@ -55,24 +55,17 @@ def align(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
-def header_offset(fd: int) -> tuple[int, int]:
-    """(offset, length) of an open pack's header, from its prefix; PackError if there is none."""
+def read_header(fd: int) -> tuple[dict, int]:
+    """(header, payload offset) of an open pack; PackError if it is not a sound one. The file is
+    prefix | payload | header: its length must be exactly the header's end."""
     head = bytearray(PREFIX.size)
     try:
         pread_full(fd, memoryview(head), 0)
     except OSError:
         raise PackError("no header") from None
-    magic, fmt, at, length, _crc = PREFIX.unpack(head)
+    magic, fmt, at, length, crc = PREFIX.unpack(head)
     if magic != MAGIC or fmt != FORMAT or length > 64 << 20 or at < PAYLOAD:
         raise PackError("not a pack of this format")
-    return at, length
-
-
-def read_header(fd: int) -> tuple[dict, int]:
-    """(header, payload offset) of an open pack; PackError if it is not a sound one. The file is
-    prefix | payload | header: its length must be exactly the header's end."""
-    at, length = header_offset(fd)
-    crc = PREFIX.unpack(os.pread(fd, PREFIX.size, 0))[4]
     if os.fstat(fd).st_size != at + length:
         raise PackError("length differs from the header's (truncated?)")
     raw = bytearray(length)
