@@ -232,6 +232,8 @@ async def test_the_screen_is_up_and_takes_a_prompt_while_the_model_loads(engine,
         await enter(pilot, "fox", typed=True)
         await pilot.pause()
         assert "queued" in notice(app) and engine.requests == []
+        app._show_loading()  # the loading line's next tick keeps the queued render on it
+        assert "queued seed" in notice(app) and "reading the checkpoint" in notice(app)
         gate.set()
         await wait_until(pilot, lambda: len(engine.requests) == 1, "the queued render")
         await settle(pilot)

@@ -32,7 +32,7 @@ from ..session import Session
 from ..units import format_bytes
 from .addons import Addons, lora_values, vae_values
 from .forking import Forking
-from .loading import ModelLoading
+from .loading import ModelLoading, job_text
 from .keys import Keys
 from .messages import EngineEvent, RenderDone, RenderFailed
 from .prompting import PromptFlow
@@ -209,8 +209,8 @@ class SdtermApp(PromptFlow, Keys, Addons, Verifying, Forking, ModelLoading, App)
             replaced = bool(self._pending)
             self._pending = job
             why = "the model loads" if self.service is None and self._loading else "this render"
-            what = f"{len(job)} renders from seed {req.seed}" if len(job) > 1 else f"seed {req.seed}"
-            self.notice(f"queued {what} after {why}" + (" (replaces the earlier queued render)" if replaced else ""))
+            self.notice(f"queued {job_text(job)} after {why}"
+                        + (" (replaces the earlier queued render)" if replaced else ""))
             if self.service is None and self._loading is None:
                 self._pending = []
                 self.notice("no model loaded: /model NAME loads one", "error")

@@ -15,6 +15,11 @@ from .widgets.image_view import ImageView
 from .widgets.stage_panel import StagePanel
 
 
+def job_text(job) -> str:
+    """A job of renders as the notice line names it: its seed, or how many from which seed."""
+    return f"{len(job)} renders from seed {job[0].seed}" if len(job) > 1 else f"seed {job[0].seed}"
+
+
 class ModelLoading:
     def begin_load(self, name: str | None) -> None:
         """Load model ``name`` (None: the configured one) on a worker; the screen stays live."""
@@ -30,8 +35,10 @@ class ModelLoading:
     def _show_loading(self) -> None:
         if self._loading is not None:
             name, started = self._loading
-            self.notice(f"loading {name}: {self._load_step}… {time.monotonic() - started:.0f}s (type away; "
-                        "Enter queues the render)")
+            # A render queued meanwhile stays on the line (the ticker must not wipe its notice).
+            then = (f"queued {job_text(self._pending)}, it starts when the model is ready" if self._pending
+                    else "type away; Enter queues the render")
+            self.notice(f"loading {name}: {self._load_step}… {time.monotonic() - started:.0f}s ({then})")
 
     @work(thread=True, group="load", exclusive=True)
     def _load_worker(self, name: str | None) -> None:
