@@ -730,3 +730,52 @@ def test_a_warmed_up_engine_renders_its_first_render_without_an_eager_call_or_a_
     r = engine.generate(req)
     assert graphs.captures == captured and calls == [], (graphs.captures, captured, len(calls))
     assert torch.equal(r.latents, cold.latents)
+
+
+def test_layout_keeping_group_norm_on_the_gpu(monkeypatch):
+    """On CUDA the U-Net's and the VAE's GroupNorm is engine/networks/norm.py's: it keeps a
+    channels-last input channels-last, matches PyTorch's kernel in fp32, and in fp16 the models'
+    outputs stay as close to a float64 reference as with PyTorch's kernel."""
+    from sdterm.engine.loading.demo import demo_config
+    from sdterm.engine.networks import norm
+    from sdterm.engine.networks.norm import GroupNorm, group_norm
+
+    spread = []
+    own = norm.spread_group_norm
+    monkeypatch.setattr(norm, "spread_group_norm", lambda x, *a: spread.append(x.shape) or own(x, *a))
+    from sdterm.engine.networks.unet import UNetModel
+    from sdterm.engine.networks.vae import VAEDecoder
+
+    torch.manual_seed(0)
+    x = (torch.randn(1, 128, 256, 256, device="cuda") * torch.rand(128, 1, 1, device="cuda") * 3
+         + torch.randn(128, 1, 1, device="cuda")).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(128, device="cuda"), torch.randn(128, device="cuda")
+    y = group_norm(x, 32, w, b, 1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, torch.nn.functional.group_norm(x.contiguous(), 32, w, b, 1e-6),
+                               rtol=1e-4, atol=1e-4)
+
+    def as_native(model, native: bool):
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.__class__ = nn.GroupNorm if native else GroupNorm
+
+    cfg = demo_config(64)
+    unet = UNetModel(cfg.unet).cuda().eval().requires_grad_(False)
+    vae = VAEDecoder(cfg.vae).cuda().eval().requires_grad_(False)
+    lat = torch.randn(2, 4, 128, 128, device="cuda")  # groups of 16K values and more at the top level
+    t = torch.tensor([500.0, 500.0], device="cuda")
+    ctx = torch.randn(2, 77, cfg.unet.context_dim, device="cuda")
+    with torch.inference_mode():
+        want = (unet.double()(lat.double(), t, ctx.double()), vae.double()(lat[:1].double()))
+        unet.half().to(memory_format=torch.channels_last)
+        vae.half().to(memory_format=torch.channels_last)
+        errors = {}
+        for native in (True, False):
+            as_native(unet, native)
+            as_native(vae, native)
+            got = (unet(lat, t, ctx.half()), vae(lat[:1].half()))
+            errors[native] = [(g.double() - r).abs().max().item() for g, r in zip(got, want)]
+    assert len(spread) > 3  # the large groups took the new arithmetic (the small ones PyTorch's kernel)
+    for ours, theirs in zip(errors[False], errors[True]):
+        assert ours <= 2 * theirs + 1e-3, errors

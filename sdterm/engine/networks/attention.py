@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norm import GroupNorm
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention; self-attention when ``context`` is None (``attn1``), cross otherwise (``attn2``).
@@ -86,7 +88,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int):
         super().__init__()
         dim_head = channels // heads
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm = GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, dim_head, context_dim) for _ in range(depth)

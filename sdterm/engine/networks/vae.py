@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import VAEConfig
+from .norm import GroupNorm
 
 ATTN_CHUNK_THRESHOLD = 4096
 """Above this many pixel tokens (a 64x64 latent: a 512x512 image) the mid-block attention runs in
@@ -22,8 +23,8 @@ ATTN_CHUNK_SCORES = 4096 * 4096
 score copy when the math kernel computes in fp32)."""
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def _norm(channels: int) -> GroupNorm:
+    return GroupNorm(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
