@@ -779,3 +779,28 @@ def test_layout_keeping_group_norm_on_the_gpu(monkeypatch):
     assert len(spread) > 3  # the large groups took the new arithmetic (the small ones PyTorch's kernel)
     for ours, theirs in zip(errors[False], errors[True]):
         assert ours <= 2 * theirs + 1e-3, errors
+
+
+def test_first_render_builds_the_unet_on_a_thread_while_warming_attention(demo_model, monkeypatch):
+    """A render whose U-Net is still to be built builds it on a thread while the render thread
+    makes the attention calls its U-Net will make; a render with the U-Net built does not."""
+    import threading
+
+    from sdterm.engine import unet_stage
+
+    warmed, builders = [], []
+    monkeypatch.setattr(unet_stage, "warm_attention", lambda *a: warmed.append(a))
+    engine = Engine(open_model(demo_model), "cuda")
+    build = engine.models.module
+    monkeypatch.setattr(engine.models, "module",
+                        lambda stage: (builders.append((stage, threading.current_thread().name)), build(stage))[1])
+    engine.generate(small_request(steps=2))
+    assert ("unet", "sdterm-build") in builders
+    assert len(warmed) == 1
+    cfg, calls, h, w, dtype, device = warmed[0]
+    assert (calls, h, w, dtype, device.type) == ([(2, 77)], 8, 8, torch.float16, "cuda")
+    engine.generate(small_request(steps=2))
+    assert len(warmed) == 1
+    monkeypatch.undo()
+    # The real calls, at full SD v1 size (the engine ignores a failure here: this must not fail)
+    unet_stage.warm_attention(ModelConfig().unet, [(2, 77), (1, 154)], 64, 64, torch.float16, torch.device("cuda"))

@@ -5,12 +5,15 @@ the ring), resumable after an out-of-memory retry. A part of :class:`sdterm.engi
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
+from collections.abc import Callable
 
 import torch
 
 from ..params import Params
 from ..samplers import resolve_schedule
+from .attention_warm import unet_calls, warm_attention
 from .events import Emit, StepDone
 from .fork import snapshot
 from .lora.state import RenderLoras
@@ -22,6 +25,27 @@ from .prompt.conditioning import Conditioning
 from .sampling import SamplingContext, get_sampler
 from .sampling.guidance import ScheduledGuidance, runs_apart, unet_passes
 from .sampling.schedules import sampler_plan
+
+
+def built_meanwhile(build: Callable[[], object], meanwhile: Callable[[], None]) -> None:
+    """Run ``build`` on a thread while this thread runs ``meanwhile``; then re-raise what
+    ``build`` raised, if anything. (An interrupt while waiting leaves the thread to finish alone.)"""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            build()
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="sdterm-build", daemon=True)
+    thread.start()
+    try:
+        meanwhile()
+    finally:
+        thread.join()
+    if failed:
+        raise failed[0]
 
 
 GRAPH_MARGIN = 32 * MiB
@@ -64,6 +88,26 @@ class UNetStage:
         room = None if plan.budget is None else plan.budget - held - GRAPH_MARGIN
         return self.unet_graphs.bind(forward, weights, room)
 
+    def _acquire_unet(self, req: Params, cond: Conditioning, uncond: Conditioning, plan: Plan, split: bool,
+                      x_t: torch.Tensor):
+        """``_acquire("unet")``. On a GPU, when the U-Net is still to be built (the render's first
+        with this model: read from the model cache or the checkpoint), it is built on a thread while
+        this thread, which will run it, builds cuDNN's attention plans for the render's shapes
+        (attention_warm.py)."""
+        if self.device.type != "cuda" or plan.unet == "host" or self.models.built("unet"):
+            return self._acquire("unet", plan.unet)
+        calls = unet_calls(req.cfg, split, cond.segments[0].shape[1], uncond.segments[0].shape[1])
+        h, w = x_t.shape[-2:]
+
+        def warm() -> None:
+            try:
+                warm_attention(self.models.cfg.unet, calls, h, w, self.dtype, self.device)
+            except RuntimeError:  # out of memory, say: only a head start, the U-Net builds what it lacks
+                pass
+
+        built_meanwhile(lambda: self.models.module("unet"), warm)
+        return self._acquire("unet", plan.unet)
+
     def _streamer(self, unet, plan: Plan, passes: int, ring: torch.Tensor | None = None) -> RingStreamer:
         """The streamed U-Net's units through a ring for ``passes`` U-Net calls (the caller's
         ``ring``, or one of its own)."""
@@ -94,7 +138,7 @@ class UNetStage:
         # Every segment of a role has the same token count: whether cond and uncond run apart
         # is the same for the whole render.
         split = runs_apart(cond.segments[0], uncond.segments[0], plan.split_cfg)
-        unet = self._acquire("unet", plan.unet)
+        unet = self._acquire_unet(req, cond, uncond, plan, split, x_t)
         failed = True
         with contextlib.ExitStack() as stack:
             stack.callback(self._release, "unet", plan.unet)

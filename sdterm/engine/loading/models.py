@@ -276,6 +276,10 @@ class Models:
             )
         return self._store.build("vae_encoder", ())
 
+    def built(self, stage: str) -> bool:
+        """Whether the stage's model is in host memory already (``module`` returns at once)."""
+        return stage in self._modules
+
     def module(self, stage: str) -> torch.nn.Module:
         """The stage's model in host memory, built on first use (from the model cache, else from
         the checkpoint)."""
