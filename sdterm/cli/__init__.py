@@ -17,9 +17,34 @@ Each imports torch, the engine and the UI inside ``run``, so ``sdterm --help`` s
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 
+
+def _leave() -> None:
+    """At exit, after every other exit handler: a command that imported torch ends here with
+    ``os._exit``, skipping the interpreter's teardown (freeing the page-locked host copies of the
+    models, the CUDA context and every module: 0.45-0.6 s of a 4.3-5.4 s ``sdterm generate`` on an
+    H100, 2026-11-27), which the operating system then does at once. By this point Python has
+    joined every non-daemon thread (a model cache still being written, the hash memo) and run the
+    exit handlers registered after this one (this module registers it before importing anything
+    that registers its own), so nothing a command writes is cut short."""
+    if _exit_code is None or "torch" not in sys.modules:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+            pass
+    os._exit(_exit_code)
+
+
+_exit_code: int | None = None
+"""What ``entry``'s ``main`` returned (None: ``main`` has not returned, as after argparse's exit)."""
+atexit.register(_leave)
+
+# Imported after the exit handler is registered (see _leave): what they register runs before it.
 from .. import __version__, show
 from ..bench import command as bench
 from ..download import command as download
@@ -96,4 +121,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    global _exit_code
+    _exit_code = main()
+    sys.exit(_exit_code)
