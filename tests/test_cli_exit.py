@@ -60,3 +60,33 @@ def test_a_command_without_torch_ends_as_python_ends(tmp_path):
     proc, log = _run(tmp_path, False, "cache", "stats")
     assert proc.returncode == 0, proc.stderr
     assert log == ["handler", "teardown"]
+
+
+def test_the_cold_bench_child_exits_as_the_script_does(tmp_path, demo_model, monkeypatch):
+    """``bench --cold`` times ``sdterm generate`` through bench/cold_child.py: it must leave the way
+    the ``sdterm`` script leaves, or its exit column times a teardown users never wait for."""
+    import os
+
+    site = tmp_path / "site"
+    site.mkdir()
+    log = tmp_path / "exit.log"
+    (site / "sitecustomize.py").write_text(
+        "class _Late:\n"
+        f"    def __del__(self, open=open, log={str(log)!r}):\n"
+        "        with open(log, 'a') as f:\n"
+        "            f.write('teardown\\n')\n"
+        "_keep = _Late()\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    result = tmp_path / "child.json"
+    proc = subprocess.run([sys.executable, "-m", "sdterm.bench.cold_child", str(result), "generate", "a fox",
+                           "--model", str(demo_model), "--steps", "1", "-W", "64", "-H", "64",
+                           "--outdir", str(tmp_path / "out"), "--no-history"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(result.read_text())["code"] == 0
+    assert not log.exists()
+    # the probe works: without torch, the same child ends with the teardown
+    proc = subprocess.run([sys.executable, "-m", "sdterm.bench.cold_child", str(result), "cache", "stats"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text().splitlines() == ["teardown"]

@@ -14,7 +14,8 @@ loaded, algorithms picked, graphs captured on the way) beside its second, the st
 A second table splits each process's wall time: the interpreter's start (to the child's ``main``),
 the command outside its render (imports, opening the model, writing the output), the render with
 each stage's load (the model built, read from the pack or waited for), and the exit (threads
-joined, the interpreter's teardown).
+joined, the exit handlers; a command that imported torch then skips the interpreter's teardown,
+as the ``sdterm`` script does: ``cli._leave``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class ColdRun:
     python: float | None = None
     """From spawning the process to the child's ``main`` (the interpreter's own start)."""
     exit: float | None = None
-    """From the command's return to the process's end (joining threads, the interpreter's teardown)."""
+    """From the command's return to the process's end (joining threads, the exit handlers)."""
     loads: dict[str, float] = field(default_factory=dict)
     """The render's stages' load seconds (its ``--json``): building or reading each model."""
 
@@ -200,7 +201,7 @@ def format_cold(report: ColdReport) -> str:
         lines += ["", "where the wall time went: python = the interpreter's start; command = imports, opening",
                   "the model and the output, outside the render; inside the render: prepare = before its first",
                   "stage (tokenizing, the prompt cache looked up, planning), load = each stage's model built,",
-                  "read or waited for; exit = threads joined and the interpreter's teardown", "",
+                  "read or waited for; exit = threads joined and the exit handlers", "",
                   f"{'run':<18} {'python':>8} {'command':>8} {'render':>8} "
                   + "".join(f"{s if s == 'prepare' else s + ' load':>11}" for s in stages) + f" {'exit':>8}"]
         for i, r in enumerate(report.runs):

@@ -43,4 +43,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from sdterm.cli import finish
+
+    finish(main(sys.argv[1:]))  # the exit the sdterm script takes (cli._leave)

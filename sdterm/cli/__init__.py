@@ -20,6 +20,7 @@ import argparse
 import atexit
 import os
 import sys
+from typing import NoReturn
 
 
 def _leave() -> None:
@@ -41,7 +42,7 @@ def _leave() -> None:
 
 
 _exit_code: int | None = None
-"""What ``entry``'s ``main`` returned (None: ``main`` has not returned, as after argparse's exit)."""
+"""The code :func:`finish` exits with (None: not through it, as after argparse's own exit)."""
 atexit.register(_leave)
 
 # Imported after the exit handler is registered (see _leave): what they register runs before it.
@@ -52,7 +53,7 @@ from ..errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_INTERNAL, EXIT_USAGE, User
 from . import app, cache, demo_model, doctor, generate, verify
 
 __all__ = ["EXIT_CANCELLED", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_USAGE", "SUBCOMMANDS", "UserError", "build_parser",
-           "entry", "main"]
+           "entry", "finish", "main"]
 
 SUBCOMMANDS = (generate, verify, cache, bench, doctor, download, show, demo_model)
 """Every ``sdterm COMMAND``, in the order ``sdterm --help`` lists them."""
@@ -120,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         return report(exc, debug=debug, stream=sys.stderr)
 
 
-def entry() -> None:
+def finish(code: int) -> NoReturn:
+    """Exit with ``code`` as the ``sdterm`` script does: through :func:`_leave`."""
     global _exit_code
-    _exit_code = main()
-    sys.exit(_exit_code)
+    _exit_code = code
+    sys.exit(code)
+
+
+def entry() -> None:
+    finish(main())
