@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    exit_code = main(sys.argv[1:])  # (importing sdterm.cli first would move its import out of "command")
     from sdterm.cli import finish
 
-    finish(main(sys.argv[1:]))  # the exit the sdterm script takes (cli._leave)
+    finish(exit_code)  # the exit the sdterm script takes (cli._leave)
