@@ -81,3 +81,35 @@ def test_built_meanwhile_runs_both_at_once_and_hands_over_the_error():
         built_meanwhile(build, meanwhile)
     assert order == ["meanwhile", "sdterm-build"]
     built_meanwhile(lambda: None, lambda: None)  # nothing raised, nothing left behind
+
+
+def test_built_meanwhile_waits_for_the_build_after_an_error_but_not_after_an_interrupt():
+    import threading
+
+    from sdterm.engine.unet_stage import built_meanwhile
+
+    release, finished = threading.Event(), threading.Event()
+
+    def build():
+        release.wait(10)
+        finished.set()
+
+    def failing():
+        threading.Timer(0.2, release.set).start()
+        raise ValueError("a bug in the warm-up")
+
+    with pytest.raises(ValueError):
+        built_meanwhile(build, failing)
+    assert finished.is_set()  # waited for: nothing builds the model beside a retry
+
+    release.clear()
+    finished.clear()
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        built_meanwhile(build, interrupted)
+    assert not finished.is_set()  # not waited for
+    release.set()
+    assert finished.wait(10)

@@ -29,7 +29,9 @@ from .sampling.schedules import sampler_plan
 
 def built_meanwhile(build: Callable[[], object], meanwhile: Callable[[], None]) -> None:
     """Run ``build`` on a thread while this thread runs ``meanwhile``; then re-raise what
-    ``build`` raised, if anything. (An interrupt while waiting leaves the thread to finish alone.)"""
+    ``build`` raised, if anything. When ``meanwhile`` fails, the build is waited for before its
+    error goes on (a retry must not build the same model beside it); an interrupt (Ctrl+C, in
+    ``meanwhile`` or while waiting) goes on at once, the daemon thread left to end with the process."""
     failed: list[BaseException] = []
 
     def run() -> None:
@@ -42,8 +44,10 @@ def built_meanwhile(build: Callable[[], object], meanwhile: Callable[[], None]) 
     thread.start()
     try:
         meanwhile()
-    finally:
+    except Exception:
         thread.join()
+        raise
+    thread.join()
     if failed:
         raise failed[0]
 
