@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from sdterm.config import UNetConfig
-from sdterm.engine.attention_warm import transformer_inputs, unet_calls, warm_attention
+from sdterm.engine.attention_warm import transformer_inputs, warm_attention
 from sdterm.engine.networks.unet import UNetModel
-from sdterm.engine.sampling.guidance import guided, runs_apart
+from sdterm.engine.sampling.guidance import guided, runs_apart, unet_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,8 +6,9 @@ a process spent 0.42 s of its 1.04 s in those builds (3.6 s of 4.7 s in the firs
 fresh machine), against 3 ms for the same calls the second time. The plans depend on the shapes
 alone, so the render thread can build them while the weights are read on other threads: the
 engine calls :func:`warm_attention` with every attention input the render's U-Net calls will
-make, while the U-Net is built. On cards where SDPA picks another kernel the calls cost
-milliseconds, and they are made only while the render waits for the weights anyway.
+make (their batches and text lengths: sampling/guidance.py's ``unet_calls``), while the U-Net is
+built. With SDPA's flash kernel forced instead, the same first calls took 65 ms on that card; the
+calls are made only while the render waits for the weights anyway.
 """
 
 from __future__ import annotations
@@ -33,16 +34,6 @@ def transformer_inputs(cfg: UNetConfig, latent_h: int, latent_w: int) -> list[tu
     return sorted(found)
 
 
-def unet_calls(scale: float, apart: bool, cond_tokens: int, uncond_tokens: int) -> list[tuple[int, int]]:
-    """(batch, text tokens) of the U-Net calls a guided step makes (sampling/guidance.py's
-    ``guided``): the prompt alone at scale 1, cond and uncond apart, or both in one batch."""
-    if scale == 1.0:
-        return [(1, cond_tokens)]
-    if apart:
-        return sorted({(1, uncond_tokens), (1, cond_tokens)})
-    return [(2, cond_tokens)]
-
-
 def warm_attention(cfg: UNetConfig, calls: list[tuple[int, int]], latent_h: int, latent_w: int,
                    dtype: torch.dtype, device: torch.device) -> None:
     """Run SDPA once on every (query, key/value) shape and layout the U-Net's attention will see:
@@ -62,4 +53,4 @@ def warm_attention(cfg: UNetConfig, calls: list[tuple[int, int]], latent_h: int,
                 F.scaled_dot_product_attention(q, kv, kv)
 
 
-__all__ = ["transformer_inputs", "unet_calls", "warm_attention"]
+__all__ = ["transformer_inputs", "warm_attention"]

@@ -13,7 +13,7 @@ import torch
 
 from ..params import Params
 from ..samplers import resolve_schedule
-from .attention_warm import unet_calls, warm_attention
+from .attention_warm import warm_attention
 from .events import Emit, StepDone
 from .fork import snapshot
 from .lora.state import RenderLoras
@@ -23,7 +23,7 @@ from .memory.planner import MiB, Plan
 from .memory.streaming import RingStreamer, ring_size
 from .prompt.conditioning import Conditioning
 from .sampling import SamplingContext, get_sampler
-from .sampling.guidance import ScheduledGuidance, runs_apart, unet_passes
+from .sampling.guidance import ScheduledGuidance, runs_apart, unet_calls, unet_passes
 from .sampling.schedules import sampler_plan
 
 

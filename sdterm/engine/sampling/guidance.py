@@ -22,6 +22,16 @@ def runs_apart(cond: torch.Tensor, uncond: torch.Tensor, split: bool) -> bool:
     return split or cond.shape[1] != uncond.shape[1]
 
 
+def unet_calls(scale: float, apart: bool, cond_tokens: int, uncond_tokens: int) -> list[tuple[int, int]]:
+    """(batch, text tokens) of the U-Net calls one :func:`guided` denoiser call makes (``apart``:
+    :func:`runs_apart`): the prompt alone at scale 1, cond and uncond apart, or both in one batch."""
+    if scale == 1.0:
+        return [(1, cond_tokens)]
+    if apart:
+        return sorted({(1, uncond_tokens), (1, cond_tokens)})
+    return [(2, cond_tokens)]
+
+
 def guided(
     unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     cond: torch.Tensor,
