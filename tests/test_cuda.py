@@ -781,26 +781,75 @@ def test_layout_keeping_group_norm_on_the_gpu(monkeypatch):
         assert ours <= 2 * theirs + 1e-3, errors
 
 
-def test_first_render_builds_the_unet_on_a_thread_while_warming_attention(demo_model, monkeypatch):
+def test_first_render_builds_the_unet_on_a_thread_while_warming_up(demo_model, full_size, tmp_path, monkeypatch):
     """A render whose U-Net is still to be built builds it on a thread while the render thread
-    makes the attention calls its U-Net will make; a render with the U-Net built does not."""
+    makes first calls: converted from the checkpoint, the U-Net's whole call (through the graphs,
+    at the render's signatures) and the VAE decoder's, on stand-ins; read from the model cache,
+    or streamed, the attention's alone. A render with the U-Net built makes none."""
     import threading
 
-    from sdterm.engine import unet_stage
+    from sdterm.engine.memory.graphs import signature
+
+    from .test_model_cache import published
 
     warmed, builders = [], []
-    monkeypatch.setattr(unet_stage, "warm_attention", lambda *a: warmed.append(a))
-    engine = Engine(open_model(demo_model), "cuda")
+    monkeypatch.setattr(unet_stage, "warm_attention", lambda *a: warmed.append(("attention", a[1])))
+    monkeypatch.setattr(unet_stage, "warm_unet", lambda cfg, graphs, inputs, dtype, device: warmed.append(
+        ("unet", [signature(*i) for i in inputs], graphs is not None, dtype, device.type)))
+    monkeypatch.setattr(unet_stage, "warm_vae", lambda cfg, latent, tile, dtype, device: warmed.append(
+        ("vae", tuple(latent.shape), tile)))
+    packs = tmp_path / "packs"
+    engine = Engine(open_model(demo_model), "cuda", model_cache=packs)
     build = engine.models.module
     monkeypatch.setattr(engine.models, "module",
                         lambda stage: (builders.append((stage, threading.current_thread().name)), build(stage))[1])
     engine.generate(small_request(steps=2))
     assert ("unet", "sdterm-build") in builders
-    assert len(warmed) == 1
-    cfg, calls, h, w, dtype, device = warmed[0]
-    assert (calls, h, w, dtype, device.type) == ([(2, 77)], 8, 8, torch.float16, "cuda")
+    x, t, text = ((2, 4, 8, 8), torch.float32), ((2,), torch.float32), ((2, 77, 32), torch.float16)
+    assert warmed == [("unet", [(*x, *t, *text)], True, torch.float16, "cuda"), ("vae", (1, 4, 8, 8), None)], warmed
     engine.generate(small_request(steps=2))
-    assert len(warmed) == 1
+    assert len(warmed) == 2
+    published()
+    warmed.clear()
+    again = Engine(open_model(demo_model), "cuda", model_cache=packs)
+    assert again.models.from_cache("unet")
+    again.generate(small_request(steps=2, cfg=1.0))
+    assert warmed == [("attention", [(1, 77)])], warmed
+    warmed.clear()
+    r = Engine(full_size, "cuda", budget=GiB).generate(small_request(width=512, height=512, steps=2))
+    assert "streamed" in r.plan and warmed == [("attention", [(2, 77)])], (r.plan, warmed)
     monkeypatch.undo()
     # The real calls, at full SD v1 size (the engine ignores a failure here: this must not fail)
     unet_stage.warm_attention(ModelConfig().unet, [(2, 77), (1, 154)], 64, 64, torch.float16, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("plan", [None, Plan(2 * GiB)])  # resident; staged in 2 GiB, no prefetch
+def test_a_first_render_captures_at_its_first_unet_call(full_size, plan, monkeypatch):
+    """The stand-in's call (model_warm.py) is the eager call a signature needs before its capture:
+    a fresh engine's first render calls its U-Net only inside a capture (resident plan, and staged
+    in 2 GiB, every stage's peak within them), and renders what an engine without graphs renders.
+    (A U-Net prefetched during the text stage is built before its stage: no warm-up then.)"""
+    from sdterm.engine.networks.unet import UNetModel
+
+    req = small_request(width=512, height=512, steps=3, negative="blurry")
+    eager = Engine(full_size, "cuda", plan=plan)
+    eager.cuda_graphs = False
+    want = eager.generate(req).latents
+    del eager
+    gc.collect()
+    torch.cuda.empty_cache()
+    calls = []
+    forward = UNetModel.forward
+    monkeypatch.setattr(UNetModel, "forward", lambda self, *a: calls.append(
+        (id(self), torch.cuda.is_current_stream_capturing())) or forward(self, *a))
+    engine = Engine(full_size, "cuda", plan=plan)
+    r = engine.generate(req)
+    unet = id(engine.models.module("unet"))
+    assert [capturing for who, capturing in calls if who == unet] == [True], calls
+    assert [capturing for who, capturing in calls if who != unet] == [False]  # the stand-in's one call
+    assert engine.unet_graphs.captures == 1 and not engine.unet_graphs.failures
+    assert ("unet staged" in r.plan) == (plan is not None), r.plan
+    if plan is not None:
+        for s in r.stages:
+            assert s.peak_allocated <= plan.budget, (s.stage, s.peak_allocated / MiB, r.plan)
+    assert torch.equal(r.latents, want)

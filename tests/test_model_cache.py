@@ -151,6 +151,18 @@ def test_second_load_neither_reads_nor_hashes_the_checkpoint(model, tmp_path, mo
     assert same_weights(first, second)
 
 
+def test_from_cache_says_whether_a_model_will_be_read_from_the_pack(model, tmp_path):
+    """What the engine's first render decides its warm-up by (engine/unet_stage.py)."""
+    cache = tmp_path / "packs"
+    assert not Models(open_model(model), torch.float32, model_cache=cache).from_cache("unet")  # no pack yet
+    load(model, cache)
+    again = Models(open_model(model), torch.float32, model_cache=cache)
+    assert again.from_cache("unet") and again.from_cache("vae")
+    again.module("unet")
+    assert not again.from_cache("unet") and again.from_cache("vae")  # built: nothing left to read
+    assert not Models(open_model(model), torch.float32).from_cache("unet")  # no cache folder
+
+
 def hold_file_hashes(monkeypatch) -> threading.Event:
     """Every whole-file sha256 on a hashing thread waits until the event returned is set."""
     gate = threading.Event()

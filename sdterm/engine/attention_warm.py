@@ -9,6 +9,10 @@ engine calls :func:`warm_attention` with every attention input the render's U-Ne
 make (their batches and text lengths: sampling/guidance.py's ``unet_calls``), while the U-Net is
 built. With SDPA's flash kernel forced instead, the same first calls took 65 ms on that card; the
 calls are made only while the render waits for the weights anyway.
+
+Where the plan places the U-Net whole, the engine warms the whole forward instead (model_warm.py:
+a stand-in's calls build these plans too); this is what a streamed U-Net gets, whose weights are
+never all on the device at once.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from .memory.graphs import UNetGraphs
 from .memory.meter import StageMeter, memory_sample
 from .memory.planner import MiB, Plan
 from .memory.streaming import RingStreamer, ring_size
+from .model_warm import warm_inputs, warm_unet, warm_vae
 from .prompt.conditioning import Conditioning
 from .sampling import SamplingContext, get_sampler
 from .sampling.guidance import ScheduledGuidance, runs_apart, unet_calls, unet_passes
@@ -95,18 +96,33 @@ class UNetStage:
     def _acquire_unet(self, req: Params, cond: Conditioning, uncond: Conditioning, plan: Plan, split: bool,
                       x_t: torch.Tensor):
         """``_acquire("unet")``. On a GPU, when the U-Net is still to be built (the render's first
-        with this model: read from the model cache or the checkpoint), it is built on a thread while
-        this thread, which will run it, builds cuDNN's attention plans for the render's shapes
-        (attention_warm.py)."""
+        with this model), it is built on a thread while this thread, which will run it, makes the
+        first calls the render will need (their plans are kept per thread):
+
+        - converted from the checkpoint (seconds) or made at random, with the plan placing it whole:
+          the U-Net's whole first call and the VAE decoder's, on stand-ins (model_warm.py), the
+          U-Net's through the graphs so that its first real call captures;
+        - read from the model cache, or streamed: cuDNN's attention plans alone (attention_warm.py).
+          The read takes about as long as they do (0.42-0.52 s against 0.43-0.46 s on an H100),
+          so a longer warm-up would only move the rest of the first calls' work before the
+          render's, not take it off its path (measured: the same U-Net + VAE seconds either way)."""
         if self.device.type != "cuda" or plan.unet == "host" or self.models.built("unet"):
             return self._acquire("unet", plan.unet)
-        calls = unet_calls(req.cfg, split, cond.segments[0].shape[1], uncond.segments[0].shape[1])
-        h, w = x_t.shape[-2:]
+        cfg = self.models.cfg
+        whole = plan.unet != "streamed" and not self.models.from_cache("unet")
+        vae = whole and plan.vae != "host" and not self.models.built("vae")
 
         def warm() -> None:
             try:
-                warm_attention(self.models.cfg.unet, calls, h, w, self.dtype, self.device)
-            except RuntimeError:  # out of memory, say: only a head start, the U-Net builds what it lacks
+                if not whole:
+                    calls = unet_calls(req.cfg, split, cond.segments[0].shape[1], uncond.segments[0].shape[1])
+                    warm_attention(cfg.unet, calls, *x_t.shape[-2:], self.dtype, self.device)
+                    return
+                inputs = warm_inputs(cfg, req.cfg, split, cond.segments[0], uncond.segments[0], x_t, self.device)
+                warm_unet(cfg, self.unet_graphs if self._graphs_on(plan) else None, inputs, self.dtype, self.device)
+                if vae:
+                    warm_vae(cfg, x_t, plan.vae_tile, self.dtype, self.device)
+            except RuntimeError:  # out of memory, say: only a head start, the render makes what it lacks
                 pass
 
         built_meanwhile(lambda: self.models.module("unet"), warm)

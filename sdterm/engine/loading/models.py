@@ -280,6 +280,11 @@ class Models:
         """Whether the stage's model is in host memory already (``module`` returns at once)."""
         return stage in self._modules
 
+    def from_cache(self, stage: str) -> bool:
+        """Whether the stage's model, not built yet, will be read from the model cache: a
+        fraction of a second, against seconds for a conversion from the checkpoint."""
+        return stage not in self._modules and self._store is not None and self._store.from_pack(stage)
+
     def module(self, stage: str) -> torch.nn.Module:
         """The stage's model in host memory, built on first use (from the model cache, else from
         the checkpoint)."""

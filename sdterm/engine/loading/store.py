@@ -112,6 +112,11 @@ class HostStore:
         self._written(writer, stage)
         return self._done(stage, layout, hosts, buffer)
 
+    def from_pack(self, stage: str) -> bool:
+        """Whether ``build(stage)`` will read the model from the pack (a fraction of a second)."""
+        return (stage not in self._pass_stages and self.pack is not None and self.pack.fd >= 0
+                and self.pack.has(stage))
+
     def _buffer(self, layout: StageLayout) -> torch.Tensor:
         # Filled first, page-locked after (CUDA's start-up, on a thread, overlaps the reading).
         return aligned(layout.total) if self.pin else torch.empty(layout.total, dtype=torch.uint8)

@@ -72,8 +72,9 @@ class UNetGraphs:
 
     ``bind(forward, weights, room)`` gives the callable a stage runs: per input signature the
     first call in the process runs eagerly (a warm-up: it loads the kernels and picks the
-    algorithms), the next captures a graph when its pool (estimated from that call's peak) fits ``room`` (bytes the budget leaves;
-    None: no limit) and replays it, every later call replays. A signature whose pool does not
+    algorithms; none where :meth:`rehearse` made it), the next captures a graph when its pool
+    (estimated from that call's peak) fits ``room`` (bytes the budget leaves; None: no limit) and
+    replays it, every later call replays. A signature whose pool does not
     fit, or whose capture runs out of memory, runs eagerly until the graphs are cleared.
     """
 
@@ -117,13 +118,19 @@ class UNetGraphs:
             elif key in self._peaks:
                 graph = self._capture(forward, key, x, t, context, room)
             else:
-                before = torch.cuda.memory_allocated(self.device)
-                out = forward(x, t, context)
-                self._peaks[key] = max(torch.cuda.max_memory_allocated(self.device) - before, 0)
-                return out
+                return self.rehearse(forward, x, t, context)
             return graph(x, t, context) if graph is not None else forward(x, t, context)
 
         return run
+
+    def rehearse(self, forward: Forward, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """An eager call, its activation peak kept for its signature: the warm-up a signature
+        needs before its capture. The engine also calls it with a stand-in U-Net while the real
+        one is read (engine/model_warm.py), so the first real call captures at once."""
+        before = torch.cuda.memory_allocated(self.device)
+        out = forward(x, t, context)
+        self._peaks[signature(x, t, context)] = max(torch.cuda.max_memory_allocated(self.device) - before, 0)
+        return out
 
     def _capture(self, forward: Forward, key: tuple, x, t, context, room: int | None) -> _Graph | None:
         while len(self.graphs) >= MAX_GRAPHS:
