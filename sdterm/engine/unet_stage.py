@@ -99,9 +99,12 @@ class UNetStage:
         with this model), it is built on a thread while this thread, which will run it, makes the
         first calls the render will need (their plans are kept per thread):
 
-        - converted from the checkpoint (seconds) or made at random, with the plan placing it whole:
-          the U-Net's whole first call and the VAE decoder's, on stand-ins (model_warm.py), the
-          U-Net's through the graphs so that its first real call captures;
+        - converted from the checkpoint or made at random, with the plan placing it whole: the
+          U-Net's whole first call and the VAE decoder's, on stand-ins (model_warm.py), the U-Net's
+          through the graphs so that its first real call captures. While the conversion still runs
+          (seconds: a first use whose prompt the cache holds reaches this stage at once) all of it
+          is off the render's path; where the first pass has finished already it costs what the
+          real first calls would (H100: the same first-use walls within noise);
         - read from the model cache, or streamed: cuDNN's attention plans alone (attention_warm.py).
           The read takes about as long as they do (0.42-0.52 s against 0.43-0.46 s on an H100),
           so a longer warm-up would only move the rest of the first calls' work before the
