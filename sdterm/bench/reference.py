@@ -110,6 +110,8 @@ def build_pipeline(engine, weights: ReferenceWeights, dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
+    from ..engine.networks.clip import clip_inner, reference_text_model
+
     with torch.device("meta"):
         unet = UNet2DConditionModel(**diffusers_unet_kwargs(engine.models.cfg.unet))
     unet.load_state_dict(weights.unet, strict=True, assign=True)  # no copy of the U-Net's weights
@@ -125,8 +127,15 @@ def build_pipeline(engine, weights: ReferenceWeights, dtype):
         raise RuntimeError(f"VAE conversion mismatch: unexpected {unexpected[:3]}, missing {stray[:3]}")
     vae = vae.to(dtype).eval().requires_grad_(False)
 
-    # A copy: diffusers moves (and hooks) its text encoder, the engine's stays as it is.
-    text = copy.deepcopy(engine.models.module("text")).to(dtype).eval().requires_grad_(False)
+    # transformers' CLIPTextModel (what diffusers runs) with the engine's text weights, copied:
+    # diffusers moves (and hooks) its text encoder, the engine's stays as it is.
+    with torch.device("meta"):
+        text = reference_text_model(engine.models.cfg.text)
+    clip_inner(text).load_state_dict(copy.deepcopy(engine.models.module("text").state_dict()), strict=True,
+                                     assign=True)
+    clip_inner(text).embeddings.register_buffer(
+        "position_ids", torch.arange(engine.models.cfg.text.max_positions).expand((1, -1)), persistent=False)
+    text = text.to(dtype).eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(
         str(engine.models.tokenizer.folder), model_max_length=engine.models.cfg.text.max_positions
     )

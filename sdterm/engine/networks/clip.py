@@ -1,18 +1,134 @@
-"""The CLIP text encoder (transformers' CLIPTextModel) under the checkpoint's own key names:
-built and verified by name and shape (the model cache loads it: ``loading/host_units.py``;
-``prompt/conditioning.py`` runs it a chunk at a time).
+"""The CLIP text encoder of SD v1 under the checkpoint's own key names: our own module (no
+transformers import on any render: importing transformers took 4-5 s of a first use on the GPU
+machines, 2026-11-27), the same computation as transformers' CLIPTextModel with its module tree,
+names and registration order (tests/test_clip.py holds it to CLIPTextModel, output and layout).
+Built and verified by name and shape (the model cache loads it: ``loading/host_units.py``);
+``prompt/conditioning.py`` runs it a chunk at a time.
 
-transformers is imported only where the encoder is built (a cache miss): it costs seconds."""
+transformers is imported only to draw random weights with its initialisation (the demo model and
+the bench's checkpoints), so those stay what they were."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ...config import TextConfig
 from ..loading.checkpoint import TEXT_PREFIX, Checkpoint, match_shapes
 
+LAYER_NORM_EPS = 1e-5
+"""CLIP's (transformers' ``layer_norm_eps`` default, what SD v1's encoder was trained with)."""
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's GELU approximation, x * sigmoid(1.702 x) (SD v1's text encoder)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.register_buffer("position_ids", torch.arange(cfg.max_positions).expand((1, -1)), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = self.position_ids[:, : input_ids.shape[-1]]
+        return self.token_embedding(input_ids) + self.position_embedding(positions)
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention (projections registered k, v, q, out as transformers does:
+    the model cache's layout follows registration order)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.heads = cfg.num_heads
+        self.scale = (h // cfg.num_heads) ** -0.5
+        self.k_proj = nn.Linear(h, h)
+        self.v_proj = nn.Linear(h, h)
+        self.q_proj = nn.Linear(h, h)
+        self.out_proj = nn.Linear(h, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (proj(x).view(b, n, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"text encoder activation {cfg.hidden_act!r}: one of {', '.join(ACTIVATIONS)}")
+        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
+        self.mlp = MLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+
+
+@dataclass
+class TextEncoderOutput:
+    last_hidden_state: torch.Tensor
+    """The last layer's output through the final layer norm, (batch, tokens, hidden)."""
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    """With ``output_hidden_states``: the embeddings' output, then each layer's (before the final
+    layer norm), as transformers gives them (clip skip N takes ``hidden_states[-N]``)."""
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's text transformer: token + position embeddings, pre-norm causal encoder layers, a
+    final layer norm. Called as transformers' CLIPTextModel is: ``model(input_ids=...,
+    output_hidden_states=...)``."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
+
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False) -> TextEncoderOutput:
+        x = self.embeddings(input_ids)
+        hidden = [x]
+        for layer in self.encoder.layers:
+            x = layer(x)
+            hidden.append(x)
+        return TextEncoderOutput(self.final_layer_norm(x), tuple(hidden) if output_hidden_states else None)
+
 
 def clip_config(cfg: TextConfig):
+    """transformers' CLIPTextConfig for ``cfg`` (random weights and the bench's reference only)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -23,6 +139,7 @@ def clip_config(cfg: TextConfig):
         num_attention_heads=cfg.num_heads,
         max_position_embeddings=cfg.max_positions,
         hidden_act=cfg.hidden_act,
+        layer_norm_eps=LAYER_NORM_EPS,
         projection_dim=cfg.hidden_size,
         # CLIP's vocabularies end with <|startoftext|>, <|endoftext|> (49406, 49407 for ViT-L/14).
         bos_token_id=cfg.vocab_size - 2,
@@ -31,10 +148,9 @@ def clip_config(cfg: TextConfig):
     )
 
 
-def text_model(cfg: TextConfig):
-    """transformers' CLIPTextModel for ``cfg`` (SDPA attention), initialised where it is made:
-    under ``torch.device("meta")`` it holds no memory (the model cache builds it so, then points
-    its tensors into the units' host buffers)."""
+def reference_text_model(cfg: TextConfig):
+    """transformers' CLIPTextModel for ``cfg`` (SDPA attention), randomly initialised as
+    transformers initialises it: the reference the tests and the bench hold ours to."""
     from transformers import CLIPTextModel
 
     config = clip_config(cfg)
@@ -42,9 +158,22 @@ def text_model(cfg: TextConfig):
     return CLIPTextModel(config)
 
 
-def build_text_encoder(cfg: TextConfig, dtype: torch.dtype):
-    """The text encoder with random weights (measurements and the demo model, without a checkpoint)."""
-    return text_model(cfg).to(dtype).eval().requires_grad_(False)
+def text_model(cfg: TextConfig) -> CLIPTextEncoder:
+    """The text encoder for ``cfg``, initialised where it is made: under ``torch.device("meta")``
+    it holds no memory (the model cache builds it so, then points its tensors into the units'
+    host buffers)."""
+    return CLIPTextEncoder(cfg)
+
+
+def build_text_encoder(cfg: TextConfig, dtype: torch.dtype) -> CLIPTextEncoder:
+    """The text encoder with random weights drawn as transformers draws CLIPTextModel's (the demo
+    model and measurements, without a checkpoint)."""
+    drawn = clip_inner(reference_text_model(cfg)).state_dict()
+    with torch.device("meta"):  # made without drawing: the generator is left as transformers left it
+        model = text_model(cfg)
+    model.load_state_dict(drawn, assign=True)
+    model.embeddings.register_buffer("position_ids", torch.arange(cfg.max_positions).expand((1, -1)), persistent=False)
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def clip_inner(model) -> torch.nn.Module:
