@@ -32,11 +32,19 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
 class TextEmbeddings(nn.Module):
+    """Token + position embeddings. Their tables are made uninitialised (every encoder gets its
+    weights loaded): drawing normal values on the meta device imports torch's Python reference
+    ops (and sympy), 2.3 s of a first use on a 2-core box (2026-11-27)."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.hidden_size)
-        self.register_buffer("position_ids", torch.arange(cfg.max_positions).expand((1, -1)), persistent=False)
+        h = cfg.hidden_size
+        self.token_embedding = nn.Embedding(cfg.vocab_size, h, _weight=torch.empty(cfg.vocab_size, h))
+        self.position_embedding = nn.Embedding(cfg.max_positions, h, _weight=torch.empty(cfg.max_positions, h))
+        # On the host even in a meta model (the model cache lays it out anew): arange on the meta
+        # device goes through a decomposition that imports sympy, 0.8 s.
+        self.register_buffer("position_ids", torch.arange(cfg.max_positions, device="cpu").expand((1, -1)),
+                             persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = self.position_ids[:, : input_ids.shape[-1]]
