@@ -163,6 +163,40 @@ def test_from_cache_says_whether_a_model_will_be_read_from_the_pack(model, tmp_p
     assert not Models(open_model(model), torch.float32).from_cache("unet")  # no cache folder
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["model by model", "one pass"])
+def test_models_are_in_use_before_their_pack_is_written_and_change_only_after(model, tmp_path, monkeypatch,
+                                                                               one_pass):
+    """The model cache's writes only read a model's buffers: every model is handed over while none
+    of them is written (a first use's text encoder no longer waits behind the U-Net's writes); a
+    change in place (a LoRA merge: ``before_change``) waits for them, so the pack holds the
+    weights as converted."""
+    if one_pass:
+        monkeypatch.setattr(models_mod, "SINGLE_PASS_BYTES", 0)
+    gate, real = threading.Event(), os.pwrite
+
+    def held(fd, data, offset):
+        assert gate.wait(60)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", held)
+    cache = tmp_path / "packs"
+    m = Models(open_model(model), torch.float32, model_cache=cache)
+    for stage in STAGES:
+        m.module(stage)
+    assert m._store.writer is not None and not m._store.writer.done  # nothing written yet
+    change = threading.Thread(target=m.before_change, args=("unet",))
+    change.start()
+    change.join(0.3)
+    assert change.is_alive()  # waiting for the U-Net's writes
+    gate.set()
+    change.join(60)
+    assert not change.is_alive() and "unet" in m._store.writer.done
+    published()
+    the_pack(cache)
+    assert same_weights(m, load(model, cache))
+    assert load(model, cache)._store.pack is not None
+
+
 def hold_file_hashes(monkeypatch) -> threading.Event:
     """Every whole-file sha256 on a hashing thread waits until the event returned is set."""
     gate = threading.Event()

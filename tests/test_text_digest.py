@@ -53,11 +53,18 @@ def test_checkpoints_with_one_text_encoder_share_cached_prompts(demo_model, tmp_
     assert len(ids) == 2 and all(i.startswith("text-sha256:") for i in ids)
 
 
-def test_the_text_digest_is_remembered_per_version_of_the_file(demo_model, tmp_path):
+def test_the_text_digest_is_remembered_per_version_of_the_file(demo_model, tmp_path, monkeypatch):
+    from sdterm.engine.loading import models as models_module
+    from sdterm.engine.loading import tensor_reader
+
     model = Path(shutil.copytree(demo_model, tmp_path / "m"))
     memo = tmp_path / "memo.json"
+    parsed, read_header = [], tensor_reader.read_header
+    for module in (tensor_reader, models_module):
+        monkeypatch.setattr(module, "read_header", lambda path: parsed.append(path) or read_header(path))
     first = Models(open_model(model), torch.float32, hash_memo=memo)
     want = first.encoder_id
+    assert len(parsed) == 1  # the checkpoint's header, parsed once for the models and the digest
     assert recall(model / "model.safetensors", memo, TEXT_DIGEST) == want.removeprefix("text-sha256:")
     again = Models(open_model(model), torch.float32, hash_memo=memo)
     assert again._text_digest == want.removeprefix("text-sha256:")  # no thread: from the memo

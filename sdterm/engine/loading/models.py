@@ -2,11 +2,9 @@
 
 ``open_model`` resolves what the user passed as ``--model``; :class:`Models` verifies the file up
 front (every tensor of the three text-to-image models by name and shape, none read), builds each
-model the first time a stage needs it (the VAE encoder only when an image is encoded: a pruned
-file without one fails then, with one line, not at load) (converted to the run dtype while loading), and knows the model's
-identity (the A1111 hash, the text-encoder identity for the embedding cache) and its sizes for
-the planner.
-"""
+model in the run dtype the first time a stage needs it (the VAE encoder only when an image is
+encoded: a pruned file without one fails then, in one line), and knows the model's identity (the
+A1111 hash, the text encoder's for the embedding cache) and its sizes for the planner."""
 
 from __future__ import annotations
 
@@ -162,8 +160,9 @@ class Models:
         known = recall(self.source.checkpoint, self.hash_memo, TEXT_DIGEST)
         if known is not None:
             return known
+        opened = self._ckpt.tensor_file() if self._ckpt is not None else None  # its header, parsed on a first use
         try:
-            entries = read_header(self.source.checkpoint)
+            entries = opened.entries if opened is not None else read_header(self.source.checkpoint)
         except (OSError, ValueError, KeyError, TypeError):  # a .ckpt, or a file the loader reports
             return None
         prefix = clip_prefix(list(entries))
@@ -281,9 +280,13 @@ class Models:
         return stage in self._modules
 
     def from_cache(self, stage: str) -> bool:
-        """Whether the stage's model, not built yet, will be read from the model cache: a
-        fraction of a second, against seconds for a conversion from the checkpoint."""
+        """Whether the stage's model, not built yet, will be read from the model cache (not converted)."""
         return stage not in self._modules and self._store is not None and self._store.from_pack(stage)
+
+    def before_change(self, stage: str) -> None:
+        """Before ``stage``'s weights change in place (a LoRA merge): its model-cache copy is written."""
+        if self._store is not None:
+            self._store.settle_writes(stage)
 
     def module(self, stage: str) -> torch.nn.Module:
         """The stage's model in host memory, built on first use (from the model cache, else from
@@ -296,10 +299,10 @@ class Models:
         return self._modules[stage]
 
     def set_vae(self, path: Path | None) -> None:
-        """Decode with the VAE file ``path`` (None: the checkpoint's own VAE). The file is verified
-        first (CheckpointError, one line, and nothing changes); then the built decoder is dropped,
-        so the next decode builds it from the new file; so is the encoder (the new file's when it
-        has one, else the checkpoint's). The other models stay as they are."""
+        """Decode with the VAE file ``path`` (None: the checkpoint's own VAE), verified first
+        (CheckpointError, one line, nothing changed); the built decoder and encoder are dropped,
+        so the next use builds them from the new file (the encoder from the checkpoint where the
+        file has none). The other models stay as they are."""
         new = verify_vae_file(path, self.cfg.vae) if path is not None else None
         if self._store is not None:
             self._store.settle()  # not a decoder still being built from the checkpoint
@@ -311,8 +314,7 @@ class Models:
             self._store.forget("vae_encoder")
 
     def unit_hosts(self, stage: str) -> list[torch.Tensor] | None:
-        """The host buffers the stage's model was built into, one per unit (None: a model built
-        otherwise, which the placement packs itself)."""
+        """The host buffers the stage's model was built into, per unit (None: the placement packs it)."""
         return self._store.hosts.get(stage) if self._store is not None and stage in self._modules else None
 
     @staticmethod
@@ -361,8 +363,7 @@ class Models:
     def sha256(self) -> str:
         """The checkpoint's sha256: from the model cache or the hash memo, else computed on a
         thread since the model was opened (by the first pass over a large file, which builds the
-        U-Net and the VAE decoder from the same bytes); waited for now, the text-to-image models
-        being loaded meanwhile: the first start pays for the hash only once."""
+        U-Net and VAE decoder from the same bytes); waited for now, the models loaded meanwhile."""
         if self._hashing():
             big = self._checkpoint_bytes() >= PREFETCH_WHILE_HASHING
             for stage in self._packable() if big else ():

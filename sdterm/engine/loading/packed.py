@@ -150,8 +150,10 @@ def _unit_layout(layout: StageLayout) -> list[dict]:
 
 class PackWriter:
     """Writes a pack while its models are converted: ``unit_done`` queues a unit (crc + write on a
-    writer thread), ``stage_done`` waits for a model's units (its weights may change after, e.g. a
-    LoRA merge), ``finish`` writes the header and publishes the file once every model is in.
+    writer thread); ``close_stage`` then waits for a model's units on a thread of its own and
+    publishes the file once every model is in (``finish``: the header, then the rename), while the
+    model is already in use; ``settle`` waits for a model's units before its weights may change
+    in place (a LoRA merge).
     A model named in ``later`` is laid out when it is first built (``add``: the text encoder's
     layout needs transformers, which the others need not wait for); the header goes after the
     payload, so it may grow.
@@ -174,6 +176,7 @@ class PackWriter:
         self.done: set[str] = set()
         self.start = PAYLOAD
         self._lock = threading.Lock()
+        self._closers: dict[str, threading.Thread] = {}
         for stage, layout in layouts.items():
             self.add(stage, layout)
         self.temp = _Temp()
@@ -230,6 +233,29 @@ class PackWriter:
 
         for k, (at, n) in enumerate(blocks(unit["nbytes"])):
             self.pending[stage].append(self._writer.submit(write, k, at, n))
+
+    def close_stage(self, stage: str) -> None:
+        """Every unit of ``stage`` is queued: on a thread, wait for their writes, then publish the
+        pack if every model is in (that thread is ``sdterm-pack-publish``, which a process waits
+        for before it exits, as for the publishing itself)."""
+        closer = threading.Thread(target=self._close, args=(stage,), name="sdterm-pack-publish", daemon=False)
+        with self._lock:
+            self._closers[stage] = closer
+        closer.start()
+
+    def _close(self, stage: str) -> None:
+        self.stage_done(stage)
+        if self.complete():
+            publishing = self.finish()
+            if publishing is not None:
+                publishing.join()
+
+    def settle(self, stage: str) -> None:
+        """Wait until ``stage``'s units are written (and the pack published, if that was the last)."""
+        with self._lock:
+            closer = self._closers.get(stage)
+        if closer is not None and closer is not threading.current_thread():
+            closer.join()
 
     def stage_done(self, stage: str) -> None:
         """Wait until every unit of ``stage`` is written (or the pack has failed)."""

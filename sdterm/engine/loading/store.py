@@ -123,10 +123,15 @@ class HostStore:
 
     @staticmethod
     def _written(writer: PackWriter | None, stage: str) -> None:
+        """Every unit of ``stage`` is queued: the model goes to its user now, its units' writes
+        finish on a thread (they only read its buffers; ``settle_writes`` waits for them)."""
         if writer is not None:
-            writer.stage_done(stage)  # before anyone may change the weights (a LoRA merge)
-            if writer.complete():
-                writer.finish()
+            writer.close_stage(stage)
+
+    def settle_writes(self, stage: str) -> None:
+        """Wait until the pack holds ``stage``'s units (before its weights change in place)."""
+        if self.writer is not None:
+            self.writer.settle(stage)
 
     def start_pass(self, stages: tuple[str, ...], packable: tuple[str, ...], *, sha256: bool,
                    memo: Path | None) -> SinglePass | None:

@@ -106,6 +106,7 @@ class LoraState:
         rewritten layers go back to their host copy first, after the device is done with whatever
         it was copying from them. The deltas are computed on the GPU when there is one."""
         def before_write(modules: set[torch.nn.Module]) -> None:
+            models.before_change(stage)  # the model cache's copy is written from these weights
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             placement.offload_modules(stage, modules)
