@@ -237,8 +237,8 @@ class Engine(TextStage, UNetStage, VaeStage):
         prepared = time.perf_counter() - started
         stages = []
         chunks, text_stats, plan = self._with_retry("text", plan, req, notice,
-                                                    lambda p: self._text_stage(texts, needed, cached, clip_skip, p,
-                                                                               emit, notice, loras, hires))
+                                                    lambda p: self._text_stage(texts, needed, cached, store, clip_skip,
+                                                                               p, emit, notice, loras, hires))
         stages.append(text_stats)
         # Weights, schedules and chunk assembly after the cache; each role is its own A1111 batch
         # (the prompt's and the negative's chunk counts may differ: guidance then runs them apart).

@@ -39,10 +39,12 @@ class TextStage:
                           f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}", self.models.known_model_hash)
 
     def _text_stage(self, texts: dict[str, RolePrompt], needed: list[Chunk], cached: dict[tuple, torch.Tensor],
-                    clip_skip: int, plan: Plan, emit: Emit, notice, loras: RenderLoras, hires: dict[str, RolePrompt]):
+                    store: ChunkStore | None, clip_skip: int, plan: Plan, emit: Emit, notice, loras: RenderLoras,
+                    hires: dict[str, RolePrompt]):
         """The unweighted encoder output (fp16, (77, dim), on the host) of every chunk the render
         needs (``hires``: the hires pass's schedules too), by chunk key; the encoder is neither
-        built nor moved to the device when the cache has every chunk."""
+        built nor moved to the device when the cache has every chunk. ``cached``: what ``store``
+        (:meth:`_chunk_store`, None without a cache) found; the chunks encoded here go into it."""
         meter = StageMeter("text", self.device, emit)
         chunks = dict(cached)
         missing = [c for c in needed if c.key not in chunks]
@@ -62,8 +64,7 @@ class TextStage:
             finally:
                 self._release("text", plan.text)
             chunks.update(fresh)
-            store = self._chunk_store(loras)
-            if store is not None:
+            if store is not None and self.cache is not None:
                 try:
                     store.put(missing, fresh, {c.key: p.text for p in (*texts.values(), *hires.values())
                                                for c in p.chunks}, clip_skip)

@@ -125,10 +125,14 @@ def remember_sha256(path: str | os.PathLike, digest: str, memo_file: Path) -> No
     remember(path, memo_file, sha256=digest)
 
 
+def version(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells one version of a file from the next: its size, mtime and inode."""
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def unchanged(path: str | os.PathLike, before: os.stat_result) -> bool:
-    """Whether ``path`` is still the file it was at ``before`` (size, mtime and inode)."""
-    after = os.stat(path)
-    return (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)
+    """Whether ``path`` is still the file it was at ``before``."""
+    return version(before) == version(os.stat(path))
 
 
 def remember_if_unchanged(path: str | os.PathLike, before: os.stat_result, digest: str, memo_file: Path | None,

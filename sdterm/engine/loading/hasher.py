@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .file_hash import file_sha256, recall_sha256, remember_if_unchanged
+from .file_hash import file_sha256, recall_sha256, remember_if_unchanged, version
 
 
 class BackgroundHash:
@@ -59,8 +59,7 @@ _lock = threading.Lock()
 def _identity(path: str | os.PathLike) -> tuple:
     """The file as it is now: its real path, size, mtime and inode (a changed file is another)."""
     p = Path(path).expanduser().resolve()
-    st = os.stat(p)
-    return str(p), st.st_size, st.st_mtime_ns, st.st_ino
+    return (str(p), *version(os.stat(p)))
 
 
 def begin(path: str | os.PathLike, memo: Path | None) -> BackgroundHash | None:
