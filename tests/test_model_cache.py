@@ -36,9 +36,9 @@ REQ = dict(width=64, height=48, steps=2)
 
 
 def published() -> None:
-    """Wait for every pack being published (they are written on a thread)."""
-    for t in threading.enumerate():
-        if t.name == "sdterm-pack-publish":
+    """Wait for every pack being written and published (on threads, which start more of their kind)."""
+    while waiting := [t for t in threading.enumerate() if t.name == "sdterm-pack-publish" and t.is_alive()]:
+        for t in waiting:
             t.join()
 
 
@@ -246,6 +246,24 @@ def _header(path: Path) -> dict:
 
 def _payload_start(path: Path) -> int:
     return _read_header(path)[1]
+
+
+def test_a_change_waits_for_the_writes_not_for_the_files_sha256(model, tmp_path, monkeypatch):
+    """Publishing a pack waits for the checkpoint's sha256 (a whole-file hash, seconds on a first
+    use); a LoRA merge (``before_change``) waits for the writes alone."""
+    gate = hold_file_hashes(monkeypatch)
+    cache = tmp_path / "packs"
+    m = Models(open_model(model), torch.float32, model_cache=cache)
+    for stage in STAGES:
+        m.module(stage)
+    changes = threading.Thread(target=lambda: [m.before_change(s) for s in STAGES])
+    changes.start()
+    changes.join(30)
+    assert not changes.is_alive() and m._store.writer.complete()
+    assert pack_format.pack_files(cache) == []  # still waiting for the hash
+    gate.set()
+    published()
+    the_pack(cache)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "payload byte", "unet byte", "header byte", "zero length"])

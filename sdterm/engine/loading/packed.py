@@ -176,7 +176,8 @@ class PackWriter:
         self.done: set[str] = set()
         self.start = PAYLOAD
         self._lock = threading.Lock()
-        self._closers: dict[str, threading.Thread] = {}
+        self._written: dict[str, threading.Event] = {}
+        """Per model closed (``close_stage``): set once its units are written."""
         for stage, layout in layouts.items():
             self.add(stage, layout)
         self.temp = _Temp()
@@ -236,26 +237,28 @@ class PackWriter:
 
     def close_stage(self, stage: str) -> None:
         """Every unit of ``stage`` is queued: on a thread, wait for their writes, then publish the
-        pack if every model is in (that thread is ``sdterm-pack-publish``, which a process waits
-        for before it exits, as for the publishing itself)."""
-        closer = threading.Thread(target=self._close, args=(stage,), name="sdterm-pack-publish", daemon=False)
+        pack if every model is in (that thread is named as the publishing one, ``finish``'s, and
+        like it is waited for before the process exits)."""
+        written = threading.Event()
         with self._lock:
-            self._closers[stage] = closer
-        closer.start()
+            self._written[stage] = written
+        threading.Thread(target=self._close, args=(stage, written), name="sdterm-pack-publish", daemon=False).start()
 
-    def _close(self, stage: str) -> None:
-        self.stage_done(stage)
+    def _close(self, stage: str, written: threading.Event) -> None:
+        try:
+            self.stage_done(stage)
+        finally:
+            written.set()
         if self.complete():
-            publishing = self.finish()
-            if publishing is not None:
-                publishing.join()
+            self.finish()
 
     def settle(self, stage: str) -> None:
-        """Wait until ``stage``'s units are written (and the pack published, if that was the last)."""
+        """Wait until ``stage``'s units are written (not for the publishing, which waits for the
+        checkpoint's sha256)."""
         with self._lock:
-            closer = self._closers.get(stage)
-        if closer is not None and closer is not threading.current_thread():
-            closer.join()
+            written = self._written.get(stage)
+        if written is not None:
+            written.wait()
 
     def stage_done(self, stage: str) -> None:
         """Wait until every unit of ``stage`` is written (or the pack has failed)."""
