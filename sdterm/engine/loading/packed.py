@@ -154,9 +154,9 @@ class PackWriter:
     publishes the file once every model is in (``finish``: the header, then the rename), while the
     model is already in use; ``settle`` waits for a model's units before its weights may change
     in place (a LoRA merge).
-    A model named in ``later`` is laid out when it is first built (``add``: the text encoder's
-    layout needs transformers, which the others need not wait for); the header goes after the
-    payload, so it may grow.
+    A model named in ``later`` is laid out when it is first built (``add``: the text encoder,
+    which a render whose prompts are all cached never builds); the header goes after the payload,
+    so it may grow.
 
     Never raises: the first failure drops the pack (and its temporary file)."""
 

@@ -69,8 +69,8 @@ class HostStore:
             known = self._layouts.get(stage)
         if known is not None:
             return known
-        # Made outside the lock: the text encoder's imports transformers (seconds on a first
-        # start), while a first pass's thread waits for the lock to hand over the U-Net.
+        # Made outside the lock (a model's Python construction), while a first pass's thread may
+        # wait for the lock to hand over the U-Net.
         made = stage_layout(stage, meta_model(stage, self.cfg), self.dtype)
         with self._lock:
             return self._layouts.setdefault(stage, made)
@@ -202,7 +202,8 @@ class HostStore:
             return self.writer if usable else None
         if self.folder is None or self._key is None or self._built or stage not in packable:
             return None
-        try:  # the text encoder's layout (transformers) is added when it is built, unless known now
+        try:  # the text encoder is added when it is built, unless laid out now (a render whose
+            # prompts are all cached never builds it: the pack is then published without it)
             layouts = {s: self._layout(s) for s in PACKED if s in packable and (s != "text" or s in self._layouts)}
         except Exception:  # noqa: BLE001 - a model that can't even be laid out is just not packed
             return None
