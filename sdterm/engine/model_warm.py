@@ -1,4 +1,4 @@
-"""A process's first U-Net and VAE calls, made while the U-Net's weights are still being read.
+"""A process's first U-Net and VAE calls, made while the U-Net's weights are still being converted.
 
 A model's first call in a process costs far more than its next: cuDNN builds an execution plan for
 every convolution and attention shape it meets (kept in a cache of the calling thread), cuBLAS
@@ -8,10 +8,11 @@ a first repeated ``sdterm generate`` spent 0.76-1.04 s in its U-Net stage agains
 and 0.10-0.19 s decoding against 0.015 s (2026-11-27).
 
 None of that depends on the weights' values, only on the shapes, dtypes, strides and alignment of
-the tensors. So while another thread reads the U-Net (from the model cache or the checkpoint), the
-render thread runs a stand-in: the same model on the device with uninitialised weights laid out
-exactly as the placement lays out the real ones (:func:`stand_in`), called with the render's
-inputs (:func:`warm_inputs`). The U-Net's call goes through :meth:`UNetGraphs.rehearse`, so the
+the tensors. So while another thread converts the U-Net from the checkpoint (unet_stage.py says
+when this pays, and when the attention's plans alone are warmed instead), the render thread runs a
+stand-in: the same model on the device with uninitialised weights laid out exactly as the
+placement lays out the real ones (:func:`stand_in`), called with the render's inputs
+(:func:`warm_inputs`). The U-Net's call goes through :meth:`UNetGraphs.rehearse`, so the
 render's first real call captures its graph at once. Nothing the stand-in computes is kept.
 
 It takes the device memory the stage itself will take (the weights and one call's activations),
