@@ -87,7 +87,7 @@ class HostStore:
                 raise unreadable(self.path, exc) from None
         layout = self._layout(stage)
         buffer = self._buffer(layout)
-        if self.pack is not None and self.pack.fd >= 0 and self.pack.has(stage):
+        if self.from_pack(stage):
             try:
                 self.pack.read_stage(stage, layout, buffer)
             except PackError:
