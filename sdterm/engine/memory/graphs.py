@@ -126,7 +126,7 @@ class UNetGraphs:
     def rehearse(self, forward: Forward, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """An eager call, its activation peak kept for its signature: the warm-up a signature
         needs before its capture. The engine also calls it with a stand-in U-Net while the real
-        one is read (engine/model_warm.py), so the first real call captures at once."""
+        one is converted (engine/model_warm.py), so the first real call captures at once."""
         before = torch.cuda.memory_allocated(self.device)
         out = forward(x, t, context)
         self._peaks[signature(x, t, context)] = max(torch.cuda.max_memory_allocated(self.device) - before, 0)

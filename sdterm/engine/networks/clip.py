@@ -1,6 +1,7 @@
 """The CLIP text encoder of SD v1 under the checkpoint's own key names: our own module (no
-transformers import on any render: importing transformers took 4-5 s of a first use on the GPU
-machines, 2026-11-27), the same computation as transformers' CLIPTextModel with its module tree,
+transformers import on any render: in a py-spy profile of a first use on an H100, 2026-11-27,
+building CLIPTextModel took 8.35 s of the 8.78 s text load, nearly all of it transformers'
+import), the same computation as transformers' CLIPTextModel with its module tree,
 names and registration order (tests/test_clip.py holds it to CLIPTextModel, output and layout).
 Built and verified by name and shape (the model cache loads it: ``loading/host_units.py``);
 ``prompt/conditioning.py`` runs it a chunk at a time.
@@ -179,8 +180,7 @@ def build_text_encoder(cfg: TextConfig, dtype: torch.dtype) -> CLIPTextEncoder:
     drawn = clip_inner(reference_text_model(cfg)).state_dict()
     with torch.device("meta"):  # made without drawing: the generator is left as transformers left it
         model = text_model(cfg)
-    model.load_state_dict(drawn, assign=True)
-    model.embeddings.register_buffer("position_ids", torch.arange(cfg.max_positions).expand((1, -1)), persistent=False)
+    model.load_state_dict(drawn, assign=True)  # (position_ids is made on the host even on meta)
     return model.to(dtype).eval().requires_grad_(False)
 
 
