@@ -713,15 +713,23 @@ def test_a_pool_without_room_or_a_failed_capture_runs_eagerly(full_size, monkeyp
     assert torch.equal(r.latents, eager.latents)
 
 
-def test_a_warmed_up_engine_renders_its_first_render_without_an_eager_call_or_a_capture(full_size):
+def test_a_warmed_up_engine_renders_its_first_render_without_an_eager_call_or_a_capture(full_size, tmp_path):
     """After ``warm_up`` at the size the user renders, the first real render (resident plan)
-    replays the graph the warm-up captured: no new capture, no eager warm-up call; same latents."""
+    replays the graph the warm-up captured: no new capture, no eager warm-up call; same latents.
+    The warm-up reads the text encoder even when the embedding cache has its empty prompt."""
+    from sdterm.engine.embedding_cache import EmbeddingCache
     from sdterm.engine.warmup import warm_up
 
     req = small_request(width=512, height=512, steps=4, negative="blurry")
     cold = Engine(full_size, "cuda").generate(req)
-    engine = Engine(full_size, "cuda")
+    cache = EmbeddingCache(tmp_path / "embeddings")
+    assert warm_up(Engine(full_size, "cuda", cache=cache), 512, 512, req.cfg)  # the empty prompt now cached
+    engine = Engine(full_size, "cuda", cache=cache)
+    built = []
+    make = engine.models.factories["text"]
+    engine.models.factories["text"] = lambda: built.append("text") or make()
     assert warm_up(engine, 512, 512, req.cfg)
+    assert built == ["text"]
     graphs = engine.unet_graphs
     captured, calls = graphs.captures, []
     unet = engine.models.module("unet")
@@ -730,6 +738,7 @@ def test_a_warmed_up_engine_renders_its_first_render_without_an_eager_call_or_a_
     r = engine.generate(req)
     assert graphs.captures == captured and calls == [], (graphs.captures, captured, len(calls))
     assert torch.equal(r.latents, cold.latents)
+    assert not r.stages[0].skipped and built == ["text"]  # a new prompt: encoded by the encoder read then
 
 
 def test_layout_keeping_group_norm_on_the_gpu(monkeypatch):

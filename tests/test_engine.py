@@ -193,6 +193,25 @@ def test_odd_latent_sizes_match_diffusers_upsample_rule():
     assert out.shape == (1, 4, 13, 11)
 
 
+def test_encode_text_runs_the_encoder_on_a_cached_prompt(demo_model, tmp_path):
+    """``generate(encode_text=True)`` (the app's warm-up) reads and calls the text encoder even
+    where the embedding cache has every chunk; the embeddings, and so the pixels, are the cache's."""
+    from sdterm.engine.embedding_cache import EmbeddingCache
+    from sdterm.engine.pipeline import Engine, open_model
+
+    req = small_request()
+    first = Engine(open_model(demo_model), "cpu", cache=EmbeddingCache(tmp_path / "embeddings")).generate(req)
+    engine = Engine(open_model(demo_model), "cpu", cache=EmbeddingCache(tmp_path / "embeddings"))
+    built = []
+    make = engine.models.factories["text"]
+    engine.models.factories["text"] = lambda: built.append("text") or make()
+    hit = engine.generate(req)
+    assert hit.stages[0].skipped and built == []
+    encoded = engine.generate(req, encode_text=True)
+    assert not encoded.stages[0].skipped and built == ["text"]
+    assert torch.equal(encoded.latents, hit.latents) and torch.equal(hit.latents, first.latents)
+
+
 def test_warm_up_does_nothing_on_the_cpu(demo_model):
     """``warm_up`` renders only on a GPU (on the CPU a render is slow and kernels need no loading)."""
     from sdterm.engine.pipeline import Engine, open_model

@@ -9,7 +9,10 @@ remembered), then the same command twice. For each: the wall time from spawning 
 exit, the render's own seconds (its ``--json``), the difference (start-up: interpreter, imports,
 reading and converting the checkpoint, hashing), and the process's peak resident set. Last, one
 more process renders two images (``-n 2``, one engine): its first render (models read, kernels
-loaded, algorithms picked, graphs captured on the way) beside its second, the steady render.
+loaded, algorithms picked, graphs captured on the way) beside its second, the steady render. And
+one process starts as the app does (``cold_app.py``): its models ready (read and, on a GPU, warmed
+by the app's throwaway render at the starting size, made while the user types), then two renders:
+the first render a user of the app waits for, beside the second.
 
 A second table splits each process's wall time: the interpreter's start (to the child's ``main``),
 the command outside its render (imports, opening the model, writing the output), the render with
@@ -62,6 +65,22 @@ class ColdRun:
 
 
 @dataclass
+class AppRun:
+    ready: float
+    """From spawning the process until its models were ready: opened, set up and, on a GPU, warmed
+    by a throwaway render at the starting size (the app's screen is up meanwhile; the user types)."""
+    first: float
+    second: float
+    peak_rss: int | None
+    text_encoded: bool
+    """Whether both renders ran the text encoder (new prompts, as a user types them)."""
+
+    def to_dict(self) -> dict:
+        return {"ready": round(self.ready, 3), "first": round(self.first, 4), "second": round(self.second, 4),
+                "peak_rss": self.peak_rss, "text_encoded": self.text_encoded}
+
+
+@dataclass
 class ColdReport:
     checkpoint: str
     checkpoint_bytes: int
@@ -71,6 +90,8 @@ class ColdReport:
     runs: list[ColdRun] = field(default_factory=list)
     in_process: tuple[float, float] | None = None
     """The first and second render's seconds in one process (the figure of a first render)."""
+    app: AppRun | None = None
+    """The app's start-up and first two renders in one more process (``cold_app.py``)."""
     notes: list[str] = field(default_factory=list)
     """What the reader needs to know to read the figures (printed below them)."""
 
@@ -81,6 +102,7 @@ class ColdReport:
                           "peak_rss": r.peak_rss, "python": r.python, "exit": r.exit,
                           "before_render": r.before_render, "loads": r.loads} for r in self.runs],
                 "first_and_second_render": list(self.in_process) if self.in_process else None,
+                "app": self.app.to_dict() if self.app else None,
                 "notes": list(self.notes)}
 
 
@@ -139,6 +161,10 @@ def run_cold(opts: BenchOptions, device: str, *, model: str | None = None, confi
         log("one more process rendering twice: its first render beside its second")
         _, seconds = _one(command, env, tmp / "child-twice.json", twice=True)
         report.in_process = (seconds[0], seconds[-1])
+        log("one more process starting as the app does (warmed at its size), then rendering twice")
+        flags = command[2:]  # the app's flags are generate's without the command and its prompt
+        flags = [f for f in flags if f not in ("--json", "--no-history")]
+        report.app = _app(opts.prompt, flags, env, tmp / "child-app.json")
     note = bytecode_note()
     if note:
         report.notes.append(note)
@@ -184,6 +210,18 @@ def _one(command: list[str], env: dict, result_file: Path, twice: bool = False) 
     return run, seconds
 
 
+def _app(prompt: str, flags: list[str], env: dict, result_file: Path) -> AppRun:
+    spawned = time.time()
+    proc = subprocess.run([sys.executable, "-m", "sdterm.bench.cold_app", str(result_file), prompt, *flags],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"--cold: the app's start-up failed in its process: {tail}")
+    child = json.loads(result_file.read_text(encoding="utf-8"))
+    first, second = child["seconds"]
+    return AppRun(max(child["ready"] - spawned, 0.0), first, second, child.get("peak_rss"), all(child["text_encoded"]))
+
+
 def format_cold(report: ColdReport) -> str:
     from ..units import format_bytes
 
@@ -214,6 +252,11 @@ def format_cold(report: ColdReport) -> str:
     if report.in_process:
         first, second = report.in_process
         lines.append(f"in one process: first render {first:.2f} s, second {second:.2f} s ({first / second:.2f}x)")
+    if report.app:
+        a = report.app
+        prompts = "new prompts, encoded" if a.text_encoded else "prompts from the embedding cache"
+        lines.append(f"the app: models ready (read, and warmed on a GPU) {a.ready:.2f} s after its start, then first "
+                     f"render {a.first:.2f} s, second {a.second:.2f} s ({a.first / a.second:.2f}x; {prompts})")
     lines += report.notes
     return "\n".join(lines)
 

@@ -62,7 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cold", action="store_true",
                    help="instead of the table: time `sdterm generate` in fresh processes (first ever, then twice "
                         "again) on a single-file fp32 checkpoint the bench writes (or --model's): wall, render, "
-                        "start-up seconds and peak host RSS")
+                        "start-up seconds and peak host RSS; then a process's first render beside its second, "
+                        "in generate and in the app (warmed at start-up)")
     p.add_argument("--lora-rank", type=whole_number, default=None, metavar="N",
                    help="also time a random rank-N LoRA: reading, merging, re-weighting, a render with it")
     return p

@@ -55,6 +55,27 @@ def run(args: argparse.Namespace) -> int:
     require_terminal()
     from .. import paths
     from ..history import History, history_file
+
+    cfg, model, params, budget = app_start(args)
+    history = History(history_file())
+    session = app_session(args, cfg, params, history, budget)
+    outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
+    models = AppModels(args, model, outdir, history, warm=params)
+    from ..ui.app import SdtermApp
+    from ..ui.terminal import prepare_graphics
+
+    protocol = prepare_graphics(args.image_protocol)  # the terminal's answers must come before Textual starts
+
+    app = SdtermApp(None, session, load=models.load, model_names=models.names, image_protocol=protocol,
+                    debug=debug_enabled(args.debug))
+    app.run()
+    return app_exit_code(app)
+
+
+def app_start(args: argparse.Namespace):
+    """What the app starts from, its flags checked (a :class:`UserError` for a bad one, before the
+    screen opens): sdterm.yaml, the model's path, the starting parameters (a random seed unless
+    ``--seed``) and the VRAM budget. ``sdterm bench --cold`` starts its app process from it too."""
     from ..resolve import apply_defaults, demo_model_dir, resolve_model
     from ..units import parse_budget
 
@@ -72,19 +93,7 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED + 1)
     params = params_from_args(args)
     params = params.replace(seed=seed, prompt=with_loras(params.prompt, args.lora)).validated()
-    history = History(history_file())
-    session = app_session(args, cfg, params, history, budget)
-    outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
-    models = AppModels(args, model, outdir, history, warm=params)
-    from ..ui.app import SdtermApp
-    from ..ui.terminal import prepare_graphics
-
-    protocol = prepare_graphics(args.image_protocol)  # the terminal's answers must come before Textual starts
-
-    app = SdtermApp(None, session, load=models.load, model_names=models.names, image_protocol=protocol,
-                    debug=debug_enabled(args.debug))
-    app.run()
-    return app_exit_code(app)
+    return cfg, model, params, budget
 
 
 class AppModels:

@@ -188,12 +188,14 @@ class Engine(TextStage, UNetStage, VaeStage):
         preview: float | None = None,
         trail: bool = False,
         fork: Fork | None = None,
+        encode_text: bool = False,
     ) -> Result:
         """Render ``request``; ``emit`` gets the events, ``cancelled()`` is polled between steps;
         ``preview``: send :class:`~.events.Preview` frames at most this many seconds apart
         (None: none; they are made off the render thread, see ``preview.py``); ``trail``: keep
         the sampler's state after every step in ``Result.trail``; ``fork``: start from one of
-        them (``fork.py``)."""
+        them (``fork.py``); ``encode_text``: run the text encoder even where the embedding cache
+        has the prompt (a warm-up's: the encoder is then read and called before a new prompt)."""
         req = request.validated()
         if fork is not None:
             check_fork(fork, req)  # one line, before any work
@@ -230,7 +232,7 @@ class Engine(TextStage, UNetStage, VaeStage):
         filler = empty_chunk(tokenizer)
         needed = needed_chunks({**texts, **{f"hires {r}": p for r, p in hires.items()}}, filler)
         store = self._chunk_store(loras)
-        cached = store.found(needed, clip_skip, self.models.cfg.text.hidden_size) if store is not None else {}
+        cached = {} if store is None or encode_text else store.found(needed, clip_skip, self.models.cfg.text.hidden_size)
         plan = self.forced_plan or self.plan(req, text_needed=any(c.key not in cached for c in needed),
                                              encode=init_image is not None)
         self._offload_unplanned(plan)

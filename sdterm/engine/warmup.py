@@ -2,11 +2,12 @@
 the render (the models read into host memory, CUDA's kernels loaded, cuDNN's algorithms picked,
 the U-Net's graph captured) paid ahead, while nobody waits; the app does it while the user types.
 
-On a GPU it is one short throwaway render at the size and guidance the user will render with
-(an empty prompt: its embedding is cached like any other, so later warm-ups skip the text
-encoder); nothing is saved or recorded. A first real render at that size then replays the U-Net
-at once (resident plan) or captures it without an eager call first (staged, streamed). On the
-CPU nothing is done: kernels there need no loading, and a CPU render is slow.
+On a GPU it is one short throwaway render at the size and guidance the user will render with, of
+an empty prompt that the text encoder encodes even when the embedding cache has it: a user's
+first prompt is most often a new one, which then finds the encoder read and its first call made.
+Nothing is saved or recorded. A first real render at that size then replays the U-Net at once
+(resident plan) or captures it without an eager call first (staged, streamed). On the CPU nothing
+is done: kernels there need no loading, and a CPU render is slow.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def warm_up(engine, width: int, height: int, cfg: float) -> bool:
     req = Params(prompt="", negative="", seed=0, steps=WARM_STEPS, cfg=cfg, width=width, height=height,
                  sampler="Euler").validated()
     try:
-        engine.generate(req)
+        engine.generate(req, encode_text=True)
     except (OutOfMemory, BudgetTooSmall):
         return False
     return True
