@@ -255,8 +255,9 @@ def format_cold(report: ColdReport) -> str:
     if report.app:
         a = report.app
         prompts = "new prompts, encoded" if a.text_encoded else "prompts from the embedding cache"
+        rss = f", peak RSS {format_bytes(a.peak_rss)}" if a.peak_rss is not None else ""
         lines.append(f"the app: models ready (read, and warmed on a GPU) {a.ready:.2f} s after its start, then first "
-                     f"render {a.first:.2f} s, second {a.second:.2f} s ({a.first / a.second:.2f}x; {prompts})")
+                     f"render {a.first:.2f} s, second {a.second:.2f} s ({a.first / a.second:.2f}x; {prompts}{rss})")
     lines += report.notes
     return "\n".join(lines)
 

@@ -6,8 +6,7 @@ parser and ``app_start``, then ``AppModels.load`` (the model opened, the engine 
 GPU the throwaway render at the starting size that the app makes while the user types). Then it
 renders two prompts new to the embedding cache, as a user types them ("PROMPT, take 1" and
 "PROMPT, take 2": the text encoder runs in both), through the render service (nothing saved or
-recorded). It
-writes as JSON to OUT: the seconds from ``main`` until the models were ready, both renders'
+recorded). It writes as JSON to OUT: the seconds from ``main`` until the models were ready, both renders'
 seconds, and the process's peak resident set; the parent times the process from outside.
 """
 
