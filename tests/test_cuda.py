@@ -231,6 +231,44 @@ def test_cuda_render_reports_peaks_and_returns_memory(demo_model, tmp_path):
     assert torch.cuda.memory_allocated() <= baseline + 64 * 2**20
 
 
+@pytest.mark.parametrize("text", ["resident", "staged"])
+def test_a_one_shot_engine_lets_the_text_encoder_go_from_the_device_and_the_host(demo_model, tmp_path, text):
+    """``keep_text`` off (``sdterm generate``): after the text stage nothing holds the encoder (its
+    device copy, the placement's units) nor its page-locked host buffer; a new prompt builds it
+    again, with the pixels of an engine that kept it."""
+    import weakref
+
+    from sdterm.engine.memory import host_memory
+
+    def locked() -> int:
+        return sum(host_memory._LOCKED.values())
+
+    plan = Plan(GiB, text=text, unet="resident", vae="resident", prefetch_unet=True)
+    base = locked()
+    engine = Engine(open_model(demo_model), "cuda", cache=EmbeddingCache(tmp_path / "let-go"), plan=plan)
+    engine.keep_text = False
+    built = []
+    make = engine.models.factories["text"]
+
+    def build():
+        module = make()
+        built.append(weakref.ref(module))
+        return module
+
+    engine.models.factories["text"] = build
+    first = engine.generate(small_request())
+    gc.collect()
+    assert len(built) == 1 and built[0]() is None and "text" not in engine.placement.models
+    let_go = locked() - base
+    kept = Engine(open_model(demo_model), "cuda", cache=EmbeddingCache(tmp_path / "kept"), plan=plan)
+    assert torch.equal(first.latents, kept.generate(small_request()).latents)
+    held = locked() - base - let_go
+    assert held - let_go >= engine.models.sizes().text * 0.9  # the kept engine's text buffer, locked
+    other = engine.generate(small_request(prompt="a blue heron"))
+    assert len(built) == 2 and not other.stages[0].skipped
+    assert torch.equal(other.latents, kept.generate(small_request(prompt="a blue heron")).latents)
+
+
 def test_allocated_memory_returns_to_baseline_after_every_render(demo_model, tmp_path):
     """Staged models leave the device after each render; nothing accumulates over many renders."""
     engine = Engine(open_model(demo_model), "cuda", plan=Plan(GiB, prefetch_unet=True, prefetch_vae=True),

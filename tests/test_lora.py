@@ -649,3 +649,17 @@ def test_a_text_encoder_lora_is_part_of_the_embedding_cache_key(demo_model, lora
     other, _ = render(eng(), "a red fox <lora:te_only:0.5>")
     assert other.stages[0].cache == "miss" and other.image.tobytes() not in (plain.image.tobytes(),
                                                                              lora.image.tobytes())
+
+
+def test_a_text_encoder_let_go_holds_its_lora_again_when_it_comes_back(demo_model, lora_dir, tmp_path):
+    """``keep_text`` off (a one-shot command): the encoder goes after its stage, LoRA and all; a
+    later render that needs it builds it from the file and merges the same LoRA into it again."""
+    from sdterm.engine.embedding_cache import EmbeddingCache
+
+    engine = lora_engine(demo_model, lora_dir, cache=EmbeddingCache(tmp_path / "embeddings"))
+    engine.keep_text = False
+    render(engine, "a fox <lora:te_only:0.8>")
+    again, _ = render(engine, "a cat <lora:te_only:0.8>")
+    fresh, _ = render(lora_engine(demo_model, lora_dir), "a cat <lora:te_only:0.8>")
+    assert torch.equal(again.latents, fresh.latents)
+

@@ -121,6 +121,31 @@ def test_set_vae_rebuilds_only_the_decoder(demo_model, vae_files):
     assert engine.models.vae_name is None and "VAE" not in back.infotext_extra
 
 
+def test_the_decoder_a_first_use_built_in_one_pass_goes_when_swapped(demo_model, vae_files, tmp_path, monkeypatch):
+    """A first use builds the decoder in one pass over the file (single_pass.py); after ``set_vae``
+    nothing holds the old decoder (its host memory is freed), the pass included."""
+    import gc
+    import shutil
+    import weakref
+
+    from sdterm.engine.loading import models as models_mod
+    from sdterm.engine.pipeline import Engine, open_model
+
+    from .test_model_cache import published
+
+    monkeypatch.setattr(models_mod, "SINGLE_PASS_BYTES", 0)
+    model = shutil.copytree(demo_model, tmp_path / "model")
+    engine = Engine(open_model(model), "cpu", model_cache=tmp_path / "models")
+    assert engine.models._store.first_pass is not None
+    engine.generate(REQ)
+    old = weakref.ref(engine.models.module("vae"))
+    engine.set_vae(vae_files / "other.safetensors")
+    engine.generate(REQ)
+    published()
+    gc.collect()
+    assert old() is None
+
+
 # --------------------------------------------------------------------------------------------
 # Files that are not a usable SD v1 VAE: one line naming the file
 # --------------------------------------------------------------------------------------------

@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
     engine = make_engine(source, args)
+    engine.keep_text = bool(args.from_file)  # one prompt: once encoded, its renders find it in the cache
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
     history = History(history_file()) if args.history else None
     if history is not None and history.repaired:

@@ -97,6 +97,10 @@ class Engine(TextStage, UNetStage, VaeStage):
         """TAESD's decoder file for better previews (``sdterm download taesd``); None: the linear map."""
         self._trail: list | None = None
         self.cache = cache
+        self.keep_text = True
+        """False: the text encoder goes (device and host memory) after each text stage that used it,
+        while there is an embedding cache: a one-shot command, whose later renders find their
+        prompts there."""
         self.placement = Placement(self.device)
         self.loras = LoraState(self.models.cfg, lora_dirs or [], optional_lora_dirs or [])
         """LoRA folders (``optional``: may be missing without a word) and what is merged now."""

@@ -29,6 +29,13 @@ class TextStage:
         """Fold this render's LoRAs into the stage's model (a no-op when it holds them already)."""
         self.loras.merge_into(stage, self.models, self.placement, self.device, loras)
 
+    def _let_text_go(self) -> None:
+        """The text encoder leaves the device and the host (``keep_text`` off); a render that
+        needs it later builds it again, with no LoRA merged."""
+        self.placement.forget("text")
+        self.models.drop("text")
+        self.loras.forget("text")
+
     def _chunk_store(self, loras: RenderLoras) -> ChunkStore | None:
         """The embedding cache for this encoder, tokenizer, device and dtype (None without one)."""
         if self.cache is None:
@@ -63,6 +70,8 @@ class TextStage:
                         fresh[c.key] = encode_chunk(encoder, c, clip_skip, self.device).to("cpu", torch.float16)
             finally:
                 self._release("text", plan.text)
+                if not self.keep_text and self.cache is not None:  # (no cache: every render needs it)
+                    self._let_text_go()
             chunks.update(fresh)
             if store is not None and self.cache is not None:
                 try:

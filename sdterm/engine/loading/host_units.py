@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ...config import ModelConfig
-from ..memory.placement import Slot, channels_last, set_tensor, slot_view, unit_slots
+from ..memory.placement import ALIGN, Slot, channels_last, set_tensor, slot_view, unit_slots
+from ..memory.planner import ModelSizes
 from .checkpoint import UNET_PREFIX, VAE_PREFIX, Checkpoint, match_shapes, unreadable
 
 PACKED = ("text", "unet", "vae")
@@ -42,6 +43,27 @@ def meta_model(stage: str, cfg: ModelConfig) -> nn.Module:
              "vae_encoder": lambda: VAEEncoder(cfg.vae)}[stage]
     with torch.device("meta"):
         return build()
+
+
+def model_sizes(cfg: ModelConfig, dtype: torch.dtype) -> ModelSizes:
+    """Bytes of each model and U-Net unit in ``dtype``, each tensor aligned as the units lay it
+    out (from meta-device modules)."""
+    import math
+
+    from ..networks.clip import text_encoder_shapes
+
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+
+    def aligned(numel: int) -> int:
+        return -(-numel * itemsize // ALIGN) * ALIGN
+
+    def nbytes(m: nn.Module) -> int:
+        return sum(aligned(t.numel()) for t in m.parameters())
+
+    unet, vae, encoder = (meta_model(stage, cfg) for stage in ("unet", "vae", "vae_encoder"))
+    text = sum(aligned(math.prod(shape)) for shape in text_encoder_shapes(cfg.text).values())
+    units = tuple((name, nbytes(m), level) for name, m, level in unet.units())
+    return ModelSizes(text, sum(b for _, b, _ in units), nbytes(vae), units, nbytes(encoder))
 
 
 def stage_units(stage: str, model: nn.Module) -> list[nn.Module]:

@@ -15,9 +15,8 @@ from typing import Callable
 import torch
 
 from ...config import ModelConfig, default_config_path, load_model_config
-from ..memory.placement import ALIGN
 from ..memory.planner import ModelSizes
-from ..networks.clip import build_text_encoder, clip_prefix, text_encoder_shapes, verify_text_encoder
+from ..networks.clip import build_text_encoder, clip_prefix, verify_text_encoder
 from ..networks.unet import UNetModel
 from ..networks.vae import VAEDecoder, VAEEncoder
 from ..prompt.tokenizer import PromptTokenizer, fetch_tokenizer, find_tokenizer
@@ -34,7 +33,7 @@ from .checkpoint import (
 )
 from .hasher import BackgroundHash, running
 from .single_pass import SinglePass
-from .host_units import PACKED, stage_units
+from .host_units import PACKED, model_sizes, stage_units
 from .store import HostStore
 from .tensor_reader import read_header
 from .vae_file import VAEFile, verify_vae_file
@@ -116,6 +115,8 @@ class Models:
         self._tokenizer_dir = tokenizer_dir or source.tokenizer_dir
         self._tokenizer: PromptTokenizer | None = None
         self._modules: dict[str, torch.nn.Module] = {}
+        self._made: set[str] = set()
+        """Every stage built in this process (a model let go by ``drop`` stays in it)."""
         self._ckpt: Checkpoint | None = None
         self._sha256: str | None = None
         self._sizes: ModelSizes | None = None
@@ -293,10 +294,18 @@ class Models:
         the checkpoint)."""
         if stage not in self._modules:
             self._modules[stage] = self.factories[stage]()
-            if self._ckpt is not None and all(s in self._modules for s in self.factories if s not in ON_DEMAND):
+            self._made.add(stage)
+            if self._ckpt is not None and all(s in self._made for s in self.factories if s not in ON_DEMAND):
                 self._ckpt.close()  # every text-to-image model is built: release the file mapping
                 self._ckpt = None  # (an encoder asked for later opens the file again)
         return self._modules[stage]
+
+    def drop(self, stage: str) -> None:
+        """Let the model ``stage`` go: its host memory is freed once nothing holds it any more (its
+        model-cache writes finish first); its next use builds it again."""
+        self._modules.pop(stage, None)
+        if self._store is not None:
+            self._store.forget(stage)
 
     def set_vae(self, path: Path | None) -> None:
         """Decode with the VAE file ``path`` (None: the checkpoint's own VAE), verified first
@@ -307,11 +316,8 @@ class Models:
         if self._store is not None:
             self._store.settle()  # not a decoder still being built from the checkpoint
         self._vae, self._vae_hash = new, None
-        self._modules.pop("vae", None)
-        self._modules.pop("vae_encoder", None)
-        if self._store is not None:
-            self._store.forget("vae")
-            self._store.forget("vae_encoder")
+        self.drop("vae")
+        self.drop("vae_encoder")
 
     def unit_hosts(self, stage: str) -> list[torch.Tensor] | None:
         """The host buffers the stage's model was built into, per unit (None: the placement packs it)."""
@@ -401,20 +407,5 @@ class Models:
     def sizes(self) -> ModelSizes:
         """Bytes of each model and U-Net unit in the run dtype (from meta-device modules)."""
         if self._sizes is None:
-            import math
-
-            itemsize = torch.tensor([], dtype=self.dtype).element_size()
-
-            def aligned(numel: int) -> int:
-                return -(-numel * itemsize // ALIGN) * ALIGN
-
-            def nbytes(m: torch.nn.Module) -> int:
-                return sum(aligned(t.numel()) for t in m.parameters())
-
-            with torch.device("meta"):
-                unet, vae, encoder = UNetModel(self.cfg.unet), VAEDecoder(self.cfg.vae), VAEEncoder(self.cfg.vae)
-            text = sum(aligned(math.prod(shape)) for shape in text_encoder_shapes(self.cfg.text).values())
-            units = tuple((name, nbytes(m), level) for name, m, level in unet.units())
-            self._sizes = ModelSizes(text, sum(b for _, b, _ in units), nbytes(vae), units, nbytes(encoder))
+            self._sizes = model_sizes(self.cfg, self.dtype)
         return self._sizes
-

@@ -135,6 +135,14 @@ class SinglePass:
         """What ``on_stage(stage)`` returned, waited for; the pass's error if it failed."""
         return self.stages[stage].result()
 
+    def release(self, stage: str) -> None:
+        """Keep no reference to the model built for ``stage`` (its user let it go); a stage not
+        complete yet is left as it is."""
+        future = self.stages.get(stage)
+        if future is not None and future.done() and not future.cancelled() and future.exception() is None:
+            self.stages[stage] = kept = Future()
+            kept.set_result(None)
+
     def result(self) -> str | None:
         """The sha256, waited for (``BackgroundHash``'s interface)."""
         return self._digest.result()
@@ -180,6 +188,8 @@ class SinglePass:
             fd = -1
             self._digest.set_result(digest)  # not held back by a stage still being finished
             self._finisher.shutdown(wait=True)  # every stage done: nothing left on other threads
+            # No view of the models' buffers is kept past the pass (a model dropped later is freed).
+            self.targets, self.units, self._jobs, self._on_stage = {}, {}, [], None
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
             self._fail(exc)
         finally:

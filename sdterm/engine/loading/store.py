@@ -218,9 +218,13 @@ class HostStore:
         return self.writer
 
     def forget(self, stage: str) -> None:
+        """No reference to the model ``stage`` is kept here any more; a next ``build`` makes it
+        again (from the pack or the checkpoint, not from a first pass)."""
         self._pass_stages.discard(stage)
         self.hosts.pop(stage, None)
         self._built.discard(stage)
+        if self.first_pass is not None:
+            self.first_pass.release(stage)
 
 
 def _publish_partial(ref: weakref.ref) -> None:

@@ -101,6 +101,10 @@ class LoraState:
         return merger.apply(_layers(stage, module), applied, before_write, device)
 
 
+    def forget(self, stage: str) -> None:
+        """The model ``stage`` was let go: the next one built holds no LoRA."""
+        self.mergers[stage] = Merger(stage)
+
     def merge_into(self, stage: str, models, placement, device: torch.device, loras: RenderLoras) -> None:
         """Fold ``loras`` into the engine's model for ``stage`` (built if needed); the units holding
         rewritten layers go back to their host copy first, after the device is done with whatever
