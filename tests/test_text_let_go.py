@@ -76,3 +76,20 @@ def test_without_an_embedding_cache_the_text_encoder_stays(model):
     engine.generate(small_request())
     engine.generate(small_request(seed=2))
     assert len(built) == 1 and built[0]() is not None
+
+
+def test_when_the_cache_cannot_be_written_the_text_encoder_stays(model, tmp_path, monkeypatch):
+    """The cache refuses the prompt (a full disk): the next render needs the encoder again, so it
+    stays where it is instead of being read again."""
+    engine = Engine(open_model(model), "cpu", cache=EmbeddingCache(tmp_path / "embeddings"))
+    engine.keep_text = False
+    built = _watched(engine)
+
+    def refuse(*_args, **_kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(EmbeddingCache, "put_many", refuse)
+    first = engine.generate(small_request())
+    second = engine.generate(small_request(seed=2))
+    assert engine.cache is None and not second.stages[0].skipped
+    assert len(built) == 1 and built[0]() is not None and first.notices

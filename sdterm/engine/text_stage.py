@@ -70,8 +70,6 @@ class TextStage:
                         fresh[c.key] = encode_chunk(encoder, c, clip_skip, self.device).to("cpu", torch.float16)
             finally:
                 self._release("text", plan.text)
-                if not self.keep_text and self.cache is not None:  # (no cache: every render needs it)
-                    self._let_text_go()
             chunks.update(fresh)
             if store is not None and self.cache is not None:
                 try:
@@ -80,6 +78,8 @@ class TextStage:
                 except OSError as exc:
                     notice(f"embedding cache unusable ({exc.strerror or exc}): rendering without it", "warning")
                     self.cache = None
+            if not self.keep_text and self.cache is not None:  # (no cache: every render needs it)
+                self._let_text_go()
         else:
             meter.loaded()
         overall, status = cache_status(texts, cached) if self.cache is not None else (None, None)

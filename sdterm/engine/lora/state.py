@@ -100,7 +100,6 @@ class LoraState:
             return 0
         return merger.apply(_layers(stage, module), applied, before_write, device)
 
-
     def forget(self, stage: str) -> None:
         """The model ``stage`` was let go: the next one built holds no LoRA."""
         self.mergers[stage] = Merger(stage)
