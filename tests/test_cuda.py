@@ -239,9 +239,9 @@ def test_a_one_shot_engine_lets_the_text_encoder_go_from_the_device_and_the_host
     """``keep_text`` off (``sdterm generate``): after the text stage nothing holds the encoder (its
     device copy, the placement's units) nor its page-locked host buffer; a new prompt builds it
     again, with the pixels of an engine that kept it."""
-    import weakref
-
     from sdterm.engine.memory import host_memory
+
+    from .test_text_let_go import watched_text_builds
 
     def locked() -> int:
         return sum(host_memory._LOCKED.values())
@@ -250,15 +250,7 @@ def test_a_one_shot_engine_lets_the_text_encoder_go_from_the_device_and_the_host
     base = locked()
     engine = Engine(open_model(demo_model), "cuda", cache=EmbeddingCache(tmp_path / "let-go"), plan=plan)
     engine.keep_text = False
-    built = []
-    make = engine.models.factories["text"]
-
-    def build():
-        module = make()
-        built.append(weakref.ref(module))
-        return module
-
-    engine.models.factories["text"] = build
+    built = watched_text_builds(engine)
     first = engine.generate(small_request())
     gc.collect()
     assert len(built) == 1 and built[0]() is None and "text" not in engine.placement.models

@@ -28,7 +28,7 @@ def model(demo_model, tmp_path) -> Path:
     return Path(shutil.copytree(demo_model, tmp_path / "model"))
 
 
-def _watched(engine: Engine) -> list[weakref.ref]:
+def watched_text_builds(engine: Engine) -> list[weakref.ref]:
     """Weak references to each text encoder the engine builds."""
     built: list[weakref.ref] = []
     make = engine.models.factories["text"]
@@ -53,7 +53,7 @@ def test_the_text_encoder_goes_after_its_stage_and_comes_back_when_needed(model,
     req = small_request()
     engine = Engine(open_model(model), "cpu", cache=EmbeddingCache(tmp_path / "embeddings"), model_cache=models_dir)
     engine.keep_text = False
-    built = _watched(engine)
+    built = watched_text_builds(engine)
     first = engine.generate(req)
     published()  # the model cache's writes hold the buffers until they are done
     gc.collect()
@@ -72,7 +72,7 @@ def test_without_an_embedding_cache_the_text_encoder_stays(model):
     """No cache: every render needs the encoder again, so ``keep_text`` off keeps it."""
     engine = Engine(open_model(model), "cpu")
     engine.keep_text = False
-    built = _watched(engine)
+    built = watched_text_builds(engine)
     engine.generate(small_request())
     engine.generate(small_request(seed=2))
     assert len(built) == 1 and built[0]() is not None
@@ -83,7 +83,7 @@ def test_when_the_cache_cannot_be_written_the_text_encoder_stays(model, tmp_path
     stays where it is instead of being read again."""
     engine = Engine(open_model(model), "cpu", cache=EmbeddingCache(tmp_path / "embeddings"))
     engine.keep_text = False
-    built = _watched(engine)
+    built = watched_text_builds(engine)
 
     def refuse(*_args, **_kw):
         raise OSError(28, "No space left on device")
