@@ -187,14 +187,21 @@ def bytecode_note() -> str | None:
             "`python -m compileall` over site-packages once for figures an installed package gives")
 
 
-def _one(command: list[str], env: dict, result_file: Path, twice: bool = False) -> tuple[ColdRun, list[float]]:
-    spawned, t0 = time.time(), time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "sdterm.bench.cold_child", str(result_file), *command,
-                           *(["-n", "2"] if twice else [])], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+def _child(module: str, args: list[str], env: dict, what: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` in a fresh process; a :class:`UserError` with its last line of
+    stderr when it fails (``what``: what failed, for the message)."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"--cold: sdterm generate failed in its process: {tail}")
+        raise UserError(f"--cold: {what} failed in its process: {tail}")
+    return proc
+
+
+def _one(command: list[str], env: dict, result_file: Path, twice: bool = False) -> tuple[ColdRun, list[float]]:
+    spawned, t0 = time.time(), time.perf_counter()
+    proc = _child("sdterm.bench.cold_child", [str(result_file), *command, *(["-n", "2"] if twice else [])], env,
+                  "sdterm generate")
+    wall = time.perf_counter() - t0
     renders = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith("{")]
     seconds = [float(r["seconds"]) for r in renders]
     if len(seconds) != (2 if twice else 1):
@@ -212,11 +219,7 @@ def _one(command: list[str], env: dict, result_file: Path, twice: bool = False) 
 
 def _app(prompt: str, flags: list[str], env: dict, result_file: Path) -> AppRun:
     spawned = time.time()
-    proc = subprocess.run([sys.executable, "-m", "sdterm.bench.cold_app", str(result_file), prompt, *flags],
-                          env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"--cold: the app's start-up failed in its process: {tail}")
+    _child("sdterm.bench.cold_app", [str(result_file), prompt, *flags], env, "the app's start-up")
     child = json.loads(result_file.read_text(encoding="utf-8"))
     first, second = child["seconds"]
     return AppRun(max(child["ready"] - spawned, 0.0), first, second, child.get("peak_rss"), all(child["text_encoded"]))
