@@ -895,3 +895,33 @@ def test_a_first_render_captures_at_its_first_unet_call(full_size, plan, monkeyp
         for s in r.stages:
             assert s.peak_allocated <= plan.budget, (s.stage, s.peak_allocated / MiB, r.plan)
     assert torch.equal(r.latents, want)
+
+
+CONTEXT_PROBE = """
+import ctypes, json, threading
+import torch
+from sdterm.engine.memory.placement import start_cuda
+start_cuda("cuda")
+for thread in threading.enumerate():
+    if thread.name == "sdterm-cuda-init":
+        thread.join()
+driver = ctypes.CDLL("libcuda.so.1")
+device, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+got = driver.cuDeviceGet(ctypes.byref(device), 0)  # CUDA_ERROR_NOT_INITIALIZED (3) without cuInit
+state = driver.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active)) if got == 0 else None
+print(json.dumps({"get": got, "state": state, "active": active.value, "torch": torch.cuda.is_initialized()}))
+"""
+
+
+def test_start_cuda_leaves_the_device_context_made_on_its_own_thread():
+    """In a fresh process, once the start thread has ended and before this thread has touched
+    CUDA: the driver is up, torch is initialised, and the device's primary context is active
+    (made there, not by the render's first call)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", CONTEXT_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"get": 0, "state": 0, "active": 1, "torch": True}

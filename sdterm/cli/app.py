@@ -13,7 +13,7 @@ from ..options import add_render_options, params_from_args
 from ..params import MAX_SEED
 from ..resolve import user_config
 from .engine_setup import (add_addon_options, add_embeddings_option, add_graphs_option, add_threads_option,
-                           make_engine, with_loras)
+                           make_engine, start_device, with_loras)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,6 +138,7 @@ class AppModels:
         progress("starting torch")
         from ..engine.pipeline import open_model
 
+        start_device(self.args)
         progress(f"reading {Path(model).name}")
         source = open_model(model, config_path=self.args.config, data_dir=paths.data_dir())
         progress("setting up the engine")

@@ -88,6 +88,17 @@ def taesd_file(data_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def start_device(args: argparse.Namespace) -> None:
+    """Start CUDA on a thread unless ``args.device`` is the CPU: called as soon as torch is
+    imported, so the driver and the device's context start beside the model's opening and the
+    engine's set-up (``--device auto`` finds out there whether there is a GPU). An unusable
+    ``--device`` is left to :func:`make_engine` to report."""
+    from ..engine.memory.placement import start_cuda
+
+    if args.device != "cpu":
+        start_cuda("cuda")
+
+
 def make_engine(source, args: argparse.Namespace):
     """The engine for ``source`` with the user's device, cache, budget, embeddings and LoRA folders
     and VAE file (``args.embeddings``, ``args.lora_dir``, ``args.vae``, filled from the settings by

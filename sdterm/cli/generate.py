@@ -15,7 +15,7 @@ from ..params import MAX_BATCH, MAX_SEED, Params, batch
 from ..resolve import user_config
 from ..units import format_bytes
 from .engine_setup import (add_addon_options, add_embeddings_option, add_graphs_option, add_threads_option,
-                           make_engine, with_loras)
+                           make_engine, start_device, with_loras)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -176,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from ..history import History, history_file
     from ..service import RenderService
 
+    start_device(args)
     if model is None:
         source = random_weights_source(args.config)
     else:

@@ -234,11 +234,37 @@ def _bind_entry(slot: Slot) -> tuple:
     return slot.table, slot.name, slot.is_param, slot.dtype, tuple(probe.shape), probe.stride(), slot.offset // itemsize
 
 
-def _init_cuda() -> None:
+_started: set[int] = set()
+_start_lock = threading.Lock()
+
+
+def _init_cuda(index: int) -> None:
     try:
+        if not torch.cuda.is_available():  # the driver's start (cuInit): most of this thread's time
+            return
         torch.cuda.init()
+        # torch's initialisation leaves the context to the first call that needs one: make it here,
+        # not in the render's first planning on the thread that waits for it.
+        torch.cuda.mem_get_info(index)
     except Exception:  # noqa: BLE001 - the first real use of CUDA reports it
         pass
+
+
+def start_cuda(device: torch.device | str = "cuda") -> None:
+    """Start CUDA for ``device`` on a thread, once per process: the driver, torch's
+    initialisation and the device's context, while the caller goes on (opening the model, setting
+    up the engine); the first use of CUDA elsewhere waits for it (the driver and torch's lazy
+    initialisation are serialised). Called as soon as torch is imported by a command that may
+    render on a GPU, and by every :class:`Placement` on a GPU. Sets up the allocator first
+    (:func:`use_expandable_segments`), which must come before the first allocation."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else 0
+    with _start_lock:
+        if index in _started:
+            return
+        _started.add(index)
+    use_expandable_segments()
+    threading.Thread(target=_init_cuda, args=(index,), name="sdterm-cuda-init", daemon=True).start()
 
 
 class Placement:
@@ -254,10 +280,7 @@ class Placement:
         self.cuda = device.type == "cuda"
         self._copy_stream: torch.cuda.Stream | None = None
         if self.cuda:
-            use_expandable_segments()
-            # CUDA's start-up (creating the context) on a thread while the models are read; the
-            # first use of CUDA waits for it (torch's lazy initialisation is serialised).
-            threading.Thread(target=_init_cuda, name="sdterm-cuda-init", daemon=True).start()
+            start_cuda(device)  # at once, where the command did not start it earlier
         self.models: dict[str, list[Unit]] = {}
 
     @property
