@@ -900,8 +900,8 @@ def test_a_first_render_captures_at_its_first_unet_call(full_size, plan, monkeyp
 CONTEXT_PROBE = """
 import ctypes, json, threading
 import torch
-from sdterm.engine.memory.placement import start_cuda
-start_cuda("cuda")
+from sdterm.engine.memory.cuda_start import start_cuda
+start_cuda("cuda", first_calls=True)
 for thread in threading.enumerate():
     if thread.name == "sdterm-cuda-init":
         thread.join()
@@ -914,9 +914,9 @@ print(json.dumps({"get": got, "state": state, "active": active.value, "torch": t
 
 
 def test_start_cuda_leaves_the_device_context_made_on_its_own_thread():
-    """In a fresh process, once the start thread has ended and before this thread has touched
-    CUDA: the driver is up, torch is initialised, and the device's primary context is active
-    (made there, not by the render's first call)."""
+    """In a fresh process, once the start thread (its first calls included) has ended and before
+    this thread has touched CUDA: the driver is up, torch is initialised, and the device's primary
+    context is active (made there, not by the render's first call)."""
     import json
     import subprocess
     import sys
@@ -925,3 +925,15 @@ def test_start_cuda_leaves_the_device_context_made_on_its_own_thread():
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"get": 0, "state": 0, "active": 1, "torch": True}
+
+
+def test_the_process_first_calls_run_on_the_device_and_keep_nothing():
+    """What the start thread runs (it would swallow an error: called here directly), in a process
+    that has used cuBLAS before (its workspaces are dropped too, so "nothing kept" is at most)."""
+    from sdterm.engine.memory.cuda_start import first_calls_of_models
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    first_calls_of_models(torch.device("cuda"))
+    # At most what was there: cuBLAS's workspaces (every thread's) are dropped, as a capture does.
+    assert torch.cuda.memory_allocated() <= before

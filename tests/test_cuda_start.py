@@ -1,16 +1,19 @@
-"""CUDA's start (the driver, torch's initialisation, the device's context) on a thread as soon as
-a rendering command has imported torch, beside the model's opening and the engine's set-up:
-where it is started, that it is started once, and never for ``--device cpu``. That the context
-really exists afterwards is checked on a GPU (tests/test_cuda.py)."""
+"""CUDA's start (the driver, torch's initialisation, the device's context, the process's first
+calls) on a thread as soon as a rendering command has imported torch, beside the model's opening
+and the engine's set-up: where it is started, that it is started once, never for ``--device
+cpu``, and that a graph capture waits for it. That the context really exists afterwards, and that
+the first calls run, is checked on a GPU (tests/test_cuda.py)."""
 
 from __future__ import annotations
 
 import argparse
+import threading
 
 import pytest
+import torch
 
 from sdterm.cli import engine_setup
-from sdterm.engine.memory import placement
+from sdterm.engine.memory import cuda_start, placement
 
 
 @pytest.fixture
@@ -26,45 +29,41 @@ def threads(monkeypatch):
         def start(self):
             started.append(self.call)
 
-    monkeypatch.setattr(placement.threading, "Thread", Recorded)
-    monkeypatch.setattr(placement, "_started", set())
+    monkeypatch.setattr(cuda_start.threading, "Thread", Recorded)
+    monkeypatch.setattr(cuda_start, "_threads", {})
+    monkeypatch.setattr(cuda_start, "use_expandable_segments", lambda: None)
     return started
 
 
 def test_start_cuda_starts_one_daemon_thread_per_device_once(threads):
-    placement.start_cuda("cuda")
-    placement.start_cuda("cuda:0")  # the same device: already started
-    placement.start_cuda("cuda:1")
+    cuda_start.start_cuda("cuda", first_calls=True)
+    cuda_start.start_cuda("cuda:0")  # the same device: already started
+    cuda_start.start_cuda("cuda:1")
     assert [(name, daemon, args) for _, args, name, daemon in threads] == [
-        ("sdterm-cuda-init", True, (0,)), ("sdterm-cuda-init", True, (1,))]
-    assert all(target is placement._init_cuda for target, *_ in threads)
+        ("sdterm-cuda-init", True, (0, True)), ("sdterm-cuda-init", True, (1, False))]
+    assert all(target is cuda_start._start for target, *_ in threads)
 
 
-def test_a_placement_on_a_gpu_starts_cuda_unless_the_command_did(threads, monkeypatch):
-    monkeypatch.setattr(placement, "use_expandable_segments", lambda: None)
-    import torch
-
+def test_a_placement_on_a_gpu_starts_cuda_without_first_calls_unless_the_command_did(threads):
     placement.Placement(torch.device("cuda"))
     placement.Placement(torch.device("cuda"))
     placement.Placement(torch.device("cpu"))
-    assert len(threads) == 1
+    assert [args for _, args, _, _ in threads] == [(0, False)]
 
 
 def test_the_start_thread_is_harmless_without_a_gpu(monkeypatch):
     """On a machine without CUDA (``--device auto`` there), the thread finds none and ends."""
-    import torch
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     init = []
     monkeypatch.setattr(torch.cuda, "init", lambda: init.append(1))
-    placement._init_cuda(0)
+    cuda_start._start(0, True)
     assert init == []
 
 
-@pytest.mark.parametrize("device, expected", [("auto", ["cuda"]), ("cuda", ["cuda"]), ("cpu", [])])
-def test_start_device_starts_cuda_unless_the_cpu_is_asked_for(monkeypatch, device, expected):
-    calls: list[str] = []
-    monkeypatch.setattr(placement, "start_cuda", calls.append)
+@pytest.mark.parametrize("device, expected", [("auto", [("cuda", True)]), ("cuda", [("cuda", True)]), ("cpu", [])])
+def test_start_device_starts_cuda_with_first_calls_unless_the_cpu_is_asked_for(monkeypatch, device, expected):
+    calls: list = []
+    monkeypatch.setattr(cuda_start, "start_cuda", lambda name, first_calls=False: calls.append((name, first_calls)))
     engine_setup.start_device(argparse.Namespace(device=device))
     assert calls == expected
 
@@ -82,3 +81,39 @@ def test_generate_starts_cuda_before_it_opens_the_model(demo_model, tmp_path, ru
                            "--height", 64, "--outdir", tmp_path, "--device", "cpu")
     assert code == 0, err
     assert order == ["start cpu", "open"]
+
+
+def test_wait_started_waits_for_the_start_thread_but_never_for_itself(monkeypatch):
+    release = threading.Event()
+    done: list[str] = []
+
+    def start():
+        release.wait(5)
+        done.append("start")
+        cuda_start.wait_started(torch.device("cuda"))  # its own thread: returns at once
+
+    thread = threading.Thread(target=start)
+    monkeypatch.setattr(cuda_start, "_threads", {0: thread})
+    thread.start()
+    threading.Timer(0.05, release.set).start()
+    cuda_start.wait_started(torch.device("cuda", 0))
+    assert done == ["start"]
+    cuda_start.wait_started(torch.device("cuda", 1))  # never started: nothing to wait for
+
+
+def test_a_graph_capture_waits_for_the_start_first(monkeypatch):
+    """UNetGraphs captures only once the start thread's first calls are over (checked without a
+    GPU: the capture itself is replaced)."""
+    from sdterm.engine.memory import graphs
+
+    order: list[str] = []
+    monkeypatch.setattr(graphs, "wait_started", lambda device: order.append("wait"))
+    monkeypatch.setattr(graphs.torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(graphs.torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(graphs, "_Graph", lambda *a: order.append("capture") or object())
+    g = graphs.UNetGraphs(torch.device("cuda"))
+    x = torch.zeros(1)
+    key = graphs.signature(x, x, x)
+    g._peaks[key] = 0
+    g._capture(lambda *a: x, key, x, x, x, None)
+    assert order == ["wait", "capture"]

@@ -89,14 +89,15 @@ def taesd_file(data_dir: Path) -> Path | None:
 
 
 def start_device(args: argparse.Namespace) -> None:
-    """Start CUDA on a thread unless ``args.device`` is the CPU: called as soon as torch is
-    imported, so the driver and the device's context start beside the model's opening and the
-    engine's set-up (``--device auto`` finds out there whether there is a GPU). An unusable
-    ``--device`` is left to :func:`make_engine` to report."""
-    from ..engine.memory.placement import start_cuda
+    """Start CUDA on a thread unless ``args.device`` is the CPU: called by a command about to
+    render as soon as torch is imported, so the driver, the device's context and the process's
+    first calls (``engine/memory/cuda_start.py``) run beside the model's opening and the engine's
+    set-up (``--device auto`` finds out there whether there is a GPU). An unusable ``--device`` is
+    left to :func:`make_engine` to report."""
+    from ..engine.memory.cuda_start import start_cuda
 
     if args.device != "cpu":
-        start_cuda("cuda")
+        start_cuda("cuda", first_calls=True)
 
 
 def make_engine(source, args: argparse.Namespace):

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from .cuda_start import wait_started
 from .cudart import clear_error
 
 REASONS_KEPT = 16
@@ -142,6 +143,7 @@ class UNetGraphs:
             return None
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        wait_started(self.device)  # the process's first calls (cuda_start.py) share no capture
         before = torch.cuda.memory_reserved(self.device)
         try:
             graph = _Graph(forward, x, t, context, self._pool)

@@ -22,12 +22,12 @@ copy is left pending behind a render, whatever happened during it.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .cuda_start import start_cuda
 from .cudart import copy_to_device
 
 
@@ -41,24 +41,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type not in ("cuda", "cpu"):
         raise RuntimeError(f"unsupported device {name!r}: use auto, cpu or cuda")
     return dev
-
-
-def use_expandable_segments() -> None:
-    """Ask torch's caching allocator for expandable segments: freed blocks of different sizes
-    coalesce instead of fragmenting, so reserved memory stays close to allocated (what matters on
-    a 4 GB card). Harmless where unsupported; PYTORCH_CUDA_ALLOC_CONF set by the user wins."""
-    import os
-
-    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
-        return
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    except (AttributeError, RuntimeError):
-        pass
 
 
 def run_dtype(device: torch.device) -> torch.dtype:
@@ -232,39 +214,6 @@ def _bind_entry(slot: Slot) -> tuple:
     probe = slot_view(torch.empty(slot.offset + slot.nbytes, dtype=torch.uint8, device="meta"), 0, slot)
     itemsize = slot.dtype.itemsize
     return slot.table, slot.name, slot.is_param, slot.dtype, tuple(probe.shape), probe.stride(), slot.offset // itemsize
-
-
-_started: set[int] = set()
-_start_lock = threading.Lock()
-
-
-def _init_cuda(index: int) -> None:
-    try:
-        if not torch.cuda.is_available():  # the driver's start (cuInit): most of this thread's time
-            return
-        torch.cuda.init()
-        # torch's initialisation leaves the context to the first call that needs one: make it here,
-        # not in the render's first planning on the thread that waits for it.
-        torch.cuda.mem_get_info(index)
-    except Exception:  # noqa: BLE001 - the first real use of CUDA reports it
-        pass
-
-
-def start_cuda(device: torch.device | str = "cuda") -> None:
-    """Start CUDA for ``device`` on a thread, once per process: the driver, torch's
-    initialisation and the device's context, while the caller goes on (opening the model, setting
-    up the engine); the first use of CUDA elsewhere waits for it (the driver and torch's lazy
-    initialisation are serialised). Called as soon as torch is imported by a command that may
-    render on a GPU, and by every :class:`Placement` on a GPU. Sets up the allocator first
-    (:func:`use_expandable_segments`), which must come before the first allocation."""
-    device = torch.device(device)
-    index = device.index if device.index is not None else 0
-    with _start_lock:
-        if index in _started:
-            return
-        _started.add(index)
-    use_expandable_segments()
-    threading.Thread(target=_init_cuda, args=(index,), name="sdterm-cuda-init", daemon=True).start()
 
 
 class Placement:
