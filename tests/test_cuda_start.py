@@ -117,3 +117,18 @@ def test_a_graph_capture_waits_for_the_start_first(monkeypatch):
     g._peaks[key] = 0
     g._capture(lambda *a: x, key, x, x, x, None)
     assert order == ["wait", "capture"]
+
+
+def test_verify_starts_cuda_before_it_opens_the_model(demo_model, tmp_path, run_cli, monkeypatch):
+    from sdterm.engine import pipeline
+
+    code, out, err = run_cli("generate", "a red fox", "--model", demo_model, "--seed", 1, "--steps", 1, "--width", 64,
+                             "--height", 64, "--outdir", tmp_path, "--no-history", "--device", "cpu")
+    assert code == 0, err
+    order: list[str] = []
+    real_open = pipeline.open_model
+    monkeypatch.setattr(engine_setup, "start_device", lambda args: order.append(f"start {args.device}"))
+    monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: order.append("open") or real_open(*a, **k))
+    code, _, err = run_cli("verify", out.strip(), "--model", demo_model, "--device", "cpu")
+    assert code == 0, err
+    assert order == ["start cpu", "open"]

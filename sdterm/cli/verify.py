@@ -67,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
     from .. import paths
     from ..engine.pipeline import open_model
     from ..service import RenderService
-    from .engine_setup import make_engine
+    from .engine_setup import make_engine, start_device
     from .generate import StderrProgress
 
+    start_device(args)  # CUDA starts beside the model's opening
     engine = make_engine(open_model(model, config_path=args.config, data_dir=paths.data_dir()), args)
     print(f"rendering {request.path.name} again with {engine.source.name} on {engine.device}…", file=sys.stderr)
     service = RenderService(engine, paths.default_outdir())  # render only: nothing is saved

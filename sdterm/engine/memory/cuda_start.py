@@ -121,6 +121,8 @@ def first_calls_of_models(device: torch.device, dtype: torch.dtype = torch.float
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear is not None:
         clear()
+    # The blocks the allocator cached for this stream go back to the driver at the first stage's
+    # end (the engine empties the cache there).
 
 
 __all__ = ["first_calls_of_models", "start_cuda", "use_expandable_segments", "wait_started"]
