@@ -41,6 +41,10 @@ def test_cold_runs_are_fresh_processes_with_their_own_figures(tiny_config):
     assert report.runs[0].loads["text"] > 0  # the first ever builds the text encoder; then its output is cached
     first, second = report.in_process  # a process that rendered twice
     assert first > 0 and second > 0
+    split_first, split_second = report.in_process_stages  # each split into its stages
+    assert {"prepare", "unet load", "unet run", "vae run"} <= set(split_first) == set(split_second)
+    assert split_first["unet load"] > 10 * split_second["unet load"]  # the second finds the U-Net built
+    assert sum(split_first.values()) <= first and sum(split_second.values()) <= second
     app = report.app  # a process started as the app is, rendering twice
     assert app.ready > 0 and app.first > 0 and app.second > 0
     assert app.text_encoded  # new prompts, as a user types them: the text encoder ran in both renders
@@ -49,6 +53,7 @@ def test_cold_runs_are_fresh_processes_with_their_own_figures(tiny_config):
     assert "first ever" in text and "again (1)" in text and "64x48" in text and "in one process: first render" in text
     assert "the app: models ready" in text and report.to_dict()["app"]["first"] > 0
     assert "where the wall time went" in text and "unet load" in text and "prepare" in text
+    assert "\n  first: prepare " in text and "\n  second: prepare " in text and "unet run" in text
     data = report.to_dict()
     assert json.dumps(data) and data["runs"][0]["startup"] == pytest.approx(report.runs[0].startup, abs=1e-3)
 

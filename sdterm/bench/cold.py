@@ -9,7 +9,8 @@ remembered), then the same command twice. For each: the wall time from spawning 
 exit, the render's own seconds (its ``--json``), the difference (start-up: interpreter, imports,
 reading and converting the checkpoint, hashing), and the process's peak resident set. Last, one
 more process renders two images (``-n 2``, one engine): its first render (models read, kernels
-loaded, algorithms picked, graphs captured on the way) beside its second, the steady render. And
+loaded, algorithms picked, graphs captured on the way) beside its second, the steady render, each
+split into its time before the first stage and each stage's load and run. And
 one process starts as the app does (``cold_app.py``): its models ready (read and, on a GPU, warmed
 by the app's throwaway render at the starting size, made while the user types), then two renders:
 the first render a user of the app waits for, beside the second.
@@ -90,6 +91,8 @@ class ColdReport:
     runs: list[ColdRun] = field(default_factory=list)
     in_process: tuple[float, float] | None = None
     """The first and second render's seconds in one process (the figure of a first render)."""
+    in_process_stages: tuple[dict[str, float], dict[str, float]] | None = None
+    """Where each of those two renders went: :func:`stage_seconds`."""
     app: AppRun | None = None
     """The app's start-up and first two renders in one more process (``cold_app.py``)."""
     notes: list[str] = field(default_factory=list)
@@ -102,6 +105,7 @@ class ColdReport:
                           "peak_rss": r.peak_rss, "python": r.python, "exit": r.exit,
                           "before_render": r.before_render, "loads": r.loads} for r in self.runs],
                 "first_and_second_render": list(self.in_process) if self.in_process else None,
+                "first_and_second_render_stages": list(self.in_process_stages) if self.in_process_stages else None,
                 "app": self.app.to_dict() if self.app else None,
                 "notes": list(self.notes)}
 
@@ -159,8 +163,9 @@ def run_cold(opts: BenchOptions, device: str, *, model: str | None = None, confi
                 + (" (first ever: empty cache folder)" if i == 0 else ""))
             report.runs.append(_one(command, env, tmp / f"child-{i}.json")[0])
         log("one more process rendering twice: its first render beside its second")
-        _, seconds = _one(command, env, tmp / "child-twice.json", twice=True)
+        _, seconds, renders = _one(command, env, tmp / "child-twice.json", twice=True)
         report.in_process = (seconds[0], seconds[-1])
+        report.in_process_stages = (stage_seconds(renders[0]), stage_seconds(renders[-1]))
         log("one more process starting as the app does (warmed at its size), then rendering twice")
         flags = command[2:]  # the app's flags are generate's without the command and its prompt
         flags = [f for f in flags if f not in ("--json", "--no-history")]
@@ -197,7 +202,18 @@ def _child(module: str, args: list[str], env: dict, what: str) -> subprocess.Com
     return proc
 
 
-def _one(command: list[str], env: dict, result_file: Path, twice: bool = False) -> tuple[ColdRun, list[float]]:
+def stage_seconds(render: dict) -> dict[str, float]:
+    """One render's ``--json`` split: ``prepare`` (before its first stage), then each stage's
+    ``STAGE load`` (its model built, read or waited for) and ``STAGE run``."""
+    out = {"prepare": float(render.get("prepare_seconds", 0.0))}
+    for stage in render.get("stages", []):
+        out[f"{stage['stage']} load"] = float(stage.get("load_seconds", 0.0))
+        out[f"{stage['stage']} run"] = float(stage.get("run_seconds", 0.0))
+    return out
+
+
+def _one(command: list[str], env: dict, result_file: Path,
+         twice: bool = False) -> tuple[ColdRun, list[float], list[dict]]:
     spawned, t0 = time.time(), time.perf_counter()
     proc = _child("sdterm.bench.cold_child", [str(result_file), *command, *(["-n", "2"] if twice else [])], env,
                   "sdterm generate")
@@ -214,7 +230,7 @@ def _one(command: list[str], env: dict, result_file: Path, twice: bool = False) 
     run.loads = {s["stage"]: float(s["load_seconds"]) for s in renders[-1].get("stages", []) if "load_seconds" in s}
     if "prepare_seconds" in renders[-1]:
         run.loads["prepare"] = float(renders[-1]["prepare_seconds"])
-    return run, seconds
+    return run, seconds, renders
 
 
 def _app(prompt: str, flags: list[str], env: dict, result_file: Path) -> AppRun:
@@ -255,6 +271,10 @@ def format_cold(report: ColdReport) -> str:
     if report.in_process:
         first, second = report.in_process
         lines.append(f"in one process: first render {first:.2f} s, second {second:.2f} s ({first / second:.2f}x)")
+        if report.in_process_stages:
+            for name, split in zip(("first", "second"), report.in_process_stages):
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in split.items() if v >= 0.005 or k == "prepare")
+                lines.append(f"  {name}: {parts} s")
     if report.app:
         a = report.app
         prompts = "new prompts, encoded" if a.text_encoded else "prompts from the embedding cache"
