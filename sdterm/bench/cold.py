@@ -227,9 +227,8 @@ def _one(command: list[str], env: dict, result_file: Path,
     if "began" in child and "returned" in child:
         run.python = max(child["began"] - spawned, 0.0)
         run.exit = max(wall - (child["returned"] - spawned), 0.0)
-    run.loads = {s["stage"]: float(s["load_seconds"]) for s in renders[-1].get("stages", []) if "load_seconds" in s}
-    if "prepare_seconds" in renders[-1]:
-        run.loads["prepare"] = float(renders[-1]["prepare_seconds"])
+    split = stage_seconds(renders[-1])
+    run.loads = {name.removesuffix(" load"): v for name, v in split.items() if name == "prepare" or name.endswith(" load")}
     return run, seconds, renders
 
 

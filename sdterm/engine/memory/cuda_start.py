@@ -54,8 +54,7 @@ def start_cuda(device: torch.device | str = "cuda", *, first_calls: bool = False
     on meanwhile; the first use of CUDA elsewhere waits for the driver and context (they are
     serialised). Sets up the allocator first (:func:`use_expandable_segments`): that must come
     before the first allocation."""
-    device = torch.device(device)
-    index = device.index if device.index is not None else 0
+    index = _index(torch.device(device))
     with _lock:
         if index in _threads:
             return
@@ -68,9 +67,13 @@ def start_cuda(device: torch.device | str = "cuda", *, first_calls: bool = False
 def wait_started(device: torch.device) -> None:
     """Wait until the start of ``device`` (if one was started) has finished: before a CUDA graph
     is captured, so that no other thread's work shares the device with the capture."""
-    thread = _threads.get(device.index if device.index is not None else 0)
+    thread = _threads.get(_index(device))
     if thread is not None and thread is not threading.current_thread():
         thread.join()
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else 0  # "cuda": the first device
 
 
 def _start(index: int, first_calls: bool) -> None:
