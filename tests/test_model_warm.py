@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdterm.engine.loading.demo import demo_config
-from sdterm.engine.loading.host_units import stage_units
+from sdterm.engine.loading.host_units import model_sizes, stage_units
 from sdterm.engine.memory.graphs import signature
 from sdterm.engine.memory.placement import ALIGN, Unit, channels_last
 from sdterm.engine.model_warm import stand_in, warm_inputs
@@ -29,15 +29,24 @@ def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_a_stand_in_is_laid_out_as_the_placement_lays_out_the_model(stage, dtype):
     cfg = demo_config(64)
     real = (UNetModel(cfg.unet) if stage == "unet" else VAEDecoder(cfg.vae)).to(dtype).eval()
-    for module in stage_units(stage, real):  # packed as the placement packs a model for the device
-        Unit([module], pin=False, last=channels_last(stage, dtype))
+    # packed as the placement packs a model for the device
+    units = {}
+    for module in stage_units(stage, real):
+        unit = Unit([module], pin=False, last=channels_last(stage, dtype))
+        units.update((id(t), unit) for t in tensors(module).values())
     twin = stand_in(stage, cfg, dtype, torch.device("cpu"))
     want, got = tensors(real), tensors(twin)
     assert want.keys() == got.keys()
-    base = min(t.data_ptr() for t in got.values())  # one buffer: every tensor ALIGN bytes apart from its start
+    # One buffer, the largest unit's bytes: each tensor where it sits in its own unit.
+    sizes = model_sizes(cfg, dtype)
+    largest = max(n for _, n, _ in sizes.units) if stage == "unet" else sizes.vae
+    base = min(t.data_ptr() for t in got.values())
+    assert max(t.data_ptr() + t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+               for t in got.values()) - base <= largest
     for name, t in want.items():
         s = got[name]
         assert (s.shape, s.dtype, s.stride(), s.device.type) == (t.shape, t.dtype, t.stride(), "cpu"), name
+        assert s.data_ptr() - base == t.data_ptr() - units[id(t)].host.data_ptr(), name
         assert (s.data_ptr() - base) % ALIGN == 0 and not s.requires_grad, name
     if dtype == torch.float16:  # the convolutions channels-last, as on the GPU
         assert any(t.dim() == 4 and not t.is_contiguous() for t in got.values())
@@ -62,3 +71,4 @@ def test_warm_inputs_have_the_signatures_of_a_renders_unet_calls(demo_model, sam
                          torch.device("cpu"))
     assert {signature(*i) for i in inputs} == seen
     assert len(inputs) == len(seen)  # each signature once
+

@@ -1,25 +1,30 @@
-"""A process's first U-Net and VAE calls, made while the U-Net's weights are still being converted.
+"""A process's first U-Net and VAE calls, made on the render thread while the U-Net's weights are
+still being read or converted.
 
 A model's first call in a process costs far more than its next: cuDNN builds an execution plan for
 every convolution and attention shape it meets (kept in a cache of the calling thread), cuBLAS
 makes its handle and picks its kernels, CUDA loads each kernel at its first launch, and the U-Net's
 CUDA graph (memory/graphs.py) needs one eager call at a signature before it captures. On an H100
 a first repeated ``sdterm generate`` spent 0.76-1.04 s in its U-Net stage against 0.17 s steady,
-and 0.10-0.19 s decoding against 0.015 s (2026-11-27).
+and 0.10-0.19 s decoding against 0.015 s (2026-11-27). A thread's own share (its plans) of a U-Net
+call at 512x512 was 0.5 s there, 0.4 s of it cuDNN's attention plans (2026-11-27).
 
 None of that depends on the weights' values, only on the shapes, dtypes, strides and alignment of
 the tensors. So while another thread converts the U-Net from the checkpoint (unet_stage.py says
 when this pays, and when the attention's plans alone are warmed instead), the render thread runs a
 stand-in: the same model on the device with uninitialised weights laid out exactly as the
 placement lays out the real ones (:func:`stand_in`), called with the render's inputs
-(:func:`warm_inputs`). The U-Net's call goes through :meth:`UNetGraphs.rehearse`, so the
-render's first real call captures its graph at once. Nothing the stand-in computes is kept.
+(:func:`warm_inputs`). The U-Net's call goes through :meth:`UNetGraphs.rehearse`, so the render's
+first real call captures its graph at once. Nothing the stand-in computes is kept.
 
-It takes the device memory the stage itself will take (the weights and one call's activations),
-and only while the stage's model is not on the device yet: the engine warms a model whose stage
-places it whole (resident or staged), not a streamed U-Net (attention_warm.py warms that one's
-attention alone). The VAE decoder is warmed after the U-Net's stand-in is freed, within what its
-own stage takes.
+Every unit of a stand-in is a view of one buffer the size of its largest unit (94 MiB for SD v1's
+U-Net in fp16, against 1.6 GiB for the whole): a unit's tensors sit where they sit in the real
+unit, and every unit starts where an allocation starts, as the real units do, so each tensor has
+the alignment and strides of the real one. The weights are only read, and their values do not
+matter. A stand-in's call takes that buffer and one call's activations, within what the stage
+itself will take: the engine warms a model whose stage places it whole (resident or staged), not
+a streamed U-Net (attention_warm.py warms that one's attention alone). The VAE decoder (one unit)
+is warmed after the U-Net's stand-in is freed, within what its own stage takes.
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ WARM_TIMESTEP = 500.0
 def stand_in(stage: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The stage's model on ``device`` with uninitialised weights, in the layout the model cache
     and the placement's units give the real one (dtypes, strides, channels-last convolutions,
-    alignment): what a first call's plans are keyed by."""
+    alignment): what a first call's plans are keyed by. Its units share one buffer, the size of
+    the largest."""
     layout = stage_layout(stage, meta_model(stage, cfg), dtype)
-    layout.bind(torch.empty(layout.total, dtype=torch.uint8, device=device))
+    layout.bind_shared(torch.empty(max(n for _, n in layout.units), dtype=torch.uint8, device=device))
     return layout.model.eval()
 
 

@@ -125,6 +125,14 @@ class StageLayout:
                 set_tensor(slot, slot_view(host, 0, slot))
         return hosts
 
+    def bind_shared(self, buffer: torch.Tensor) -> None:
+        """Point every unit's tensors into the same ``buffer`` (at least the largest unit's bytes),
+        each where it sits in its unit: a stand-in's weights (model_warm.py), whose values are
+        never used."""
+        for slots, _ in self.units:
+            for slot in slots:
+                set_tensor(slot, slot_view(buffer, 0, slot))
+
 
 def stage_layout(stage: str, model: nn.Module, dtype: torch.dtype) -> StageLayout:
     """The layout of ``model`` (on the meta device) with its floating tensors in ``dtype``."""
