@@ -10,7 +10,13 @@ attention's plans there while the U-Net is read). The rest is the process's: one
 kind of operation the models make, at small shapes, on this thread, loads the libraries and the
 kernels' modules for the whole process. On an H100 (2026-11-27, repeated ``sdterm generate``, 8
 alternating processes each) that took 0.86 s here and cut the render's first U-Net run from 1.02
-s to 0.66 s (medians), from torch's import to the command's end 2.68 s -> 2.48 s.
+s to 0.66 s (medians), from torch's import to the command's end 2.68 s -> 2.48 s; leaving
+attention out of them took a further 0.14 s off (:func:`first_calls_of_models`).
+
+Making them at the render's own shapes (a U-Net stand-in's whole call, its attention left out,
+and a VAE decode, at 512x512) was measured and not kept: the render's first decode took 0.05 s
+against 0.13 s, but this thread then ran 1.8 s beside the render's start and slowed it (torch's
+import to the command's end 2.36 s against 2.22 s, 6 alternating processes each).
 
 The first calls run on a stream of their own and on small tensors (a few MiB), and leave nothing
 allocated (cuBLAS's workspace of this thread is dropped); the render waits for them
@@ -85,15 +91,34 @@ def _start(index: int, first_calls: bool) -> None:
         # not in the render's first planning on the thread that waits for it.
         torch.cuda.mem_get_info(index)
         if first_calls:
-            first_calls_of_models(torch.device("cuda", index))
+            make_first_calls(torch.device("cuda", index))
     except Exception:  # noqa: BLE001 - only a head start: the first real use of CUDA reports what is wrong
         pass
+
+
+def make_first_calls(device: torch.device) -> None:
+    """The start thread's first calls (:func:`first_calls_of_models`), then this thread's cuBLAS
+    workspaces dropped."""
+    first_calls_of_models(device)
+    # cuBLAS keeps a workspace per handle and stream (8-32 MiB): this thread's would stay allocated
+    # for nothing. torch drops them all at each graph capture too; a thread using its own gets a
+    # new one at its next call.
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
 
 
 def first_calls_of_models(device: torch.device, dtype: torch.dtype = torch.float16) -> None:
     """One call of each kind of operation the U-Net, the VAE and the samplers make, at small
     shapes, in the models' dtype and layout (channels-last convolutions), on a stream of its own;
-    nothing stays allocated. What it is for: the module's doc."""
+    nothing stays allocated. What it is for: the module's doc.
+
+    Attention (SDPA) is left out: on an H100 cuDNN runs it, and what its first call costs is the
+    plan of its shape, kept by the thread that builds it (a third thread's first U-Net call built
+    them again: 0.45 s of its 0.61 s), so here it only took time beside the render's own start.
+    Without it, a repeated ``generate`` went from torch's import to its end in 1.92 s against
+    2.06 s (7 alternating processes each, medians, 2026-11-27), the render's first U-Net run
+    unchanged (0.50 s)."""
     stream = torch.cuda.Stream(device)
     with torch.cuda.stream(stream), torch.inference_mode():
         last = torch.channels_last
@@ -109,23 +134,14 @@ def first_calls_of_models(device: torch.device, dtype: torch.dtype = torch.float
         tokens = F.layer_norm(zeros(2, 77, 64), (64,), zeros(64), zeros(64))
         h = F.linear(tokens, zeros(128, 64), zeros(128)).chunk(2, dim=-1)
         h = h[0] * F.gelu(h[1])
-        q, k = zeros(2, 8, 256, 64), zeros(2, 8, 77, 64)
-        F.scaled_dot_product_attention(q, q, q)
-        F.scaled_dot_product_attention(q, k, k)
         t = torch.full((2,), 500.0, device=device)
         freqs = torch.exp(-torch.arange(0, 160, dtype=torch.float32, device=device) / 160)
         torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=-1).to(dtype)
         latent = zeros(1, 4, 8, 8, dt=torch.float32)
         (latent + 0.5 * latent / (latent * latent + 1).sqrt()).to(dtype).float().clamp(-1, 1)
         stream.synchronize()
-    # cuBLAS keeps a workspace per handle and stream (8-32 MiB): this thread's would stay allocated
-    # for nothing. torch drops them all at each graph capture too; a thread using its own gets a
-    # new one at its next call.
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None:
-        clear()
     # The blocks the allocator cached for this stream go back to the driver at the first stage's
     # end (the engine empties the cache there).
 
 
-__all__ = ["first_calls_of_models", "start_cuda", "use_expandable_segments", "wait_started"]
+__all__ = ["first_calls_of_models", "make_first_calls", "start_cuda", "use_expandable_segments", "wait_started"]
