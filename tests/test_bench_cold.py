@@ -64,20 +64,38 @@ def test_a_missing_model_is_one_line(bench_cli, tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_a_torch_without_cached_bytecode_is_noted(monkeypatch, tmp_path):
-    """Where torch's bytecode is not cached (the GPU machine here sets PYTHONDONTWRITEBYTECODE and
-    its torch has none), every process compiles torch from source: the figures say so."""
+def test_modules_without_cached_bytecode_are_noted(monkeypatch, tmp_path):
+    """Where imported modules have no cached bytecode (the GPU machine here sets
+    PYTHONDONTWRITEBYTECODE and its torch has none; a PYTHONPYCACHEPREFIX holding torch's alone
+    leaves the standard library's out), every process compiles them from source: the figures say
+    so, naming some. Modules outside the installation and sdterm (these tests) are not counted."""
+    import importlib.machinery
     import importlib.util
+    import json.decoder  # noqa: F401 - a standard-library module, imported for sure
+    import sys
+    import types
     from pathlib import Path
 
-    from sdterm.bench.cold import ColdReport, bytecode_note
+    import sdterm
+    from sdterm.bench.cold import ColdReport, bytecode_note, uncached_modules
 
-    real = importlib.util.cache_from_source
-    cached = real(importlib.util.find_spec("torch").origin)
-    monkeypatch.setattr(importlib.util, "cache_from_source", lambda path: str(tmp_path / "none.pyc"))
+    missing = str(tmp_path / "none.pyc")
+    monkeypatch.setattr(importlib.util, "cache_from_source", lambda path: missing)
+    everything = uncached_modules()
+    assert {"torch", "json.decoder", "sdterm.bench.cold"} <= set(everything), everything[:20]
+    assert not [n for n in everything if n.startswith("tests")], everything  # this file's own: not counted
     note = bytecode_note()
-    assert note and "PYTHONPYCACHEPREFIX" in note
+    assert note and "PYTHONPYCACHEPREFIX" in note and f"{len(everything)} modules" in note
     report = ColdReport("x.safetensors", 1, "cpu", 1, (64, 64), notes=[note])
     assert format_cold(report).endswith(note) and report.to_dict()["notes"] == [note]
-    monkeypatch.setattr(importlib.util, "cache_from_source", lambda path: cached)
-    assert (bytecode_note() is None) == Path(cached).exists()  # here: whatever this machine has
+    # One module of sdterm's without bytecode, every other one with it: that one alone is named.
+    origin = str(Path(sdterm.__file__).parent / "probe_without_bytecode.py")
+    probe = types.ModuleType("sdterm.probe_without_bytecode")
+    probe.__spec__ = importlib.machinery.ModuleSpec(probe.__name__, None, origin=origin)
+    monkeypatch.setitem(sys.modules, probe.__name__, probe)
+    compiled = tmp_path / "compiled.pyc"
+    compiled.write_bytes(b"")
+    monkeypatch.setattr(importlib.util, "cache_from_source", lambda path: missing if path == origin else str(compiled))
+    assert uncached_modules() == [probe.__name__]
+    monkeypatch.setattr(importlib.util, "cache_from_source", lambda path: str(compiled))
+    assert uncached_modules() == [] and bytecode_note() is None

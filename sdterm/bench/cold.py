@@ -177,19 +177,42 @@ def run_cold(opts: BenchOptions, device: str, *, model: str | None = None, confi
 
 
 def bytecode_note() -> str | None:
-    """A line when torch's bytecode is not cached after the runs (``PYTHONDONTWRITEBYTECODE``, or a
-    read-only install without it): every process then compiled torch from source, seconds that an
-    installed package (bytecode compiled at install) does not pay. None otherwise."""
-    import importlib.util
+    """A line when modules this process imported (those a ``generate`` imports too: the standard
+    library's, torch's, sdterm's) have no cached bytecode: every process then compiled them from
+    source, time that an installed package (bytecode compiled at install) does not pay. It happens
+    under ``PYTHONDONTWRITEBYTECODE`` with a read-only install, and with a ``PYTHONPYCACHEPREFIX``
+    holding only some packages' bytecode: Python then looks there alone, and compiles the rest,
+    the standard library's included, in every process. None otherwise."""
+    missing = uncached_modules()
+    if not missing:
+        return None
+    shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    return (f"note: {len(missing)} modules imported here have no cached bytecode ({shown}): every process compiled "
+            "them from source (PYTHONDONTWRITEBYTECODE with a read-only install, or a PYTHONPYCACHEPREFIX that "
+            "lacks them); for the figures an installed package gives, run `python -m compileall` once over the "
+            "standard library and site-packages with the same PYTHONPYCACHEPREFIX")
 
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.origin:
-        return None
-    if Path(importlib.util.cache_from_source(spec.origin)).exists():
-        return None
-    return ("note: torch's bytecode is not cached here (PYTHONDONTWRITEBYTECODE, or a read-only install): every "
-            "process compiled its imports from source; set PYTHONPYCACHEPREFIX to a writable folder and run "
-            "`python -m compileall` over site-packages once for figures an installed package gives")
+
+def uncached_modules() -> list[str]:
+    """Names of the imported modules, from the Python installation (its standard library and
+    site-packages) or sdterm, whose bytecode is not where Python looks for it (sorted)."""
+    import importlib.util
+    import site
+
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(__file__).resolve().parents[1]),
+             *getattr(site, "getsitepackages", list)(), getattr(site, "USER_SITE", None) or ""}
+    torch_spec = importlib.util.find_spec("torch")
+    if torch_spec is not None and torch_spec.origin:
+        roots.add(str(Path(torch_spec.origin).parents[1]))  # a venv or --target folder outside the prefix
+    roots_tuple = tuple(str(Path(r)) + os.sep for r in roots if r)
+    names = []
+    for name, module in list(sys.modules.items()):
+        origin = getattr(getattr(module, "__spec__", None), "origin", None)
+        if not origin or not origin.endswith(".py") or not origin.startswith(roots_tuple):
+            continue
+        if not Path(importlib.util.cache_from_source(origin)).exists():
+            names.append(name)
+    return sorted(names)
 
 
 def _child(module: str, args: list[str], env: dict, what: str) -> subprocess.CompletedProcess:
