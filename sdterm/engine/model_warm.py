@@ -1,5 +1,5 @@
 """A process's first U-Net and VAE calls, made on the render thread while the U-Net's weights are
-still being read or converted.
+still being converted.
 
 A model's first call in a process costs far more than its next: cuDNN builds an execution plan for
 every convolution and attention shape it meets (kept in a cache of the calling thread), cuBLAS

@@ -15,8 +15,9 @@ attention out of them took a further 0.14 s off (:func:`first_calls_of_models`).
 
 Making them at the render's own shapes (a U-Net stand-in's whole call, its attention left out,
 and a VAE decode, at 512x512) was measured and not kept: the render's first decode took 0.05 s
-against 0.13 s, but this thread then ran 1.8 s beside the render's start and slowed it (torch's
-import to the command's end 2.36 s against 2.22 s, 6 alternating processes each).
+against 0.10 s, but this thread then ran 1.8 s beside the render's start and slowed it (torch's
+import to the command's end 2.36 s against 2.22 s, 6 alternating processes each, both trees also
+warming the whole U-Net on the render thread, a change not kept either: docs/benchmarks.md).
 
 The first calls run on a stream of their own and on small tensors (a few MiB), and leave nothing
 allocated (cuBLAS's workspace of this thread is dropped); the render waits for them
