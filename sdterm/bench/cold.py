@@ -204,7 +204,7 @@ def uncached_modules() -> list[str]:
     torch_spec = importlib.util.find_spec("torch")
     if torch_spec is not None and torch_spec.origin:
         roots.add(str(Path(torch_spec.origin).parents[1]))  # a venv or --target folder outside the prefix
-    roots_tuple = tuple(str(Path(r)) + os.sep for r in roots if r)
+    roots_tuple = tuple(str(Path(r)).rstrip(os.sep) + os.sep for r in roots if r)  # "/" stays "/"
     names = []
     for name, module in list(sys.modules.items()):
         origin = getattr(getattr(module, "__spec__", None), "origin", None)
