@@ -933,7 +933,7 @@ def test_the_process_first_calls_run_on_the_device_and_keep_nothing():
     "nothing kept" is at most)."""
     import threading
 
-    from sdterm.engine.memory.cuda_start import make_first_calls
+    from sdterm.engine.memory.cuda_start import first_calls_of_models
 
     failed = []
     torch.cuda.synchronize()
@@ -941,7 +941,7 @@ def test_the_process_first_calls_run_on_the_device_and_keep_nothing():
 
     def run():
         try:
-            make_first_calls(torch.device("cuda"))
+            first_calls_of_models(torch.device("cuda"))
         except Exception as exc:  # handed to the test's thread
             failed.append(exc)
 

@@ -71,4 +71,3 @@ def test_warm_inputs_have_the_signatures_of_a_renders_unet_calls(demo_model, sam
                          torch.device("cpu"))
     assert {signature(*i) for i in inputs} == seen
     assert len(inputs) == len(seen)  # each signature once
-

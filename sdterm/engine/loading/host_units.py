@@ -120,18 +120,19 @@ class StageLayout:
     def bind(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Point every tensor of the model at its place in ``buffer``; the units' slices."""
         hosts = self.unit_hosts(buffer)
-        for host, (slots, _) in zip(hosts, self.units):
-            for slot in slots:
-                set_tensor(slot, slot_view(host, 0, slot))
+        self._bind_units(hosts)
         return hosts
 
     def bind_shared(self, buffer: torch.Tensor) -> None:
         """Point every unit's tensors into the same ``buffer`` (at least the largest unit's bytes),
         each where it sits in its unit: a stand-in's weights (model_warm.py), whose values are
         never used."""
-        for slots, _ in self.units:
+        self._bind_units([buffer] * len(self.units))
+
+    def _bind_units(self, hosts: list[torch.Tensor]) -> None:
+        for host, (slots, _) in zip(hosts, self.units):
             for slot in slots:
-                set_tensor(slot, slot_view(buffer, 0, slot))
+                set_tensor(slot, slot_view(host, 0, slot))
 
 
 def stage_layout(stage: str, model: nn.Module, dtype: torch.dtype) -> StageLayout:

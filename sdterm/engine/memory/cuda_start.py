@@ -92,21 +92,9 @@ def _start(index: int, first_calls: bool) -> None:
         # not in the render's first planning on the thread that waits for it.
         torch.cuda.mem_get_info(index)
         if first_calls:
-            make_first_calls(torch.device("cuda", index))
+            first_calls_of_models(torch.device("cuda", index))
     except Exception:  # noqa: BLE001 - only a head start: the first real use of CUDA reports what is wrong
         pass
-
-
-def make_first_calls(device: torch.device) -> None:
-    """The start thread's first calls (:func:`first_calls_of_models`), then this thread's cuBLAS
-    workspaces dropped."""
-    first_calls_of_models(device)
-    # cuBLAS keeps a workspace per handle and stream (8-32 MiB): this thread's would stay allocated
-    # for nothing. torch drops them all at each graph capture too; a thread using its own gets a
-    # new one at its next call.
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None:
-        clear()
 
 
 def first_calls_of_models(device: torch.device, dtype: torch.dtype = torch.float16) -> None:
@@ -141,8 +129,14 @@ def first_calls_of_models(device: torch.device, dtype: torch.dtype = torch.float
         latent = zeros(1, 4, 8, 8, dt=torch.float32)
         (latent + 0.5 * latent / (latent * latent + 1).sqrt()).to(dtype).float().clamp(-1, 1)
         stream.synchronize()
+    # cuBLAS keeps a workspace per handle and stream (8-32 MiB): this thread's would stay allocated
+    # for nothing. torch drops them all at each graph capture too; a thread using its own gets a
+    # new one at its next call.
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
     # The blocks the allocator cached for this stream go back to the driver at the first stage's
     # end (the engine empties the cache there).
 
 
-__all__ = ["first_calls_of_models", "make_first_calls", "start_cuda", "use_expandable_segments", "wait_started"]
+__all__ = ["first_calls_of_models", "start_cuda", "use_expandable_segments", "wait_started"]
