@@ -927,6 +927,41 @@ def test_start_cuda_leaves_the_device_context_made_on_its_own_thread():
     assert got == {"get": 0, "state": 0, "active": 1, "torch": True}
 
 
+DRIVER_PROBE = """
+import ctypes, json, sys
+from sdterm.engine.memory.cuda_driver import start_driver, wait_driver
+start_driver(0)
+wait_driver()
+torch_before = "torch" in sys.modules
+driver = ctypes.CDLL("libcuda.so.1")
+device, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+got = driver.cuDeviceGet(ctypes.byref(device), 0)  # CUDA_ERROR_NOT_INITIALIZED (3) without cuInit
+state = driver.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active)) if got == 0 else None
+import torch
+x = torch.ones(4, device="cuda") * 2
+current = ctypes.c_void_p()
+driver.cuCtxGetCurrent(ctypes.byref(current))
+primary = ctypes.c_void_p()
+driver.cuDevicePrimaryCtxRetain(ctypes.byref(primary), device)
+print(json.dumps({"torch_before": torch_before, "get": got, "state": state, "active": active.value,
+                  "sum": float(x.sum()), "same": current.value == primary.value}))
+"""
+
+
+def test_the_driver_thread_makes_the_primary_context_torch_then_uses():
+    """In a fresh process, before torch is imported: the driver thread (cuda_driver.py) starts the
+    driver and makes the device's primary context; torch, imported after, computes in that same
+    context."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", DRIVER_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"torch_before": False, "get": 0, "state": 0, "active": 1, "sum": 8.0, "same": True}
+
+
 def test_the_process_first_calls_run_on_the_device_and_keep_nothing():
     """What the start thread runs, on a thread of its own (it would swallow an error: called here
     directly), in a process that has used cuBLAS before (its workspaces are dropped too, so

@@ -1,5 +1,6 @@
-"""CUDA's start (the driver, torch's initialisation, the device's context, the process's first
-calls) on a thread as soon as a rendering command has imported torch, beside the model's opening
+"""CUDA's start: the driver and the device's context on a thread before a rendering command
+imports torch (cuda_driver.py), then torch's initialisation and the process's first calls on a
+thread as soon as it has imported torch, beside the model's opening
 and the engine's set-up: where it is started, that it is started once, never for ``--device
 cpu``, and that a graph capture waits for it. That the context really exists afterwards, and that
 the first calls run, is checked on a GPU (tests/test_cuda.py)."""
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from sdterm.cli import engine_setup
-from sdterm.engine.memory import cuda_start, placement
+from sdterm.engine.memory import cuda_driver, cuda_start, placement
 
 
 @pytest.fixture
@@ -51,6 +52,61 @@ def test_a_placement_on_a_gpu_starts_cuda_without_first_calls_unless_the_command
     assert [args for _, args, _, _ in threads] == [(0, False)]
 
 
+def test_the_start_thread_waits_for_the_driver_before_torch_calls_into_it(monkeypatch):
+    """torch's own driver calls hold the GIL: they come only after the driver thread is done."""
+    order: list[str] = []
+    monkeypatch.setattr(cuda_start, "wait_driver", lambda: order.append("wait driver"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: order.append("torch") and False)
+    cuda_start._start(0, True)
+    assert order == ["wait driver", "torch"]
+
+
+def test_start_driver_starts_one_daemon_thread_once(monkeypatch):
+    started: list[tuple] = []
+
+    class Recorded:
+        def __init__(self, target, args=(), name=None, daemon=None):
+            self.call = (target, args, name, daemon)
+
+        def start(self):
+            started.append(self.call)
+
+    monkeypatch.setattr(cuda_driver.threading, "Thread", Recorded)
+    monkeypatch.setattr(cuda_driver, "_thread", None)
+    cuda_driver.start_driver(0)
+    cuda_driver.start_driver(0)
+    assert started == [(cuda_driver._start, (0,), "sdterm-cuda-driver", True)]
+
+
+def test_the_driver_start_imports_no_torch_and_ends_quietly_without_a_driver():
+    """It runs before torch's import (a subprocess: this one has torch). Where there is no
+    libcuda.so.1 (this machine, unless it has a GPU) the thread just ends."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from sdterm.engine.memory.cuda_driver import start_driver, wait_driver; "
+             "start_driver(0); wait_driver(); print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_without_a_driver_library_the_driver_thread_ends(monkeypatch):
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(cuda_driver.ctypes, "CDLL", missing)
+    cuda_driver._start(0)  # nothing raised
+
+
+@pytest.mark.parametrize("device, expected", [("auto", [0]), ("cuda", [0]), ("cpu", [])])
+def test_start_driver_is_asked_for_unless_the_cpu_is(monkeypatch, device, expected):
+    calls: list = []
+    monkeypatch.setattr(cuda_driver, "start_driver", lambda index=0: calls.append(index))
+    engine_setup.start_driver(argparse.Namespace(device=device))
+    assert calls == expected
+
+
 def test_the_start_thread_is_harmless_without_a_gpu(monkeypatch):
     """On a machine without CUDA (``--device auto`` there), the thread finds none and ends."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -75,12 +131,13 @@ def test_generate_starts_cuda_before_it_opens_the_model(demo_model, tmp_path, ru
 
     order: list[str] = []
     real_open = pipeline.open_model
+    monkeypatch.setattr(generate, "start_driver", lambda args: order.append(f"driver {args.device}"))
     monkeypatch.setattr(generate, "start_device", lambda args: order.append(f"start {args.device}"))
     monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: order.append("open") or real_open(*a, **k))
     code, _, err = run_cli("generate", "a red fox", "--model", demo_model, "--seed", 1, "--steps", 1, "--width", 64,
                            "--height", 64, "--outdir", tmp_path, "--device", "cpu")
     assert code == 0, err
-    assert order == ["start cpu", "open"]
+    assert order == ["driver cpu", "start cpu", "open"]
 
 
 def test_wait_started_waits_for_the_start_thread_but_never_for_itself(monkeypatch):
@@ -127,8 +184,9 @@ def test_verify_starts_cuda_before_it_opens_the_model(demo_model, tmp_path, run_
     assert code == 0, err
     order: list[str] = []
     real_open = pipeline.open_model
+    monkeypatch.setattr(engine_setup, "start_driver", lambda args: order.append(f"driver {args.device}"))
     monkeypatch.setattr(engine_setup, "start_device", lambda args: order.append(f"start {args.device}"))
     monkeypatch.setattr(pipeline, "open_model", lambda *a, **k: order.append("open") or real_open(*a, **k))
     code, _, err = run_cli("verify", out.strip(), "--model", demo_model, "--device", "cpu")
     assert code == 0, err
-    assert order == ["start cpu", "open"]
+    assert order == ["driver cpu", "start cpu", "open"]

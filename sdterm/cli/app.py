@@ -13,7 +13,7 @@ from ..options import add_render_options, params_from_args
 from ..params import MAX_SEED
 from ..resolve import user_config
 from .engine_setup import (add_addon_options, add_embeddings_option, add_graphs_option, add_threads_option,
-                           make_engine, start_device, with_loras)
+                           make_engine, start_device, start_driver, with_loras)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from ..history import History, history_file
 
     cfg, model, params, budget = app_start(args)
+    start_driver(args)  # beside the screen's start and torch's import
     history = History(history_file())
     session = app_session(args, cfg, params, history, budget)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
@@ -136,6 +137,7 @@ class AppModels:
         model = self.model if name is None else self.path_for(name)
         gc.collect()  # the previous model's engine, dropped by the app, goes before the next loads
         progress("starting torch")
+        start_driver(self.args)  # (once per process: where the app's start did not already)
         from ..engine.pipeline import open_model
 
         start_device(self.args)

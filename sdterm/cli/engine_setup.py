@@ -88,6 +88,16 @@ def taesd_file(data_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def start_driver(args: argparse.Namespace) -> None:
+    """Start CUDA's driver and the device's context on a thread unless ``args.device`` is the CPU:
+    called by a command about to render before it imports torch, so that they run beside the
+    import (``engine/memory/cuda_driver.py``; no torch is imported here)."""
+    if args.device != "cpu":
+        from ..engine.memory.cuda_driver import start_driver as start
+
+        start(0)  # --device cuda and auto: the first device
+
+
 def start_device(args: argparse.Namespace) -> None:
     """Start CUDA on a thread unless ``args.device`` is the CPU: called by a command about to
     render as soon as torch is imported, so the driver, the device's context and the process's

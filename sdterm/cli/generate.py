@@ -15,7 +15,7 @@ from ..params import MAX_BATCH, MAX_SEED, Params, batch
 from ..resolve import user_config
 from ..units import format_bytes
 from .engine_setup import (add_addon_options, add_embeddings_option, add_graphs_option, add_threads_option,
-                           make_engine, start_device, with_loras)
+                           make_engine, start_device, start_driver, with_loras)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -167,16 +167,17 @@ def run(args: argparse.Namespace) -> int:
     from .. import paths
 
     model = None if args.random_weights else str(demo_model_dir()) if demo else resolve_model(args.model, cfg)
+    start_driver(args)  # the driver and the device's context beside torch's import
     if model is not None:
         from ..engine.loading.hasher import begin
 
         begin(model, paths.hash_memo_file())  # the file's sha256 read beside torch's import, not after it
+    start_device(args)  # imports torch
     from ..engine.pipeline import open_model
     from ..engine.prompt.tokenizer import PromptError
     from ..history import History, history_file
     from ..service import RenderService
 
-    start_device(args)
     if model is None:
         source = random_weights_source(args.config)
     else:

@@ -65,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
     model, note = (args.model, None) if args.model else find_model(
         request, cfg, progress=lambda text: print(f"  {text}…", file=sys.stderr))
     from .. import paths
+    from .engine_setup import make_engine, start_device, start_driver
+
+    start_driver(args)  # beside torch's import
     from ..engine.pipeline import open_model
     from ..service import RenderService
-    from .engine_setup import make_engine, start_device
     from .generate import StderrProgress
 
     start_device(args)  # CUDA starts beside the model's opening

@@ -1,6 +1,8 @@
 """CUDA's start in a process, on a thread of its own, while the command opens the model and sets
 up the engine: the driver (``cuInit``), torch's initialisation, the device's context and, for a
-command that is about to render, the libraries' and kernels' first calls.
+command that is about to render, the libraries' and kernels' first calls. A command that renders
+starts the driver and the context earlier still, beside torch's import (``cuda_driver.py``): this
+thread then waits for that one first.
 
 A process's first GPU render pays, on top of its compute, for everything CUDA does once per
 process: starting cuBLAS and cuDNN, loading each kernel at its first launch (CUDA loads modules
@@ -31,6 +33,8 @@ import threading
 
 import torch
 import torch.nn.functional as F
+
+from .cuda_driver import wait_driver
 
 _threads: dict[int, threading.Thread] = {}
 _lock = threading.Lock()
@@ -85,7 +89,8 @@ def _index(device: torch.device) -> int:
 
 def _start(index: int, first_calls: bool) -> None:
     try:
-        if not torch.cuda.is_available():  # the driver's start (cuInit) happens here
+        wait_driver()  # started before torch's import, where the command did (cuda_driver.py)
+        if not torch.cuda.is_available():  # the driver's start (cuInit), unless it ran already
             return
         torch.cuda.init()
         # torch's initialisation leaves the context to the first call that needs one: make it here,
