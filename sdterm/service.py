@@ -77,13 +77,16 @@ def keep_copy(data: bytes, seed: int) -> Path | None:
 class RenderService:
     """Render, save and record, for one engine, one output folder and one history."""
 
-    def __init__(self, engine, outdir: Path, history: History | None = None):
+    def __init__(self, engine, outdir: Path, history: History | None = None, thread=None):
         self.engine = engine
         """What renders (``sdterm.engine.pipeline.Engine``, or a stand-in with ``generate``)."""
         self.outdir = Path(outdir)
         """Where images go."""
         self.history = history
         """Where renders are recorded; None records nothing."""
+        self.thread = thread
+        """The :class:`~sdterm.engine.render_thread.RenderThread` the engine renders on (a one-shot
+        command's); None: the caller's thread."""
 
     def render(self, params: Params, *, emit: Callable | None = None, cancelled: Callable[[], bool] | None = None,
                **options):
@@ -91,8 +94,11 @@ class RenderService:
         ``cancelled`` is polled at each step (the engine raises ``Cancelled``). ``options``: the
         engine's ``preview``, ``trail`` and ``fork`` (passed only when given: a stand-in engine
         without them still renders)."""
-        return self.engine.generate(params, emit=emit or _ignore, cancelled=cancelled or _never,
-                                    **{k: v for k, v in options.items() if v is not None and v is not False})
+        kwargs = {k: v for k, v in options.items() if v is not None and v is not False}
+        if self.thread is not None:
+            return self.thread.call(self.engine.generate, params, emit=emit or _ignore,
+                                    cancelled=cancelled or _never, **kwargs)
+        return self.engine.generate(params, emit=emit or _ignore, cancelled=cancelled or _never, **kwargs)
 
     def save(self, params: Params, result) -> Path:
         """The rendered ``result`` of ``params`` as a PNG with its metadata, in the output folder;

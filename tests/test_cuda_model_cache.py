@@ -117,3 +117,21 @@ def test_first_pass_render_is_identical_with_pinned_adopted_units(model, tmp_pat
     again = engine(model, cache)
     assert again.models._store.pack is not None and again.models.sha256 == first.models.sha256
     assert np.array_equal(pixels(again.generate(small_request(**REQ))), reference)
+
+
+def test_a_render_thread_warmed_while_the_pack_is_read_renders_the_same_image(model, tmp_path):
+    """``sdterm generate`` on a GPU (render_thread.py): the engine's head start (``warm_for``:
+    the U-Net read from the pack on a thread, the attention's plans on the render thread), then
+    the render on that thread; the image is the plain engine's."""
+    from sdterm.engine.render_thread import RenderThread
+
+    cache = tmp_path / "packs"
+    reference = pixels(engine(model, cache).generate(small_request(**REQ)))
+    published()
+    warmed = engine(model, cache)
+    assert warmed.models.from_cache("unet")
+    thread = RenderThread()
+    thread.submit(warmed.warm_for, small_request(**REQ))
+    result = thread.call(warmed.generate, small_request(**REQ))
+    assert warmed.models.built("unet")
+    assert np.array_equal(pixels(result), reference)

@@ -184,11 +184,12 @@ def run(args: argparse.Namespace) -> int:
         source = open_model(model, config_path=args.config, data_dir=paths.data_dir())
     engine = make_engine(source, args)
     engine.keep_text = bool(args.from_file)  # one prompt: once encoded, its renders find it in the cache
+    thread = render_thread(engine, jobs)
     outdir = Path(args.outdir).expanduser() if args.outdir else paths.default_outdir()
     history = History(history_file()) if args.history else None
     if history is not None and history.repaired:
         print(f"note: history: moved {history.repaired} unreadable line(s) to {history.quarantine}", file=sys.stderr)
-    service = RenderService(engine, outdir, history)
+    service = RenderService(engine, outdir, history, thread=thread)
     failed = 0
     for where, job in jobs:
         prefix = f"{where}: " if where else ""
@@ -209,6 +210,26 @@ def run(args: argparse.Namespace) -> int:
             print(f"sdterm: error: {prefix}{exc}", file=sys.stderr)
             failed += 1
     return EXIT_ERROR if failed else 0
+
+
+def render_thread(engine, jobs: list):
+    """On a GPU, the thread the renders run on (``engine/render_thread.py``), its first job
+    started at once: the engine's head start on the first render (``Engine.warm_for``: the U-Net's
+    read, the attention's plans) while this thread still prepares. None on the CPU."""
+    if engine.device.type != "cuda":
+        return None
+    from ..engine.render_thread import RenderThread
+
+    thread = RenderThread()
+    first = next((job for _, job in jobs if not isinstance(job, str)), None)
+    if first is not None:
+        try:
+            params = _params_from(first)
+        except (ConfigError, UserError):
+            params = None  # reported when the job's turn comes
+        if params is not None:
+            thread.submit(engine.warm_for, params)
+    return thread
 
 
 def _render_one(service, params: Params, as_json: bool, args=None) -> None:

@@ -22,7 +22,7 @@ from .memory.meter import StageMeter, memory_sample
 from .memory.planner import MiB, Plan
 from .memory.streaming import RingStreamer, ring_size
 from .model_warm import warm_inputs, warm_unet, warm_vae
-from .prompt.conditioning import Conditioning
+from .prompt.conditioning import CHUNK_LENGTH, Conditioning
 from .sampling import SamplingContext, get_sampler
 from .sampling.guidance import ScheduledGuidance, runs_apart, unet_calls, unet_passes
 from .sampling.schedules import sampler_plan
@@ -130,6 +130,23 @@ class UNetStage:
 
         built_meanwhile(lambda: self.models.module("unet"), warm)
         return self._acquire("unet", plan.unet)
+
+    def warm_for(self, req: Params) -> None:
+        """Before a render of ``req`` is asked for, on the thread that will run it
+        (render_thread.py), while the caller still prepares: where the U-Net will come from the
+        model cache, its read starts on a thread, and cuDNN's attention plans of the first pass's
+        U-Net calls are built here (a prompt and negative of one chunk each; other lengths
+        build theirs in the render, as without this). On the CPU, or with the U-Net built, nothing."""
+        if self.device.type != "cuda" or self.models.built("unet"):
+            return
+        if self.models.from_cache("unet"):
+            self.models.prefetch("unet")
+        tokens = CHUNK_LENGTH + 2  # one chunk: its 75 tokens between the start and end tokens
+        calls = unet_calls(req.cfg, False, tokens, tokens)
+        try:
+            warm_attention(self.models.cfg.unet, calls, req.height // 8, req.width // 8, self.dtype, self.device)
+        except RuntimeError:  # out of memory, say: only a head start
+            pass
 
     def _streamer(self, unet, plan: Plan, passes: int, ring: torch.Tensor | None = None) -> RingStreamer:
         """The streamed U-Net's units through a ring for ``passes`` U-Net calls (the caller's

@@ -1,6 +1,6 @@
 """The models of one checkpoint: where they come from, built on first use, kept on the host.
 
-``open_model`` resolves what the user passed as ``--model``; :class:`Models` verifies the file up
+``open_model`` (source.py) resolves what the user passed as ``--model``; :class:`Models` verifies the file up
 front (every tensor of the three text-to-image models by name and shape, none read), builds each
 model in the run dtype the first time a stage needs it (the VAE encoder only when an image is
 encoded: a pruned file without one fails then, in one line), and knows the model's identity (the
@@ -8,18 +8,18 @@ A1111 hash, the text encoder's for the embedding cache) and its sizes for the pl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ...config import ModelConfig, default_config_path, load_model_config
 from ..memory.planner import ModelSizes
 from ..networks.clip import build_text_encoder, clip_prefix, verify_text_encoder
 from ..networks.unet import UNetModel
 from ..networks.vae import VAEDecoder, VAEEncoder
-from ..prompt.tokenizer import PromptTokenizer, fetch_tokenizer, find_tokenizer
+from ..prompt.tokenizer import PromptTokenizer, fetch_tokenizer
 from .file_hash import TEXT_DIGEST, parts_sha256, recall, recall_sha256, short_hash
 from .checkpoint import (
     UNET_PREFIX,
@@ -28,50 +28,15 @@ from .checkpoint import (
     CheckpointError,
     identify,
     open_checkpoint,
-    resolve_model_path,
     verify_module,
 )
 from .hasher import BackgroundHash, running
 from .single_pass import SinglePass
+from .source import ModelSource, open_model  # noqa: F401 - open_model: where callers import it from
 from .host_units import PACKED, model_sizes, stage_units
 from .store import HostStore
 from .tensor_reader import read_header
 from .vae_file import VAEFile, verify_vae_file
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from: a checkpoint file (or demo folder) and its architecture."""
-
-    checkpoint: Path | None
-    """None for random weights (measurements without a checkpoint)."""
-    config: ModelConfig
-    name: str
-    """What A1111 shows as ``Model:`` (the file name without extension, or the folder name)."""
-    tokenizer_dir: Path | None
-
-    @property
-    def demo(self) -> bool:
-        return self.config.demo or self.checkpoint is None
-
-
-def open_model(path: str | Path, *, config_path: str | Path | None = None, data_dir: Path | None = None) -> ModelSource:
-    """Resolve ``--model``: a checkpoint file, or a folder with model.safetensors + config.yaml.
-
-    The architecture comes from ``config_path``, else a ``config.yaml`` in the folder, else a
-    ``<name>.yaml`` beside the file, else configs/sd-v1.yaml.
-    """
-    ckpt = resolve_model_path(path)
-    given = Path(path).expanduser()
-    folder = given if given.is_dir() else None
-    if config_path is None:
-        for cand in ([folder / "config.yaml"] if folder else []) + [ckpt.with_suffix(".yaml")]:
-            if cand.is_file():
-                config_path = cand
-                break
-    cfg = load_model_config(config_path or default_config_path())
-    name = folder.name if folder else ckpt.stem
-    return ModelSource(ckpt, cfg, name, find_tokenizer(ckpt, data_dir))
 
 
 ON_DEMAND = frozenset({"vae_encoder"})
@@ -115,6 +80,7 @@ class Models:
         self._tokenizer_dir = tokenizer_dir or source.tokenizer_dir
         self._tokenizer: PromptTokenizer | None = None
         self._modules: dict[str, torch.nn.Module] = {}
+        self._pending: dict[str, Future] = {}  # being built by prefetch
         self._made: set[str] = set()
         """Every stage built in this process (a model let go by ``drop`` stays in it)."""
         self._ckpt: Checkpoint | None = None
@@ -289,11 +255,23 @@ class Models:
         if self._store is not None:
             self._store.settle_writes(stage)
 
+    def prefetch(self, stage: str) -> None:
+        """Start building the stage's model on a thread (``module`` waits for it and raises what it
+        raised), unless it is built or being built."""
+        if stage not in self._modules and stage not in self._pending:
+            self._pending[stage] = future = Future()
+            threading.Thread(target=_fill, args=(future, self.factories[stage]), name="sdterm-prefetch",
+                             daemon=True).start()
+
     def module(self, stage: str) -> torch.nn.Module:
         """The stage's model in host memory, built on first use (from the model cache, else from
-        the checkpoint)."""
+        the checkpoint), or waited for where :meth:`prefetch` builds it."""
         if stage not in self._modules:
-            self._modules[stage] = self.factories[stage]()
+            pending = self._pending.get(stage)
+            try:
+                self._modules[stage] = pending.result() if pending is not None else self.factories[stage]()
+            finally:
+                self._pending.pop(stage, None)  # after a failure, the next use builds it again
             self._made.add(stage)
             if self._ckpt is not None and all(s in self._made for s in self.factories if s not in ON_DEMAND):
                 self._ckpt.close()  # every text-to-image model is built: release the file mapping
@@ -409,3 +387,10 @@ class Models:
         if self._sizes is None:
             self._sizes = model_sizes(self.cfg, self.dtype)
         return self._sizes
+
+
+def _fill(future: Future, build: Callable[[], torch.nn.Module]) -> None:
+    try:
+        future.set_result(build())
+    except BaseException as exc:  # handed to the thread that asks for the model
+        future.set_exception(exc)

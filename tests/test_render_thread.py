@@ -1,0 +1,155 @@
+"""The thread a one-shot ``sdterm generate`` renders on (engine/render_thread.py), the engine's
+head start on it (``Engine.warm_for``: the U-Net's read prefetched, the attention's plans) and
+``Models.prefetch``. On a GPU the render after a head start is checked against a plain one
+(tests/test_cuda_model_cache.py)."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import pytest
+import torch
+
+from sdterm.engine import unet_stage
+from sdterm.engine.render_thread import RenderThread
+from sdterm.service import RenderService
+
+from .conftest import small_request
+
+
+def test_jobs_run_in_order_on_one_thread_and_call_returns_or_raises():
+    thread = RenderThread()
+    seen: list[tuple[str, str]] = []
+    thread.submit(lambda: (time.sleep(0.05), seen.append(("a", threading.current_thread().name))))
+    assert thread.call(lambda: seen.append(("b", threading.current_thread().name)) or 7) == 7
+    assert seen == [("a", "sdterm-render"), ("b", "sdterm-render")]
+    with pytest.raises(ZeroDivisionError):
+        thread.call(lambda: 1 / 0)
+
+
+def test_a_submitted_job_that_failed_is_raised_by_the_next_call_once():
+    thread = RenderThread()
+    thread.submit(lambda: {}["missing"])
+    with pytest.raises(KeyError):
+        thread.call(lambda: "rendered")
+    assert thread.call(lambda: "rendered") == "rendered"  # reported once, not again
+
+
+def test_a_job_cannot_wait_for_its_own_thread():
+    thread = RenderThread()
+    with pytest.raises(RuntimeError, match="own thread"):
+        thread.call(lambda: thread.call(lambda: None))
+
+
+def test_the_service_renders_on_its_thread():
+    class Engine:
+        def generate(self, params, **kwargs):
+            return threading.current_thread().name
+
+    assert RenderService(Engine(), ".").render(small_request()) == threading.current_thread().name
+    assert RenderService(Engine(), ".", thread=RenderThread()).render(small_request()) == "sdterm-render"
+
+
+class _Models:
+    """Stand-in for ``Models``: the factories count their calls; the U-Net's can be held back."""
+
+    def __init__(self, fail: bool = False):
+        self.calls: list[str] = []
+        self.release = threading.Event()
+        self.fail = fail
+
+    def build(self) -> str:
+        self.calls.append(threading.current_thread().name)
+        self.release.wait(5)
+        if self.fail:
+            self.fail = False  # the next build works
+            raise OSError("read failed")
+        return "unet model"
+
+
+def _models_with(stub: _Models, demo_model):
+    from sdterm.engine.loading.models import Models, open_model
+
+    models = Models(open_model(demo_model), torch.float32)
+    models.factories["unet"] = stub.build
+    return models
+
+
+def test_module_waits_for_the_prefetch_and_builds_once(demo_model):
+    stub = _Models()
+    models = _models_with(stub, demo_model)
+    models.prefetch("unet")
+    models.prefetch("unet")  # already being built
+    assert not models.built("unet")
+    threading.Timer(0.05, stub.release.set).start()
+    assert models.module("unet") == "unet model"
+    assert models.built("unet")
+    assert stub.calls == ["sdterm-prefetch"]
+    models.prefetch("unet")  # built: nothing more
+    assert stub.calls == ["sdterm-prefetch"]
+
+
+def test_a_failed_prefetch_is_raised_by_module_and_the_next_use_builds_again(demo_model):
+    stub = _Models(fail=True)
+    stub.release.set()
+    models = _models_with(stub, demo_model)
+    models.prefetch("unet")
+    with pytest.raises(OSError, match="read failed"):
+        models.module("unet")
+    assert models.module("unet") == "unet model"
+    assert stub.calls == ["sdterm-prefetch", threading.current_thread().name]
+
+
+@pytest.fixture
+def warm_calls(monkeypatch):
+    calls: list[tuple] = []
+    monkeypatch.setattr(unet_stage, "warm_attention",
+                        lambda cfg, calls_, h, w, dtype, device: calls.append((calls_, h, w, dtype, device.type)))
+    return calls
+
+
+def test_warm_for_does_nothing_on_the_cpu(demo_engine, warm_calls, monkeypatch):
+    prefetched: list[str] = []
+    monkeypatch.setattr(demo_engine.models, "prefetch", prefetched.append)
+    demo_engine.warm_for(small_request())
+    assert warm_calls == [] and prefetched == []
+
+
+@pytest.mark.parametrize("cfg, from_cache, calls", [(7.5, True, [(2, 77)]), (1.0, False, [(1, 77)])])
+def test_warm_for_prefetches_the_packed_unet_and_builds_the_first_pass_attention_plans(
+        demo_model, warm_calls, monkeypatch, cfg, from_cache, calls):
+    from sdterm.engine.pipeline import Engine, open_model
+
+    engine = Engine(open_model(demo_model), "cpu")
+    engine.device = torch.device("cuda")  # only its type is read before the calls (replaced here)
+    prefetched: list[str] = []
+    monkeypatch.setattr(engine.models, "prefetch", prefetched.append)
+    monkeypatch.setattr(engine.models, "from_cache", lambda stage: from_cache)
+    engine.warm_for(small_request(width=96, height=64, cfg=cfg))
+    assert prefetched == (["unet"] if from_cache else [])
+    assert warm_calls == [(calls, 8, 12, engine.dtype, "cuda")]
+    monkeypatch.setattr(engine.models, "built", lambda stage: True)
+    engine.warm_for(small_request())  # the U-Net is built: its plans were made by its first render
+    assert len(warm_calls) == 1
+
+
+def test_generate_renders_on_a_warmed_thread_only_on_a_gpu(monkeypatch):
+    from sdterm.cli import generate
+
+    class Engine:
+        def __init__(self, device: str):
+            self.device = torch.device(device)
+            self.warmed: list = []
+
+        def warm_for(self, params):
+            self.warmed.append((params.width, params.height, threading.current_thread().name))
+
+    args = argparse.Namespace(prompt="a red fox", seed=3, width=320, height=192, lora=None)
+    monkeypatch.setattr(generate, "_params_from", lambda job: small_request(width=job.width, height=job.height))
+    assert generate.render_thread(Engine("cpu"), [("", args)]) is None
+    gpu = Engine("cuda")
+    thread = generate.render_thread(gpu, [("line 1", "a bad line"), ("", args)])
+    assert thread.call(lambda: "after the head start") == "after the head start"
+    assert gpu.warmed == [(320, 192, "sdterm-render")]
