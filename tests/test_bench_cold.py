@@ -54,6 +54,7 @@ def test_cold_runs_are_fresh_processes_with_their_own_figures(tiny_config):
     assert "the app: models ready" in text and report.to_dict()["app"]["first"] > 0
     assert "where the wall time went" in text and "unet load" in text and "prepare" in text
     assert "\n  first: prepare " in text and "\n  second: prepare " in text and "unet run" in text
+    assert "head start" not in text  # the CPU renders on the command's own thread
     data = report.to_dict()
     assert json.dumps(data) and data["runs"][0]["startup"] == pytest.approx(report.runs[0].startup, abs=1e-3)
 
@@ -99,3 +100,11 @@ def test_modules_without_cached_bytecode_are_noted(monkeypatch, tmp_path):
     assert uncached_modules() == [probe.__name__]
     monkeypatch.setattr(importlib.util, "cache_from_source", lambda path: str(compiled))
     assert uncached_modules() == [] and bytecode_note() is None
+
+
+def test_on_a_gpu_the_first_render_line_says_the_head_start_is_outside_it():
+    from sdterm.bench.cold import ColdReport
+
+    report = ColdReport("x.safetensors", 1, "cuda", 20, (512, 512), in_process=(0.75, 0.21))
+    text = format_cold(report)
+    assert "first render 0.75 s, second 0.21 s (3.57x)\n  (on a GPU the command's head start" in text

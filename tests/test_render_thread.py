@@ -153,3 +153,23 @@ def test_generate_renders_on_a_warmed_thread_only_on_a_gpu(monkeypatch):
     thread = generate.render_thread(gpu, [("line 1", "a bad line"), ("", args)])
     assert thread.call(lambda: "after the head start") == "after the head start"
     assert gpu.warmed == [(320, 192, "sdterm-render")]
+
+
+def test_an_interrupt_while_waiting_for_a_render_goes_on_at_once():
+    """Ctrl+C during ``generate``'s render reaches the waiting main thread (the command then exits
+    as interrupted; the render, on a daemon thread, ends with the process)."""
+    import os
+    import signal
+
+    thread = RenderThread()
+    hold = threading.Event()
+
+    def render():
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C: Python raises it in the main thread
+        hold.wait(10)
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        thread.call(render)
+    assert time.monotonic() - started < 5  # not after the render's end
+    hold.set()
