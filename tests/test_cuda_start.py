@@ -19,8 +19,8 @@ from sdterm.engine.memory import cuda_driver, cuda_start, placement
 
 @pytest.fixture
 def threads(monkeypatch):
-    """The threads ``start_cuda`` starts (recorded, not run), with its once-per-process memory
-    emptied for the test."""
+    """The threads ``start_cuda`` (or ``start_driver``) starts, recorded, not run (``threading.Thread``
+    is replaced), with ``start_cuda``'s once-per-process memory emptied for the test."""
     started: list[tuple] = []
 
     class Recorded:
@@ -61,21 +61,11 @@ def test_the_start_thread_waits_for_the_driver_before_torch_calls_into_it(monkey
     assert order == ["wait driver", "torch"]
 
 
-def test_start_driver_starts_one_daemon_thread_once(monkeypatch):
-    started: list[tuple] = []
-
-    class Recorded:
-        def __init__(self, target, args=(), name=None, daemon=None):
-            self.call = (target, args, name, daemon)
-
-        def start(self):
-            started.append(self.call)
-
-    monkeypatch.setattr(cuda_driver.threading, "Thread", Recorded)
+def test_start_driver_starts_one_daemon_thread_once(threads, monkeypatch):
     monkeypatch.setattr(cuda_driver, "_thread", None)
     cuda_driver.start_driver(0)
     cuda_driver.start_driver(0)
-    assert started == [(cuda_driver._start, (0,), "sdterm-cuda-driver", True)]
+    assert threads == [(cuda_driver._start, (0,), "sdterm-cuda-driver", True)]
 
 
 def test_the_driver_start_imports_no_torch_and_ends_quietly_without_a_driver():

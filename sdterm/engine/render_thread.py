@@ -15,7 +15,13 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
+
+
+WAKE_SECONDS = 0.2
+"""How often a caller waiting for a job looks at its signals: an interrupt that arrives just before
+its wait begins wakes no blocked wait, and would otherwise be seen only at the job's end."""
 
 
 class RenderThread:
@@ -41,7 +47,12 @@ class RenderThread:
         :meth:`submit` queued before it, if one failed. An interrupt (Ctrl+C) while waiting goes
         on at once; the job is left to end with the process."""
         future = self._queue(fn, args, kwargs)
-        result = future.result()
+        while True:  # a bounded wait: a Ctrl+C that lands just before a wait starts is seen at once
+            try:
+                result = future.result(timeout=WAKE_SECONDS)
+                break
+            except FutureTimeout:
+                continue
         earlier, self._unread = self._unread, []
         for job in earlier:
             if job.done() and job.exception() is not None:

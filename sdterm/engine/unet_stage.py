@@ -147,6 +147,9 @@ class UNetStage:
             warm_attention(self.models.cfg.unet, calls, req.height // 8, req.width // 8, self.dtype, self.device)
         except RuntimeError:  # out of memory, say: only a head start
             pass
+        # The render plans next from the device's free memory: the blocks the calls left in torch's
+        # cache would count as taken (a smaller budget on a small card).
+        torch.cuda.empty_cache()
 
     def _streamer(self, unet, plan: Plan, passes: int, ring: torch.Tensor | None = None) -> RingStreamer:
         """The streamed U-Net's units through a ring for ``passes`` U-Net calls (the caller's
