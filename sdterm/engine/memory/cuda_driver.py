@@ -26,17 +26,18 @@ def start_driver(index: int = 0) -> None:
     """Start the driver and make device ``index``'s primary context on a thread, once per
     process; returns at once."""
     global _thread
-    with _lock:
+    with _lock:  # started under the lock: whoever sees the thread may join it
         if _thread is not None:
             return
         _thread = threading.Thread(target=_start, args=(index,), name="sdterm-cuda-driver", daemon=True)
-    _thread.start()
+        _thread.start()
 
 
 def wait_driver() -> None:
     """Wait for :func:`start_driver`'s thread, if one was started (joining releases the GIL; a
     torch call into the driver while it still starts would hold the GIL while it waits)."""
-    thread = _thread
+    with _lock:
+        thread = _thread
     if thread is not None and thread is not threading.current_thread():
         thread.join()
 
