@@ -175,3 +175,25 @@ def test_an_interrupt_while_waiting_for_a_render_goes_on_at_once():
         thread.call(render)
     assert time.monotonic() - started < 5  # not after the render's end
     hold.set()
+
+
+def test_generate_hands_its_renders_to_the_render_thread(demo_model, tmp_path, run_cli, monkeypatch):
+    """The command's renders run on the thread ``render_thread`` gives (on the CPU it gives none:
+    forced here), each after the jobs queued before it."""
+    from sdterm.cli import generate
+    from sdterm.engine.pipeline import Engine
+
+    seen: list[str] = []
+    real = Engine.generate
+
+    def recorded(self, *args, **kwargs):
+        seen.append(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", recorded)
+    monkeypatch.setattr(generate, "render_thread", lambda engine, jobs: RenderThread())
+    code, _, err = run_cli("generate", "a red fox", "--model", demo_model, "--seed", 1, "--steps", 1, "--width", 64,
+                           "--height", 64, "--outdir", tmp_path, "--no-history", "--device", "cpu", "-n", 2)
+    assert code == 0, err
+    assert seen == ["sdterm-render", "sdterm-render"]
+    assert len(list(tmp_path.glob("*.png"))) == 2  # saved by the command's own thread, as before
