@@ -897,6 +897,15 @@ def test_a_first_render_captures_at_its_first_unet_call(full_size, plan, monkeyp
     assert torch.equal(r.latents, want)
 
 
+PRIMARY_CONTEXT_STATE = """
+driver = ctypes.CDLL("libcuda.so.1")
+device, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+got = driver.cuDeviceGet(ctypes.byref(device), 0)  # CUDA_ERROR_NOT_INITIALIZED (3) without cuInit
+state = driver.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active)) if got == 0 else None
+"""
+"""Probe lines (after ``import ctypes``): whether the driver is started (``got``) and device 0's
+primary context is active (``state``, ``active``), asked of the driver itself."""
+
 CONTEXT_PROBE = """
 import ctypes, json, threading
 import torch
@@ -905,10 +914,7 @@ start_cuda("cuda", first_calls=True)
 for thread in threading.enumerate():
     if thread.name == "sdterm-cuda-init":
         thread.join()
-driver = ctypes.CDLL("libcuda.so.1")
-device, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
-got = driver.cuDeviceGet(ctypes.byref(device), 0)  # CUDA_ERROR_NOT_INITIALIZED (3) without cuInit
-state = driver.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active)) if got == 0 else None
+""" + PRIMARY_CONTEXT_STATE + """
 print(json.dumps({"get": got, "state": state, "active": active.value, "torch": torch.cuda.is_initialized()}))
 """
 
@@ -933,10 +939,7 @@ from sdterm.engine.memory.cuda_driver import start_driver, wait_driver
 start_driver(0)
 wait_driver()
 torch_before = "torch" in sys.modules
-driver = ctypes.CDLL("libcuda.so.1")
-device, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
-got = driver.cuDeviceGet(ctypes.byref(device), 0)  # CUDA_ERROR_NOT_INITIALIZED (3) without cuInit
-state = driver.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active)) if got == 0 else None
+""" + PRIMARY_CONTEXT_STATE + """
 import torch
 x = torch.ones(4, device="cuda") * 2
 current = ctypes.c_void_p()
