@@ -836,9 +836,10 @@ def test_first_render_builds_the_unet_on_a_thread_while_warming_up(demo_model, f
 
     warmed, builders = [], []
     monkeypatch.setattr(unet_stage, "warm_attention", lambda *a: warmed.append(("attention", a[1])))
-    monkeypatch.setattr(unet_stage, "warm_unet", lambda cfg, graphs, inputs, dtype, device: warmed.append(
-        ("unet", [signature(*i) for i in inputs], graphs is not None, dtype, device.type)))
-    monkeypatch.setattr(unet_stage, "warm_vae", lambda cfg, latent, tile, dtype, device: warmed.append(
+    monkeypatch.setattr(unet_stage, "warm_unet", lambda unet, graphs, inputs: warmed.append(
+        ("unet", [signature(*i) for i in inputs], graphs is not None, unet.out[2].weight.dtype,
+         unet.out[2].weight.device.type)))
+    monkeypatch.setattr(unet_stage, "warm_vae", lambda vae, latent, tile: warmed.append(
         ("vae", tuple(latent.shape), tile)))
     packs = tmp_path / "packs"
     engine = Engine(open_model(demo_model), "cuda", model_cache=packs)

@@ -119,10 +119,12 @@ def test_first_pass_render_is_identical_with_pinned_adopted_units(model, tmp_pat
     assert np.array_equal(pixels(again.generate(small_request(**REQ))), reference)
 
 
-def test_a_render_thread_warmed_while_the_pack_is_read_renders_the_same_image(model, tmp_path):
+def test_a_render_thread_warmed_while_the_pack_is_read_renders_the_same_image(model, tmp_path, monkeypatch):
     """``sdterm generate`` on a GPU (render_thread.py): the engine's head start (``warm_for``:
-    the U-Net read from the pack on a thread, the attention's plans on the render thread), then
-    the render on that thread; the image is the plain engine's."""
+    the U-Net read from the pack on a thread, the attention's plans on the render thread, then the
+    resident U-Net and VAE uploaded and called once), then the render on that thread: its U-Net
+    is called only inside the capture of its graph, and the image is the plain engine's."""
+    from sdterm.engine.networks.unet import UNetModel
     from sdterm.engine.render_thread import RenderThread
 
     cache = tmp_path / "packs"
@@ -131,7 +133,17 @@ def test_a_render_thread_warmed_while_the_pack_is_read_renders_the_same_image(mo
     warmed = engine(model, cache)
     assert warmed.models.from_cache("unet")
     thread = RenderThread()
+    calls = []
+    forward = UNetModel.forward
+    monkeypatch.setattr(UNetModel, "forward", lambda self, *a: calls.append(
+        torch.cuda.is_current_stream_capturing()) or forward(self, *a))
     thread.submit(warmed.warm_for, small_request(**REQ))
+    thread.call(lambda: None)  # the head start is done
+    assert all(warmed.placement.device_bytes(stage) > 0 for stage in ("unet", "vae"))
+    uploaded = {stage: [u.device_buf.data_ptr() for u in warmed.placement.models[stage]] for stage in ("unet", "vae")}
+    assert calls == [False]  # the eager call a capture needs, made ahead
     result = thread.call(warmed.generate, small_request(**REQ))
-    assert warmed.models.built("unet")
+    assert calls == [False, True] and warmed.unet_graphs.captures == 1
+    # The render used the weights the head start uploaded (a resident plan: still where they were).
+    assert uploaded == {stage: [u.device_buf.data_ptr() for u in warmed.placement.models[stage]] for stage in uploaded}
     assert np.array_equal(pixels(result), reference)

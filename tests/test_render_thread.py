@@ -1,5 +1,6 @@
 """The thread a one-shot ``sdterm generate`` renders on (engine/render_thread.py), the engine's
-head start on it (``Engine.warm_for``: the U-Net's read prefetched, the attention's plans) and
+head start on it (``Engine.warm_for``: the U-Net's read prefetched, the attention's plans, the
+resident models uploaded and called once) and
 ``Models.prefetch``. On a GPU the render after a head start is checked against a plain one
 (tests/test_cuda_model_cache.py)."""
 
@@ -117,24 +118,96 @@ def test_warm_for_does_nothing_on_the_cpu(demo_engine, warm_calls, monkeypatch):
     assert warm_calls == [] and prefetched == []
 
 
-@pytest.mark.parametrize("cfg, from_cache, calls", [(7.5, True, [(2, 77)]), (1.0, False, [(1, 77)])])
-def test_warm_for_prefetches_the_packed_unet_and_builds_the_first_pass_attention_plans(
-        demo_model, warm_calls, monkeypatch, cfg, from_cache, calls):
+def _warming_engine(demo_model, monkeypatch, from_cache: bool, plan, fail: str | None = None):
+    """An engine whose ``warm_for`` records what it does instead of doing it on a GPU: ``plan``
+    is what it plans (a Plan, or an exception to raise), ``fail`` a step that runs out of memory."""
     from sdterm.engine.pipeline import Engine, open_model
 
     engine = Engine(open_model(demo_model), "cpu")
     engine.device = torch.device("cuda")  # only its type is read before the calls (replaced here)
-    prefetched: list[str] = []
-    monkeypatch.setattr(engine.models, "prefetch", prefetched.append)
+    done: list = []
+
+    def step(name, result=None):
+        def record(*args, **kwargs):
+            done.append((name, *args))
+            if name == fail:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+            return result
+        return record
+
+    def planned(req, **kwargs):
+        done.append(("plan", req.width, req.height))
+        if isinstance(plan, Exception):
+            raise plan
+        return plan
+
+    monkeypatch.setattr(engine.models, "prefetch", step("prefetch"))
     monkeypatch.setattr(engine.models, "from_cache", lambda stage: from_cache)
-    monkeypatch.setattr(unet_stage.torch.cuda, "empty_cache", lambda: warm_calls.append("emptied"))
-    engine.warm_for(small_request(width=96, height=64, cfg=cfg))
-    assert prefetched == (["unet"] if from_cache else [])
-    # The plans, then torch's cache emptied: the render plans from the free memory next.
-    assert warm_calls == [(calls, 8, 12, engine.dtype, "cuda"), "emptied"]
+    monkeypatch.setattr(engine, "plan", planned)
+    monkeypatch.setattr(engine, "_acquire", lambda stage, mode: step("acquire")(stage, mode) or f"{stage} model")
+    monkeypatch.setattr(engine.placement, "offload", step("offload"))
+    monkeypatch.setattr(unet_stage, "warm_attention",
+                        lambda cfg, calls, h, w, dtype, device: done.append(("attention", calls, h, w, dtype)))
+    monkeypatch.setattr(unet_stage, "warm_inputs", lambda cfg, scale, apart, cond, uncond, latent, device: [
+        ("inputs", scale, apart, tuple(cond.shape), cond.dtype, tuple(latent.shape))])
+    monkeypatch.setattr(unet_stage, "warm_unet", lambda unet, graphs, inputs: step("warm unet")(unet, graphs, inputs))
+    monkeypatch.setattr(unet_stage, "warm_vae", lambda vae, latent, tile: step("warm vae")(vae, tuple(latent.shape), tile))
+    monkeypatch.setattr(unet_stage.torch.cuda, "empty_cache", lambda: done.append("emptied"))
+    return engine, done
+
+
+def test_warm_for_reads_uploads_and_calls_the_resident_models_once_after_the_attention_plans(demo_model, monkeypatch):
+    """Read from the model cache into a resident plan: the read starts, the attention's plans are
+    built meanwhile, then the plan is made, the U-Net uploaded and called once through the graphs
+    (its first real call then captures), the VAE decoder uploaded and called on zeros, and
+    torch's cache emptied (the render plans from the free memory next)."""
+    from sdterm.engine.memory.planner import Plan
+
+    plan = Plan(None, text="resident", unet="resident", vae="resident", vae_tile=None)
+    engine, done = _warming_engine(demo_model, monkeypatch, True, plan)
+    engine.warm_for(small_request(width=96, height=64, cfg=7.5))
+    text = (1, 77, engine.models.cfg.unet.context_dim)
+    assert done == [
+        ("prefetch", "unet"),
+        ("attention", [(2, 77)], 8, 12, engine.dtype),
+        ("plan", 96, 64),
+        ("acquire", "unet", "resident"),
+        ("warm unet", "unet model", engine.unet_graphs, [("inputs", 7.5, False, text, engine.dtype, (1, 4, 8, 12))]),
+        ("acquire", "vae", "resident"),
+        ("warm vae", "vae model", (1, 4, 8, 12), None),
+        "emptied",
+    ], done
     monkeypatch.setattr(engine.models, "built", lambda stage: True)
-    engine.warm_for(small_request())  # the U-Net is built: its plans were made by its first render
-    assert len(warm_calls) == 2
+    done.clear()
+    engine.warm_for(small_request())  # the U-Net is built: its first calls were made by its first render
+    assert done == []
+
+
+@pytest.mark.parametrize("from_cache, plan, planned", [
+    (True, "staged", True),  # the U-Net goes back to the host after its stage: not uploaded ahead
+    (True, "streamed", True),
+    (True, "too small", True),  # the budget cannot take the render: the render says so
+    (False, "resident", False),  # converted in the render, which warms on stand-ins meanwhile
+])
+def test_warm_for_builds_the_attention_plans_alone_where_the_unet_is_not_read_into_residence(
+        demo_model, monkeypatch, from_cache, plan, planned):
+    from sdterm.engine.memory.planner import BudgetTooSmall, Plan
+
+    made = BudgetTooSmall("too small") if plan == "too small" else Plan(None, text="staged", unet=plan, vae="resident")
+    engine, done = _warming_engine(demo_model, monkeypatch, from_cache, made)
+    engine.warm_for(small_request(width=64, height=64, cfg=1.0))
+    want = [("prefetch", "unet")] if from_cache else []
+    want += [("attention", [(1, 77)], 8, 8, engine.dtype)] + ([("plan", 64, 64)] if planned else []) + ["emptied"]
+    assert done == want
+
+
+@pytest.mark.parametrize("fail", ["acquire", "warm unet", "warm vae"])
+def test_warm_for_out_of_memory_offloads_what_it_uploaded_and_leaves_the_render_to_plan(demo_model, monkeypatch, fail):
+    from sdterm.engine.memory.planner import Plan
+
+    engine, done = _warming_engine(demo_model, monkeypatch, True, Plan(None, unet="resident", vae="resident"), fail)
+    engine.warm_for(small_request(width=64, height=64))  # no error: only a head start
+    assert done[-3:] == [("offload", "unet"), ("offload", "vae"), "emptied"], done
 
 
 def test_generate_renders_on_a_warmed_thread_only_on_a_gpu(monkeypatch):

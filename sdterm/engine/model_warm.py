@@ -66,11 +66,11 @@ def warm_inputs(cfg: ModelConfig, scale: float, apart: bool, cond: torch.Tensor,
             for batch, tokens in calls]
 
 
-def warm_unet(cfg: ModelConfig, graphs: UNetGraphs | None, inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-              dtype: torch.dtype, device: torch.device) -> None:
-    """One call of a U-Net stand-in on each of ``inputs`` (:func:`warm_inputs`): through
-    ``graphs`` (the render's first real call then captures), or eagerly where there are none."""
-    unet = stand_in("unet", cfg, dtype, device)
+def warm_unet(unet: nn.Module, graphs: UNetGraphs | None,
+              inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """One call of ``unet`` (a stand-in, or the real one) on each of ``inputs``
+    (:func:`warm_inputs`): through ``graphs`` (the render's first real call then captures), or
+    eagerly where there are none."""
     with torch.inference_mode():
         for x, t, context in inputs:
             if graphs is not None:
@@ -79,11 +79,11 @@ def warm_unet(cfg: ModelConfig, graphs: UNetGraphs | None, inputs: list[tuple[to
                 unet(x, t, context)
 
 
-def warm_vae(cfg: ModelConfig, latent: torch.Tensor, tile: int | None, dtype: torch.dtype,
-             device: torch.device) -> None:
-    """One decode of the render's latent shape by a VAE decoder stand-in, tiled as the plan tiles,
-    and what the VAE stage does with a decode after it (the overflow check, the 8-bit image)."""
-    vae = stand_in("vae", cfg, dtype, device)
+def warm_vae(vae: nn.Module, latent: torch.Tensor, tile: int | None) -> None:
+    """One decode of the render's latent shape by ``vae`` (a decoder stand-in, or the real one),
+    tiled as the plan tiles, and what the VAE stage does with a decode after it (the overflow
+    check, the 8-bit image)."""
+    device = next(vae.parameters()).device
     with torch.inference_mode():
         decoded = decode_latents(vae, torch.zeros(latent.shape, dtype=latent.dtype, device=device), tile)
         bool(torch.isfinite(decoded).all())

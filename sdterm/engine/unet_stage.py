@@ -19,9 +19,9 @@ from .fork import snapshot
 from .lora.state import RenderLoras
 from .memory.graphs import UNetGraphs
 from .memory.meter import StageMeter, memory_sample
-from .memory.planner import MiB, Plan
+from .memory.planner import BudgetTooSmall, MiB, Plan
 from .memory.streaming import RingStreamer, ring_size
-from .model_warm import warm_inputs, warm_unet, warm_vae
+from .model_warm import stand_in, warm_inputs, warm_unet, warm_vae
 from .prompt.conditioning import CHUNK_LENGTH, Conditioning
 from .sampling import SamplingContext, get_sampler
 from .sampling.guidance import ScheduledGuidance, runs_apart, unet_calls, unet_passes
@@ -108,45 +108,74 @@ class UNetStage:
         - read from the model cache, or streamed: cuDNN's attention plans alone (attention_warm.py).
           The read takes about as long as they do (0.42-0.52 s against 0.43-0.46 s on an H100),
           so a longer warm-up would only move the rest of the first calls' work before the
-          render's, not take it off its path (measured: the same U-Net + VAE seconds either way)."""
+          render's, not take it off its path (measured: the same U-Net + VAE seconds either way).
+          Where a caller gives the render thread a head start (``warm_for``), the rest of them is
+          made there, on the real models, before the render."""
         if self.device.type != "cuda" or plan.unet == "host" or self.models.built("unet"):
             return self._acquire("unet", plan.unet)
-        cfg = self.models.cfg
         whole = plan.unet != "streamed" and not self.models.from_cache("unet")
-        vae = whole and plan.vae != "host" and not self.models.built("vae")
-
-        def warm() -> None:
-            try:
-                if not whole:
-                    calls = unet_calls(req.cfg, split, cond.segments[0].shape[1], uncond.segments[0].shape[1])
-                    warm_attention(cfg.unet, calls, *x_t.shape[-2:], self.dtype, self.device)
-                    return
-                inputs = warm_inputs(cfg, req.cfg, split, cond.segments[0], uncond.segments[0], x_t, self.device)
-                warm_unet(cfg, self.unet_graphs if self._graphs_on(plan) else None, inputs, self.dtype, self.device)
-                if vae:
-                    warm_vae(cfg, x_t, plan.vae_tile, self.dtype, self.device)
-            except RuntimeError:  # out of memory, say: only a head start, the render makes what it lacks
-                pass
-
-        built_meanwhile(lambda: self.models.module("unet"), warm)
+        built_meanwhile(lambda: self.models.module("unet"), lambda: self._first_calls(
+            req.cfg, split, cond.segments[0], uncond.segments[0], x_t, plan, whole))
         return self._acquire("unet", plan.unet)
+
+    def _first_calls(self, scale: float, split: bool, cond: torch.Tensor, uncond: torch.Tensor,
+                     latent: torch.Tensor, plan: Plan, whole: bool) -> None:
+        """This thread's first calls for a render's U-Net calls (see ``_acquire_unet``): ``whole``,
+        the U-Net's and (unless built or off the device) the VAE decoder's whole first calls on
+        stand-ins; else cuDNN's attention plans alone. ``cond``/``uncond``: (1, tokens, dim) of
+        the render's dtype; ``latent``: (1, c, h, w) as the sampler starts it."""
+        try:
+            if not whole:
+                calls = unet_calls(scale, split, cond.shape[1], uncond.shape[1])
+                warm_attention(self.models.cfg.unet, calls, *latent.shape[-2:], self.dtype, self.device)
+                return
+            cfg = self.models.cfg
+            inputs = warm_inputs(cfg, scale, split, cond, uncond, latent, self.device)
+            warm_unet(stand_in("unet", cfg, self.dtype, self.device), self.unet_graphs if self._graphs_on(plan) else None,
+                      inputs)
+            if plan.vae != "host" and not self.models.built("vae"):
+                warm_vae(stand_in("vae", cfg, self.dtype, self.device), latent, plan.vae_tile)
+        except RuntimeError:  # out of memory, say: only a head start, the render makes what it lacks
+            pass
 
     def warm_for(self, req: Params) -> None:
         """Before a render of ``req`` is asked for, on the thread that will run it
-        (render_thread.py), while the caller still prepares: where the U-Net will come from the
-        model cache, its read starts on a thread, and cuDNN's attention plans of the first pass's
-        U-Net calls are built here (a prompt and negative of one chunk each; other lengths
-        build theirs in the render, as without this). On the CPU, or with the U-Net built, nothing."""
+        (render_thread.py), while the caller still prepares: the render's first calls, made
+        ahead for a prompt and negative of one chunk each (other lengths make theirs in the
+        render). On the CPU, or with the U-Net built, nothing.
+
+        Where the U-Net will be read from the model cache, its read starts on a thread, and this
+        thread builds cuDNN's attention plans meanwhile (the read and the plans take about as
+        long). Then, where the render's likely plan (the text encoder counted in) keeps the U-Net
+        resident, it is uploaded and called once through the graphs (its first real call then
+        captures at once), and the VAE decoder too where it stays resident, on zeros. A
+        conversion (a first use) runs in the render instead, which makes the first calls on
+        stand-ins meanwhile (``_acquire_unet``); a U-Net not kept resident gets the attention
+        plans alone."""
         if self.device.type != "cuda" or self.models.built("unet"):
             return
-        if self.models.from_cache("unet"):
+        cached = self.models.from_cache("unet")
+        if cached:
             self.models.prefetch("unet")
+        cfg = self.models.cfg
         tokens = CHUNK_LENGTH + 2  # one chunk: its 75 tokens between the start and end tokens
-        calls = unet_calls(req.cfg, False, tokens, tokens)
+        text = torch.zeros(1, tokens, cfg.unet.context_dim, dtype=self.dtype)
+        latent = torch.zeros(1, cfg.vae.z_channels, req.height // 8, req.width // 8)
+        self._first_calls(req.cfg, False, text, text, latent, Plan(None), whole=False)
         try:
-            warm_attention(self.models.cfg.unet, calls, req.height // 8, req.width // 8, self.dtype, self.device)
-        except RuntimeError:  # out of memory, say: only a head start
-            pass
+            plan = self.plan(req) if cached else None
+        except BudgetTooSmall:  # the render says so
+            plan = None
+        if plan is not None and plan.unet == "resident":
+            try:
+                inputs = warm_inputs(cfg, req.cfg, plan.split_cfg, text, text, latent, self.device)
+                warm_unet(self._acquire("unet", "resident"), self.unet_graphs if self._graphs_on(plan) else None,
+                          inputs)
+                if plan.vae == "resident":
+                    warm_vae(self._acquire("vae", "resident"), latent, plan.vae_tile)
+            except RuntimeError:  # out of memory, say (another program took the room): the render plans again
+                for stage in ("unet", "vae"):
+                    self.placement.offload(stage)
         # The render plans next from the device's free memory: the blocks the calls left in torch's
         # cache would count as taken (a smaller budget on a small card).
         torch.cuda.empty_cache()

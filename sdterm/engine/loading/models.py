@@ -86,6 +86,7 @@ class Models:
         self._ckpt: Checkpoint | None = None
         self._sha256: str | None = None
         self._sizes: ModelSizes | None = None
+        self._sizes_lock = threading.Lock()  # made once, whichever thread asks first
         # Stage order as data; the factories are attributes so tests can see whether one was called.
         self.factories: dict[str, Callable[[], torch.nn.Module]] = {
             "text": self._build_text,
@@ -384,9 +385,10 @@ class Models:
 
     def sizes(self) -> ModelSizes:
         """Bytes of each model and U-Net unit in the run dtype (from meta-device modules)."""
-        if self._sizes is None:
-            self._sizes = model_sizes(self.cfg, self.dtype)
-        return self._sizes
+        with self._sizes_lock:
+            if self._sizes is None:
+                self._sizes = model_sizes(self.cfg, self.dtype)
+            return self._sizes
 
 
 def _fill(future: Future, build: Callable[[], torch.nn.Module]) -> None:
