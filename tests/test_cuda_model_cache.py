@@ -122,8 +122,8 @@ def test_first_pass_render_is_identical_with_pinned_adopted_units(model, tmp_pat
 def test_a_render_thread_warmed_while_the_pack_is_read_renders_the_same_image(model, tmp_path, monkeypatch):
     """``sdterm generate`` on a GPU (render_thread.py): the engine's head start (``warm_for``:
     the U-Net read from the pack on a thread, the attention's plans on the render thread, then the
-    resident U-Net and VAE uploaded and called once), then the render on that thread: its U-Net
-    is called only inside the capture of its graph, and the image is the plain engine's."""
+    resident U-Net uploaded and its graph captured, the VAE uploaded and called), then the render
+    on that thread: it only replays that graph, and the image is the plain engine's."""
     from sdterm.engine.networks.unet import UNetModel
     from sdterm.engine.render_thread import RenderThread
 
@@ -141,9 +141,9 @@ def test_a_render_thread_warmed_while_the_pack_is_read_renders_the_same_image(mo
     thread.call(lambda: None)  # the head start is done
     assert all(warmed.placement.device_bytes(stage) > 0 for stage in ("unet", "vae"))
     uploaded = {stage: [u.device_buf.data_ptr() for u in warmed.placement.models[stage]] for stage in ("unet", "vae")}
-    assert calls == [False]  # the eager call a capture needs, made ahead
+    assert calls == [False, True] and warmed.unet_graphs.captures == 1  # the warm-up, then the capture
     result = thread.call(warmed.generate, small_request(**REQ))
-    assert calls == [False, True] and warmed.unet_graphs.captures == 1
+    assert calls == [False, True] and warmed.unet_graphs.captures == 1  # the render only replayed it
     # The render used the weights the head start uploaded (a resident plan: still where they were).
     assert uploaded == {stage: [u.device_buf.data_ptr() for u in warmed.placement.models[stage]] for stage in uploaded}
     assert np.array_equal(pixels(result), reference)

@@ -148,31 +148,32 @@ def _warming_engine(demo_model, monkeypatch, from_cache: bool, plan, fail: str |
     monkeypatch.setattr(engine.placement, "offload", step("offload"))
     monkeypatch.setattr(unet_stage, "warm_attention",
                         lambda cfg, calls, h, w, dtype, device: done.append(("attention", calls, h, w, dtype)))
-    monkeypatch.setattr(unet_stage, "warm_inputs", lambda cfg, scale, apart, cond, uncond, latent, device: [
-        ("inputs", scale, apart, tuple(cond.shape), cond.dtype, tuple(latent.shape))])
-    monkeypatch.setattr(unet_stage, "warm_unet", lambda unet, graphs, inputs: step("warm unet")(unet, graphs, inputs))
+    monkeypatch.setattr(engine, "_graphed", lambda unet, plan_, ring: lambda x, t, context: step("unet call")(
+        unet, x.shape, x.dtype, t.shape, t.dtype, context.shape, context.dtype))
+    real_inputs = unet_stage.warm_inputs  # the real ones, made on the CPU
+    monkeypatch.setattr(unet_stage, "warm_inputs", lambda *args: real_inputs(*args[:-1], torch.device("cpu")))
     monkeypatch.setattr(unet_stage, "warm_vae", lambda vae, latent, tile: step("warm vae")(vae, tuple(latent.shape), tile))
     monkeypatch.setattr(unet_stage.torch.cuda, "empty_cache", lambda: done.append("emptied"))
     return engine, done
 
 
-def test_warm_for_reads_uploads_and_calls_the_resident_models_once_after_the_attention_plans(demo_model, monkeypatch):
+def test_warm_for_reads_uploads_and_calls_the_resident_models_after_the_attention_plans(demo_model, monkeypatch):
     """Read from the model cache into a resident plan: the read starts, the attention's plans are
-    built meanwhile, then the plan is made, the U-Net uploaded and called once through the graphs
-    (its first real call then captures), the VAE decoder uploaded and called on zeros, and
-    torch's cache emptied (the render plans from the free memory next)."""
+    built meanwhile, then the plan is made, the U-Net uploaded and called twice through the
+    graphs at the render's signature (the warm-up, then the capture), the VAE decoder uploaded
+    and called on zeros, and torch's cache emptied (the render plans from the free memory next)."""
     from sdterm.engine.memory.planner import Plan
 
     plan = Plan(None, text="resident", unet="resident", vae="resident", vae_tile=None)
     engine, done = _warming_engine(demo_model, monkeypatch, True, plan)
     engine.warm_for(small_request(width=96, height=64, cfg=7.5))
-    text = (1, 77, engine.models.cfg.unet.context_dim)
+    text = (2, 77, engine.models.cfg.unet.context_dim)
     assert done == [
         ("prefetch", "unet"),
         ("attention", [(2, 77)], 8, 12, engine.dtype),
         ("plan", 96, 64),
         ("acquire", "unet", "resident"),
-        ("warm unet", "unet model", engine.unet_graphs, [("inputs", 7.5, False, text, engine.dtype, (1, 4, 8, 12))]),
+        *[("unet call", "unet model", (2, 4, 8, 12), torch.float32, (2,), torch.float32, text, engine.dtype)] * 2,
         ("acquire", "vae", "resident"),
         ("warm vae", "vae model", (1, 4, 8, 12), None),
         "emptied",
@@ -201,7 +202,7 @@ def test_warm_for_builds_the_attention_plans_alone_where_the_unet_is_not_read_in
     assert done == want
 
 
-@pytest.mark.parametrize("fail", ["acquire", "warm unet", "warm vae"])
+@pytest.mark.parametrize("fail", ["acquire", "unet call", "warm vae"])
 def test_warm_for_out_of_memory_offloads_what_it_uploaded_and_leaves_the_render_to_plan(demo_model, monkeypatch, fail):
     from sdterm.engine.memory.planner import Plan
 

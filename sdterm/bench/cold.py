@@ -12,7 +12,8 @@ more process renders two images (``-n 2``, one engine): its first render (models
 loaded, algorithms picked, graphs captured on the way) beside its second, the steady render, each
 split into its time before the first stage and each stage's load and run. On a GPU, ``generate``
 gives its render thread a head start before the first render (``Engine.warm_for``: the U-Net's
-read, the attention's plans), so the first render's figure leaves that out; the walls hold it. And
+read, the attention's plans, the resident models uploaded, the U-Net's graph captured), so the
+first render's figure leaves that out; the walls hold it. And
 one process starts as the app does (``cold_app.py``): its models ready (read and, on a GPU, warmed
 by the app's throwaway render at the starting size, made while the user types), then two renders:
 the first render a user of the app waits for, beside the second.
@@ -296,9 +297,9 @@ def format_cold(report: ColdReport) -> str:
         first, second = report.in_process
         lines.append(f"in one process: first render {first:.2f} s, second {second:.2f} s ({first / second:.2f}x)")
         if report.device != "cpu":  # generate's head start (render_thread.py) is outside the render's clock
-            lines.append("  (on a GPU the command's head start, the U-Net's read and the attention's plans, runs on "
-                         "the render thread before the first render, beside the command's preparation: the walls "
-                         "above include it)")
+            lines.append("  (on a GPU the command's head start (the U-Net's read, the attention's plans, the "
+                         "resident models uploaded, the U-Net's graph captured) runs on the render thread before the "
+                         "first render, beside the command's preparation: the walls above include it)")
         if report.in_process_stages:
             for name, split in zip(("first", "second"), report.in_process_stages):
                 parts = ", ".join(f"{k} {v:.2f}" for k, v in split.items() if v >= 0.005 or k == "prepare")

@@ -215,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
 def render_thread(engine, jobs: list):
     """On a GPU, the thread the renders run on (``engine/render_thread.py``), its first job
     started at once: the engine's head start on the first render (``Engine.warm_for``: the U-Net's
-    read, the attention's plans) while this thread still prepares. None on the CPU."""
+    read, the first calls' plans and kernels, the resident models uploaded, the U-Net's graph
+    captured) while this thread still prepares. None on the CPU."""
     if engine.device.type != "cuda":
         return None
     from ..engine.render_thread import RenderThread

@@ -1,5 +1,6 @@
-"""A process's first U-Net and VAE calls, made on the render thread while the U-Net's weights are
-still being converted.
+"""A process's first U-Net and VAE calls, made on the render thread before the render needs them:
+on stand-ins while the U-Net's weights are still being converted, or on the real models once read
+(``Engine.warm_for``, a one-shot command's head start).
 
 A model's first call in a process costs far more than its next: cuDNN builds an execution plan for
 every convolution and attention shape it meets (kept in a cache of the calling thread), cuBLAS

@@ -147,8 +147,9 @@ class UNetStage:
         Where the U-Net will be read from the model cache, its read starts on a thread, and this
         thread builds cuDNN's attention plans meanwhile (the read and the plans take about as
         long). Then, where the render's likely plan (the text encoder counted in) keeps the U-Net
-        resident, it is uploaded and called once through the graphs (its first real call then
-        captures at once), and the VAE decoder too where it stays resident, on zeros. A
+        resident, it is uploaded and its graph captured there (an eager call, then the capture:
+        the render's first call replays it), and the VAE decoder is uploaded and called on zeros
+        where it stays resident too. A
         conversion (a first use) runs in the render instead, which makes the first calls on
         stand-ins meanwhile (``_acquire_unet``); a U-Net not kept resident gets the attention
         plans alone."""
@@ -168,9 +169,13 @@ class UNetStage:
             plan = None
         if plan is not None and plan.unet == "resident":
             try:
-                inputs = warm_inputs(cfg, req.cfg, plan.split_cfg, text, text, latent, self.device)
-                warm_unet(self._acquire("unet", "resident"), self.unet_graphs if self._graphs_on(plan) else None,
-                          inputs)
+                # The render's first two calls of each signature, on its weights where they will stay:
+                # the eager warm-up, then the capture; the render's first call replays.
+                forward = self._graphed(self._acquire("unet", "resident"), plan, [])
+                with torch.inference_mode():
+                    for x, t, context in warm_inputs(cfg, req.cfg, plan.split_cfg, text, text, latent, self.device):
+                        for _ in range(2 if self._graphs_on(plan) else 1):
+                            forward(x, t, context)
                 if plan.vae == "resident":
                     warm_vae(self._acquire("vae", "resident"), latent, plan.vae_tile)
             except RuntimeError:  # out of memory, say (another program took the room): the render plans again
