@@ -146,6 +146,7 @@ def _warming_engine(demo_model, monkeypatch, from_cache: bool, plan, fail: str |
     monkeypatch.setattr(engine, "plan", planned)
     monkeypatch.setattr(engine, "_acquire", lambda stage, mode: step("acquire")(stage, mode) or f"{stage} model")
     monkeypatch.setattr(engine.placement, "offload", step("offload"))
+    monkeypatch.setattr(engine, "_end_graphs", lambda plan_, failed: done.append(("end graphs", plan_.unet, failed)))
     monkeypatch.setattr(unet_stage, "warm_attention",
                         lambda cfg, calls, h, w, dtype, device: done.append(("attention", calls, h, w, dtype)))
     monkeypatch.setattr(engine, "_graphed", lambda unet, plan_, ring: lambda x, t, context: step("unet call")(
@@ -174,6 +175,7 @@ def test_warm_for_reads_uploads_and_calls_the_resident_models_after_the_attentio
         ("plan", 96, 64),
         ("acquire", "unet", "resident"),
         *[("unet call", "unet model", (2, 4, 8, 12), torch.float32, (2,), torch.float32, text, engine.dtype)] * 2,
+        ("end graphs", "resident", False),  # kept where their pool fits beside the render (as after one)
         ("acquire", "vae", "resident"),
         ("warm vae", "vae model", (1, 4, 8, 12), None),
         "emptied",

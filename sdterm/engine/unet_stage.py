@@ -176,6 +176,9 @@ class UNetStage:
                     for x, t, context in warm_inputs(cfg, req.cfg, plan.split_cfg, text, text, latent, self.device):
                         for _ in range(2 if self._graphs_on(plan) else 1):
                             forward(x, t, context)
+                # Kept only where their pool fits beside the whole render, as after a render (the
+                # text stage's included); else the render's first call captures again, at once.
+                self._end_graphs(plan, failed=False)
                 if plan.vae == "resident":
                     warm_vae(self._acquire("vae", "resident"), latent, plan.vae_tile)
             except RuntimeError:  # out of memory, say (another program took the room): the render plans again
