@@ -180,36 +180,28 @@ def test_warm_for_reads_uploads_and_calls_the_resident_models_after_the_attentio
         ("warm vae", "vae model", (1, 4, 8, 12), None),
         "emptied",
     ], done
-    monkeypatch.setattr(engine.models, "from_cache", type(engine.models).from_cache.__get__(engine.models))
-    engine.models._modules["unet"] = "unet model"
+    monkeypatch.setattr(engine.models, "built", lambda stage: True)
     done.clear()
     engine.warm_for(small_request())  # the U-Net is built: its first calls were made by its first render
     assert done == []
 
 
-@pytest.mark.parametrize("plan", [
-    "staged",  # the U-Net goes back to the host after its stage: not uploaded ahead
-    "streamed",
-    "too small",  # the budget cannot take the render: the render says so
+@pytest.mark.parametrize("from_cache, plan, planned", [
+    (True, "staged", True),  # the U-Net goes back to the host after its stage: not uploaded ahead
+    (True, "streamed", True),
+    (True, "too small", True),  # the budget cannot take the render: the render says so
+    (False, "resident", False),  # converted in the render, which warms on stand-ins meanwhile
 ])
-def test_warm_for_builds_the_attention_plans_alone_where_the_unet_is_not_kept_resident(demo_model, monkeypatch, plan):
+def test_warm_for_builds_the_attention_plans_alone_where_the_unet_is_not_read_into_residence(
+        demo_model, monkeypatch, from_cache, plan, planned):
     from sdterm.engine.memory.planner import BudgetTooSmall, Plan
 
     made = BudgetTooSmall("too small") if plan == "too small" else Plan(None, text="staged", unet=plan, vae="resident")
-    engine, done = _warming_engine(demo_model, monkeypatch, True, made)
+    engine, done = _warming_engine(demo_model, monkeypatch, from_cache, made)
     engine.warm_for(small_request(width=64, height=64, cfg=1.0))
-    assert done == [("prefetch", "unet"), ("attention", [(1, 77)], 8, 8, engine.dtype), ("plan", 64, 64), "emptied"]
-
-
-def test_warm_for_leaves_a_conversion_to_the_render(demo_model, monkeypatch):
-    """A first use converts the U-Net (seconds): the render runs its text stage first and makes
-    the first calls on stand-ins beside the conversion, so the head start makes none of them (its
-    attention plans only delayed the text encoder, whose host copy then peaked with the pass's)."""
-    from sdterm.engine.memory.planner import Plan
-
-    engine, done = _warming_engine(demo_model, monkeypatch, False, Plan(None, unet="resident", vae="resident"))
-    engine.warm_for(small_request(width=64, height=64))
-    assert done == []
+    want = [("prefetch", "unet")] if from_cache else []
+    want += [("attention", [(1, 77)], 8, 8, engine.dtype)] + ([("plan", 64, 64)] if planned else []) + ["emptied"]
+    assert done == want
 
 
 @pytest.mark.parametrize("fail", ["acquire", "unet call", "warm vae"])

@@ -142,26 +142,29 @@ class UNetStage:
         """Before a render of ``req`` is asked for, on the thread that will run it
         (render_thread.py), while the caller still prepares: the render's first calls, made
         ahead for a prompt and negative of one chunk each (other lengths make theirs in the
-        render). Only where the U-Net will be read from the model cache: a conversion (a first
-        use) takes seconds, and the render makes its first calls on stand-ins beside it
-        (``_acquire_unet``), its text stage first. On the CPU, or with the U-Net built, nothing.
+        render). On the CPU, or with the U-Net built, nothing.
 
-        The U-Net's read starts on a thread, and this thread builds cuDNN's attention plans
-        meanwhile (the read and the plans take about as long). Then, where the render's likely
-        plan (the text encoder counted in) keeps the U-Net resident, it is uploaded and its graph
-        captured there (an eager call, then the capture: the render's first call replays it), and
-        the VAE decoder is uploaded and called on zeros where it stays resident too; a U-Net not
-        kept resident gets the attention plans alone."""
-        if self.device.type != "cuda" or not self.models.from_cache("unet"):
+        Where the U-Net will be read from the model cache, its read starts on a thread, and this
+        thread builds cuDNN's attention plans meanwhile (the read and the plans take about as
+        long). Then, where the render's likely plan (the text encoder counted in) keeps the U-Net
+        resident, it is uploaded and its graph captured there (an eager call, then the capture:
+        the render's first call replays it), and the VAE decoder is uploaded and called on zeros
+        where it stays resident too. A
+        conversion (a first use) runs in the render instead, which makes the first calls on
+        stand-ins meanwhile (``_acquire_unet``); a U-Net not kept resident gets the attention
+        plans alone."""
+        if self.device.type != "cuda" or self.models.built("unet"):
             return
-        self.models.prefetch("unet")
+        cached = self.models.from_cache("unet")
+        if cached:
+            self.models.prefetch("unet")
         cfg = self.models.cfg
         tokens = CHUNK_LENGTH + 2  # one chunk: its 75 tokens between the start and end tokens
         text = torch.zeros(1, tokens, cfg.unet.context_dim, dtype=self.dtype)
         latent = torch.zeros(1, cfg.vae.z_channels, req.height // 8, req.width // 8)
         self._first_calls(req.cfg, False, text, text, latent, Plan(None), whole=False)
         try:
-            plan = self.plan(req)
+            plan = self.plan(req) if cached else None
         except BudgetTooSmall:  # the render says so
             plan = None
         if plan is not None and plan.unet == "resident":
