@@ -204,6 +204,15 @@ def test_warm_for_builds_the_attention_plans_alone_where_the_unet_is_not_read_in
     assert done == want
 
 
+def test_warm_for_follows_the_engines_forced_plan(demo_model, monkeypatch):
+    from sdterm.engine.memory.planner import Plan
+
+    engine, done = _warming_engine(demo_model, monkeypatch, True, Plan(None, unet="resident", vae="resident"))
+    engine.forced_plan = Plan(None, unet="staged", vae="staged")  # what every render of this engine runs
+    engine.warm_for(small_request(width=64, height=64))
+    assert done == [("prefetch", "unet"), ("attention", [(2, 77)], 8, 8, engine.dtype), "emptied"]
+
+
 @pytest.mark.parametrize("fail", ["acquire", "unet call", "warm vae"])
 def test_warm_for_out_of_memory_offloads_what_it_uploaded_and_leaves_the_render_to_plan(demo_model, monkeypatch, fail):
     from sdterm.engine.memory.planner import Plan

@@ -146,13 +146,13 @@ class UNetStage:
 
         Where the U-Net will be read from the model cache, its read starts on a thread, and this
         thread builds cuDNN's attention plans meanwhile (the read and the plans take about as
-        long). Then, where the render's likely plan (the text encoder counted in) keeps the U-Net
-        resident, it is uploaded and its graph captured there (an eager call, then the capture:
-        the render's first call replays it), and the VAE decoder is uploaded and called on zeros
-        where it stays resident too. A
-        conversion (a first use) runs in the render instead, which makes the first calls on
-        stand-ins meanwhile (``_acquire_unet``); a U-Net not kept resident gets the attention
-        plans alone."""
+        long). Then, where the render's likely plan (the text encoder counted in; the engine's
+        forced plan where it has one) keeps the U-Net resident, it is uploaded and its graph
+        captured there (an eager call, then the capture: the render's first call replays it), and
+        the VAE decoder is uploaded and called on zeros where it stays resident too. A conversion
+        (a first use) runs in the render instead, which makes the first calls on stand-ins
+        meanwhile (``_acquire_unet``); a U-Net not kept resident gets the attention plans alone.
+        (Leaving a conversion's attention plans to the render too was slower: 329cdde, reverted.)"""
         if self.device.type != "cuda" or self.models.built("unet"):
             return
         cached = self.models.from_cache("unet")
@@ -164,7 +164,7 @@ class UNetStage:
         latent = torch.zeros(1, cfg.vae.z_channels, req.height // 8, req.width // 8)
         self._first_calls(req.cfg, False, text, text, latent, Plan(None), whole=False)
         try:
-            plan = self.plan(req) if cached else None
+            plan = (self.forced_plan or self.plan(req)) if cached else None
         except BudgetTooSmall:  # the render says so
             plan = None
         if plan is not None and plan.unet == "resident":
