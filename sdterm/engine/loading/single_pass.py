@@ -29,10 +29,7 @@ from ...fsutil import close_quietly, open_for_reading, pread_full
 from .file_hash import remember_if_unchanged
 from .tensor_reader import Entry
 
-SPAN = 8 << 20
-"""About 8 MiB: the pass's ``BUFFERS`` spans are held at once beside every model's host buffer, at
-the first use's peak of host memory (16 MiB spans held 40 MiB more, for no faster a pass on the
-CPU box)."""
+SPAN = 16 << 20
 WORKERS = 3
 BUFFERS = WORKERS + 2
 NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
