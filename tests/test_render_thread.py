@@ -218,8 +218,11 @@ def test_warm_for_out_of_memory_offloads_what_it_uploaded_and_leaves_the_render_
     from sdterm.engine.memory.planner import Plan
 
     engine, done = _warming_engine(demo_model, monkeypatch, True, Plan(None, unet="resident", vae="resident"), fail)
+    cleared = []
+    monkeypatch.setattr(engine.unet_graphs, "clear", lambda: cleared.append(True))
     engine.warm_for(small_request(width=64, height=64))  # no error: only a head start
     assert done[-3:] == [("offload", "unet"), ("offload", "vae"), "emptied"], done
+    assert cleared  # the graphs' pool goes with them
 
 
 def test_generate_renders_on_a_warmed_thread_only_on_a_gpu(monkeypatch):

@@ -182,6 +182,7 @@ class UNetStage:
                 if plan.vae == "resident":
                     warm_vae(self._acquire("vae", "resident"), latent, plan.vae_tile)
             except RuntimeError:  # out of memory, say (another program took the room): the render plans again
+                self.unet_graphs.clear()  # their pool too (they would read the offloaded weights anyway)
                 for stage in ("unet", "vae"):
                     self.placement.offload(stage)
         # The render plans next from the device's free memory: the blocks the calls left in torch's
