@@ -95,10 +95,10 @@ class RenderService:
         engine's ``preview``, ``trail`` and ``fork`` (passed only when given: a stand-in engine
         without them still renders)."""
         kwargs = {k: v for k, v in options.items() if v is not None and v is not False}
+        kwargs.update(emit=emit or _ignore, cancelled=cancelled or _never)
         if self.thread is not None:
-            return self.thread.call(self.engine.generate, params, emit=emit or _ignore,
-                                    cancelled=cancelled or _never, **kwargs)
-        return self.engine.generate(params, emit=emit or _ignore, cancelled=cancelled or _never, **kwargs)
+            return self.thread.call(self.engine.generate, params, **kwargs)
+        return self.engine.generate(params, **kwargs)
 
     def save(self, params: Params, result) -> Path:
         """The rendered ``result`` of ``params`` as a PNG with its metadata, in the output folder;
