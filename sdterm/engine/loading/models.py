@@ -348,10 +348,13 @@ class Models:
     def sha256(self) -> str:
         """The checkpoint's sha256: from the model cache or the hash memo, else computed on a
         thread since the model was opened (by the first pass over a large file, which builds the
-        U-Net and VAE decoder from the same bytes); waited for now, the models loaded meanwhile."""
+        U-Net and VAE decoder from the same bytes); waited for now, the models not built yet in
+        this process loaded meanwhile."""
         if self._hashing():
             big = self._checkpoint_bytes() >= PREFETCH_WHILE_HASHING
-            for stage in self._packable() if big else ():
+            # Never one built before (a model let go stays gone: the one-shot command's text
+            # encoder, dropped after its stage, cost 235 MiB of peak RSS built again here).
+            for stage in [s for s in self._packable() if s not in self._made] if big else ():
                 if self._hash.done():
                     break
                 self.module(stage)
