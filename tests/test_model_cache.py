@@ -497,14 +497,25 @@ def test_a_pack_without_the_text_encoder_is_published_at_exit_and_completed_from
                                                                                            monkeypatch):
     """The prompt cache had every chunk: the text encoder was never built. At exit the pack is
     published with the U-Net and the VAE; the next start reads those from it and only the text
-    encoder from the checkpoint."""
+    encoder from the checkpoint. The VAE's last writes, slow here, are waited for: a model handed
+    to its user is in the pack even when its writes end after the exit handler began."""
     import weakref
 
+    from sdterm.engine.loading import packed
     from sdterm.engine.loading.store import _publish_partial
 
+    real = packed.PackWriter.stage_done
+
+    def slow_vae(self, stage):
+        if stage == "vae":
+            time.sleep(0.5)
+        real(self, stage)
+
+    monkeypatch.setattr(packed.PackWriter, "stage_done", slow_vae)
     cache = tmp_path / "packs"
     first = Models(open_model(model), torch.float32, model_cache=cache)
     first.module("unet")
+    first.before_change("unet")  # the U-Net's writes are done (what the exit handler asks for)
     first.module("vae")
     assert not pack_format.pack_files(cache)  # not complete: nothing published yet
     _publish_partial(weakref.ref(first._store.writer))  # what atexit does

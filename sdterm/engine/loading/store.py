@@ -231,7 +231,11 @@ def _publish_partial(ref: weakref.ref) -> None:
     """At exit: publish a pack that holds the U-Net but not every model (the text encoder is not
     built when the prompt cache has every chunk); the next start reads the rest from the file."""
     writer = ref()
-    if writer is not None and not writer.finished and not writer.failed and "unet" in writer.done:
+    if writer is None or writer.finished or writer.failed:
+        return
+    for stage in list(writer.expected):  # a model handed over already whose last writes still run
+        writer.settle(stage)  # (the interpreter joins their threads first; any other caller may not)
+    if "unet" in writer.done:
         thread = writer.finish()
         if thread is not None:
             thread.join()
