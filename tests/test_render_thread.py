@@ -143,6 +143,13 @@ def _warming_engine(demo_model, monkeypatch, from_cache: bool, plan, fail: str |
 
     monkeypatch.setattr(engine.models, "prefetch", step("prefetch"))
     monkeypatch.setattr(engine.models, "from_cache", lambda stage: from_cache)
+    engine.sized_on = sized_on = []  # the threads the plan's model sizes were asked on
+
+    def sizes():
+        sized_on.append(threading.current_thread().name)
+        if fail == "sizes":
+            raise RuntimeError("sizes failed (test)")
+    monkeypatch.setattr(engine.models, "sizes", sizes)
     monkeypatch.setattr(engine, "plan", planned)
     monkeypatch.setattr(engine, "_acquire", lambda stage, mode: step("acquire")(stage, mode) or f"{stage} model")
     monkeypatch.setattr(engine.placement, "offload", step("offload"))
@@ -171,6 +178,7 @@ def test_warm_for_reads_uploads_and_calls_the_resident_models_after_the_attentio
     text = (2, 77, engine.models.cfg.unet.context_dim)
     assert done == [
         ("prefetch", "unet"),
+        ("prefetch", "vae"),
         ("attention", [(2, 77)], 8, 12, engine.dtype),
         ("plan", 96, 64),
         ("acquire", "unet", "resident"),
@@ -199,7 +207,7 @@ def test_warm_for_builds_the_attention_plans_alone_where_the_unet_is_not_read_in
     made = BudgetTooSmall("too small") if plan == "too small" else Plan(None, text="staged", unet=plan, vae="resident")
     engine, done = _warming_engine(demo_model, monkeypatch, from_cache, made)
     engine.warm_for(small_request(width=64, height=64, cfg=1.0))
-    want = [("prefetch", "unet")] if from_cache else []
+    want = [("prefetch", "unet"), ("prefetch", "vae")] if from_cache else []
     want += [("attention", [(1, 77)], 8, 8, engine.dtype)] + ([("plan", 64, 64)] if planned else []) + ["emptied"]
     assert done == want
 
@@ -210,7 +218,39 @@ def test_warm_for_follows_the_engines_forced_plan(demo_model, monkeypatch):
     engine, done = _warming_engine(demo_model, monkeypatch, True, Plan(None, unet="resident", vae="resident"))
     engine.forced_plan = Plan(None, unet="staged", vae="staged")  # what every render of this engine runs
     engine.warm_for(small_request(width=64, height=64))
-    assert done == [("prefetch", "unet"), ("attention", [(2, 77)], 8, 8, engine.dtype), "emptied"]
+    assert done == [("prefetch", "unet"), ("prefetch", "vae"), ("attention", [(2, 77)], 8, 8, engine.dtype), "emptied"]
+
+
+def _sizes_done() -> None:
+    for t in [t for t in threading.enumerate() if t.name == "sdterm-sizes"]:
+        t.join()
+
+
+@pytest.mark.parametrize("from_cache", [True, False])
+def test_warm_for_asks_for_the_plans_model_sizes_on_a_thread_beside_the_attention_plans(
+        demo_model, monkeypatch, from_cache):
+    """Read from the model cache: the planner's model sizes (meta-device models, 0.1 s) are made
+    on a thread of their own while this thread builds the attention's plans (its plan then
+    finds them made); a conversion has no plan made here, so none."""
+    from sdterm.engine.memory.planner import Plan
+
+    engine, done = _warming_engine(demo_model, monkeypatch, from_cache, Plan(None, unet="staged", vae="staged"))
+    engine.warm_for(small_request(width=64, height=64))
+    _sizes_done()
+    assert engine.sized_on == (["sdterm-sizes"] if from_cache else [])
+
+
+def test_warm_for_goes_on_when_the_sizes_thread_fails(demo_model, monkeypatch):
+    """Its error is the render's to report (the plan asks for the sizes again), not a traceback."""
+    from sdterm.engine.memory.planner import Plan
+
+    hooked: list = []
+    monkeypatch.setattr(threading, "excepthook", hooked.append)
+    engine, done = _warming_engine(demo_model, monkeypatch, True, Plan(None, unet="staged", vae="staged"), "sizes")
+    engine.warm_for(small_request(width=64, height=64))
+    _sizes_done()
+    assert engine.sized_on == ["sdterm-sizes"] and hooked == []
+    assert done[-1] == "emptied"
 
 
 @pytest.mark.parametrize("fail", ["acquire", "unet call", "warm vae"])
