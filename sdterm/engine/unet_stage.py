@@ -132,18 +132,25 @@ class UNetStage:
         the U-Net's and (unless built or off the device) the VAE decoder's whole first calls on
         stand-ins; else cuDNN's attention plans alone. ``cond``/``uncond``: (1, tokens, dim) of
         the render's dtype; ``latent``: (1, c, h, w) as the sampler starts it."""
+        if not whole:
+            return self._attention_plans(scale, split, cond.shape[1], uncond.shape[1], latent)
         try:
-            if not whole:
-                calls = unet_calls(scale, split, cond.shape[1], uncond.shape[1])
-                warm_attention(self.models.cfg.unet, calls, *latent.shape[-2:], self.dtype, self.device)
-                return
             cfg = self.models.cfg
             inputs = warm_inputs(cfg, scale, split, cond, uncond, latent, self.device)
-            warm_unet(stand_in("unet", cfg, self.dtype, self.device), self.unet_graphs if self._graphs_on(plan) else None,
-                      inputs)
+            graphs = self.unet_graphs if self._graphs_on(plan) else None
+            warm_unet(stand_in("unet", cfg, self.dtype, self.device), graphs, inputs)
             if plan.vae != "host" and not self.models.built("vae"):
                 warm_vae(stand_in("vae", cfg, self.dtype, self.device), latent, plan.vae_tile)
         except RuntimeError:  # out of memory, say: only a head start, the render makes what it lacks
+            pass
+
+    def _attention_plans(self, scale: float, split: bool, cond_tokens: int, uncond_tokens: int,
+                         latent: torch.Tensor) -> None:
+        """cuDNN's attention plans, on this thread, for a render's U-Net calls at ``latent``'s size."""
+        try:
+            calls = unet_calls(scale, split, cond_tokens, uncond_tokens)
+            warm_attention(self.models.cfg.unet, calls, *latent.shape[-2:], self.dtype, self.device)
+        except RuntimeError:  # out of memory, say: only a head start
             pass
 
     def warm_for(self, req: Params) -> None:
@@ -155,8 +162,9 @@ class UNetStage:
         Where the U-Net will be read from the model cache, its read starts on a thread (the VAE
         decoder's too), the planner's model sizes are made on another, and this thread builds
         cuDNN's attention plans meanwhile (the longest of the three; on an H100 the two side jobs
-        took 0.22 s off the command after torch's import, 8 alternating runs each). Then, where the render's likely plan (the text encoder counted in; the engine's
-        forced plan where it has one) keeps the U-Net resident, it is uploaded and its graph
+        took 0.22 s off the command after torch's import, 8 alternating runs each). Then, where
+        the render's likely plan (the text encoder counted in; the engine's forced plan where it
+        has one) keeps the U-Net resident, it is uploaded and its graph
         captured there (an eager call, then the capture: the render's first call replays it), and
         the VAE decoder is uploaded and called on zeros where it stays resident too. A conversion
         (a first use) runs in the render instead, which makes the first calls on stand-ins
@@ -176,7 +184,7 @@ class UNetStage:
         tokens = CHUNK_LENGTH + 2  # one chunk: its 75 tokens between the start and end tokens
         text = torch.zeros(1, tokens, cfg.unet.context_dim, dtype=self.dtype)
         latent = torch.zeros(1, cfg.vae.z_channels, req.height // 8, req.width // 8)
-        self._first_calls(req.cfg, False, text, text, latent, Plan(None), whole=False)
+        self._attention_plans(req.cfg, False, tokens, tokens, latent)
         try:
             plan = (self.forced_plan or self.plan(req)) if cached else None
         except BudgetTooSmall:  # the render says so
